@@ -1,0 +1,26 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	# CPU build first (a local file on the project's machines); the range in pyproject keeps it.
+	$(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install -e ".[assets,test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/polypeft demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench-deps: $(STAMP)
+	$(PY) -m pip install -e ".[bench]"
+
+.PHONY: install demo test bench-deps

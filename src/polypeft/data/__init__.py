@@ -1,0 +1,1 @@
+"""Corpora, splits, sampling and batching."""

@@ -1,0 +1,1 @@
+"""Tasks: a dataset reader, a head and a metric each."""
