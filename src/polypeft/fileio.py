@@ -1,0 +1,58 @@
+"""Atomic file writes: a reader never sees half a file, and a crash never leaves one behind.
+
+Everything polypeft writes (configs, weights, checkpoints, results) goes through these.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from safetensors.torch import save_file
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Call `write(temporary_path)` then move the result over `path` in one rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+    return path
+
+
+def write_json(path: str | os.PathLike, data: Any) -> Path:
+    def write(temporary: str) -> None:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=2, ensure_ascii=False)
+            handle.write("\n")
+
+    return atomic_write(path, write)
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    def write(temporary: str) -> None:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            handle.write(text)
+
+    return atomic_write(path, write)
+
+
+def write_safetensors(
+    path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: Optional[dict[str, str]] = None
+) -> Path:
+    contiguous = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
+    return atomic_write(path, lambda temporary: save_file(contiguous, temporary, metadata=metadata))
+
+
+def write_torch(path: str | os.PathLike, obj: Any) -> Path:
+    return atomic_write(path, lambda temporary: torch.save(obj, temporary))

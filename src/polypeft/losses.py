@@ -1,0 +1,106 @@
+"""Losses over non-padding tokens: cross-entropy, symmetric and one-way KL, fuse distillation.
+
+The FD step runs the language-specific and the shared route as one batched pass.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch.nn import functional as F
+
+from .languages import LanguageSpec
+
+IGNORE_INDEX = -100
+
+
+def token_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0, ignore_index: int = IGNORE_INDEX
+) -> torch.Tensor:
+    """Mean cross-entropy over the tokens whose label is not `ignore_index`."""
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(),
+        labels.reshape(-1),
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+    )
+
+
+def _token_kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per token, from log-probabilities over the last axis."""
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def symmetric_kl(logits_a: torch.Tensor, logits_b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """½ (KL(a‖b) + KL(b‖a)), averaged over the tokens where `mask` is true."""
+    log_a, log_b = F.log_softmax(logits_a.float(), -1), F.log_softmax(logits_b.float(), -1)
+    return _masked_mean(0.5 * (_token_kl(log_a, log_b) + _token_kl(log_b, log_a)), mask)
+
+
+def one_way_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """KL(sg(p_teacher) ‖ p_student): gradients reach the student only."""
+    log_t = F.log_softmax(teacher_logits.detach().float(), -1)
+    log_s = F.log_softmax(student_logits.float(), -1)
+    return _masked_mean(_token_kl(log_t, log_s), mask)
+
+
+@dataclass
+class FuseDistillationLoss:
+    """The FD objective and its parts, for logging."""
+
+    loss: torch.Tensor
+    ce_language: torch.Tensor
+    ce_shared: torch.Tensor
+    kl: torch.Tensor
+
+
+def fuse_distillation_loss(
+    language_logits: torch.Tensor,
+    shared_logits: torch.Tensor,
+    labels: torch.Tensor,
+    kl_weight: float = 1.0,
+    one_way: bool = False,
+    label_smoothing: float = 0.0,
+    ignore_index: int = IGNORE_INDEX,
+) -> FuseDistillationLoss:
+    """½ (CE_ls + CE_sh) + λ · KL, with the symmetric KL (LMS) or one-way KL(sg(p_ls)‖p_sh) (full-rank LS)."""
+    mask = labels != ignore_index
+    ce_language = token_cross_entropy(language_logits, labels, label_smoothing, ignore_index)
+    ce_shared = token_cross_entropy(shared_logits, labels, label_smoothing, ignore_index)
+    kl = (one_way_kl if one_way else symmetric_kl)(language_logits, shared_logits, mask)
+    return FuseDistillationLoss(0.5 * (ce_language + ce_shared) + kl_weight * kl, ce_language, ce_shared, kl)
+
+
+def _doubled(value: Any, batch_size: int) -> Any:
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch_size:
+        return torch.cat([value, value], dim=0)
+    return value
+
+
+def fuse_distillation_step(
+    model,
+    batch: dict[str, torch.Tensor],
+    src_lang: LanguageSpec = None,
+    tgt_lang: LanguageSpec = None,
+    kl_weight: float = 1.0,
+    one_way: bool = False,
+    label_smoothing: float = 0.0,
+    labels: Optional[torch.Tensor] = None,
+) -> FuseDistillationLoss:
+    """One FD forward: the batch twice in one pass, routes [language routes; shared], and the FD loss."""
+    labels = batch["labels"] if labels is None else labels
+    batch_size = int(labels.shape[0])
+    routes = model.make_routes(src_lang, tgt_lang, batch_size).expanded_to(batch_size)
+    shared_id = model.registry.shared_id
+    src = routes.src.tolist() + [shared_id] * batch_size
+    tgt = routes.tgt.tolist() + [shared_id] * batch_size
+    doubled = {key: _doubled(value, batch_size) for key, value in batch.items()}
+    logits = model(**doubled, src_lang=torch.tensor(src), tgt_lang=torch.tensor(tgt)).logits
+    language_logits, shared_logits = logits.split(batch_size, dim=0)
+    return fuse_distillation_loss(language_logits, shared_logits, labels, kl_weight, one_way, label_smoothing)
