@@ -15,12 +15,17 @@ from .languages import LanguageSpec
 IGNORE_INDEX = -100
 
 
+def _upcast(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax in at least float32: half-precision logits lose the small probabilities KL needs."""
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+
+
 def token_cross_entropy(
     logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0, ignore_index: int = IGNORE_INDEX
 ) -> torch.Tensor:
     """Mean cross-entropy over the tokens whose label is not `ignore_index`."""
     return F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(),
+        _upcast(logits).reshape(-1, logits.shape[-1]),
         labels.reshape(-1),
         ignore_index=ignore_index,
         label_smoothing=label_smoothing,
@@ -39,14 +44,14 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def symmetric_kl(logits_a: torch.Tensor, logits_b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """½ (KL(a‖b) + KL(b‖a)), averaged over the tokens where `mask` is true."""
-    log_a, log_b = F.log_softmax(logits_a.float(), -1), F.log_softmax(logits_b.float(), -1)
+    log_a, log_b = F.log_softmax(_upcast(logits_a), -1), F.log_softmax(_upcast(logits_b), -1)
     return _masked_mean(0.5 * (_token_kl(log_a, log_b) + _token_kl(log_b, log_a)), mask)
 
 
 def one_way_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """KL(sg(p_teacher) ‖ p_student): gradients reach the student only."""
-    log_t = F.log_softmax(teacher_logits.detach().float(), -1)
-    log_s = F.log_softmax(student_logits.float(), -1)
+    log_t = F.log_softmax(_upcast(teacher_logits.detach()), -1)
+    log_s = F.log_softmax(_upcast(student_logits), -1)
     return _masked_mean(_token_kl(log_t, log_s), mask)
 
 
