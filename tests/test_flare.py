@@ -1,0 +1,417 @@
+"""FLARE: LoRA layer, bottleneck fusion, source pass, recipe, save/load; tiny models on the CPU."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers import (
+    BertConfig,
+    BertForQuestionAnswering,
+    BertForSequenceClassification,
+    BertForTokenClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MarianConfig,
+    MarianMTModel,
+)
+
+from polypeft.flare import TrainSettings, concatenate_inputs, on_target_positions, run_recipe
+from polypeft.layers.flare_fusion import FUSIONS, align_by_position, build_fusion
+from polypeft.layers.flare_model import FLAREConfig, FLAREError, FLAREModel
+from polypeft.layers.flare_source import block_position, source_module_name
+from polypeft.layers.lora import FusionSource, LoRAError, LoRALinear
+
+LAYERS = 3
+
+
+def tiny_bert_config(num_labels: int = 3) -> BertConfig:
+    return BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=LAYERS, num_attention_heads=2,
+                      intermediate_size=24, max_position_embeddings=32, num_labels=num_labels)
+
+
+def tiny_bert(head=BertForSequenceClassification, num_labels: int = 3) -> nn.Module:
+    torch.manual_seed(0)
+    return head(tiny_bert_config(num_labels)).eval()
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=40, hidden_size=16, num_hidden_layers=LAYERS, num_attention_heads=2,
+                         num_key_value_heads=2, intermediate_size=24, max_position_embeddings=32)
+    return LlamaForCausalLM(config).eval()
+
+
+def randomize_lora(model: FLAREModel, seed: int = 1) -> None:
+    """B starts at zero; make it non-zero so the adapters change outputs and pass gradients."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.lora_layers.values():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=generator) * 0.5)
+
+
+def batches(rows: int = 2, target_len: int = 7, source_len: int = 5):
+    generator = torch.Generator().manual_seed(3)
+    target = {"input_ids": torch.randint(1, 40, (rows, target_len), generator=generator),
+              "attention_mask": torch.ones(rows, target_len, dtype=torch.long)}
+    target["attention_mask"][-1, -2:] = 0
+    source = {"input_ids": torch.randint(1, 40, (rows, source_len), generator=generator),
+              "attention_mask": torch.ones(rows, source_len, dtype=torch.long)}
+    source["attention_mask"][-1, -1:] = 0
+    return target, source
+
+
+# -- the LoRA layer -------------------------------------------------------------------------------
+
+def lora_layer(fusion: str | None = "add_relu") -> LoRALinear:
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(6, 5), rank=3, alpha=6.0,
+                       fusion=None if fusion is None else build_fusion(fusion, 3), name="probe")
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    return layer
+
+
+def test_lora_layer_without_source_is_plain_lora():
+    layer = lora_layer("add_relu")
+    x = torch.randn(2, 4, 6)
+    expected = x @ layer.base_layer.weight.t() + layer.base_layer.bias + 2.0 * (x @ layer.lora_A.t() @ layer.lora_B.t())
+    torch.testing.assert_close(layer(x), expected)
+    plain = lora_layer(None)
+    torch.testing.assert_close(plain(x), expected)
+
+
+def test_lora_init_is_kaiming_a_and_zero_b():
+    layer = LoRALinear(nn.Linear(64, 8), rank=4, alpha=8)
+    assert torch.count_nonzero(layer.lora_B) == 0
+    bound = 1 / 64 ** 0.5  # kaiming_uniform with a=sqrt(5) gives U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    assert layer.lora_A.abs().max() <= bound and layer.lora_A.std() > bound / 3
+
+
+def test_lora_merge_and_unmerge_are_exact():
+    layer = lora_layer(None)
+    x = torch.randn(3, 6)
+    before, weight = layer(x), layer.base_layer.weight.clone()
+    layer.merge()
+    torch.testing.assert_close(layer(x), before, atol=1e-6, rtol=0)
+    torch.testing.assert_close(layer.base_layer(x), before, atol=1e-6, rtol=0)
+    with pytest.raises(LoRAError, match="already merged"):
+        layer.merge()
+    layer.unmerge()
+    torch.testing.assert_close(layer.base_layer.weight, weight, atol=1e-7, rtol=0)
+    torch.testing.assert_close(layer(x), before)
+
+
+def test_fusion_changes_the_output_and_reaches_both_inputs():
+    layer = lora_layer("add_relu")
+    x_target, x_source = torch.randn(2, 4, 6, requires_grad=True), torch.randn(2, 3, 6, requires_grad=True)
+    plain = layer(x_target)
+    with layer.fused_with(FusionSource(x_source)):
+        fused = layer(x_target)
+    source_bottleneck = align_by_position(x_source @ layer.lora_A.t(), None, None, 4)
+    expected = layer.base_layer(x_target) + 2.0 * (
+        (torch.relu(source_bottleneck) + torch.relu(x_target @ layer.lora_A.t())) @ layer.lora_B.t())
+    torch.testing.assert_close(fused, expected)
+    assert not torch.allclose(fused, plain)
+    fused.sum().backward()
+    assert x_source.grad.abs().sum() > 0 and layer.lora_A.grad.abs().sum() > 0
+    assert layer.source is None  # the context leaves plain LoRA behind
+
+
+def test_fusing_into_a_merged_layer_is_refused():
+    layer = lora_layer("add")
+    layer.merge()
+    with layer.fused_with(FusionSource(torch.randn(1, 2, 6))), pytest.raises(LoRAError, match="merged"):
+        layer(torch.randn(1, 2, 6))
+
+
+# -- fusion functions and alignment ---------------------------------------------------------------
+
+def test_align_by_position_respects_padding_on_both_sides():
+    source = torch.arange(1, 5, dtype=torch.float).view(1, 4, 1).repeat(2, 1, 1)  # values 1..4
+    source_mask = torch.tensor([[1, 1, 1, 0], [0, 1, 1, 1]])  # right-padded, left-padded
+    target_mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0]])
+    aligned = align_by_position(source, source_mask, target_mask, 6).squeeze(-1)
+    # Row 0: real source 1,2,3 meet target positions 2,3,4; the 4th real target has no partner.
+    assert aligned[0].tolist() == [0, 0, 1, 2, 3, 0]
+    # Row 1: real source 2,3,4; only two real target tokens, so 4 is dropped.
+    assert aligned[1].tolist() == [2, 3, 0, 0, 0, 0]
+
+
+def test_align_by_position_pads_and_truncates_without_masks():
+    source = torch.randn(1, 3, 2)
+    longer = align_by_position(source, None, None, 5)
+    torch.testing.assert_close(longer[:, :3], source)
+    assert torch.count_nonzero(longer[:, 3:]) == 0
+    torch.testing.assert_close(align_by_position(source, None, None, 2), source[:, :2])
+
+
+FUSION_CASES = [(k, a) for k in FUSIONS for a in ("position", "attention") if (k, a) != ("cross_attention", "position")]
+
+
+@pytest.mark.parametrize("kind,alignment", FUSION_CASES)
+def test_each_fusion_has_target_shape_and_passes_gradients(kind, alignment):
+    torch.manual_seed(0)
+    fusion = build_fusion(kind, 4, alignment)
+    source, target = torch.randn(2, 5, 4, requires_grad=True), torch.randn(2, 7, 4, requires_grad=True)
+    source_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    target_mask = torch.tensor([[1] * 7, [1] * 5 + [0] * 2])
+    fused = fusion(source, target, source_mask, target_mask)
+    assert fused.shape == (2, 7, 4)
+    fused.square().sum().backward()
+    assert source.grad.abs().sum() > 0 and target.grad.abs().sum() > 0
+    # Padded source positions never leak into the result.
+    assert source.grad[1, 3:].abs().sum() == 0
+    for name, parameter in fusion.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+
+
+def test_positional_fusions_compute_their_formula():
+    source, target = torch.randn(1, 3, 4), torch.randn(1, 3, 4)
+    torch.testing.assert_close(build_fusion("add", 4)(source, target), source + target)
+    torch.testing.assert_close(build_fusion("mul", 4)(source, target), source * target)
+    torch.testing.assert_close(build_fusion("add_relu", 4)(source, target), source.relu() + target.relu())
+
+
+def test_cross_attention_fusion_has_few_parameters():
+    fusion = build_fusion("cross_attention", 8)
+    assert sum(p.numel() for p in fusion.parameters()) == 3 * 8 * 8
+
+
+# -- layer index, offsets, source pass ------------------------------------------------------------
+
+def test_block_position_and_offsets_are_clipped():
+    model = tiny_bert()
+    name = "bert.encoder.layer.0.intermediate.dense"
+    position = block_position(model, name)
+    assert (position.blocks, position.index, position.count) == ("bert.encoder.layer", 0, LAYERS)
+    assert source_module_name(model, name, 1) == "bert.encoder.layer.1.intermediate.dense"
+    assert source_module_name(model, name, 0) == name
+    assert source_module_name(model, name, 10) == f"bert.encoder.layer.{LAYERS - 1}.intermediate.dense"
+    assert block_position(model, "classifier") is None
+    assert source_module_name(model, "classifier", 1) == "classifier"
+
+
+def record_inputs(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    """Inputs of named modules during one plain forward of `model`."""
+    seen, handles = {}, []
+    for name in names:
+        handles.append(model.get_submodule(name).register_forward_pre_hook(
+            lambda module, args, name=name: seen.__setitem__(name, args[0].detach().clone())))
+    return seen, handles
+
+
+@pytest.mark.parametrize("offset", [0, 1, 2, 7])
+def test_source_is_the_adapters_off_input_of_the_block_offset_ahead(offset):
+    plain = tiny_bert()
+    _, source = batches()
+    names = [f"bert.encoder.layer.{i}.intermediate.dense" for i in range(LAYERS)]
+    seen, handles = record_inputs(plain, names)
+    with torch.no_grad():
+        plain.bert(**source)
+    for handle in handles:
+        handle.remove()
+    model = FLAREModel(tiny_bert(), FLAREConfig(rank=4, source_layer_offset=offset))
+    randomize_lora(model)  # a source pass with adapters on would now differ
+    captured = model.source_hidden(source)
+    for i, name in enumerate(names):
+        expected = seen[names[min(i + offset, LAYERS - 1)]]
+        torch.testing.assert_close(captured[name], expected)
+
+
+def test_llama_source_offset_uses_its_layer_list():
+    model = FLAREModel(tiny_llama(), FLAREConfig(rank=4))
+    assert model.source_names["model.layers.0.mlp.down_proj"] == "model.layers.1.mlp.down_proj"
+    assert model.source_names[f"model.layers.{LAYERS - 1}.mlp.up_proj"] == f"model.layers.{LAYERS - 1}.mlp.up_proj"
+
+
+def test_source_pass_runs_without_gradients_and_with_adapters_off():
+    model = FLAREModel(tiny_bert(), FLAREConfig(rank=4))
+    layer = model.lora_layers["bert.encoder.layer.1.intermediate.dense"]
+    calls = []
+    layer.register_forward_pre_hook(lambda module, args: calls.append((torch.is_grad_enabled(), module.adapter_enabled)))
+    target, source = batches()
+    model.train()
+    output = model(**target, source_batch=source)
+    assert calls == [(False, False), (True, True)]  # source pass first, then the target pass
+    assert all(l.adapter_enabled and l.source is None for l in model.lora_layers.values())
+    assert output.logits.requires_grad
+
+
+def test_fused_forward_trains_the_adapters_only():
+    model = FLAREModel(tiny_bert(), FLAREConfig(rank=4, train_modules=[]))
+    randomize_lora(model)
+    target, source = batches()
+    plain = model(**target).logits
+    fused = model(**target, source_batch=source).logits
+    assert not torch.allclose(plain, fused)
+    fused.sum().backward()
+    for layer in model.lora_layers.values():
+        assert layer.lora_A.grad.abs().sum() > 0 and layer.lora_B.grad.abs().sum() > 0
+    assert all(p.grad is None for n, p in model.base_model.named_parameters() if "lora_" not in n)
+
+
+def test_fusion_disabled_model_is_plain_lora():
+    base = tiny_bert()
+    model = FLAREModel(base, FLAREConfig(rank=4, fusion=None))
+    randomize_lora(model)
+    target, source = batches()
+    x = torch.randn(2, 7, 16)
+    layer = model.lora_layers["bert.encoder.layer.0.intermediate.dense"]
+    torch.testing.assert_close(layer(x), layer.base_layer(x) + layer.scaling * x @ layer.lora_A.t() @ layer.lora_B.t())
+    with pytest.raises(FLAREError, match="plain LoRA"):
+        model(**target, source_batch=source)
+
+
+def test_mismatched_source_and_target_batch_sizes_are_refused():
+    model = FLAREModel(tiny_bert(), FLAREConfig(rank=4))
+    target, _ = batches(rows=3)
+    _, source = batches(rows=2)
+    with pytest.raises(FLAREError, match="source_batch has 2 rows but the target batch has 3"):
+        model(**target, source_batch=source)
+
+
+@pytest.mark.parametrize("head,num_labels", [(BertForSequenceClassification, 3), (BertForTokenClassification, 3),
+                                             (BertForQuestionAnswering, 2)])
+def test_flare_runs_with_encoder_task_heads(head, num_labels):
+    model = FLAREModel(tiny_bert(head, num_labels), FLAREConfig(rank=4, fusion="cross_attention"))
+    target, source = batches()
+    output = model(**target, source_batch=source)
+    first = output.logits if hasattr(output, "logits") and output.logits is not None else output.start_logits
+    assert first.shape[0] == 2 and first.requires_grad
+
+
+def test_flare_on_decoder_only_model_trains():
+    model = FLAREModel(tiny_llama(), FLAREConfig(rank=4, fusion="add_relu"))
+    target, source = batches()
+    loss = model(**target, labels=target["input_ids"], source_batch=source).loss
+    loss.backward()
+    assert all(l.lora_B.grad is not None for l in model.lora_layers.values())
+
+
+# -- FLARE-MT -------------------------------------------------------------------------------------
+
+def tiny_mt_encoder() -> nn.Module:
+    torch.manual_seed(0)
+    config = MarianConfig(vocab_size=40, d_model=12, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                          decoder_attention_heads=2, encoder_ffn_dim=20, decoder_ffn_dim=20, pad_token_id=0,
+                          decoder_start_token_id=0, max_position_embeddings=32)
+    return MarianMTModel(config).get_encoder().eval()
+
+
+def test_flare_mt_projects_the_frozen_encoder_output():
+    encoder = tiny_mt_encoder()
+    model = FLAREModel(tiny_bert(), FLAREConfig(rank=4, source="mt_encoder"), mt_encoder=encoder)
+    assert model.config.mt_hidden_size == 12
+    assert sorted(model.mt_projection.maps) == ["to_16", "to_24"]  # hidden and FFN input widths
+    randomize_lora(model)
+    target, source = batches()
+    calls = []
+    encoder.register_forward_hook(lambda *args: calls.append(torch.is_grad_enabled()))
+    model(**target, source_batch=source).logits.sum().backward()
+    assert calls == [False]
+    assert all(p.grad is None for p in encoder.parameters())
+    assert all(p.grad is not None for p in model.mt_projection.parameters())
+    assert not any(n.startswith("mt_encoder") for n in model.state_dict())
+
+
+def test_flare_mt_needs_an_encoder():
+    with pytest.raises(FLAREError, match="mt_encoder"):
+        FLAREModel(tiny_bert(), FLAREConfig(rank=4, source="mt_encoder"))
+
+
+# -- config ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("changes,message", [
+    ({"fusion": "concat"}, r"fusion='concat' is not allowed; choose one of \['add', 'mul', 'add_relu'"),
+    ({"rank": 0}, "rank=0 must be a positive int"),
+    ({"source": "teacher"}, "source='teacher' is not allowed"),
+    ({"source_layer_offset": 1.5}, "source_layer_offset=1.5 must be an int"),
+    ({"fusion": "cross_attention", "alignment": "position"}, "aligns by attention"),
+    ({"dropout": 1.0}, "dropout=1.0"),
+    ({"target_modules": []}, "empty list"),
+])
+def test_config_refuses_bad_values_by_name(changes, message):
+    with pytest.raises(FLAREError, match=message):
+        FLAREConfig(**changes)
+
+
+def test_config_alignment_defaults_follow_the_fusion():
+    assert FLAREConfig().alignment == "position"
+    assert FLAREConfig(fusion="cross_attention").alignment == "attention"
+    assert FLAREConfig.from_dict(FLAREConfig(rank=2).to_dict()) == FLAREConfig(rank=2)
+
+
+# -- save / load ----------------------------------------------------------------------------------
+
+def test_save_load_round_trip_restores_only_added_weights(tmp_path):
+    model = FLAREModel(tiny_bert(), FLAREConfig(rank=4, fusion="cross_attention"))
+    randomize_lora(model)
+    with torch.no_grad():
+        model.base_model.classifier.weight.add_(1.0)
+    target, source = batches()
+    expected = model(**target, source_batch=source).logits
+    model.save_pretrained(str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["flare_adapter.safetensors", "flare_config.json"]
+    loaded = FLAREModel.from_pretrained(tiny_bert(), str(tmp_path))
+    torch.testing.assert_close(loaded(**target, source_batch=source).logits, expected)
+    assert loaded.config == model.config
+    from safetensors.torch import load_file
+    keys = load_file(str(tmp_path / "flare_adapter.safetensors"))
+    assert all(k.startswith(("lora.", "fusion.", "head.classifier.")) for k in keys)
+
+
+def test_load_on_a_different_model_says_what_differs(tmp_path):
+    FLAREModel(tiny_bert(), FLAREConfig(rank=4)).save_pretrained(str(tmp_path))
+    other = BertForSequenceClassification(BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2,
+                                                     num_attention_heads=2, intermediate_size=24))
+    with pytest.raises(FLAREError, match="bert.encoder.layer.2"):
+        FLAREModel.from_pretrained(other, str(tmp_path))
+
+
+# -- recipe and baselines -------------------------------------------------------------------------
+
+def test_concatenated_inputs_move_labels_with_their_tokens():
+    source = {"input_ids": torch.tensor([[5, 6, 0], [7, 8, 9]]), "attention_mask": torch.tensor([[1, 1, 0], [1, 1, 1]])}
+    target = {"input_ids": torch.tensor([[11, 12, 13], [0, 14, 15]]),
+              "attention_mask": torch.tensor([[1, 1, 1], [0, 1, 1]]), "labels": torch.tensor([[1, 2, 3], [-100, 4, 5]])}
+    joined = concatenate_inputs(source, target)
+    assert joined.batch["input_ids"].tolist() == [[5, 6, 11, 12, 13], [7, 8, 9, 14, 15]]
+    assert joined.batch["attention_mask"].tolist() == [[1] * 5, [1] * 5]
+    assert joined.batch["labels"].tolist() == [[-100, -100, 1, 2, 3], [-100, -100, -100, 4, 5]]
+    values = torch.arange(10, dtype=torch.float).view(2, 5)
+    back = on_target_positions(values, joined.target_positions)
+    assert back[0].tolist() == [2, 3, 4] and back[1, 1:].tolist() == [8, 9] and back[1, 0] < -1e30
+    qa = {**{k: v for k, v in target.items() if k != "labels"},
+          "start_positions": torch.tensor([0, 1]), "end_positions": torch.tensor([2, 2])}
+    joined_qa = concatenate_inputs(source, qa)
+    assert joined_qa.batch["start_positions"].tolist() == [2, 3]
+    assert joined_qa.batch["end_positions"].tolist() == [4, 4]
+
+
+def test_stage1_merge_is_exact_and_leaves_a_plain_model():
+    base = tiny_bert()
+    lora = FLAREModel(base, FLAREConfig(rank=4, fusion=None))
+    randomize_lora(lora)
+    target, _ = batches()
+    before = lora(**target).logits
+    merged = lora.merge_and_unload()
+    assert not any(isinstance(m, LoRALinear) for m in merged.modules())
+    torch.testing.assert_close(merged(**target).logits, before, atol=1e-5, rtol=0)
+    assert all(p.requires_grad for p in merged.parameters())
+
+
+@pytest.mark.parametrize("recipe", ["zero_shot", "translate_train", "input_fusion", "flare", "flare_mt"])
+def test_every_recipe_trains_and_predicts(recipe):
+    target, source = batches()
+    target["labels"] = torch.tensor([0, 2])
+    english = {**source, "labels": torch.tensor([0, 2])}
+    steps = TrainSettings(steps=2, learning_rate=1e-2, progress=False)
+    trained = run_recipe(tiny_bert(), recipe, [english], [(target, source)], FLAREConfig(rank=4),
+                         stage1=steps, stage2=steps, mt_encoder=tiny_mt_encoder() if recipe == "flare_mt" else None)
+    untouched = tiny_bert()(**target).logits
+    logits = trained(target, source).logits
+    assert logits.shape == (2, 3) and not torch.allclose(logits, untouched)
+    has_lora = any(isinstance(m, LoRALinear) for m in trained.model.modules())
+    assert has_lora == (recipe != "zero_shot")
+    if recipe in ("flare", "flare_mt"):
+        assert not torch.allclose(trained(target, source).logits, trained.model(**target).logits)
