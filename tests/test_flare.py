@@ -415,3 +415,51 @@ def test_every_recipe_trains_and_predicts(recipe):
     assert has_lora == (recipe != "zero_shot")
     if recipe in ("flare", "flare_mt"):
         assert not torch.allclose(trained(target, source).logits, trained.model(**target).logits)
+
+
+# -- command line ---------------------------------------------------------------------------------
+
+def write_tiny_text_model(folder) -> None:
+    """A saved tiny BERT classifier and a word-level tokenizer, loadable with from_pretrained."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + "good bad bon mauvais film day jour the le a".split()
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]").save_pretrained(folder)
+    tiny_bert(num_labels=2).save_pretrained(folder)
+
+
+def test_cli_trains_saves_and_evaluates_a_recipe(tmp_path):
+    import argparse
+    import json
+
+    import yaml
+
+    from polypeft.cli_flare import add_cli
+
+    write_tiny_text_model(tmp_path / "base")
+    english = [{"text": f"the {w} film", "label": int(w == "good")} for w in ("good", "bad")] * 2
+    target = [{"text": f"le {w} film", "source_text": f"the {e} film", "label": int(e == "good")}
+              for w, e in (("bon", "good"), ("mauvais", "bad"))] * 2
+    for name, rows in (("en.jsonl", english), ("fr.jsonl", target)):
+        (tmp_path / name).write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    config = {"model": {"name_or_path": str(tmp_path / "base"), "num_labels": 2}, "recipe": "flare",
+              "data": {"english_train": str(tmp_path / "en.jsonl"), "target_train": str(tmp_path / "fr.jsonl"),
+                       "eval": str(tmp_path / "fr.jsonl"), "batch_size": 2},
+              "flare": {"rank": 2, "fusion": "add_relu"}, "stage1": {"steps": 2, "progress": False},
+              "stage2": {"steps": 2, "progress": False}, "output_dir": str(tmp_path / "run")}
+    (tmp_path / "flare.yaml").write_text(yaml.safe_dump(config))
+    parser = argparse.ArgumentParser()
+    add_cli(parser.add_subparsers(dest="command"))
+    for command in ("train", "eval"):
+        args = parser.parse_args(["flare", command, str(tmp_path / "flare.yaml")])
+        args.func(args)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["recipe"] == "flare" and metrics["examples"] == 4 and 0 <= metrics["accuracy"] <= 1
+    assert (tmp_path / "run" / "adapter" / "flare_adapter.safetensors").exists()
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**config, "recipe": "flarez"}))
+    with pytest.raises(FLAREError, match="recipe='flarez' is not allowed"):
+        args = parser.parse_args(["flare", "train", str(tmp_path / "bad.yaml")])
+        args.func(args)

@@ -138,6 +138,14 @@ def write_atomically(path: str, write: Any) -> None:
         raise
 
 
+def write_json_atomically(path: str, data: Any) -> None:
+    def write_json(target: str) -> None:
+        with open(target, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=2)
+
+    write_atomically(path, write_json)
+
+
 class FLAREModel(nn.Module):
     """Wraps an HF model: `model(**target_batch, source_batch={...})` fuses the English pass.
 
@@ -283,11 +291,7 @@ class FLAREModel(nn.Module):
             "adapted_layers": {n: [l.in_features, l.out_features] for n, l in self.lora_layers.items()},
         }
 
-        def write_json(target: str) -> None:
-            with open(target, "w", encoding="utf-8") as handle:
-                json.dump(record, handle, indent=2)
-
-        write_atomically(os.path.join(path, CONFIG_FILE), write_json)
+        write_json_atomically(os.path.join(path, CONFIG_FILE), record)
 
     @classmethod
     def from_pretrained(
