@@ -163,8 +163,7 @@ def train_spm(
                 byte_fallback=byte_fallback,
                 user_defined_symbols=[lang_tag(lang) for lang in langs],
                 pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
-                input_sentence_size=count,
-                shuffle_input_sentence=False,  # we choose the sentences; keeps training deterministic
+                input_sentence_size=0, shuffle_input_sentence=False,  # we chose the sentences: use all, in order
                 num_threads=num_threads,
                 minloglevel=2,
             )
