@@ -8,6 +8,7 @@ import random
 from typing import Iterator, Optional, Protocol, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from polypeft.data.parallel import ParallelExample
 from polypeft.data.sampling import temperature_probabilities
@@ -86,6 +87,7 @@ class TokenBudgetBatcher:
         self.seed = seed
         self.sort_window = sort_window
         self.epoch = 0
+        self._last_epoch: Optional[tuple[int, list[list[int]]]] = None  # len() then iter() builds once
         self.by_direction: dict[Direction, list[int]] = {}
         for index, direction in enumerate(self.directions):
             self.by_direction.setdefault(direction, []).append(index)
@@ -110,6 +112,13 @@ class TokenBudgetBatcher:
 
     def batches(self, epoch: int) -> list[list[int]]:
         """All batches of one epoch; the same seed and epoch give the same batches."""
+        if self._last_epoch is not None and self._last_epoch[0] == epoch:
+            return [list(batch) for batch in self._last_epoch[1]]
+        batches = self._build_epoch(epoch)
+        self._last_epoch = (epoch, batches)
+        return [list(batch) for batch in batches]
+
+    def _build_epoch(self, epoch: int) -> list[list[int]]:
         rng = self._rng(epoch)
         if self.mode == "mixed":
             return self._pool_batches(range(len(self.lengths)), rng)
@@ -160,16 +169,24 @@ def token_lengths(
     examples: Sequence[ParallelExample], tokenizer: Seq2SeqTokenizer, add_lang_tag: bool = True
 ) -> list[int]:
     """max(source tokens, target tokens) per example, the length a token budget counts."""
-    cache: dict[tuple[str, Optional[str]], int] = {}
+    # Each text is encoded once; a tag adds a fixed number of tokens, measured on the empty text.
+    text_lengths: dict[str, int] = {}
+    tag_overheads: dict[str, int] = {}
+    bare = len(tokenizer.encode(""))
 
-    def count(text: str, tag: Optional[str]) -> int:
-        key = (text, tag)
-        if key not in cache:
-            cache[key] = len(tokenizer.encode(text, lang_tag=tag))
-        return cache[key]
+    def count(text: str) -> int:
+        if text not in text_lengths:
+            text_lengths[text] = len(tokenizer.encode(text))
+        return text_lengths[text]
 
+    def overhead(lang: str) -> int:
+        if lang not in tag_overheads:
+            tag_overheads[lang] = len(tokenizer.encode("", lang_tag=lang)) - bare
+        return tag_overheads[lang]
+
+    progress = tqdm(examples, desc="measuring token lengths", disable=len(examples) < 50_000, leave=False)
     return [
-        max(count(e.src, e.tgt_lang if add_lang_tag else None), count(e.tgt, None)) for e in examples
+        max(count(e.src) + (overhead(e.tgt_lang) if add_lang_tag else 0), count(e.tgt)) for e in progress
     ]
 
 

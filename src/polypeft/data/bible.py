@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
+from tqdm.auto import tqdm
+
 from polypeft.languages import LanguageError
 
 VerseKey = tuple[int, int, int]  # (book, chapter, verse)
@@ -146,11 +148,12 @@ _WHITESPACE = re.compile(r"\s+")
 
 def clean_verse(text: str) -> str:
     """Plain text of one verse, or `""` for a placeholder (no letters, or a "same as above" note)."""
-    for note in _FILLED_IN_NOTES:
-        match = note.match(text.strip())
-        if match:
-            text = match.group("text")
-            break
+    if text.lstrip().startswith("("):
+        for note in _FILLED_IN_NOTES:
+            match = note.match(text.strip())
+            if match:
+                text = match.group("text")
+                break
     text = _VERSE_NUMBER_MARKER.sub(" ", text)
     text = _ENGLISH_REFERENCE.sub(" ", text)
     text = _EDITORIAL_MARKS.sub("", text)
@@ -262,7 +265,12 @@ class BibleCorpus:
         for lang in langs:
             resolve_version(lang)  # fail on a bad code before reading anything
         book_list = None if books is None else list(books)
-        per_lang = {lang: self.verses(lang, book_list) for lang in langs}
+        # Reading and cleaning a whole version takes about a second; show it when that adds up.
+        slow = len(langs) > 2 and (book_list is None or len(book_list) > 10)
+        per_lang = {
+            lang: self.verses(lang, book_list)
+            for lang in tqdm(langs, desc="reading Bible versions", disable=not slow, leave=False)
+        }
         first = per_lang[langs[0]]
         rows = []
         for key in first:
