@@ -280,3 +280,34 @@ def test_scorer_runs_evaluation_with_the_hooks_on(tokenizer):
     assert score("fr", 1, None) != plain
     assert score("fr", 1, 1) == pytest.approx(plain, abs=1e-5)
     assert score("fr", None, None) == plain
+
+
+def test_cli_commands_run_from_yaml(tokenizer, tmp_path):
+    import argparse
+
+    import yaml
+
+    from polypeft.interventions.cli_lrp2_lens import add_cli
+
+    tiny_bert().save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    files = {}
+    for language, texts in TEXTS.items():
+        files[language] = str(tmp_path / f"text.{language}")
+        (tmp_path / f"text.{language}").write_text("\n".join(texts) + "\n")
+    config = {
+        "model": str(tmp_path / "model"), "languages": ["fr", "de"], "pivot": "en",
+        "output_dir": str(tmp_path / "run"), "texts": {"files": files}, "valid": {"files": files},
+        "search": {"candidate_layers": [1, 2, 3]}, "lens": {"top_k_layers": 1, "steps": 2, "batch_size": 2},
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    parser = argparse.ArgumentParser()
+    add_cli(parser.add_subparsers(dest="command"))
+    for command in (["lrp2", "vectors"], ["lrp2", "search"], ["lens", "probe"], ["lens", "train"]):
+        arguments = parser.parse_args([*command, str(tmp_path / "config.yaml")])
+        assert arguments.func(arguments) == 0
+    search = json.loads((tmp_path / "run" / "lrp2_search.json").read_text())
+    assert set(search["best"]) == {"fr", "de"}
+    assert (tmp_path / "run" / "lrp2_heatmap_fr.png").is_file()
+    assert (tmp_path / "run" / "probe" / "lens_probe.safetensors").is_file()
+    assert (tmp_path / "run" / "lens_layers.safetensors").is_file()

@@ -1,0 +1,194 @@
+"""Bible verse retrieval xx->en on e5-small: plain encoder vs LRP2 (LIRP only) vs LENS, plus hook overhead.
+
+Layers for LRP2 are chosen per language on the valid book (49), accuracy is reported on the test book (43).
+Usage: python bench/lrp2_lens_bible.py [--queries-per-language 120] [--out bench/results/lrp2_lens_bible.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from polypeft.data.bible import BibleCorpus
+from polypeft.interventions import lens
+from polypeft.interventions.lrp2 import LRP2, language_vectors, lrp2_scorer, search_layers
+from polypeft.models.e5 import embed, load_encoder
+
+TEST_BOOK, VALID_BOOK = 43, 49
+PREFIX = "query: "  # e5's prefix for symmetric tasks; used on both sides and for the language vectors
+
+
+def spread(items: list, count: int) -> list:
+    """`count` items evenly spread over the list (a fixed, seed-free subset)."""
+    if count >= len(items):
+        return list(items)
+    step = len(items) / count
+    return [items[int(index * step)] for index in range(count)]
+
+
+def accuracy_at_1(queries: torch.Tensor, candidates: torch.Tensor, gold: list[int]) -> float:
+    best = (queries @ candidates.T).argmax(1)
+    return float((best == torch.tensor(gold)).float().mean())
+
+
+def encode(model, tokenizer, texts: list[str], args) -> torch.Tensor:
+    return embed(model, tokenizer, texts, prefix=PREFIX, batch_size=args.batch_size,
+                 max_length=args.max_length, progress=False)
+
+
+def retrieval_set(corpus: BibleCorpus, languages: list[str], book: int, per_language: int,
+                  candidate_limit: Optional[int] = None):
+    """English candidates (every verse of the book) and, per language, spread queries with gold indices."""
+    english = corpus.verses("en", [book])
+    keys = list(english)[:candidate_limit]
+    position = {key: index for index, key in enumerate(keys)}
+    queries = {}
+    for language in languages:
+        verses = corpus.verses(language, [book])
+        chosen = spread([key for key in keys if key in verses], per_language)
+        queries[language] = ([verses[key] for key in chosen], [position[key] for key in chosen])
+    return [english[key] for key in keys], queries, keys
+
+
+def evaluate_all(model, tokenizer, candidates, queries, args, lrp2_layers: Optional[dict] = None, vectors=None):
+    """Accuracy@1 per language; LIRP leaves the English candidates as they are (zero shift for the pivot)."""
+    scores = {}
+    for language, (texts, gold) in queries.items():
+        if lrp2_layers is None:
+            embedded = encode(model, tokenizer, texts, args)
+        else:
+            with LRP2(model, vectors, lirp_layer=lrp2_layers[language]) as lrp2, lrp2.languages(language):
+                embedded = encode(model, tokenizer, texts, args)
+        scores[language] = accuracy_at_1(embedded, candidates, gold)
+    return scores
+
+
+def english_versions(model, tokenizer, corpus, candidates, args) -> float:
+    """KJV verses of the test book retrieving their WEB verse among all WEB verses of the book."""
+    web, kjv = corpus.verses("en", [TEST_BOOK]), corpus.verses("kjv", [TEST_BOOK])
+    keys = list(web)[:args.candidate_limit]
+    chosen = spread([key for key in keys if key in kjv], args.queries_per_language)
+    queries = encode(model, tokenizer, [kjv[key] for key in chosen], args)
+    return accuracy_at_1(queries, candidates, [keys.index(key) for key in chosen])
+
+
+def hook_overhead(model, tokenizer, vectors, texts, layer, language, args, repeats: int = 5) -> dict:
+    """Median time of the same batch with and without the LRP2 hook, alternated in one process."""
+    plain_times, hooked_times = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        encode(model, tokenizer, texts, args)
+        plain_times.append(time.perf_counter() - start)
+        with LRP2(model, vectors, lirp_layer=layer) as lrp2, lrp2.languages(language):
+            start = time.perf_counter()
+            encode(model, tokenizer, texts, args)
+            hooked_times.append(time.perf_counter() - start)
+    plain, hooked = statistics.median(plain_times), statistics.median(hooked_times)
+    return {"sentences": len(texts), "repeats": repeats, "plain_s": plain, "hooked_s": hooked, "ratio": hooked / plain}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--languages", default="fr,es,de,ru,ar,ko")
+    parser.add_argument("--queries-per-language", type=int, default=120, help="test queries per language (book 43)")
+    parser.add_argument("--valid-queries", type=int, default=50, help="valid queries per language (book 49)")
+    parser.add_argument("--search-layers", default="6,9,11,12")
+    parser.add_argument("--vector-sentences", type=int, default=200, help="train-book verses per language for mu_l")
+    parser.add_argument("--probe-sentences", type=int, default=100)
+    parser.add_argument("--lens-verses", type=int, default=200, help="parallel train verses for LENS")
+    parser.add_argument("--lens-steps", type=int, default=60)
+    parser.add_argument("--lens-lr", type=float, default=5e-5)
+    parser.add_argument("--lens-top-k", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-length", type=int, default=96)
+    parser.add_argument("--candidate-limit", type=int, default=None, help="smoke runs only: fewer candidates")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="bench/results/lrp2_lens_bible.json")
+    parser.add_argument("--figures", default="bench/figures")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    languages = args.languages.split(",")
+    corpus = BibleCorpus()
+    model, tokenizer = load_encoder("e5-small")
+    report: dict = {"args": vars(args), "machine": platform.platform(), "timings_s": {}}
+    clock = time.perf_counter()
+
+    # Training verses: every book except the test and valid ones, spread over the canon.
+    train_rows = [row for row in corpus.parallel(["en", *languages])
+                  if int(row["ref"].split(":")[0]) not in (TEST_BOOK, VALID_BOOK)]
+    vector_rows = spread(train_rows, args.vector_sentences)
+    texts = {language: [PREFIX + row[language] for row in vector_rows] for language in ["en", *languages]}
+    vectors = language_vectors(model, texts, tokenizer, pooling="mean", batch_size=args.batch_size,
+                               max_length=args.max_length)
+    report["timings_s"]["language_vectors"] = time.perf_counter() - clock
+
+    # LRP2 layer search (LIRP only: the variant for sentence embedders) on the valid book.
+    valid_candidates, valid_queries, _ = retrieval_set(corpus, languages, VALID_BOOK, args.valid_queries,
+                                                      args.candidate_limit)
+    valid_candidate_embeddings = encode(model, tokenizer, valid_candidates, args)
+
+    def evaluate(language, lrp2):
+        # English candidates carry a zero LIRP shift (pivot), so their embeddings are computed once.
+        query_texts, gold = valid_queries[language]
+        return accuracy_at_1(encode(model, tokenizer, query_texts, args), valid_candidate_embeddings, gold)
+
+    clock = time.perf_counter()
+    search = search_layers(lrp2_scorer(model, vectors, evaluate), languages,
+                           [int(layer) for layer in args.search_layers.split(",")], pairs=False, lirp_only=True)
+    report["timings_s"]["layer_search"] = time.perf_counter() - clock
+    search.save_json(Path(args.out).with_name("lrp2_layer_search.json"))
+    search.plot_heatmaps(args.figures, prefix="lrp2_heatmap")
+    chosen = {language: search.best(language)["lirp_layer"] for language in languages}
+    report["lrp2_search"] = search.to_dict()
+    report["lrp2_chosen_layers"] = chosen
+
+    # Test book: plain and LRP2.
+    test_candidates, test_queries, _ = retrieval_set(corpus, languages, TEST_BOOK, args.queries_per_language,
+                                                   args.candidate_limit)
+    clock = time.perf_counter()
+    candidates = encode(model, tokenizer, test_candidates, args)
+    report["plain"] = evaluate_all(model, tokenizer, candidates, test_queries, args)
+    report["lrp2"] = evaluate_all(model, tokenizer, candidates, test_queries, args, chosen, vectors)
+    report["plain_en_kjv_to_web"] = english_versions(model, tokenizer, corpus, candidates, args)
+    report["timings_s"]["test_plain_lrp2"] = time.perf_counter() - clock
+
+    some_language = languages[0]
+    report["lrp2_hook_overhead"] = hook_overhead(
+        model, tokenizer, vectors, test_queries[some_language][0][:64], chosen[some_language], some_language, args
+    )
+
+    # LENS: probe and train on training-book verses, then the same test.
+    clock = time.perf_counter()
+    probe_rows = spread(train_rows, args.probe_sentences)
+    probe_texts = {language: [PREFIX + row[language] for row in probe_rows] for language in ["en", *languages]}
+    lens_probe = lens.probe(model, tokenizer, probe_texts, pooling="mean", batch_size=args.batch_size,
+                            max_length=args.max_length)
+    lens_probe.plot(Path(args.figures) / "lens_probe_layer12.png")
+    lens_rows = spread(train_rows[1::2], args.lens_verses)
+    pairs = [{language: PREFIX + row[language] for language in ["en", *languages]} for row in lens_rows]
+    result = lens.train(model, tokenizer, pairs, lens_probe, top_k_layers=args.lens_top_k, steps=args.lens_steps,
+                        lr=args.lens_lr, batch_size=8, max_length=args.max_length)
+    report["timings_s"]["lens_probe_train"] = time.perf_counter() - clock
+    report["lens_history"] = {"first": result.history[0], "last": result.history[-1]}
+    report["lens_settings"] = result.settings
+    candidates = encode(model, tokenizer, test_candidates, args)
+    report["lens"] = evaluate_all(model, tokenizer, candidates, test_queries, args)
+    report["lens_en_kjv_to_web"] = english_versions(model, tokenizer, corpus, candidates, args)
+    for name in ("plain", "lrp2", "lens"):
+        report[f"{name}_mean"] = sum(report[name].values()) / len(report[name])
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps({key: report[key] for key in ("plain", "lrp2", "lens", "plain_mean", "lrp2_mean", "lens_mean",
+                                                   "lrp2_chosen_layers", "plain_en_kjv_to_web", "lens_en_kjv_to_web",
+                                                   "lrp2_hook_overhead", "timings_s")}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
