@@ -463,3 +463,18 @@ def test_cli_trains_saves_and_evaluates_a_recipe(tmp_path):
     with pytest.raises(FLAREError, match="recipe='flarez' is not allowed"):
         args = parser.parse_args(["flare", "train", str(tmp_path / "bad.yaml")])
         args.func(args)
+
+
+def test_incremental_decoding_with_positional_alignment_is_refused_clearly():
+    layer = lora_layer("add_relu")
+    source = FusionSource(torch.randn(1, 4, 6), target_mask=torch.ones(1, 5, dtype=torch.long))
+    with layer.fused_with(source), pytest.raises(LoRAError, match="positional alignment needs the whole target"):
+        layer(torch.randn(1, 1, 6))
+    attention = LoRALinear(nn.Linear(6, 5), rank=3, alpha=3, fusion=build_fusion("add", 3, "attention"))
+    with attention.fused_with(source):
+        assert attention(torch.randn(1, 1, 6)).shape == (1, 1, 5)
+
+
+def test_training_without_batches_is_refused():
+    with pytest.raises(FLAREError, match="no batches"):
+        run_recipe(tiny_bert(), "zero_shot", [], [], FLAREConfig(rank=2), stage1=TrainSettings(steps=1, progress=False))

@@ -140,14 +140,16 @@ def train_steps(model: nn.Module, parameters: list[nn.Parameter], batches: Itera
     optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     model.train()
     losses = []
-    stream = itertools.cycle(batches) if not isinstance(batches, itertools.cycle) else batches
-    for _, batch in zip(tqdm(range(settings.steps), desc=description, disable=not settings.progress), stream):
+    for _, batch in zip(tqdm(range(settings.steps), desc=description, disable=not settings.progress),
+                        itertools.cycle(batches)):
         loss = loss_of(batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, settings.max_grad_norm)
         optimizer.step()
         losses.append(loss.item())
+    if not losses:
+        raise FLAREError(f"{description}: no batches to train on ({settings.steps} steps asked for)")
     model.eval()
     return losses
 
@@ -194,8 +196,8 @@ def run_recipe(
     parallel_batches: Iterable[ParallelBatch],
     stage1_config: FLAREConfig,
     stage2_config: Optional[FLAREConfig] = None,
-    stage1: TrainSettings = TrainSettings(),
-    stage2: TrainSettings = TrainSettings(),
+    stage1: Optional[TrainSettings] = None,
+    stage2: Optional[TrainSettings] = None,
     mt_encoder: Optional[nn.Module] = None,
     pad_token_id: int = 0,
     skip_stage1: bool = False,
@@ -207,6 +209,7 @@ def run_recipe(
     """
     if recipe not in RECIPES:
         raise FLAREError(f"recipe={recipe!r} is not allowed; choose one of {list(RECIPES)}")
+    stage1, stage2 = stage1 or TrainSettings(), stage2 or TrainSettings()
     merged = base_model if skip_stage1 else train_english_lora(base_model, english_batches, stage1_config, stage1)
     if recipe == "zero_shot":
         return TrainedRecipe(recipe, merged, pad_token_id)

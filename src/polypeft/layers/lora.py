@@ -117,8 +117,15 @@ class LoRALinear(nn.Module):
         source_bottleneck = self.dropout(source.hidden.to(self.lora_A.dtype)) @ self.lora_A.t()
         target_mask = source.target_mask
         if target_mask is not None and target_mask.shape[1] != target_bottleneck.shape[1]:
-            # Incremental decoding feeds only the newest positions; they are the mask's last ones.
-            target_mask = target_mask[:, -target_bottleneck.shape[1]:]
+            # Incremental decoding (a KV cache) feeds fewer positions than the mask covers: attention
+            # alignment needs no target positions, but positional alignment would pair the wrong tokens.
+            if self.fusion.alignment != "attention":
+                raise LoRAError(
+                    f"{self.layer_name}: target input has {target_bottleneck.shape[1]} positions but its attention "
+                    f"mask {target_mask.shape[1]}; positional alignment needs the whole target sequence (run "
+                    "without a KV cache) or use alignment='attention'"
+                )
+            target_mask = None
         return self.fusion(source_bottleneck, target_bottleneck, source.source_mask, target_mask)
 
     @contextmanager
