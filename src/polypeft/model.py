@@ -146,6 +146,13 @@ class PolyModel(nn.Module):
             inference_extra_shared_route=shared,
         )
 
+    def auxiliary_loss(self) -> torch.Tensor | float:
+        """Sum of the extra training losses routed layers collected in the last forward (MoE balance,
+        CLSR budget); 0.0 for methods that have none. Each layer's term is consumed by the call."""
+        terms = [layer.pop_auxiliary_loss() for layer in self.routed_layers.values() if hasattr(layer, "pop_auxiliary_loss")]
+        terms = [t for t in terms if t is not None]
+        return sum(terms) if terms else 0.0
+
     def num_language_parameters(self) -> int:
         """Parameters of the language routes: L * d * (r + c) summed over the wrapped linears (LMS)."""
         return self.parameter_counts().language_specific
