@@ -1,0 +1,119 @@
+"""Sequence classification on any HF encoder: a reader, transformers' own head, accuracy.
+
+The cross-lingual transfer tasks (XNLI-style, Bible verse classification) are all this shape.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from polypeft.tasks.heads import attach_head
+from polypeft.tasks.records import Source, read_records
+
+
+@dataclass(frozen=True)
+class ClassificationExample:
+    text: str
+    label: int
+    text_pair: Optional[str] = None
+
+
+@dataclass
+class ClassificationData:
+    examples: list[ClassificationExample]
+    label_names: list[str]
+
+
+def _label_names_of(source: Source, column: str) -> Optional[list[str]]:
+    # A `datasets.ClassLabel` column knows its names; use them rather than guessing from the values.
+    feature = getattr(source, "features", {}).get(column) if hasattr(source, "features") else None
+    return list(feature.names) if feature is not None and hasattr(feature, "names") else None
+
+
+def read_classification(source: Source, text_column: str = "text", label_column: str = "label",
+                        text_pair_column: Optional[str] = None, label_names: Optional[Sequence[str]] = None,
+                        file_format: Optional[str] = None) -> ClassificationData:
+    """Read `(text[, text_pair], label)` rows from a JSONL/JSON/TSV file or a `datasets.Dataset`.
+
+    Labels may be names or integer ids. With `label_names` (or a `ClassLabel` column) a label outside
+    the set is an error naming its file and line; otherwise the set is the sorted labels seen.
+    """
+    required = [text_column, label_column] + ([text_pair_column] if text_pair_column else [])
+    records = read_records(source, required, file_format=file_format)
+    names = list(label_names) if label_names is not None else _label_names_of(source, label_column)
+    if names is None:
+        names = sorted({str(r.data[label_column]) for r in records})
+    index = {name: i for i, name in enumerate(names)}
+    examples = []
+    for record in records:
+        raw, text = record.data[label_column], record.data[text_column]
+        if not isinstance(text, str):
+            raise record.fail(f"column {text_column!r} must be text, got {text!r}")
+        if isinstance(raw, bool) or not isinstance(raw, (int, str)):
+            raise record.fail(f"label {raw!r} must be a name or an integer id")
+        if isinstance(raw, int) and str(raw) not in index:
+            if not 0 <= raw < len(names):
+                raise record.fail(f"label id {raw} outside 0..{len(names) - 1} (labels {names})")
+            label = raw
+        elif str(raw) in index:
+            label = index[str(raw)]
+        else:
+            raise record.fail(f"label {raw!r} is not in the label set {names}")
+        pair = record.data[text_pair_column] if text_pair_column else None
+        examples.append(ClassificationExample(text, label, pair))
+    return ClassificationData(examples, names)
+
+
+def classification_model(encoder: torch.nn.Module, label_names: Sequence[str]) -> torch.nn.Module:
+    """The encoder under transformers' sequence-classification head (e.g. `BertForSequenceClassification`)."""
+    from transformers import AutoModelForSequenceClassification
+
+    names = list(label_names)
+    return attach_head(encoder, AutoModelForSequenceClassification, num_labels=len(names),
+                       id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
+
+
+def encode_classification(tokenizer, examples: Sequence[ClassificationExample], max_length: int = 128,
+                          prefix: str = "") -> dict[str, torch.Tensor]:
+    """Padded model inputs plus `labels` for a batch of examples."""
+    texts = [prefix + e.text for e in examples]
+    pairs = [e.text_pair or "" for e in examples] if any(e.text_pair for e in examples) else None
+    batch = tokenizer(texts, pairs, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    batch["labels"] = torch.tensor([e.label for e in examples])
+    return dict(batch)
+
+
+def accuracy(predictions: Sequence[int], labels: Sequence[int]) -> float:
+    """Fraction of predictions equal to the label."""
+    if len(predictions) != len(labels):
+        raise ValueError(f"{len(predictions)} predictions for {len(labels)} labels")
+    if not labels:
+        raise ValueError("accuracy of zero examples is undefined")
+    return sum(int(p) == int(g) for p, g in zip(predictions, labels)) / len(labels)
+
+
+def predict_classification(model: torch.nn.Module, tokenizer, examples: Sequence[ClassificationExample],
+                           batch_size: int = 32, max_length: int = 128, prefix: str = "") -> list[int]:
+    """Arg-max label id per example."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    predictions: list[int] = []
+    with torch.inference_mode():
+        for start in range(0, len(examples), batch_size):
+            batch = encode_classification(tokenizer, examples[start:start + batch_size], max_length, prefix)
+            batch.pop("labels")
+            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
+            predictions += logits.argmax(-1).tolist()
+    model.train(was_training)
+    return predictions
+
+
+def evaluate_classification(model: torch.nn.Module, tokenizer, examples: Sequence[ClassificationExample],
+                            batch_size: int = 32, max_length: int = 128, prefix: str = "") -> dict[str, float]:
+    """`{"accuracy": ...}` of the model on the examples."""
+    predictions = predict_classification(model, tokenizer, examples, batch_size, max_length, prefix)
+    return {"accuracy": accuracy(predictions, [e.label for e in examples])}
