@@ -711,7 +711,7 @@ class LayerSearchResult:
             grid = torch.full((len(lirp_layers), len(columns)), math.nan)
             for row in rows:
                 grid[lirp_layers.index(row["lirp_layer"]), columns.index(row["lsrp_layer"])] = row["score"]
-            figure = Figure(figsize=(1.0 + 0.6 * len(columns), 1.2 + 0.45 * len(lirp_layers)))
+            figure = Figure(figsize=(max(4.8, 1.6 + 0.6 * len(columns)), max(3.4, 1.4 + 0.45 * len(lirp_layers))))
             FigureCanvasAgg(figure)
             axes = figure.add_subplot()
             image = axes.imshow(grid.numpy(), cmap="viridis", aspect="auto")
