@@ -1,0 +1,144 @@
+"""The full-rank language-specific FFN baseline ("language-level MoE", no gate) of the LMS/FD paper.
+
+Each language gets its own copy of every FFN linear; the shared route (FD) is the base layer itself.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Optional
+
+import torch
+from torch import nn
+
+from ..config import MethodConfig, register_config
+from ..languages import LanguageRegistry, Routes
+from ..model import register_layer_builder
+from ..routing import RouteState
+from .routed import RoutedLinear
+
+
+class RowGroups:
+    """Rows of a batch sorted by a group id, so each group runs as one plain matmul.
+
+    One host sync (the group sizes) per batch; no per-row weight is ever materialised.
+    """
+
+    def __init__(self, group_ids: torch.Tensor, num_groups: int):
+        self.order = torch.argsort(group_ids, stable=True)
+        self.inverse = torch.argsort(self.order)
+        self.sizes: list[int] = torch.bincount(group_ids, minlength=num_groups).tolist()
+
+    def apply(self, rows: torch.Tensor, compute: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """`compute(group, rows_of_group)` for each non-empty group, results back in the original order."""
+        chunks = torch.split(rows.index_select(0, self.order), self.sizes)
+        parts = [compute(group, chunk) for group, chunk in enumerate(chunks) if chunk.shape[0]]
+        return torch.cat(parts, dim=0).index_select(0, self.inverse)
+
+
+def side_language(routes_src, routes_tgt, side: str):
+    """LMS's language-wise rule: the encoder reads the source language, the decoder the target."""
+    return routes_tgt if side == "decoder" else routes_src
+
+
+@register_config
+@dataclass
+class LSFFNConfig(MethodConfig):
+    """One full copy of each FFN linear per language (encoder: src, decoder: tgt), initialised from the base.
+
+    With shared_route=True the route "shared" runs the base layer: the FD shared module.
+    """
+
+    method: ClassVar[str] = "ls_ffn"
+
+
+class LanguageSpecificLinear(RoutedLinear):
+    """`y = W[l] x + b[l]` for the example's language l; the shared route is the base `W x + b`."""
+
+    def __init__(self, base_layer: nn.Linear, name: str, side: str, route_state: RouteState, registry: LanguageRegistry):
+        super().__init__(base_layer, name, side, route_state)
+        num_languages = len(registry.languages)
+        self.shared_id: Optional[int] = registry.shared_id if registry.shared_route else None
+        # Copies of the base layer, so training starts exactly at the base model.
+        weight = base_layer.weight.detach()
+        self.language_weight = nn.Parameter(weight.unsqueeze(0).repeat(num_languages, 1, 1).clone())
+        bias = base_layer.bias
+        self.language_bias = (
+            nn.Parameter(bias.detach().unsqueeze(0).repeat(num_languages, 1).clone()) if bias is not None else None
+        )
+        self._unmerged: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None
+
+    def run_language(self, language: int, x: torch.Tensor) -> torch.Tensor:
+        if language == self.shared_id:
+            return self.base_layer(x)
+        bias = None if self.language_bias is None else self.language_bias[language].to(x.dtype)
+        return nn.functional.linear(x, self.language_weight[language].to(x.dtype), bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged_route is not None:
+            return self.base_layer(x)
+        routes = self.route_state.for_batch(x.shape[0], self.layer_name).to(x.device)
+        return self.language_forward(x, routes)
+
+    def language_forward(self, x: torch.Tensor, routes: Routes) -> torch.Tensor:
+        if routes.segments is not None:
+            parts = [
+                self.run_language(side_language(s, t, self.side), x[start:stop])
+                for start, stop, s, t in routes.segments
+            ]
+            return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        languages = side_language(routes.src, routes.tgt, self.side)
+        groups = RowGroups(languages, len(self.language_weight) + (self.shared_id is not None))
+        return groups.apply(x, self.run_language)
+
+    def routed_delta(self, x: torch.Tensor, routes: Routes) -> torch.Tensor:
+        return self.language_forward(x, routes) - self.base_layer(x)
+
+    def language_of(self, route: tuple[int, int]) -> int:
+        return side_language(route[0], route[1], self.side)
+
+    def delta_weight(self, route: tuple[int, int]) -> torch.Tensor:
+        language = self.language_of(route)
+        if language == self.shared_id:
+            return torch.zeros_like(self.base_layer.weight)
+        return self.language_weight[language] - self.base_layer.weight
+
+    def merge(self, route: tuple[int, int]) -> None:
+        """Copy the language's weight and bias into the base layer; unmerge restores the saved originals."""
+        if self.merged_route is not None:
+            super().merge(route)  # raises the shared "unmerge first" error
+        language = self.language_of(route)
+        base = self.base_layer
+        with torch.no_grad():
+            self._unmerged = (base.weight.detach().clone(), None if base.bias is None else base.bias.detach().clone())
+            if language != self.shared_id:
+                base.weight.copy_(self.language_weight[language])
+                if base.bias is not None:
+                    base.bias.copy_(self.language_bias[language])
+        self.merged_route = route
+
+    def unmerge(self) -> None:
+        if self.merged_route is None:
+            return
+        weight, bias = self._unmerged
+        with torch.no_grad():
+            self.base_layer.weight.copy_(weight)
+            if bias is not None:
+                self.base_layer.bias.copy_(bias)
+        self._unmerged = None
+        self.merged_route = None
+
+    def route_parameter_count(self, num_routes: int = 1) -> int:
+        """A full weight (and bias) per language: num_routes * (out * in + out)."""
+        per_language = self.out_features * self.in_features + (self.out_features if self.language_bias is not None else 0)
+        return num_routes * per_language
+
+    def shared_route_parameter_count(self) -> int:
+        """Zero: the shared route is the base layer, which the base model already counts."""
+        return 0
+
+
+@register_layer_builder("ls_ffn")
+def build_language_specific_layer(
+    config: LSFFNConfig, name: str, linear: nn.Linear, side: str, route_state: RouteState, registry: LanguageRegistry
+) -> LanguageSpecificLinear:
+    return LanguageSpecificLinear(linear, name, side, route_state, registry)
