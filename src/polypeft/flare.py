@@ -1,7 +1,6 @@
-"""FLARE's two-stage recipe and its baselines as options of one function.
+"""FLARE's two-stage recipe (English LoRA merged, then a target-language stage) and its baselines.
 
-Stage 1: English task LoRA, merged. Stage 2: zero-shot (none), LoRA translate-train, input-level
-fusion, FLARE (English pass fused in the bottleneck) or FLARE-MT (MT-encoder source).
+Zero-shot, LoRA translate-train, input-level fusion, FLARE and FLARE-MT are options of `run_recipe`.
 """
 from __future__ import annotations
 
