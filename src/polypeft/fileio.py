@@ -56,3 +56,10 @@ def write_safetensors(
 
 def write_torch(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write(path, lambda temporary: torch.save(obj, temporary))
+
+
+def write_model_weights(path: str | os.PathLike, model: torch.nn.Module) -> Path:
+    """A whole model's weights; tied tensors (shared embeddings) are stored once."""
+    from safetensors.torch import save_model
+
+    return atomic_write(path, lambda temporary: save_model(model, temporary))

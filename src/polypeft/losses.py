@@ -101,8 +101,9 @@ def fuse_distillation_step(
     """One FD forward: the batch twice in one pass, routes [language routes; shared], and the FD loss."""
     labels = batch["labels"] if labels is None else labels
     batch_size = int(labels.shape[0])
-    routes = model.make_routes(src_lang, tgt_lang, batch_size).expanded_to(batch_size)
-    shared_id = model.registry.shared_id
+    poly = getattr(model, "module", model)  # DDP or accelerate wrappers forward, the PolyModel routes
+    routes = poly.make_routes(src_lang, tgt_lang, batch_size).expanded_to(batch_size)
+    shared_id = poly.registry.shared_id
     src = routes.src.tolist() + [shared_id] * batch_size
     tgt = routes.tgt.tolist() + [shared_id] * batch_size
     doubled = {key: _doubled(value, batch_size) for key, value in batch.items()}

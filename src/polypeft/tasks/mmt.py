@@ -1,0 +1,287 @@
+"""English-centric multilingual translation on the Bible corpus: the LMS/FD paper's main experiment.
+
+A recipe (YAML) names the languages, model preset, method and schedule; `prepare`, `train_run` and
+`evaluate_run` are the CLI's `polypeft mmt prepare|train|eval`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+import yaml
+from transformers.models.marian.modeling_marian import shift_tokens_right
+
+from ..config import CONFIG_CLASSES, ConfigError
+from ..data.batching import TokenBudgetBatcher, collate, token_lengths
+from ..data.bible import BibleCorpus, BibleSplit
+from ..data.parallel import ParallelExample, english_centric
+from ..data.spm import SpmTokenizer, bible_spm
+from ..evaluate import score_directions, translate
+from ..fileio import write_json, write_model_weights
+from ..losses import fuse_distillation_step, token_cross_entropy
+from ..model import PolyModel, wrap
+from ..models.seq2seq import build_translation_model
+from ..train import TrainSettings, seed_everything, train
+
+FD_KEYS = ("fd", "kl_weight")
+
+
+@dataclass
+class MMTRecipe:
+    """Everything one translation run needs; unknown keys in a YAML file are refused by name."""
+
+    name: str = "run"
+    languages: list[str] = field(default_factory=lambda: ["en", "fr", "es", "de", "ru", "ar", "ko"])
+    pivot: str = "en"
+    preset: str = "tiny"
+    vocab_size: int = 8000
+    spm_max_sentences: Optional[int] = None
+    test_books: list[int] = field(default_factory=lambda: [43])
+    valid_books: list[int] = field(default_factory=lambda: [49])
+    max_train_verses: Optional[int] = None
+    max_eval_verses: Optional[int] = None
+    method: dict[str, Any] = field(default_factory=lambda: {"name": "naive"})
+    batching: str = "homogeneous"
+    max_tokens: int = 4096
+    temperature: float = 5.0
+    max_length: int = 160
+    dropout: float = 0.1
+    label_smoothing: float = 0.1
+    steps: int = 1000
+    lr: float = 5e-4
+    warmup: int = 200
+    accumulation: int = 1
+    checkpoint_every: int = 200
+    valid_every: int = 0
+    seed: int = 0
+    beam: int = 5
+    length_penalty: float = 1.0
+    eval_batch_size: int = 32
+    output_dir: str = "runs"
+
+    def __post_init__(self) -> None:
+        if self.pivot not in self.languages:
+            raise ConfigError(f"pivot {self.pivot!r} is not among languages {self.languages}")
+        if "name" not in self.method:
+            raise ConfigError(f"method {self.method!r} has no 'name'; choose naive or one of {sorted(CONFIG_CLASSES)}")
+        name = self.method["name"]
+        if name != "naive" and name not in CONFIG_CLASSES:
+            raise ConfigError(f"unknown method {name!r}; choose naive or one of {sorted(CONFIG_CLASSES)}")
+        if self.batching not in ("homogeneous", "mixed"):
+            raise ConfigError(f"batching={self.batching!r}; choose 'homogeneous' or 'mixed'")
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "recipe") -> "MMTRecipe":
+        allowed = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - allowed)
+        if unknown:
+            raise ConfigError(f"{where}: unknown keys {unknown}; allowed keys are {sorted(allowed)}")
+        return cls(**data)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: Optional[dict] = None) -> "MMTRecipe":
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of recipe keys, got {type(data).__name__}")
+        return cls.from_dict({**data, **(overrides or {})}, where=str(path))
+
+    @property
+    def uses_fd(self) -> bool:
+        return bool(self.method.get("fd", False))
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / f"{self.name}-seed{self.seed}"
+
+    def split(self) -> BibleSplit:
+        return BibleSplit(test_books=tuple(self.test_books), valid_books=tuple(self.valid_books))
+
+
+@dataclass
+class MMTData:
+    tokenizer: SpmTokenizer
+    train: list[ParallelExample]
+    valid: list[ParallelExample]
+    test: list[ParallelExample]
+
+
+def _rows(corpus: BibleCorpus, recipe: MMTRecipe, part: str, limit: Optional[int]) -> list[dict]:
+    rows = corpus.parallel(recipe.languages, books=recipe.split().books(part))
+    if limit is not None and len(rows) > limit:
+        rows = random.Random(f"{part}/{recipe.seed}").sample(rows, limit)
+    return rows
+
+
+def prepare(recipe: MMTRecipe) -> MMTData:
+    """The tokenizer (trained on the training books, cached) and the three splits, both directions."""
+    corpus = BibleCorpus()
+    tokenizer = bible_spm(recipe.languages, vocab_size=recipe.vocab_size, split=recipe.split(),
+                          max_sentences=recipe.spm_max_sentences, corpus=corpus)
+
+    def examples(part: str, limit: Optional[int]) -> list[ParallelExample]:
+        return english_centric(_rows(corpus, recipe, part, limit), recipe.languages, pivot=recipe.pivot)
+
+    return MMTData(
+        tokenizer,
+        examples("train", recipe.max_train_verses),
+        examples("valid", recipe.max_eval_verses),
+        examples("test", recipe.max_eval_verses),
+    )
+
+
+def build_model(recipe: MMTRecipe, tokenizer: SpmTokenizer) -> torch.nn.Module:
+    """The preset model, wrapped with the recipe's method unless it is the naive baseline."""
+    seed_everything(recipe.seed)
+    model = build_translation_model(recipe.preset, tokenizer.vocab_size, tokenizer.pad_id, tokenizer.eos_id,
+                                    tokenizer.decoder_start_id, dropout=recipe.dropout)
+    method = dict(recipe.method)
+    name = method.pop("name")
+    for key in FD_KEYS:
+        method.pop(key, None)
+    if name == "naive":
+        return model
+    if recipe.uses_fd:
+        method["shared_route"] = True
+    config = CONFIG_CLASSES[name](languages=recipe.languages, **method)
+    return wrap(model, config)
+
+
+def add_decoder_inputs(batch: dict, model_config) -> dict:
+    batch["decoder_input_ids"] = shift_tokens_right(
+        batch["labels"], model_config.pad_token_id, model_config.decoder_start_token_id
+    )
+    return batch
+
+
+def make_loss_fn(recipe: MMTRecipe):
+    """CE with label smoothing (plus any auxiliary loss), or the FD objective when the method uses it."""
+    one_way = recipe.method.get("name") == "ls_ffn"
+    kl_weight = float(recipe.method.get("kl_weight", 1.0))
+
+    def loss_fn(model, batch: dict) -> tuple[torch.Tensor, int]:
+        batch = dict(batch)
+        src, tgt = batch.pop("src_lang"), batch.pop("tgt_lang")
+        labels = batch.pop("labels")
+        tokens = int((labels != -100).sum())
+        poly = getattr(model, "module", model)
+        if recipe.uses_fd:
+            loss = fuse_distillation_step(model, {**batch, "labels": labels}, src, tgt, kl_weight=kl_weight,
+                                          one_way=one_way, label_smoothing=recipe.label_smoothing).loss
+            # The FD pass runs the model on [batch; batch]; drop the labels key it does not need.
+        else:
+            routes = {"src_lang": src, "tgt_lang": tgt} if isinstance(poly, PolyModel) else {}
+            logits = model(**batch, **routes).logits
+            loss = token_cross_entropy(logits, labels, recipe.label_smoothing)
+        if isinstance(poly, PolyModel):
+            loss = loss + poly.auxiliary_loss()
+        return loss, tokens
+
+    return loss_fn
+
+
+def batch_stream(recipe: MMTRecipe, data: MMTData, model_config) -> Iterator[dict]:
+    lengths = [min(n, recipe.max_length) for n in token_lengths(data.train, data.tokenizer)]
+    batcher = TokenBudgetBatcher(lengths, [e.direction for e in data.train], recipe.max_tokens,
+                                 mode=recipe.batching, temperature=recipe.temperature, seed=recipe.seed)
+    for indices in batcher.sampled_batches():
+        examples = [data.train[i] for i in indices]
+        batch = collate(examples, data.tokenizer, recipe.max_length, recipe.max_length)
+        yield add_decoder_inputs(batch, model_config)
+
+
+def valid_loss_fn(recipe: MMTRecipe, data: MMTData, model_config, batch_size: int = 64):
+    """Mean token CE (no smoothing) on the validation book over each example's own route."""
+    batches = [add_decoder_inputs(collate(data.valid[i : i + batch_size], data.tokenizer, recipe.max_length,
+                                          recipe.max_length), model_config)
+               for i in range(0, len(data.valid), batch_size)]
+
+    def valid(model) -> float:
+        poly = getattr(model, "module", model)
+        total, count = 0.0, 0
+        for batch in batches:
+            batch = dict(batch)
+            src, tgt, labels = batch.pop("src_lang"), batch.pop("tgt_lang"), batch.pop("labels")
+            routes = {"src_lang": src, "tgt_lang": tgt} if isinstance(poly, PolyModel) else {}
+            device = next(model.parameters()).device
+            logits = model(**{k: v.to(device) for k, v in batch.items()}, **routes).logits
+            tokens = int((labels != -100).sum())
+            total += float(token_cross_entropy(logits, labels.to(device))) * tokens
+            count += tokens
+        return total / max(count, 1)
+
+    return valid
+
+
+def parameter_table(model: torch.nn.Module, recipe: MMTRecipe) -> dict:
+    """Base size and the extra parameters for training and for each way of running inference."""
+    if isinstance(model, PolyModel):
+        counts = model.parameter_counts().as_dict()
+    else:
+        base = sum(p.numel() for p in model.parameters())
+        counts = {"base": base, "training_extra": 0, "inference_extra_language_routes": 0,
+                  "inference_extra_shared_route": 0, "language_specific": 0, "shared_route": 0}
+    counts["method"] = recipe.method["name"]
+    return counts
+
+
+def train_run(recipe: MMTRecipe, resume: bool = False, data: Optional[MMTData] = None) -> Path:
+    """Train one run; writes checkpoint, log, final weights and the parameter table into its run dir."""
+    data = data or prepare(recipe)
+    model = build_model(recipe, data.tokenizer)
+    run_dir = recipe.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / "recipe.json", dataclasses.asdict(recipe))
+    params = parameter_table(model, recipe)
+    write_json(run_dir / "parameters.json", params)
+    print(f"[{recipe.name} seed {recipe.seed}] extra parameters: training {params['training_extra']:,}, "
+          f"inference {params['inference_extra_language_routes']:,} (language routes) / "
+          f"{params['inference_extra_shared_route']:,} (shared route; 0 once merged); base {params['base']:,}")
+    settings = TrainSettings(steps=recipe.steps, lr=recipe.lr, warmup=recipe.warmup, accumulation=recipe.accumulation,
+                             checkpoint_every=recipe.checkpoint_every, valid_every=recipe.valid_every, seed=recipe.seed)
+    config = model.config
+    started = time.perf_counter()
+    train(model, lambda: batch_stream(recipe, data, config), make_loss_fn(recipe), settings, run_dir, resume=resume,
+          valid_fn=valid_loss_fn(recipe, data, config) if recipe.valid_every else None)
+    write_model_weights(run_dir / "model.safetensors", model)
+    write_json(run_dir / "train_summary.json", {"wall_seconds": round(time.perf_counter() - started, 1),
+                                                "steps": recipe.steps, "resumed": resume})
+    return run_dir
+
+
+def load_run(run_dir: str | Path, data: Optional[MMTData] = None) -> tuple[MMTRecipe, MMTData, torch.nn.Module]:
+    run_dir = Path(run_dir)
+    recipe = MMTRecipe.from_dict(json.loads((run_dir / "recipe.json").read_text()), where=str(run_dir / "recipe.json"))
+    data = data or prepare(recipe)
+    model = build_model(recipe, data.tokenizer)
+    from safetensors.torch import load_model
+
+    load_model(model, str(run_dir / "model.safetensors"))
+    return recipe, data, model.eval()
+
+
+def eval_variants(recipe: MMTRecipe) -> dict[str, Optional[str]]:
+    """FD runs are scored both ways: FD-Share (the shared route, the headline) and FD-LS."""
+    return {"fd_share": "shared", "fd_ls": None} if recipe.uses_fd else {"default": None}
+
+
+def evaluate_run(run_dir: str | Path, data: Optional[MMTData] = None, split: str = "test") -> dict:
+    """Beam search on the split, BLEU/chrF per direction and averages, written as JSON next to the run."""
+    recipe, data, model = load_run(run_dir, data)
+    examples = data.test if split == "test" else data.valid
+    results = {"name": recipe.name, "seed": recipe.seed, "method": recipe.method, "split": split,
+               "parameters": parameter_table(model, recipe), "variants": {}}
+    for variant, route in eval_variants(recipe).items():
+        started = time.perf_counter()
+        hypotheses = translate(model, data.tokenizer, examples, beam=recipe.beam,
+                               length_penalty=recipe.length_penalty, batch_size=recipe.eval_batch_size, route=route)
+        scores = score_directions(examples, hypotheses, pivot=recipe.pivot)
+        scores["decode_seconds"] = round(time.perf_counter() - started, 1)
+        results["variants"][variant] = scores
+    write_json(Path(run_dir) / f"eval_{split}.json", results)
+    return results
