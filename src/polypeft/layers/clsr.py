@@ -104,7 +104,6 @@ class CLSRLinear(RoutedLinear):
         config: CLSRConfig,
         language_owner: Optional["CLSRLinear"],
         budget: BudgetTracker,
-        reports_budget: bool,
     ):
         super().__init__(base_layer, name, side, route_state)
         width = base_layer.out_features
@@ -125,7 +124,6 @@ class CLSRLinear(RoutedLinear):
         # A plain attribute: sublayers sharing W_lang read it from its one owner (registered once).
         self.__dict__["language_owner"] = language_owner
         self.__dict__["budget"] = budget
-        self.reports_budget = reports_budget
         self.shared_id: Optional[int] = registry.shared_id if registry.shared_route else None
         self.gate_noise_std = float(config.gate_noise_std)
         self.hard_gate_at_inference = config.hard_gate_at_inference
@@ -168,8 +166,9 @@ class CLSRLinear(RoutedLinear):
         return shared + gate * (language - shared)
 
     def pop_auxiliary_loss(self) -> Optional[torch.Tensor]:
-        """The model-wide budget term, reported by one layer only so PolyModel counts it once."""
-        return self.budget.pop() if self.reports_budget else None
+        """The model-wide budget term; the first layer asked takes it, the others get None, so
+        PolyModel.auxiliary_loss counts it once."""
+        return self.budget.pop()
 
     def routed_delta(self, x: torch.Tensor, routes: Routes) -> torch.Tensor:
         raise NotImplementedError("CLSR layers transform the sublayer output; they have no additive delta")
@@ -195,7 +194,7 @@ class CLSRLinear(RoutedLinear):
 @dataclass
 class _CLSRBuild:
     budget: BudgetTracker
-    owners: dict
+    owners: dict  # side -> weak reference to the layer owning that stack's W_lang (no cycle to the key)
 
 
 # The shared pieces of each model being built: its budget tracker and the W_lang owner per stack.
@@ -207,15 +206,15 @@ def build_clsr_layer(
     config: CLSRConfig, name: str, linear: nn.Linear, side: str, route_state: RouteState, registry: LanguageRegistry
 ) -> CLSRLinear:
     build = _BUILDS.get(route_state)
-    first = build is None
-    if first:
+    if build is None:
         build = _BUILDS[route_state] = _CLSRBuild(BudgetTracker(float(config.budget), float(config.budget_weight)), {})
-    owner = build.owners.get(side) if config.language_weights == "per_stack" else None
+    owner_ref = build.owners.get(side) if config.language_weights == "per_stack" else None
+    owner = owner_ref() if owner_ref is not None else None
     if owner is not None and owner.out_features != linear.out_features:
         raise ConfigError(
             f"clsr: {name} outputs {linear.out_features} features but the {side}'s shared W_lang is "
             f"{owner.out_features} x {owner.out_features}; use language_weights='per_sublayer'"
         )
-    layer = CLSRLinear(linear, name, side, route_state, registry, config, owner, build.budget, reports_budget=first)
-    build.owners.setdefault(side, layer)
+    layer = CLSRLinear(linear, name, side, route_state, registry, config, owner, build.budget)
+    build.owners.setdefault(side, weakref.ref(layer))
     return layer

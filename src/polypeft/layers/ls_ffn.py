@@ -54,7 +54,9 @@ class LSFFNConfig(MethodConfig):
 class LanguageSpecificLinear(RoutedLinear):
     """`y = W[l] x + b[l]` for the example's language l; the shared route is the base `W x + b`."""
 
-    def __init__(self, base_layer: nn.Linear, name: str, side: str, route_state: RouteState, registry: LanguageRegistry):
+    def __init__(
+        self, base_layer: nn.Linear, name: str, side: str, route_state: RouteState, registry: LanguageRegistry
+    ):
         super().__init__(base_layer, name, side, route_state)
         num_languages = len(registry.languages)
         self.shared_id: Optional[int] = registry.shared_id if registry.shared_route else None
@@ -129,7 +131,8 @@ class LanguageSpecificLinear(RoutedLinear):
 
     def route_parameter_count(self, num_routes: int = 1) -> int:
         """A full weight (and bias) per language: num_routes * (out * in + out)."""
-        per_language = self.out_features * self.in_features + (self.out_features if self.language_bias is not None else 0)
+        bias = self.out_features if self.language_bias is not None else 0
+        per_language = self.out_features * self.in_features + bias
         return num_routes * per_language
 
     def shared_route_parameter_count(self) -> int:
