@@ -381,3 +381,16 @@ def test_configs_round_trip_through_json_form():
     for method, make_config in CONFIGS.items():
         config = make_config()
         assert pp.config_from_dict(config.to_dict()) == config, method
+
+
+@pytest.mark.parametrize("method", ["ls_ffn", "clsr", "switch"])
+def test_beam_search_with_mixed_routes_equals_per_example(method):
+    poly = make(method, "bart").eval()
+    src, tgt = ["de", "fr", "en"], ["en", "en", "fr"]
+    batch = random_batch("bart", len(src))
+    batch.pop("decoder_input_ids")
+    settings = dict(num_beams=3, max_new_tokens=6, do_sample=False)
+    mixed = poly.generate(**batch, src_lang=src, tgt_lang=tgt, **settings)
+    for i in range(len(src)):
+        alone = poly.generate(**{k: v[i : i + 1] for k, v in batch.items()}, src_lang=src[i], tgt_lang=tgt[i], **settings)
+        assert torch.equal(mixed[i, : alone.shape[1]], alone[0]), i

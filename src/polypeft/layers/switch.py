@@ -38,6 +38,8 @@ class SwitchConfig(MethodConfig):
     """
 
     method: ClassVar[str] = "switch"
+    # No parameter depends on the language: runs and merges without a route (see PolyModel).
+    language_agnostic: ClassVar[bool] = True
     num_experts: int = 4
     every: int = 2
     load_balance_weight: float = 0.01
