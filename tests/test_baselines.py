@@ -345,7 +345,6 @@ def test_methods_without_a_weight_form_refuse_to_merge(method):
         poly.merge(src="de", tgt="fr")
 
 
-@pytest.mark.xfail(strict=True, reason="PolyModel.parameter_counts must ask layers for shared_route_parameter_count()")
 def test_ls_ffn_shared_route_adds_no_parameters():
     counts = make("ls_ffn", "bart", shared_route=True).parameter_counts()
     assert counts.shared_route == 0 and counts.inference_extra_shared_route == 0

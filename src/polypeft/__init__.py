@@ -5,8 +5,24 @@ The public API lives here; everything else may change.
 __version__ = "0.1.0"
 
 from .config import ConfigError, LMSConfig, MethodConfig, config_from_dict, load_config_file
+from .data.batching import TokenBudgetBatcher, collate, token_lengths
+from .data.bible import BIBLE_VERSIONS, ENGLISH_VERSIONS, BibleCorpus, BibleSplit
+from .data.parallel import ParallelExample, english_centric, read_parallel, write_jsonl
+from .data.sampling import TemperatureSampler, temperature_probabilities
+from .data.spm import SpmTokenizer, bible_spm, train_spm
+from .evaluate import score_directions, translate, win_ratio
+from .flare import RECIPES as FLARE_RECIPES
+from .flare import TrainedRecipe, run_recipe, train_english_lora
 from .inject import DEFAULT_FFN_TARGETS, TargetError
+from .interventions import lens
+from .interventions.lrp2 import LRP2, InterventionError, LanguageVectors, language_vectors, search_layers
 from .languages import SHARED, LanguageError, LanguageRegistry, Routes
+from .layers.clsr import CLSRConfig
+from .layers.flare_model import FLAREConfig, FLAREError, FLAREModel
+from .layers.lora import LoRALinear
+from .layers.lora_route import LoRAConfig
+from .layers.ls_ffn import LSFFNConfig
+from .layers.switch import SwitchConfig
 from .losses import (
     FuseDistillationLoss,
     fuse_distillation_loss,
@@ -16,26 +32,19 @@ from .losses import (
     token_cross_entropy,
 )
 from .model import ParameterCounts, PolyModel, wrap
+from .models.e5 import PASSAGE_PREFIX, QUERY_PREFIX, embed, embed_layers, load_encoder
+from .models.seq2seq import PRESETS as SEQ2SEQ_PRESETS
+from .models.seq2seq import build_translation_model
+from .tasks.bible_eval import verse_classification, verse_retrieval
+from .tasks.classification import classification_model, evaluate_classification, read_classification
+from .tasks.qa import evaluate_qa, qa_model, read_qa
+from .tasks.records import TaskDataError
+from .tasks.retrieval import bitext_retrieval, read_bitext, retrieval_accuracy
+from .tasks.tokens import evaluate_tokens, read_conll, read_tokens, token_classification_model
 
-__all__ = [
-    "ConfigError",
-    "DEFAULT_FFN_TARGETS",
-    "FuseDistillationLoss",
-    "LMSConfig",
-    "LanguageError",
-    "LanguageRegistry",
-    "MethodConfig",
-    "ParameterCounts",
-    "PolyModel",
-    "Routes",
-    "SHARED",
-    "TargetError",
-    "config_from_dict",
-    "fuse_distillation_loss",
-    "fuse_distillation_step",
-    "load_config_file",
-    "one_way_kl",
-    "symmetric_kl",
-    "token_cross_entropy",
-    "wrap",
-]
+import types as _types
+
+__all__ = sorted(
+    name for name, value in globals().items()
+    if not name.startswith("_") and (not isinstance(value, _types.ModuleType) or name == "lens")
+)

@@ -20,7 +20,7 @@ DEMO_METHODS = {
 def demo_recipe(quick: bool, output_dir: str) -> MMTRecipe:
     if quick:
         return MMTRecipe(languages=["en", "fr", "de"], vocab_size=1000, spm_max_sentences=2000, max_train_verses=400,
-                         max_eval_verses=8, steps=12, warmup=4, checkpoint_every=6, max_tokens=1024, beam=2,
+                         max_eval_verses=6, steps=8, warmup=4, checkpoint_every=4, max_tokens=1024, beam=2, max_length=48,
                          output_dir=output_dir)
     return MMTRecipe(languages=["en", "fr", "es", "de"], vocab_size=4000, spm_max_sentences=15000,
                      max_train_verses=None, max_eval_verses=120, steps=600, warmup=100, lr=1e-3, max_tokens=3000,

@@ -24,9 +24,13 @@ def translate(
     batch_size: int = 32,
     route: Optional[str] = None,
     max_source_length: int = 256,
+    max_new_tokens: int = 256,
     progress: bool = True,
 ) -> list[str]:
-    """Hypotheses in the order of `examples`; `route` (e.g. "shared") overrides the language routes."""
+    """Hypotheses in the order of `examples`; `route` (e.g. "shared") overrides the language routes.
+
+    Output length is 1.5 x the source + 10 tokens, capped at `max_new_tokens`.
+    """
     device = next(model.parameters()).device
     order = sorted(range(len(examples)), key=lambda i: (examples[i].direction, len(examples[i].src)))
     hypotheses: list[str] = [""] * len(examples)
@@ -46,7 +50,7 @@ def translate(
         with torch.no_grad():
             output = model.generate(
                 input_ids=input_ids, attention_mask=attention_mask, num_beams=beam,
-                length_penalty=length_penalty, max_new_tokens=int(width * 1.5) + 10, early_stopping=True, **routes,
+                length_penalty=length_penalty, max_new_tokens=min(int(width * 1.5) + 10, max_new_tokens), early_stopping=True, **routes,
             )
         for i, ids in zip(chunk, output.tolist()):
             hypotheses[i] = tokenizer.decode(ids)

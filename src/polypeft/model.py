@@ -109,6 +109,9 @@ class PolyModel(nn.Module):
             if src_lang is not None or tgt_lang is not None:
                 raise LanguageError("pass either lang= or src_lang=/tgt_lang=, not both")
             src_lang = tgt_lang = lang
+        if src_lang is None and tgt_lang is None and getattr(self.poly_config, "language_agnostic", False):
+            yield None  # LoRA, Switch: their layers never read routes
+            return
         if self.merged_route is not None:
             self._check_matches_merged(src_lang, tgt_lang, batch_size)
             yield self.registry.routes(*self.merged_route_codes, batch_size=None)
@@ -132,17 +135,23 @@ class PolyModel(nn.Module):
 
     # ---- parameters ----------------------------------------------------------------------------
     def parameter_counts(self) -> ParameterCounts:
+        layers = list(self.routed_layers.values())
         languages = len(self.registry.languages)
-        per_route = sum(layer.route_parameter_count(1) for layer in self.routed_layers.values())
-        added = sum(p.numel() for layer in self.routed_layers.values() for _, p in added_parameters(layer))
+        per_route = sum(layer.route_parameter_count(1) for layer in layers)
+        added = sum(p.numel() for layer in layers for _, p in added_parameters(layer))
         base = sum(p.numel() for p in self.base_model.parameters()) - added
-        shared = per_route if self.registry.shared_route else 0
+        shared = shared_only = 0
+        if self.registry.shared_route:
+            # Most layers pay one route for "shared"; some (full-rank LS FFN, CLSR) reuse what they have.
+            shared = sum(shared_route_cost(layer) for layer in layers)
+            shared_only = sum(layer.route_parameter_count(1) for layer in layers
+                              if not hasattr(layer, "shared_route_parameter_count"))
         return ParameterCounts(
             base=base,
             language_specific=per_route * languages,
             shared_route=shared,
             training_extra=added,
-            inference_extra_language_routes=added - shared,
+            inference_extra_language_routes=added - shared_only,
             inference_extra_shared_route=shared,
         )
 
@@ -173,6 +182,8 @@ class PolyModel(nn.Module):
             if src is not None or tgt is not None:
                 raise LanguageError("pass either route= or src=/tgt=, not both")
             src = tgt = route
+        if src is None and tgt is None and getattr(self.poly_config, "language_agnostic", False):
+            src = tgt = self.registry.languages[0]  # the layers ignore the route; any one will do
         if src is None and tgt is None:
             raise LanguageError(
                 f"merge needs a route: route='shared' or src=/tgt= codes from {self.registry.allowed()}"
@@ -268,6 +279,13 @@ class PolyModel(nn.Module):
 def added_parameters(layer: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """A routed layer's own parameters, without its wrapped base linear."""
     return [(n, p) for n, p in layer.named_parameters() if not n.startswith("base_layer.")]
+
+
+def shared_route_cost(layer: nn.Module) -> int:
+    """Parameters that serving the shared route alone keeps in `layer`."""
+    if hasattr(layer, "shared_route_parameter_count"):
+        return layer.shared_route_parameter_count()
+    return layer.route_parameter_count(1)
 
 
 def batch_size_of(args: tuple, kwargs: dict) -> Optional[int]:

@@ -279,7 +279,8 @@ def evaluate_run(run_dir: str | Path, data: Optional[MMTData] = None, split: str
     for variant, route in eval_variants(recipe).items():
         started = time.perf_counter()
         hypotheses = translate(model, data.tokenizer, examples, beam=recipe.beam,
-                               length_penalty=recipe.length_penalty, batch_size=recipe.eval_batch_size, route=route)
+                               length_penalty=recipe.length_penalty, batch_size=recipe.eval_batch_size, route=route,
+                               max_source_length=recipe.max_length, max_new_tokens=recipe.max_length)
         scores = score_directions(examples, hypotheses, pivot=recipe.pivot)
         scores["decode_seconds"] = round(time.perf_counter() - started, 1)
         results["variants"][variant] = scores
