@@ -49,6 +49,11 @@ METHODS = [
     {"name": "lms", "rank": 4, "synthesis": "pair"},
     {"name": "lms", "rank": 4, "synthesis": "language"},
     {"name": "lms", "rank": 4, "fd": True},
+    {"name": "ls_ffn", "fd": True},
+    {"name": "switch", "num_experts": 2},
+    {"name": "clsr"},
+    {"name": "clsr", "language_weights": "per_sublayer"},
+    {"name": "lora", "rank": 4, "freeze_base": False},
 ]
 
 
@@ -71,6 +76,8 @@ def test_a_few_steps_lower_the_loss(method, data, tmp_path):
     after = mean_loss(trained, data, run)
     assert after < before - 0.5, (before, after)
     params = json.loads((run_dir / "parameters.json").read_text())
+    if method["name"] in ("switch", "clsr"):
+        assert params["training_extra"] > 0
     if method["name"] == "lms":
         assert params["language_specific"] == trained.num_language_parameters() > 0
         assert (params["shared_route"] > 0) == bool(method.get("fd"))
@@ -144,3 +151,15 @@ def test_cli_trains_evaluates_and_compares_on_the_bible(tmp_path):
     assert (tmp_path / "cmp" / "bleu_gain_vs_parameters.png").stat().st_size > 1000
     result = json.loads((tmp_path / "runs" / "lms-seed0" / "eval_test.json").read_text())
     assert set(result["variants"]["fd_share"]["directions"]) == {"en-de", "de-en"}
+
+
+@pytest.mark.slow
+def test_demo_runs_in_reduced_mode(tmp_path, capsys):
+    from polypeft.cli import main
+
+    assert main(["demo", "--quick", "--output-dir", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "| lms_fd (fd-share) |" in printed and "| naive |" in printed
+    comparison = json.loads((tmp_path / "compare" / "comparison.json").read_text())
+    assert set(comparison["rows"]) == {"naive", "lms", "lms_fd (fd-share)", "lms_fd (fd-ls)"}
+    assert (tmp_path / "compare" / "bleu_gain_vs_parameters.png").exists()
