@@ -15,7 +15,8 @@ import yaml
 
 from .flare import RECIPES, TrainedRecipe, TrainSettings, run_recipe
 from .inject import replace_targets, restore_base_layers
-from .layers.flare_model import FLAREConfig, FLAREError, FLAREModel, write_json_atomically
+from .fileio import write_json
+from .layers.flare_model import FLAREConfig, FLAREError, FLAREModel
 
 CONFIG_KEYS = ("model", "mt_model", "data", "recipe", "flare", "stage1_lora", "stage1", "stage2", "output_dir")
 
@@ -149,7 +150,7 @@ def save_trained(trained: TrainedRecipe, output_dir: str) -> None:
         replace_targets(base, list(trained.model.lora_layers), lambda name, linear: trained.model.lora_layers[name])
     else:
         trained.model.save_pretrained(os.path.join(output_dir, "stage1_merged"))
-    write_json_atomically(os.path.join(output_dir, "recipe.json"), {"recipe": trained.recipe})
+    write_json(os.path.join(output_dir, "recipe.json"), {"recipe": trained.recipe})
 
 
 def evaluate_command(args: argparse.Namespace) -> None:
@@ -170,7 +171,7 @@ def evaluate_command(args: argparse.Namespace) -> None:
             correct += int((predictions == labels).sum())
             total += len(labels)
     metrics = {"recipe": recipe, "accuracy": correct / total, "examples": total}
-    write_json_atomically(os.path.join(output_dir, "metrics.json"), metrics)
+    write_json(os.path.join(output_dir, "metrics.json"), metrics)
     print(json.dumps(metrics))
 
 

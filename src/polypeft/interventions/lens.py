@@ -19,14 +19,13 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..fileio import atomic_write
 from .lrp2 import (
     POOLINGS,
     InterventionError,
-    atomic_save,
     check_identity,
     check_layers,
     check_texts,
-    evaluation_mode,
     find_blocks,
     iterate_pooled,
     layer_states,
@@ -113,7 +112,7 @@ class LensProbe:
             **{f"points/{language}": tensor for language, tensor in self.points.items()},
         }
         tensors = {name: tensor.float().contiguous().cpu() for name, tensor in tensors.items()}
-        atomic_save(directory / PROBE_WEIGHTS, lambda temporary: save_file(tensors, temporary))
+        atomic_write(directory / PROBE_WEIGHTS, lambda temporary: save_file(tensors, temporary))
         config = {
             "format": "polypeft.lens_probe",
             "languages": self.languages,
@@ -126,7 +125,7 @@ class LensProbe:
             "singular_values": {str(layer): self.singular_values[row].tolist() for row, layer in enumerate(self.layers)},
         }
         text = json.dumps(config, indent=2, sort_keys=True)
-        atomic_save(directory / PROBE_CONFIG, lambda temporary: Path(temporary).write_text(text + "\n", encoding="utf-8"))
+        atomic_write(directory / PROBE_CONFIG, lambda temporary: Path(temporary).write_text(text + "\n", encoding="utf-8"))
         return directory
 
     @classmethod
@@ -180,7 +179,7 @@ class LensProbe:
         axes.set_title(f"LENS probe, {self.stack} layer {layer} ({self.pooling} pooling)", fontsize=9)
         axes.legend(fontsize=7, markerscale=0.6)
         figure.tight_layout()
-        return atomic_save(path, lambda temporary: figure.savefig(temporary, format="png", dpi=110))
+        return atomic_write(path, lambda temporary: figure.savefig(temporary, format="png", dpi=110))
 
 
 def subspaces(means: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -277,7 +276,7 @@ class LensTrainResult:
 
     def save_json(self, path: Union[str, os.PathLike]) -> Path:
         text = json.dumps(asdict(self), indent=2, sort_keys=True)
-        return atomic_save(path, lambda temporary: Path(temporary).write_text(text + "\n", encoding="utf-8"))
+        return atomic_write(path, lambda temporary: Path(temporary).write_text(text + "\n", encoding="utf-8"))
 
 
 def top_layer_parameters(model: nn.Module, stack: str, top_k_layers: int) -> dict[str, nn.Parameter]:
@@ -437,7 +436,7 @@ def save_trained_layers(model: nn.Module, result: LensTrainResult, path: Union[s
     tensors = {name: parameters[name].detach().contiguous().cpu() for name in result.trained_parameters}
     metadata = {"format": TRAINED_FORMAT, "identity": json.dumps(model_identity(model), sort_keys=True),
                 "settings": json.dumps(result.settings, sort_keys=True)}
-    return atomic_save(path, lambda temporary: save_file(tensors, temporary, metadata=metadata))
+    return atomic_write(path, lambda temporary: save_file(tensors, temporary, metadata=metadata))
 
 
 def load_trained_layers(model: nn.Module, path: Union[str, os.PathLike]) -> list[str]:

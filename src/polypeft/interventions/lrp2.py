@@ -14,7 +14,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
+
+from ..fileio import atomic_write
 
 POOLINGS = ("mean", "last")
 STACKS = ("encoder", "decoder")
@@ -352,7 +353,7 @@ class LanguageVectors:
             "identity": json.dumps(self.identity, sort_keys=True),
             "num_sentences": json.dumps(self.num_sentences, sort_keys=True),
         }
-        return atomic_save(path, lambda temporary: save_file(tensors, temporary, metadata=metadata))
+        return atomic_write(path, lambda temporary: save_file(tensors, temporary, metadata=metadata))
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], model: Optional[nn.Module] = None) -> "LanguageVectors":
@@ -381,22 +382,6 @@ class LanguageVectors:
         if model is not None:
             vectors.check_model(model, where=f"loading {path}")
         return vectors
-
-
-def atomic_save(path: Union[str, os.PathLike], write: Callable[[str], None]) -> Path:
-    """Write to a temporary file beside `path`, then rename over it: no half-written files."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
-    return path
 
 
 def check_texts(texts_by_language: Mapping[str, Sequence[str]], where: str) -> None:
@@ -693,7 +678,7 @@ class LayerSearchResult:
 
     def save_json(self, path: Union[str, os.PathLike]) -> Path:
         text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
-        return atomic_save(path, lambda temporary: Path(temporary).write_text(text + "\n", encoding="utf-8"))
+        return atomic_write(path, lambda temporary: Path(temporary).write_text(text + "\n", encoding="utf-8"))
 
     def plot_heatmaps(self, directory: Union[str, os.PathLike], prefix: str = "lrp2_heatmap") -> list[Path]:
         """One PNG per language: rows LIRP layer i, columns LSRP layer j plus a LIRP-only column."""
@@ -732,7 +717,7 @@ class LayerSearchResult:
                             axes.text(c, r, f"{grid[r, c]:.2f}", ha="center", va="center", fontsize=6, color="w")
             figure.tight_layout()
             path = directory / f"{prefix}_{language}.png"
-            atomic_save(path, lambda temporary: figure.savefig(temporary, format="png", dpi=110))
+            atomic_write(path, lambda temporary: figure.savefig(temporary, format="png", dpi=110))
             paths.append(path)
         return paths
 

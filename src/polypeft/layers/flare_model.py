@@ -7,15 +7,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Iterator, Mapping, Optional, Union
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..fileio import atomic_write, write_json
 from ..inject import find_targets, replace_targets, restore_base_layers
 from .flare_fusion import ALIGNMENTS, FUSIONS, build_fusion
 from .flare_source import MTSourceProjection, SourceCapture, encoder_hidden_size, source_module_name
@@ -122,28 +122,6 @@ def resolve_train_modules(model: nn.Module, train_modules: Optional[list[str]]) 
             raise FLAREError(f"FLAREConfig.train_modules names {wanted!r}, which {type(model).__name__} does not have")
         resolved.extend(matches)
     return resolved
-
-
-def write_atomically(path: str, write: Any) -> None:
-    """Write via a temporary file in the same folder, so a crash never leaves half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    os.close(handle)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
-
-
-def write_json_atomically(path: str, data: Any) -> None:
-    def write_json(target: str) -> None:
-        with open(target, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2)
-
-    write_atomically(path, write_json)
 
 
 class FLAREModel(nn.Module):
@@ -284,14 +262,14 @@ class FLAREModel(nn.Module):
         """`flare_config.json` plus `flare_adapter.safetensors` of only the added weights."""
         os.makedirs(path, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.adapter_state_dict().items()}
-        write_atomically(os.path.join(path, WEIGHTS_FILE), lambda target: save_file(tensors, target))
+        atomic_write(os.path.join(path, WEIGHTS_FILE), lambda target: save_file(tensors, target))
         record = {
             **self.config.to_dict(),
             "base_model_class": type(self.base_model).__name__,
             "adapted_layers": {n: [l.in_features, l.out_features] for n, l in self.lora_layers.items()},
         }
 
-        write_json_atomically(os.path.join(path, CONFIG_FILE), record)
+        write_json(os.path.join(path, CONFIG_FILE), record)
 
     @classmethod
     def from_pretrained(
