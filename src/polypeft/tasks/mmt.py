@@ -58,7 +58,7 @@ class MMTRecipe:
     warmup: int = 200
     accumulation: int = 1
     checkpoint_every: int = 200
-    valid_every: int = 0
+    valid_every: int = 200
     seed: int = 0
     beam: int = 5
     length_penalty: float = 1.0
