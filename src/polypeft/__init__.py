@@ -4,7 +4,7 @@ The public API lives here; everything else may change.
 """
 __version__ = "0.1.0"
 
-from .config import ConfigError, LMSConfig, MethodConfig, config_from_dict, load_config_file
+from .config import ConfigError, LMSConfig, MethodConfig, config_from_dict, load_config_file, recipe_from_yaml
 from .data.batching import TokenBudgetBatcher, collate, token_lengths
 from .data.bible import BIBLE_VERSIONS, ENGLISH_VERSIONS, BibleCorpus, BibleSplit
 from .data.parallel import ParallelExample, english_centric, read_parallel, write_jsonl
@@ -41,6 +41,7 @@ from .tasks.qa import evaluate_qa, qa_model, read_qa
 from .tasks.records import TaskDataError
 from .tasks.retrieval import bitext_retrieval, read_bitext, retrieval_accuracy
 from .tasks.tokens import evaluate_tokens, read_conll, read_tokens, token_classification_model
+from .tasks.encoder_finetune import FinetuneSettings, accuracy_per_language, build_classifier, encode_examples, finetune
 
 import types as _types
 

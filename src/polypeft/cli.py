@@ -116,9 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser.add_argument("--output-dir", default="runs/demo")
     demo_parser.set_defaults(func=demo)
 
+    from .cli_encoder import add_cli as add_encoder
     from .cli_flare import add_cli as add_flare
     from .interventions.cli_lrp2_lens import add_cli as add_lrp2_lens
 
+    add_encoder(commands)
     add_lrp2_lens(commands)
     add_flare(commands)
     return parser

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Optional, Sequence, Union
 
 from .languages import SHARED
@@ -35,6 +36,28 @@ def config_from_dict(data: dict, where: str = "config") -> "MethodConfig":
     if unknown:
         raise ConfigError(f"{where}: unknown keys {unknown} for method {method!r}; allowed keys are {sorted(allowed)}")
     return cls(**data)
+
+
+def recipe_from_dict(cls: type, data: dict, where: str = "recipe"):
+    """Build dataclass `cls` from `data`, refusing unknown keys by name (recipes of the CLI commands)."""
+    allowed = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {unknown}; allowed keys are {sorted(allowed)}")
+    return cls(**data)
+
+
+def recipe_from_yaml(cls: type, path, overrides: Optional[dict] = None):
+    """`recipe_from_dict` over a YAML file's top-level mapping, with command-line `overrides` on top."""
+    import yaml
+
+    source = Path(path)
+    if not source.is_file():
+        raise ConfigError(f"recipe file {str(path)!r} does not exist")
+    data = yaml.safe_load(source.read_text(encoding="utf-8")) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of recipe keys, got {type(data).__name__}")
+    return recipe_from_dict(cls, {**data, **(overrides or {})}, where=str(path))
 
 
 def load_config_file(path: str) -> "MethodConfig":

@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
-import yaml
 from transformers.models.marian.modeling_marian import shift_tokens_right
 
-from ..config import CONFIG_CLASSES, ConfigError
+from ..config import CONFIG_CLASSES, ConfigError, recipe_from_dict, recipe_from_yaml
 from ..data.batching import TokenBudgetBatcher, collate, token_lengths
 from ..data.bible import BibleCorpus, BibleSplit
 from ..data.parallel import ParallelExample, english_centric
@@ -78,18 +77,11 @@ class MMTRecipe:
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "recipe") -> "MMTRecipe":
-        allowed = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - allowed)
-        if unknown:
-            raise ConfigError(f"{where}: unknown keys {unknown}; allowed keys are {sorted(allowed)}")
-        return cls(**data)
+        return recipe_from_dict(cls, data, where)
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: Optional[dict] = None) -> "MMTRecipe":
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of recipe keys, got {type(data).__name__}")
-        return cls.from_dict({**data, **(overrides or {})}, where=str(path))
+        return recipe_from_yaml(cls, path, overrides)
 
     @property
     def uses_fd(self) -> bool:
