@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Issue 4 figures on e5-small: Bible retrieval per language and layer, zero-shot verse classification from English,
-# multilingual fine-tuning naive vs LMS vs LMS+FD (Share and LS) over 2 seeds with the training throughput.
+# (with LRP2 LIRP at test time), multilingual fine-tuning naive vs LMS vs LMS+FD (Share and LS) over 2 seeds with the training throughput.
 # Usage: bash bench/encoder_quality.sh   -> runs/encoder/{retrieve,zero_shot,multilingual}/*.{json,md}
 set -euo pipefail
 out=runs/encoder
 polypeft retrieve configs/retrieve_bible.yaml --set output_dir=$out/retrieve
-polypeft classify configs/classify_bible.yaml --set "train_languages=[en]" "methods=[naive]" throughput_steps=0 \
+polypeft classify configs/classify_bible.yaml --set "train_languages=[en]" "methods=[naive]" throughput_steps=0 lirp_at_test=true \
   output_dir=$out/zero_shot
 polypeft classify configs/classify_bible.yaml --set output_dir=$out/multilingual

@@ -192,3 +192,30 @@ def test_cli_classify_on_local_files_and_unknown_keys(tmp_path, model_dir):
     bad.write_text(json.dumps({"text": "good", "label": "neutral"}) + "\n", encoding="utf-8")
     with pytest.raises(Exception, match=r"fr_bad.jsonl line 1: label 'neutral' is not in the label set"):
         cli_main(["classify", config, "--set", f"files={{train: {{en: {files['en']}, fr: {bad}}}, test: {{en: {files['en']}, fr: {files['fr']}}}}}"])
+
+
+def test_lirp_on_cached_states_moves_each_language_onto_the_pivot_mean():
+    encoder, tokenizer = tiny_encoder(), tiny_tokenizer()
+    states = ef.encode_examples(encoder, tokenizer, toy_data(), 16, frozen_layers=1, progress=False)
+    means = ef.language_means(states)
+    # the hand-computed mean of the French examples' token-averaged states
+    french = [item.mean(0) for item, lang in zip(states.items, states.langs) if lang == "fr"]
+    torch.testing.assert_close(means["fr"], torch.stack(french).mean(0))
+    shifted = ef.lirp_shifted(states, means, pivot="en")
+    after = ef.language_means(shifted)
+    torch.testing.assert_close(after["fr"], means["en"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(after["en"], means["en"])  # the pivot does not move
+    with pytest.raises(ValueError, match=r"no language mean for \['de'\]"):
+        ef.lirp_shifted(states, means, pivot="de")
+
+
+def test_lirp_variant_is_scored_beside_the_plain_one():
+    encoder, tokenizer = tiny_encoder(), tiny_tokenizer()
+    states = ef.encode_examples(encoder, tokenizer, toy_data(), 16, frozen_layers=1, progress=False)
+    shifted = ef.lirp_shifted(states, ef.language_means(states))
+    spec = ef.ExperimentSpec(LANGS, ["en"], ["naive"], [0], "zero-shot")
+    results = ef.run_experiment(encoder, spec, settings(frozen_layers=1, steps=5), states, states, LABELS,
+                                progress=False, test_variants={"+lirp": shifted})
+    assert set(results["summary"]) == {"naive", "naive+lirp"}
+    plain, lirp = (next(r for r in results["runs"] if r["variant"] == v) for v in ("naive", "naive+lirp"))
+    assert plain["accuracy"]["en"] == lirp["accuracy"]["en"]  # English is the pivot: unchanged

@@ -119,7 +119,8 @@ class ClassifyRecipe:
     """Fine-tune an encoder for classification with naive / LMS / LMS+FD and score every language.
 
     Data: the Bible canon-section task (default), or `files` = {"train": {lang: path}, "test": {lang: path}}
-    in the classification reader's JSONL/TSV format. `train_languages: [en]` is zero-shot transfer.
+    in the classification reader's JSONL/TSV format. `train_languages: [en]` is zero-shot transfer;
+    `lirp_at_test` adds LRP2 at test time (LIRP on the cached states at layer `frozen_layers`).
     """
 
     model: str = "e5-small"
@@ -139,9 +140,15 @@ class ClassifyRecipe:
     frozen_layers: int = 10
     prefix: str = "query: "
     throughput_steps: int = 0  # > 0: also measure training examples/s of each method, interleaved
+    lirp_at_test: bool = False  # also score with LRP2's LIRP at the first trained layer ("<variant>+lirp")
+    pivot: str = "en"
     output_dir: str = "runs/classify"
 
     def __post_init__(self) -> None:
+        if self.lirp_at_test and self.frozen_layers <= 0:
+            raise ConfigError("classify: lirp_at_test applies LIRP at the cache boundary; it needs frozen_layers > 0")
+        if self.lirp_at_test and self.pivot not in self.languages:
+            raise ConfigError(f"classify: pivot {self.pivot!r} is not among languages {self.languages}")
         if self.files and set(self.files) != {"train", "test"}:
             raise ConfigError(f"classify: files has parts {sorted(self.files)}; it needs exactly 'train' and 'test'")
 
@@ -184,7 +191,10 @@ def run_classify(recipe: ClassifyRecipe) -> dict[str, Any]:
                               prefix=settings.prefix)
     spec = ef.ExperimentSpec(list(recipe.languages), recipe.train_languages, list(recipe.methods),
                              list(recipe.seeds), "zero-shot" if recipe.train_languages else "multilingual")
-    results = ef.run_experiment(model, spec, settings, train, test, label_names)
+    variants = {}
+    if recipe.lirp_at_test:  # language vectors from the (unlabeled) training texts of every language
+        variants["+lirp"] = ef.lirp_shifted(test, ef.language_means(train), recipe.pivot)
+    results = ef.run_experiment(model, spec, settings, train, test, label_names, test_variants=variants)
     if recipe.throughput_steps > 0:
         classifiers = {m: ef.build_classifier(model, label_names, recipe.languages, settings.replaced(method=m))
                        for m in recipe.methods}

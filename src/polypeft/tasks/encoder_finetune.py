@@ -162,6 +162,26 @@ def encode_examples(encoder: nn.Module, tokenizer, data: Mapping[str, Classifica
     return EncodedExamples(items, torch.tensor(labels), langs, pad_id)
 
 
+def language_means(examples: EncodedExamples) -> dict[str, torch.Tensor]:
+    """Per language, the mean over examples of each example's token-averaged cached state: LRP2's language
+    vector (mean pooling) at the layer the cache stops at."""
+    if not examples.holds_states:
+        raise ValueError("language_means needs cached hidden states (encode_examples with frozen_layers > 0)")
+    pooled = torch.stack([item.mean(0) for item in examples.items])
+    langs = list(dict.fromkeys(examples.langs))
+    return {lang: pooled[[i for i, l in enumerate(examples.langs) if l == lang]].mean(0) for lang in langs}
+
+
+def lirp_shifted(examples: EncodedExamples, means: Mapping[str, torch.Tensor], pivot: str = "en") -> EncodedExamples:
+    """LRP2's LIRP applied to cached states, at the input of the first trained layer: every token of an
+    example moves by means[pivot] - means[its language], so the upper layers see it as if in the pivot."""
+    missing = sorted({lang for lang in examples.langs if lang not in means} | ({pivot} - set(means)))
+    if missing:
+        raise ValueError(f"no language mean for {missing}; means exist for {sorted(means)}")
+    items = [item + (means[pivot] - means[lang]) for item, lang in zip(examples.items, examples.langs)]
+    return EncodedExamples(items, examples.labels, list(examples.langs), examples.pad_id)
+
+
 # ----------------------------------------------------------------------------- models
 
 def ffn_targets(num_layers: int, first_layer: int = 0) -> str:
@@ -382,8 +402,13 @@ class ExperimentSpec:
 
 def run_experiment(encoder: nn.Module, spec: ExperimentSpec, settings: FinetuneSettings,
                    train: EncodedExamples, test: EncodedExamples, label_names: Sequence[str],
-                   progress: bool = True) -> dict[str, Any]:
-    """Every method x seed: fine-tune, score every variant per language; means and spreads over seeds."""
+                   progress: bool = True, test_variants: Optional[Mapping[str, EncodedExamples]] = None
+                   ) -> dict[str, Any]:
+    """Every method x seed: fine-tune, score every variant per language; means and spreads over seeds.
+
+    `test_variants` maps a suffix to another version of `test` (e.g. "+lirp": LRP2-shifted states), each
+    scored as its own variant ("naive+lirp")."""
+    tests = {"": test, **(test_variants or {})}
     train_langs = spec.train_languages or spec.languages
     train_part = train.subset(train_langs)
     runs: list[dict[str, Any]] = []
@@ -396,9 +421,9 @@ def run_experiment(encoder: nn.Module, spec: ExperimentSpec, settings: FinetuneS
             started = time.perf_counter()
             losses = finetune(classifier, train_part, run_settings, progress)
             seconds = time.perf_counter() - started
-            for route in EVAL_ROUTES[method]:
-                runs.append({"variant": VARIANT_NAMES[(method, route)], "method": method, "route": route,
-                             "seed": seed, "accuracy": accuracy_per_language(classifier, test, route,
+            for (route, suffix) in [(r, x) for r in EVAL_ROUTES[method] for x in tests]:
+                runs.append({"variant": VARIANT_NAMES[(method, route)] + suffix, "method": method, "route": route,
+                             "seed": seed, "accuracy": accuracy_per_language(classifier, tests[suffix], route,
                                                                               settings.eval_batch_size),
                              "first_loss": round(sum(losses[:10]) / len(losses[:10]), 4),
                              "last_loss": round(sum(losses[-10:]) / len(losses[-10:]), 4),
