@@ -53,6 +53,14 @@ def test_train_encode_decode_and_tags(tmp_path):
     assert tokenizer.decode(tokenizer.encode(SENTENCES["ko"][0])) == SENTENCES["ko"][0]
     with pytest.raises(KeyError, match=r"'fr'.*\['en', 'de', 'ko'\]"):
         tokenizer.encode("x", lang_tag="fr")
+    # Called like a transformers tokenizer: right-padded rows equal to encode(), a mask over the real ids.
+    batch = tokenizer([SENTENCES["en"][0], SENTENCES["de"][1]], max_length=8)
+    first = tokenizer.encode(SENTENCES["en"][0])[:8]
+    second = tokenizer.encode(SENTENCES["de"][1])[:8]
+    assert batch["input_ids"][0, :len(first)].tolist() == first
+    assert batch["input_ids"][1, :len(second)].tolist() == second
+    assert batch["attention_mask"].sum(1).tolist() == [len(first), len(second)]
+    assert tokenizer.pad_token == "<pad>"
     saved = tokenizer.save(tmp_path / "copy" / "tok.model")
     assert SpmTokenizer.load(saved).encode(text) == tokenizer.encode(text)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 import sentencepiece
+import torch
 
 from polypeft.data.bible import BibleCorpus, BibleSplit
 from polypeft.fileio import atomic_write, write_json
@@ -94,6 +95,30 @@ class SpmTokenizer:
                 continue
             pieces.append(piece_id)
         return self._processor.decode(pieces)
+
+    @property
+    def pad_token(self) -> str:
+        return self._processor.id_to_piece(self.pad_id)
+
+    def __call__(self, texts: Sequence[str], padding: bool = True, truncation: bool = True,
+                 max_length: Optional[int] = None, return_tensors: str = "pt",
+                 lang_tag: Optional[str] = None) -> dict:
+        """Batch-encode like a transformers tokenizer (right padding, `input_ids` + `attention_mask` tensors),
+        so code written against that interface (LRP2's language vectors) runs on the translation model."""
+        if isinstance(texts, str):
+            texts = [texts]
+        if return_tensors != "pt" or not padding:
+            raise ValueError("SpmTokenizer(...) returns padded PyTorch tensors only (return_tensors='pt')")
+        rows = [self.encode(text, lang_tag=lang_tag) for text in texts]
+        if truncation and max_length:
+            rows = [row[:max_length] for row in rows]
+        width = max(len(row) for row in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for index, row in enumerate(rows):
+            ids[index, :len(row)] = torch.tensor(row)
+            mask[index, :len(row)] = 1
+        return {"input_ids": ids, "attention_mask": mask}
 
     def tokenize(self, text: str) -> list[str]:
         """The pieces of `text`, to look at."""
