@@ -14,41 +14,28 @@ import time
 
 import torch
 
-from polypeft.data.bible import BibleCorpus
 from polypeft.flare import TrainedRecipe, TrainSettings, run_recipe, train_english_lora
 from polypeft.layers.flare_model import FLAREConfig
 from polypeft.models.e5 import QUERY_PREFIX, load_encoder
+from polypeft.tasks.bible_eval import SECTION_NAMES, verse_classification
 from polypeft.tasks.classification import classification_model
 
-# Canon sections by book number: the label is which part of the canon a verse comes from.
-SECTIONS = (("law", 1, 5), ("history", 6, 17), ("wisdom", 18, 22), ("prophets", 23, 39),
-            ("gospels_acts", 40, 44), ("letters_revelation", 45, 66))
 STAGE2_RECIPES = ("translate_train", "input_fusion", "flare_add_relu", "flare_add", "flare_mul",
                   "flare_cross_attention", "flare_mt")
 
 
-def section_of(book: int) -> int:
-    for label, (_, first, last) in enumerate(SECTIONS):
-        if first <= book <= last:
-            return label
-    raise ValueError(f"book {book} is outside 1..66")
-
-
 def load_rows(target: str, per_class_train: int, per_class_test: int, seed: int = 0) -> tuple[list, list]:
-    """Balanced train/test verses (disjoint), each row {en, target, label}."""
-    rows = BibleCorpus().parallel(["en", target])
-    by_label: dict[int, list] = {}
-    for row in rows:
-        by_label.setdefault(section_of(int(row["ref"].split(":")[0])), []).append(row)
-    rng = random.Random(seed)
-    train, test = [], []
-    for label, members in sorted(by_label.items()):
-        rng.shuffle(members)
-        picked = [{"en": r["en"], "target": r[target], "label": label} for r in members]
-        test += picked[:per_class_test]
-        train += picked[per_class_test:per_class_test + per_class_train]
-    rng.shuffle(train)
-    return train, test
+    """The encoder issue's canon-section task (`verse_classification`), verse-disjoint and stratified:
+    rows {en, target, label}, about `per_class_train` / `per_class_test` verses per section."""
+    total = per_class_train + per_class_test
+    data = verse_classification(["en", target], valid_fraction=0.0, test_fraction=per_class_test / total,
+                                seed=seed, max_verses_per_section=total)
+    parts = []
+    for part in ("train", "test"):
+        english, other = data[part]["en"].examples, data[part][target].examples
+        parts.append([{"en": e.text, "target": t.text, "label": e.label} for e, t in zip(english, other)])
+    random.Random(seed).shuffle(parts[0])
+    return parts[0], parts[1]
 
 
 def encode(tokenizer, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
@@ -95,7 +82,7 @@ def evaluate(trained: TrainedRecipe, batches: list) -> tuple[float, float]:
 def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     encoder, tokenizer = truncated_e5(args.layers)
-    label_names = [name for name, _, _ in SECTIONS]
+    label_names = list(SECTION_NAMES)
     results: dict = {}
     for target in args.targets:
         train_rows, test_rows = load_rows(target, args.per_class_train, args.per_class_test)
