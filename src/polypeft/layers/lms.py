@@ -10,7 +10,7 @@ from torch import nn
 
 from ..languages import Routes
 from ..routing import RouteState
-from .routed import RoutedLinear
+from .routed import RoutedLinear, check_rank
 
 
 class LMSLinear(RoutedLinear):
@@ -29,11 +29,7 @@ class LMSLinear(RoutedLinear):
     ):
         super().__init__(base_layer, name, side, route_state)
         out_features, in_features = base_layer.weight.shape
-        if rank > min(out_features, in_features):
-            raise ValueError(
-                f"LMS rank {rank} is larger than min(out, in) = {min(out_features, in_features)} "
-                f"of {name} ({out_features} x {in_features}); choose rank <= {min(out_features, in_features)}"
-            )
+        check_rank("LMS", rank, base_layer, name)
         self.synthesis = synthesis
         factory = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
         # V starts random and F at zero, so the wrapped model starts exactly at the base model.

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .flare_fusion import Fusion
+from .routed import LinearProxy
 
 
 class LoRAError(ValueError):
@@ -31,7 +32,7 @@ class FusionSource:
     target_mask: Optional[torch.Tensor] = None
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(LinearProxy):
     """`h = W x + (alpha/r) B dropout(A x)`; with a source set, `h = W x_t + (alpha/r) B φ(A x_s, A x_t)`."""
 
     def __init__(
@@ -63,22 +64,6 @@ class LoRALinear(nn.Module):
         self.merged = False
         self.adapter_enabled = True
         self.source: Optional[FusionSource] = None
-
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> Optional[torch.Tensor]:
-        return self.base_layer.bias
 
     def delta_weight(self) -> torch.Tensor:
         """The (out, in) matrix plain LoRA adds to W."""

@@ -15,7 +15,7 @@ from ..config import ConfigError, MethodConfig, check_positive, register_config
 from ..languages import LanguageRegistry
 from ..model import register_layer_builder
 from ..routing import RouteState
-from .routed import RoutedLinear
+from .routed import RoutedLinear, check_rank
 
 
 @register_config
@@ -62,11 +62,7 @@ class LoRARouteLinear(RoutedLinear):
     ):
         super().__init__(base_layer, name, side, route_state)
         out_features, in_features = base_layer.weight.shape
-        if rank > min(out_features, in_features):
-            raise ConfigError(
-                f"LoRA rank {rank} is larger than min(out, in) = {min(out_features, in_features)} of {name} "
-                f"({out_features} x {in_features}); choose rank <= {min(out_features, in_features)}"
-            )
+        check_rank("LoRA", rank, base_layer, name)
         factory = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
         self.scaling = float(alpha) / rank
         self.lora_A = nn.Parameter(torch.empty(rank, in_features, **factory))

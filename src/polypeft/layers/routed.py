@@ -9,21 +9,14 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..config import ConfigError
 from ..languages import LanguageError, Routes
 from ..routing import RouteState
 
 
-class RoutedLinear(nn.Module):
-    """Keeps the base linear intact as `base_layer`, so merge, unmerge and unload are exact."""
-
-    def __init__(self, base_layer: nn.Linear, name: str, side: str, route_state: RouteState):
-        super().__init__()
-        self.base_layer = base_layer
-        self.layer_name = name
-        self.side = side
-        # A plain attribute, not a submodule: the state is shared by every layer of the model.
-        self.__dict__["route_state"] = route_state
-        self.merged_route: Optional[tuple[int, int]] = None
+class LinearProxy(nn.Module):
+    """A module wrapping `self.base_layer` (an nn.Linear) that still answers like one: code that reads
+    `.weight`, `.bias` or the feature sizes of a model's linears keeps working after injection."""
 
     @property
     def in_features(self) -> int:
@@ -40,6 +33,29 @@ class RoutedLinear(nn.Module):
     @property
     def bias(self) -> Optional[torch.Tensor]:
         return self.base_layer.bias
+
+
+def check_rank(method: str, rank: int, base_layer: nn.Linear, name: str) -> None:
+    """A low-rank update cannot have a rank above min(out, in) of the linear it adapts."""
+    out_features, in_features = base_layer.weight.shape
+    if rank > min(out_features, in_features):
+        raise ConfigError(
+            f"{method} rank {rank} is larger than min(out, in) = {min(out_features, in_features)} of {name} "
+            f"({out_features} x {in_features}); choose rank <= {min(out_features, in_features)}"
+        )
+
+
+class RoutedLinear(LinearProxy):
+    """Keeps the base linear intact as `base_layer`, so merge, unmerge and unload are exact."""
+
+    def __init__(self, base_layer: nn.Linear, name: str, side: str, route_state: RouteState):
+        super().__init__()
+        self.base_layer = base_layer
+        self.layer_name = name
+        self.side = side
+        # A plain attribute, not a submodule: the state is shared by every layer of the model.
+        self.__dict__["route_state"] = route_state
+        self.merged_route: Optional[tuple[int, int]] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         output = self.base_layer(x)
