@@ -98,12 +98,17 @@ def test_homogeneous_epoch_order_follows_temperature():
     assert mean_position_of_smallest(math.inf) < 0.2
 
 
-def test_sampled_stream_upsamples_small_directions_as_temperature_grows():
+@pytest.mark.parametrize("mode", ["homogeneous", "mixed"])
+def test_sampled_stream_upsamples_small_directions_as_temperature_grows(mode):
     lengths, directions = make_dataset()
 
     def share_of_smallest(temperature):
-        stream = TokenBudgetBatcher(lengths, directions, max_tokens=256, temperature=temperature, seed=1).sampled_batches()
-        picked = [directions[next(stream)[0]] for _ in range(3000)]
+        batcher = TokenBudgetBatcher(lengths, directions, max_tokens=256, mode=mode, temperature=temperature, seed=1)
+        stream = batcher.sampled_batches()
+        # homogeneous: count batches (one direction each); mixed: count the examples of the batches
+        picked = [directions[i] for _ in range(3000) for i in (next(stream)[:1] if mode == "homogeneous" else next(stream))]
+        for batch in [next(stream) for _ in range(50)]:
+            assert sum(lengths[i] for i in batch) <= 256 or len(batch) == 1
         return Counter(picked)[("ko", "en")] / len(picked)
 
     assert share_of_smallest(1.0) == pytest.approx(0.05, abs=0.02)

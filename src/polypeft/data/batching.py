@@ -48,7 +48,8 @@ class TokenBudgetBatcher:
     """Seeded token-budget batches over examples of many directions, reshuffled every epoch.
 
     `homogeneous` (the papers' way) puts one direction in a batch and orders an epoch's batches by
-    temperature sampling over the directions that still have batches; `mixed` pools all directions.
+    temperature sampling over the directions that still have batches; `mixed` pools all directions
+    (an epoch holds every example once; the endless training stream draws examples by temperature).
     Either way an epoch holds every example exactly once. `sampled_batches()` is the endless variant
     where directions are drawn with replacement, so small directions are upsampled as T grows.
     """
@@ -132,6 +133,23 @@ class TokenBudgetBatcher:
                 del queues[direction]
         return ordered
 
+    def temperature_pool(self, pass_number: int) -> list[int]:
+        """As many example indices as the data holds, their directions drawn with the temperature
+        probabilities; each direction's examples come in shuffled order, cycling when a small one runs out."""
+        rng = self._rng(pass_number, stream=len(self.by_direction) + 1)
+        directions = list(self.by_direction)
+        drawn = rng.choices(directions, weights=[self.probabilities[d] for d in directions], k=len(self.lengths))
+        counts = {d: 0 for d in directions}
+        for direction in drawn:
+            counts[direction] += 1
+        pool: list[int] = []
+        for direction in directions:
+            members = list(self.by_direction[direction])
+            rng.shuffle(members)
+            wanted = counts[direction]
+            pool.extend((members * (wanted // len(members) + 1))[:wanted])
+        return pool
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
@@ -142,11 +160,12 @@ class TokenBudgetBatcher:
         return len(self.batches(self.epoch))
 
     def sampled_batches(self) -> Iterator[list[int]]:
-        """Endless batches; homogeneous mode draws each batch's direction with temperature probabilities."""
+        """Endless batches drawn with temperature probabilities: homogeneous mode draws each batch's direction,
+        mixed mode each example's (see `temperature_pool`)."""
         if self.mode == "mixed":
             epoch = 0
             while True:
-                yield from self.batches(epoch)
+                yield from self._pool_batches(self.temperature_pool(epoch), self._rng(epoch))
                 epoch += 1
         pick = self._rng(-1)
         directions = list(self.by_direction)
