@@ -163,3 +163,6 @@ def test_demo_runs_in_reduced_mode(tmp_path, capsys):
     comparison = json.loads((tmp_path / "compare" / "comparison.json").read_text())
     assert set(comparison["rows"]) == {"naive", "lms", "lms_fd (fd-share)", "lms_fd (fd-ls)"}
     assert (tmp_path / "compare" / "bleu_gain_vs_parameters.png").exists()
+    # Run again: finished runs of the same recipe are reused, not retrained.
+    assert main(["demo", "--quick", "--output-dir", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.count("already trained and evaluated") == 3

@@ -5,6 +5,7 @@ It trains the tiny preset on four languages, evaluates every run and prints the 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 from .report import load_results, markdown, write_comparison
@@ -27,6 +28,17 @@ def demo_recipe(quick: bool, output_dir: str) -> MMTRecipe:
                      checkpoint_every=200, output_dir=output_dir)
 
 
+def finished(recipe: MMTRecipe) -> bool:
+    """True when the run directory holds this very recipe's weights and test scores (a demo run again)."""
+    run_dir = recipe.run_dir
+    try:
+        stored = json.loads((run_dir / "recipe.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (stored == json.loads(json.dumps(dataclasses.asdict(recipe))) and (run_dir / "model.safetensors").exists()
+            and (run_dir / "eval_test.json").exists())
+
+
 def run_demo(quick: bool = False, output_dir: str = "runs/demo") -> dict:
     base = demo_recipe(quick, output_dir)
     print(f"polypeft demo: {'/'.join(base.languages)} Bible translation, tiny model, {base.steps} steps per method")
@@ -35,8 +47,12 @@ def run_demo(quick: bool = False, output_dir: str = "runs/demo") -> dict:
     run_dirs = []
     for name, method in DEMO_METHODS.items():
         recipe = dataclasses.replace(base, name=name, method=method)
-        run_dir = train_run(recipe, data=data)
-        evaluate_run(run_dir, data=data)
+        run_dir = recipe.run_dir
+        if finished(recipe):
+            print(f"[{name}] already trained and evaluated with this recipe: {run_dir}")
+        else:  # a stopped demo continues from the run's last checkpoint
+            run_dir = train_run(recipe, resume=(run_dir / "checkpoint.pt").exists(), data=data)
+            evaluate_run(run_dir, data=data)
         run_dirs.append(run_dir)
     out_dir = Path(output_dir) / "compare"
     comparison = write_comparison(load_results(run_dirs), "naive", out_dir, pivot=base.pivot)
