@@ -55,6 +55,25 @@ def make_batches(tokenizer, rows: list, size: int, max_length: int) -> tuple[lis
     return english, parallel
 
 
+def mt_source_batches(parallel: list, rows: list, size: int, mt_tokenizer, max_length: int) -> list:
+    """The same (target, source) pairs with the English side tokenised for the translation model's encoder."""
+    pairs = []
+    for (target, _), start in zip(parallel, range(0, len(rows), size)):
+        english = [r["en"] for r in rows[start:start + size]]
+        pairs.append((target, mt_tokenizer(english, max_length=max_length)))
+    return pairs
+
+
+def load_mt_encoder(run_dir: str):
+    """The frozen encoder of a trained `polypeft mmt` / `polypeft demo` run, and its tokenizer."""
+    from polypeft.tasks.mmt import load_run
+
+    recipe, data, model = load_run(run_dir)
+    if "en" not in recipe.languages:
+        raise SystemExit(f"{run_dir}: the translation model has no English ({recipe.languages})")
+    return getattr(model, "base_model", model).get_encoder().eval(), data.tokenizer
+
+
 def truncated_e5(layers: int):
     encoder, tokenizer = load_encoder("e5-small")
     encoder.encoder.layer = encoder.encoder.layer[:layers]
@@ -84,10 +103,14 @@ def run(args: argparse.Namespace) -> dict:
     encoder, tokenizer = truncated_e5(args.layers)
     label_names = list(SECTION_NAMES)
     results: dict = {}
+    mt = load_mt_encoder(args.mt_run) if args.mt_run else None
     for target in args.targets:
         train_rows, test_rows = load_rows(target, args.per_class_train, args.per_class_test)
         english, parallel = make_batches(tokenizer, train_rows, args.batch, args.max_length)
         _, test_batches = make_batches(tokenizer, test_rows, 32, args.max_length)
+        if mt is not None:
+            mt_parallel = mt_source_batches(parallel, train_rows, args.batch, mt[1], args.max_length)
+            mt_test = mt_source_batches(test_batches, test_rows, 32, mt[1], args.max_length)
         for seed in args.seeds:
             torch.manual_seed(seed)
             base = classification_model(copy.deepcopy(encoder), label_names)
@@ -98,20 +121,25 @@ def run(args: argparse.Namespace) -> dict:
             results.setdefault(target, {}).setdefault("zero_shot", []).append(
                 {"seed": seed, "accuracy": accuracy, "inference_s": seconds})
             print(f"{target} seed {seed} zero_shot acc {accuracy:.3f}", flush=True)
-            for recipe in STAGE2_RECIPES:
+            for recipe in args.recipes:
                 method, fusion = recipe, None
                 if recipe.startswith("flare_") and recipe != "flare_mt":
                     method, fusion = "flare", recipe[len("flare_"):]
                 config = FLAREConfig(rank=args.rank, alpha=2 * args.rank, fusion=fusion or "add_relu",
                                      source_layer_offset=1)
-                # No MT model exists offline: FLARE-MT's "MT encoder" is a frozen copy of the untuned e5.
-                mt_encoder = copy.deepcopy(encoder).eval() if recipe == "flare_mt" else None
+                # FLARE-MT reads the encoder of polypeft's own translation model (--mt-run); without one,
+                # a frozen copy of the untuned e5 stands in (it exercises the path, it translates nothing).
+                mt_encoder, train_pairs, test_pairs = None, parallel, test_batches
+                if recipe == "flare_mt":
+                    mt_encoder = mt[0] if mt is not None else copy.deepcopy(encoder).eval()
+                    if mt is not None:
+                        train_pairs, test_pairs = mt_parallel, mt_test
                 stage2 = TrainSettings(steps=args.stage2_steps, learning_rate=args.lr, seed=seed, progress=False)
                 start = time.perf_counter()
-                trained = run_recipe(copy.deepcopy(merged), method, [], parallel, lora, config, stage2=stage2,
+                trained = run_recipe(copy.deepcopy(merged), method, [], train_pairs, lora, config, stage2=stage2,
                                      mt_encoder=mt_encoder, pad_token_id=tokenizer.pad_token_id, skip_stage1=True)
                 step_s = (time.perf_counter() - start) / args.stage2_steps
-                accuracy, seconds = evaluate(trained, test_batches)
+                accuracy, seconds = evaluate(trained, test_pairs)
                 results[target].setdefault(recipe, []).append(
                     {"seed": seed, "accuracy": accuracy, "train_step_s": step_s, "inference_s": seconds})
                 print(f"{target} seed {seed} {recipe} acc {accuracy:.3f} step {step_s:.3f}s "
@@ -150,6 +178,10 @@ def main() -> None:
     parser.add_argument("--stage1-steps", type=int, default=60)
     parser.add_argument("--stage2-steps", type=int, default=60)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--recipes", nargs="+", default=list(STAGE2_RECIPES), choices=STAGE2_RECIPES,
+                        help="stage-2 recipes to run (translate_train is the reference of the time ratios)")
+    parser.add_argument("--mt-run", default=None,
+                        help="a trained translation run (e.g. runs/demo/naive-seed0) whose encoder FLARE-MT reads")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     results = run(args)
