@@ -157,12 +157,13 @@ def test_cli_trains_evaluates_and_compares_on_the_bible(tmp_path):
 def test_demo_runs_in_reduced_mode(tmp_path, capsys):
     from polypeft.cli import main
 
-    assert main(["demo", "--quick", "--output-dir", str(tmp_path)]) == 0
+    assert main(["demo", "--quick", "--steps", "6", "--output-dir", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
+    assert "6 steps per method" in printed
     assert "| lms_fd (fd-share) |" in printed and "| naive |" in printed
     comparison = json.loads((tmp_path / "compare" / "comparison.json").read_text())
     assert set(comparison["rows"]) == {"naive", "lms", "lms_fd (fd-share)", "lms_fd (fd-ls)"}
     assert (tmp_path / "compare" / "bleu_gain_vs_parameters.png").exists()
     # Run again: finished runs of the same recipe are reused, not retrained.
-    assert main(["demo", "--quick", "--output-dir", str(tmp_path)]) == 0
+    assert main(["demo", "--quick", "--steps", "6", "--output-dir", str(tmp_path)]) == 0
     assert capsys.readouterr().out.count("already trained and evaluated") == 3

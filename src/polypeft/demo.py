@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Optional
 
 from .report import load_results, markdown, write_comparison
 from .tasks.mmt import MMTRecipe, evaluate_run, prepare, train_run
@@ -39,8 +40,10 @@ def finished(recipe: MMTRecipe) -> bool:
             and (run_dir / "eval_test.json").exists())
 
 
-def run_demo(quick: bool = False, output_dir: str = "runs/demo") -> dict:
+def run_demo(quick: bool = False, output_dir: str = "runs/demo", steps: Optional[int] = None) -> dict:
     base = demo_recipe(quick, output_dir)
+    if steps is not None:  # longer runs show the methods' gains; the default shows the pipeline
+        base = dataclasses.replace(base, steps=steps)
     print(f"polypeft demo: {'/'.join(base.languages)} Bible translation, tiny model, {base.steps} steps per method")
     data = prepare(base)
     print(f"data: {len(data.train):,} training pairs, {len(data.test):,} test pairs (book 43, John)")
