@@ -105,6 +105,7 @@ def main() -> None:
     parser.add_argument("--lens-steps", type=int, default=60)
     parser.add_argument("--lens-lr", type=float, default=5e-5)
     parser.add_argument("--lens-top-k", type=int, default=2)
+    parser.add_argument("--lens-weights", default="1,1,1", help="align,separate,retain loss weights")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=96)
     parser.add_argument("--candidate-limit", type=int, default=None, help="smoke runs only: fewer candidates")
@@ -173,7 +174,9 @@ def main() -> None:
     lens_probe.plot(Path(args.figures) / "lens_probe_layer12.png")
     lens_rows = spread(train_rows[1::2], args.lens_verses)
     pairs = [{language: PREFIX + row[language] for language in ["en", *languages]} for row in lens_rows]
+    weights = tuple(float(w) for w in args.lens_weights.split(","))
     result = lens.train(model, tokenizer, pairs, lens_probe, top_k_layers=args.lens_top_k, steps=args.lens_steps,
+                        weights=weights,
                         lr=args.lens_lr, batch_size=8, max_length=args.max_length)
     report["timings_s"]["lens_probe_train"] = time.perf_counter() - clock
     report["lens_history"] = {"first": result.history[0], "last": result.history[-1]}
