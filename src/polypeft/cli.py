@@ -5,6 +5,7 @@ Each subcommand reads a YAML recipe; `--set key=value` overrides single keys fro
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -128,8 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run one command. Bad input (polypeft's errors are ValueErrors that name the value and what is
+    allowed; missing files) prints that message and exits 2; POLYPEFT_TRACEBACK=1 shows the traceback."""
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as error:
+        if os.environ.get("POLYPEFT_TRACEBACK"):
+            raise
+        print(f"polypeft {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
