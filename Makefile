@@ -18,7 +18,8 @@ demo: $(STAMP)
 	$(VENV)/bin/polypeft demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	# pytest's exit 5 means no test ran: a failure, said out loud (make itself then exits 2).
+	$(PY) -m pytest -q tests || { rc=$$?; [ $$rc -ne 5 ] || echo "pytest collected no tests: failing" >&2; exit $$rc; }
 
 bench-deps: $(STAMP)
 	$(PY) -m pip install -e ".[bench]"
