@@ -1,7 +1,7 @@
 """Core speed benchmark: LMS training-step overhead, merged inference, mixed-batch inference vs peft.
 
 Every ratio is measured side by side in one process, the variants interleaved round by round.
-Usage: python bench/core_speed.py [--device cpu|cuda] [--rounds N] [--json out.json]
+Usage: python bench/core_speed.py [--device cpu|cuda] [--rounds N] [--json out.json] [--only-peft|--only-groups]
 """
 from __future__ import annotations
 
@@ -149,6 +149,60 @@ def bench_against_peft(args) -> dict:
     }
 
 
+def bench_route_groups(args) -> dict:
+    """Mixed routes in decoding: one LMS linear per strategy, then beam search end to end.
+
+    Beam search repeats every route num_beams times; the per-group path fetches each route's factors
+    once. `forced_per_example` is the same model with the per-example gather forced everywhere.
+    """
+    from polypeft.languages import RouteGroups
+
+    routes_16 = [f"l{i}" for i in range(16)]
+    layer_model = pp.wrap(torch.nn.Sequential(torch.nn.Linear(512, 2048)).to(args.device),
+                          pp.LMSConfig(languages=routes_16, rank=16, synthesis="language", target_modules=["0"]))
+    layer = layer_model.routed_layers["0"]
+    per_layer = {}
+    for batch, beams, tokens in [(16, 1, 1), (16, 5, 1), (64, 1, 1), (16, 5, 32), (64, 1, 32)]:
+        routes = layer_model.registry.routes([routes_16[i % 16] for i in range(batch)], None).expanded_to(batch * beams)
+        rows = torch.randn(batch * beams, tokens, 512, device=args.device)
+        groups = routes.groups("src")
+        with torch.inference_mode():
+            seconds = interleaved({
+                "per_example": lambda: layer.batched_delta(rows, routes.src, routes.src),
+                "per_group": lambda: layer.grouped_delta(rows, groups),
+            }, args.rounds * 8, args.device)
+        per_layer[f"batch{batch}_beams{beams}_tokens{tokens}"] = {
+            "seconds": seconds, "per_group_speedup": seconds["per_example"] / seconds["per_group"],
+            "cost_model_picks": "per_group" if groups.padded_cheaper_than_per_example(tokens, 16) else "per_example"}
+
+    plain = build_base(args.device).eval()
+    poly = pp.wrap(build_base(args.device), pp.LMSConfig(languages=LANGS, rank=16)).eval()
+    batch = make_batch(args.batch, args.length, args.device)
+    batch.pop("labels")
+    src, tgt = mixed_pairs(args.batch)
+    beam = dict(max_new_tokens=16, min_new_tokens=16, num_beams=5, do_sample=False)
+    chooser = RouteGroups.padded_cheaper_than_per_example
+
+    def forced_per_example():
+        RouteGroups.padded_cheaper_than_per_example = lambda self, tokens, rank: False
+        try:
+            poly.generate(**batch, src_lang=src, tgt_lang=tgt, **beam)
+        finally:
+            RouteGroups.padded_cheaper_than_per_example = chooser
+
+    with torch.inference_mode():
+        seconds = interleaved({
+            "plain": lambda: plain.generate(**batch, **beam),
+            "polypeft": lambda: poly.generate(**batch, src_lang=src, tgt_lang=tgt, **beam),
+            "polypeft_forced_per_example": forced_per_example,
+        }, args.rounds, args.device)
+    return {"per_layer": per_layer, "beam_search": {
+        "seconds": seconds,
+        "polypeft_over_plain": seconds["polypeft"] / seconds["plain"],
+        "forced_per_example_over_plain": seconds["polypeft_forced_per_example"] / seconds["plain"],
+    }}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -158,15 +212,19 @@ def main() -> None:
     parser.add_argument("--json")
     parser.add_argument("--skip-peft", action="store_true")
     parser.add_argument("--only-peft", action="store_true")
+    parser.add_argument("--only-groups", action="store_true", help="only the mixed-route decoding measurement")
     args = parser.parse_args()
     results = {"device": args.device, "batch": args.batch, "length": args.length, "rounds": args.rounds,
                "threads": torch.get_num_threads()}
-    if not args.only_peft:
+    if args.only_groups:
+        results["route_groups"] = bench_route_groups(args)
+        print(json.dumps(results["route_groups"], indent=2))
+    elif not args.only_peft:
         results["training"] = bench_training(args)
         print(json.dumps(results["training"], indent=2))
         results["merged_inference"] = bench_merged_inference(args)
         print(json.dumps(results["merged_inference"], indent=2))
-    if not args.skip_peft:
+    if not args.skip_peft and not args.only_groups:
         results["mixed_inference_vs_peft"] = bench_against_peft(args)
         print(json.dumps(results["mixed_inference_vs_peft"], indent=2))
     if args.json:

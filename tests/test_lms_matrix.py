@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import polypeft as pp
+from polypeft.languages import RouteGroups
 from tiny_models import ALL_KINDS, ENCODER_DECODER, FFN_LAYOUT, build, output_of, random_batch, randomize_added
 
 LANGS = ["en", "de", "fr"]
@@ -45,15 +46,30 @@ def test_parameter_breakdown_with_shared_route():
     assert counts.base == sum(p.numel() for p in build("bart").parameters())
 
 
+MIXED_PATTERNS = {
+    # few runs of equal routes: the segment path
+    "two_runs": (["de", "de", "de", "fr", "fr", "fr"], ["en", "en", "en", "de", "de", "de"]),
+    # more runs than segments allowed, every example its own route
+    "every_example_differs": (["de", "fr", "en", "shared", "fr", "de"], ["en", "de", "fr", "shared", "en", "fr"]),
+    # routes repeated out of order (as beam search repeats them): groups of unequal size
+    "interleaved_groups": (["de", "fr", "de", "en", "fr", "de", "shared"], ["en", "de", "en", "fr", "de", "en", "shared"]),
+}
+
+
+@pytest.fixture(params=["per_example", "per_group"])
+def mixed_path(request, monkeypatch):
+    """Force the mixed-batch strategy LMS picks by its cost model, so both are always checked."""
+    choice = request.param == "per_group"
+    monkeypatch.setattr(RouteGroups, "padded_cheaper_than_per_example", lambda self, tokens, rank: choice)
+    return request.param
+
+
 @pytest.mark.parametrize("kind", ALL_KINDS)
 @pytest.mark.parametrize("synthesis", SYNTHESES)
-@pytest.mark.parametrize("pattern", ["two_runs", "every_example_differs"])
-def test_mixed_batch_equals_per_example_runs(kind, synthesis, pattern):
+@pytest.mark.parametrize("pattern", sorted(MIXED_PATTERNS))
+def test_mixed_batch_equals_per_example_runs(kind, synthesis, pattern, mixed_path):
     poly = make(kind, synthesis)
-    if pattern == "two_runs":  # few runs: the segment path
-        src, tgt = ["de", "de", "de", "fr", "fr", "fr"], ["en", "en", "en", "de", "de", "de"]
-    else:  # more runs than segments allowed: the gather + bmm path
-        src, tgt = ["de", "fr", "en", "shared", "fr", "de"], ["en", "de", "fr", "shared", "en", "fr"]
+    src, tgt = MIXED_PATTERNS[pattern]
     batch = random_batch(kind, len(src))
     mixed = output_of(poly, batch, src_lang=src, tgt_lang=tgt)
     for i in range(len(src)):
@@ -62,6 +78,31 @@ def test_mixed_batch_equals_per_example_runs(kind, synthesis, pattern):
     # and the routes matter: another route gives another output
     other = output_of(poly, batch, src_lang="en", tgt_lang="en")
     assert not torch.allclose(mixed, other)
+
+
+def test_route_groups_lay_out_examples_by_the_ids_a_layer_reads():
+    routes = pp.LanguageRegistry(LANGS).routes(["de", "fr", "de", "en", "de"], ["en", "en", "fr", "en", "en"])
+    pair = routes.groups("pair")  # (de,en) at 0 and 4, (fr,en) at 1, (de,fr) at 2, (en,en) at 3
+    assert pair.sizes == (2, 1, 1, 1) and pair.group_size == 2
+    assert pair.order.tolist() == [0, 4, 1, 2, 3]
+    assert pair.slots.tolist() == [0, 4, 1, 1, 2, 2, 3, 3]  # short groups padded with their first member
+    assert pair.position.tolist() == [0, 2, 4, 6, 1]
+    assert (pair.src_ids, pair.tgt_ids) == ((1, 2, 1, 0), (0, 0, 2, 0))
+    by_source = routes.groups("src")
+    assert by_source.sizes == (3, 1, 1) and by_source.src_ids == (1, 2, 0)
+    assert routes.groups("tgt").sizes == (4, 1)
+    assert routes.groups("pair") is pair  # built once per forward, not once per layer
+    expanded = routes.expanded_to(15)
+    assert expanded is routes.expanded_to(15)
+    assert expanded.groups("src").sizes == (9, 3, 3)
+
+
+def test_grouped_path_is_chosen_for_decoding_and_not_for_long_sequences():
+    # beam search: 4 examples x 5 beams, one new token per row
+    routes = pp.LanguageRegistry(LANGS).routes(["de", "fr", "de", "en"], "en").expanded_to(20)
+    groups = routes.groups("pair")
+    assert groups.padded_cheaper_than_per_example(tokens_per_example=1, rank=16)
+    assert not groups.padded_cheaper_than_per_example(tokens_per_example=64, rank=16)
 
 
 @pytest.mark.parametrize("kind", ENCODER_DECODER)
@@ -80,10 +121,14 @@ def test_language_wise_uses_source_in_encoder_and_target_in_decoder(kind):
 
 
 @pytest.mark.parametrize("kind", ["bart", "llama"])
-@pytest.mark.parametrize("pattern", ["two_runs", "every_example_differs"])
-def test_routes_absent_from_batch_get_no_gradient(kind, pattern):
+@pytest.mark.parametrize("pattern", ["two_runs", "every_example_differs", "interleaved_groups"])
+def test_routes_absent_from_batch_get_no_gradient(kind, pattern, mixed_path):
     poly = make(kind, "pair")
-    src, tgt = (["de", "de"], ["en", "en"]) if pattern == "two_runs" else (["de", "en", "de"], ["en", "de", "de"])
+    src, tgt = {
+        "two_runs": (["de", "de"], ["en", "en"]),
+        "every_example_differs": (["de", "en", "de"], ["en", "de", "de"]),
+        "interleaved_groups": (["de", "en", "de", "en", "de"], ["en", "de", "en", "de", "de"]),
+    }[pattern]
     output_of(poly, random_batch(kind, len(src)), src_lang=src, tgt_lang=tgt).pow(2).mean().backward()
     ids = {c: i for i, c in enumerate(LANGS + ["shared"])}
     used_v = {ids[s] for s in src}

@@ -4,7 +4,7 @@ Every error names the offending value, where it came from and what is allowed.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
 import torch
@@ -24,16 +24,105 @@ MAX_SEGMENTS = 4
 
 
 @dataclass(frozen=True)
+class RouteGroups:
+    """A batch's examples grouped by the route ids one kind of layer reads, built on the host.
+
+    Lets a layer fetch each group's weights once instead of once per example (beam search repeats
+    every route num_beams times). `order`/`sizes` list the examples group by group; `slots` lays
+    them out as `num_groups` blocks of `group_size`, a short group padded with its first member.
+    """
+
+    src_ids: tuple[int, ...]
+    tgt_ids: tuple[int, ...]
+    src: torch.Tensor
+    tgt: torch.Tensor
+    sizes: tuple[int, ...]
+    order: torch.Tensor
+    inverse: torch.Tensor
+    slots: torch.Tensor
+    position: torch.Tensor
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.sizes)
+
+    @property
+    def group_size(self) -> int:
+        return max(self.sizes)
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.order.shape[0])
+
+    @staticmethod
+    def build(src: Sequence[int], tgt: Sequence[int], key: str, device: torch.device) -> "RouteGroups":
+        members: dict[tuple[int, ...], list[int]] = {}
+        for i, (s, t) in enumerate(zip(src, tgt)):
+            members.setdefault(GROUP_KEYS[key](s, t), []).append(i)
+        groups = list(members.values())
+        width = max(len(group) for group in groups)
+        order = [i for group in groups for i in group]
+        slots = [group[min(k, len(group) - 1)] for group in groups for k in range(width)]
+        position = [0] * len(order)
+        for g, group in enumerate(groups):
+            for k, i in enumerate(group):
+                position[i] = g * width + k
+        inverse = [0] * len(order)
+        for rank, i in enumerate(order):
+            inverse[i] = rank
+
+        def as_tensor(ids: list[int]) -> torch.Tensor:
+            return torch.tensor(ids, dtype=torch.long, device=device)
+
+        src_ids = [src[group[0]] for group in groups]
+        tgt_ids = [tgt[group[0]] for group in groups]
+        return RouteGroups(
+            src_ids=tuple(src_ids),
+            tgt_ids=tuple(tgt_ids),
+            src=as_tensor(src_ids),
+            tgt=as_tensor(tgt_ids),
+            sizes=tuple(len(group) for group in groups),
+            order=as_tensor(order),
+            inverse=as_tensor(inverse),
+            slots=as_tensor(slots),
+            position=as_tensor(position),
+        )
+
+    def apply(self, rows: torch.Tensor, compute) -> torch.Tensor:
+        """`compute(src_id, tgt_id, rows_of_group)` per group, results back in the batch's order."""
+        chunks = torch.split(rows.index_select(0, self.order), list(self.sizes))
+        parts = [compute(s, t, chunk) for s, t, chunk in zip(self.src_ids, self.tgt_ids, chunks)]
+        return torch.cat(parts, dim=0).index_select(0, self.inverse)
+
+    def padded_cheaper_than_per_example(self, tokens_per_example: int, rank: int) -> bool:
+        """Fetching rank-`rank` factors per group and moving the activations into padded group blocks
+        (and back) moves fewer numbers than fetching the factors once per example."""
+        moved_rows = self.num_groups * self.group_size + self.batch_size
+        return self.num_groups * rank + moved_rows * tokens_per_example < self.batch_size * rank
+
+
+# What a layer's weights depend on: both ids (pair-wise LMS), or one side's language.
+GROUP_KEYS = {
+    "pair": lambda s, t: (s, t),
+    "src": lambda s, t: (s,),
+    "tgt": lambda s, t: (t,),
+}
+
+
+@dataclass(frozen=True)
 class Routes:
     """The (src, tgt) route ids of one forward pass, one per example.
 
-    `segments` lists runs of equal routes as (start, stop, src_id, tgt_id) when they are known on the
-    host and few; layers then need no device sync and no gather. None means "mixed: gather".
+    `segments` lists runs of equal routes as (start, stop, src_id, tgt_id) when they are few; layers
+    then need no gather. `host_ids` keeps the ids on the host, so grouping them needs no device sync.
     """
 
     src: torch.Tensor
     tgt: torch.Tensor
     segments: Optional[tuple[tuple[int, int, int, int], ...]]
+    host_ids: tuple[tuple[int, ...], tuple[int, ...]]
+    # Derived views (expanded copies, groupings), built once per forward instead of once per layer.
+    _derived: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def batch_size(self) -> int:
@@ -53,16 +142,27 @@ class Routes:
                 f"{batch_size}; the batch must equal the number of routes or be a multiple of it "
                 f"(beam search, num_return_sequences)"
             )
-        factor = batch_size // self.batch_size
-        segments = self.segments and tuple(
-            (start * factor, stop * factor, s, t) for start, stop, s, t in self.segments
-        )
-        return Routes(self.src.repeat_interleave(factor), self.tgt.repeat_interleave(factor), segments)
+        key = ("expanded", batch_size)
+        if key not in self._derived:
+            factor = batch_size // self.batch_size
+            src, tgt = (tuple(i for i in ids for _ in range(factor)) for ids in self.host_ids)
+            self._derived[key] = Routes.from_ids(src, tgt, self.src.device)
+        return self._derived[key]
 
     def to(self, device: torch.device) -> "Routes":
         if self.src.device == device:
             return self
-        return Routes(self.src.to(device), self.tgt.to(device), self.segments)
+        key = ("device", str(device))
+        if key not in self._derived:
+            self._derived[key] = Routes(self.src.to(device), self.tgt.to(device), self.segments, self.host_ids)
+        return self._derived[key]
+
+    def groups(self, key: str) -> RouteGroups:
+        """The examples grouped by `key` ("pair", "src" or "tgt"), computed once per Routes."""
+        cache_key = ("groups", key)
+        if cache_key not in self._derived:
+            self._derived[cache_key] = RouteGroups.build(*self.host_ids, key, self.src.device)
+        return self._derived[cache_key]
 
     @staticmethod
     def from_ids(src: Sequence[int], tgt: Sequence[int], device: Optional[torch.device] = None) -> "Routes":
@@ -78,7 +178,7 @@ class Routes:
         def as_tensor(ids: Sequence[int]) -> torch.Tensor:
             return torch.tensor(list(ids), dtype=torch.long, device=device)
 
-        return Routes(as_tensor(src), as_tensor(tgt), runs)
+        return Routes(as_tensor(src), as_tensor(tgt), runs, (tuple(src), tuple(tgt)))
 
 
 class LanguageRegistry:

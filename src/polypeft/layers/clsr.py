@@ -16,8 +16,7 @@ from ..config import ConfigError, MethodConfig, check_choice, check_positive, re
 from ..languages import LanguageError, LanguageRegistry, Routes
 from ..model import register_layer_builder
 from ..routing import RouteState
-from .ls_ffn import RowGroups, side_language
-from .routed import RoutedLinear
+from .routed import RoutedLinear, language_key, side_language
 
 # The output linear of every attention and FFN sublayer: BART/Marian, BERT, T5, Llama/Qwen.
 CLSR_DEFAULT_TARGETS = (
@@ -151,9 +150,8 @@ class CLSRLinear(RoutedLinear):
                 for start, stop, s, t in routes.segments
             ]
             return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-        languages = side_language(routes.src, routes.tgt, self.side)
-        num_groups = len(self.language_owner.language_weight) + (self.shared_id is not None)
-        return RowGroups(languages, num_groups).apply(z, self.language_projection)
+        groups = routes.groups(language_key(self.side))
+        return groups.apply(z, lambda s, t, rows: self.language_projection(side_language(s, t, self.side), rows))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.base_layer(x)

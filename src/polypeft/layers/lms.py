@@ -1,16 +1,16 @@
 """LMS: a linear whose weight is W + V[a] F[b] for the example's route, with low-rank V and F.
 
-Homogeneous batches use one pair of matmuls; mixed batches gather per-example factors and use bmm,
-so no full (out x in) delta is ever built per example.
+Runs of equal routes use plain matmuls; mixed batches gather factors (per route group or per example)
+and use bmm, so no full (out x in) delta is ever built per example.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ..languages import Routes
+from ..languages import RouteGroups, Routes
 from ..routing import RouteState
-from .routed import RoutedLinear, check_rank
+from .routed import RoutedLinear, check_rank, language_key, side_language
 
 
 class LMSLinear(RoutedLinear):
@@ -40,7 +40,7 @@ class LMSLinear(RoutedLinear):
         """Which V row and which F row an example uses (ints or id tensors alike)."""
         if self.synthesis == "pair":
             return src, tgt
-        language = tgt if self.side == "decoder" else src
+        language = side_language(src, tgt, self.side)
         return language, language
 
     def low_rank(self, x: torch.Tensor, route: tuple[int, int]) -> torch.Tensor:
@@ -49,16 +49,34 @@ class LMSLinear(RoutedLinear):
         vertical = self.lms_V[v_id].to(x.dtype)
         return nn.functional.linear(nn.functional.linear(x, flat), vertical)
 
+    @property
+    def group_key(self) -> str:
+        """Which route ids this layer's factors depend on (see Routes.groups)."""
+        return "pair" if self.synthesis == "pair" else language_key(self.side)
+
     def routed_delta(self, x: torch.Tensor, routes: Routes) -> torch.Tensor:
         if routes.segments is not None:
             parts = [self.low_rank(x[start:stop], (s, t)) for start, stop, s, t in routes.segments]
             return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-        v_ids, f_ids = self.factor_ids(routes.src, routes.tgt)
         rows = x.reshape(x.shape[0], -1, x.shape[-1])
-        flat = self.lms_F.index_select(0, f_ids).to(x.dtype)
-        vertical = self.lms_V.index_select(0, v_ids).to(x.dtype)
-        low_rank = torch.bmm(rows, flat.transpose(1, 2))
-        return torch.bmm(low_rank, vertical.transpose(1, 2)).reshape(*x.shape[:-1], -1)
+        groups = routes.groups(self.group_key)
+        if groups.padded_cheaper_than_per_example(rows.shape[1], self.lms_F.shape[1]):
+            return self.grouped_delta(rows, groups).reshape(*x.shape[:-1], -1)
+        return self.batched_delta(rows, routes.src, routes.tgt).reshape(*x.shape[:-1], -1)
+
+    def batched_delta(self, rows: torch.Tensor, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        """(B, T, in) rows, each row-block with its own route: two bmm over gathered factors."""
+        v_ids, f_ids = self.factor_ids(src, tgt)
+        flat = self.lms_F.index_select(0, f_ids).to(rows.dtype)
+        vertical = self.lms_V.index_select(0, v_ids).to(rows.dtype)
+        return torch.bmm(torch.bmm(rows, flat.transpose(1, 2)), vertical.transpose(1, 2))
+
+    def grouped_delta(self, rows: torch.Tensor, groups: RouteGroups) -> torch.Tensor:
+        """Factors fetched once per route group; the examples move into padded group blocks and back."""
+        _, tokens, width = rows.shape
+        blocks = rows.index_select(0, groups.slots).reshape(groups.num_groups, groups.group_size * tokens, width)
+        delta = self.batched_delta(blocks, groups.src, groups.tgt)
+        return delta.reshape(groups.num_groups * groups.group_size, tokens, -1).index_select(0, groups.position)
 
     def delta_weight(self, route: tuple[int, int]) -> torch.Tensor:
         v_id, f_id = self.factor_ids(*route)

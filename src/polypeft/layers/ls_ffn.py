@@ -14,14 +14,12 @@ from ..config import MethodConfig, register_config
 from ..languages import LanguageRegistry, Routes
 from ..model import register_layer_builder
 from ..routing import RouteState
-from .routed import RoutedLinear
+from .routed import RoutedLinear, language_key, side_language
 
 
 class RowGroups:
-    """Rows of a batch sorted by a group id, so each group runs as one plain matmul.
-
-    One host sync (the group sizes) per batch; no per-row weight is ever materialised.
-    """
+    """Rows of a batch sorted by a group id computed on the device (Switch's experts), so each group
+    runs as one plain matmul. One host sync (the group sizes) per batch; route groups need none."""
 
     def __init__(self, group_ids: torch.Tensor, num_groups: int):
         self.order = torch.argsort(group_ids, stable=True)
@@ -33,11 +31,6 @@ class RowGroups:
         chunks = torch.split(rows.index_select(0, self.order), self.sizes)
         parts = [compute(group, chunk) for group, chunk in enumerate(chunks) if chunk.shape[0]]
         return torch.cat(parts, dim=0).index_select(0, self.inverse)
-
-
-def side_language(routes_src, routes_tgt, side: str):
-    """LMS's language-wise rule: the encoder reads the source language, the decoder the target."""
-    return routes_tgt if side == "decoder" else routes_src
 
 
 @register_config
@@ -88,9 +81,8 @@ class LanguageSpecificLinear(RoutedLinear):
                 for start, stop, s, t in routes.segments
             ]
             return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-        languages = side_language(routes.src, routes.tgt, self.side)
-        groups = RowGroups(languages, len(self.language_weight) + (self.shared_id is not None))
-        return groups.apply(x, self.run_language)
+        groups = routes.groups(language_key(self.side))
+        return groups.apply(x, lambda s, t, rows: self.run_language(side_language(s, t, self.side), rows))
 
     def routed_delta(self, x: torch.Tensor, routes: Routes) -> torch.Tensor:
         return self.language_forward(x, routes) - self.base_layer(x)

@@ -45,6 +45,16 @@ def check_rank(method: str, rank: int, base_layer: nn.Linear, name: str) -> None
         )
 
 
+def side_language(routes_src, routes_tgt, side: str):
+    """LMS's language-wise rule: the encoder reads the source language, the decoder the target."""
+    return routes_tgt if side == "decoder" else routes_src
+
+
+def language_key(side: str) -> str:
+    """The same rule as a grouping key for Routes.groups."""
+    return side_language("src", "tgt", side)
+
+
 class RoutedLinear(LinearProxy):
     """Keeps the base linear intact as `base_layer`, so merge, unmerge and unload are exact."""
 
