@@ -12,7 +12,7 @@ import polypeft as pp
 from polypeft.data.parallel import ParallelExample
 from polypeft.data.spm import train_spm
 from polypeft.evaluate import score_directions, translate
-from polypeft.tasks.mmt import MMTData, MMTRecipe, batch_stream, build_model, make_loss_fn, train_run
+from polypeft.tasks.mmt import MMTData, MMTRecipe, _rows, batch_stream, build_model, make_loss_fn, train_run
 
 WORDS = {
     "en": ["house", "water", "light", "bread", "king", "river", "stone", "night"],
@@ -119,6 +119,17 @@ def test_overfit_model_translates_its_training_pairs(data, tmp_path):
     scores = score_directions(handful, translate(model, data.tokenizer, handful, beam=2, progress=False))
     assert scores["averages"]["bleu_all"] > 60, scores
     assert set(scores["directions"]) == {"en-de", "de-en", "en-fr", "fr-en"}
+
+
+def test_size_limited_splits_are_the_same_for_every_seed(tmp_path):
+    class FakeCorpus:  # 50 verses per split, each a row of the multi-way parallel corpus
+        def parallel(self, languages, books):
+            return [{"ref": f"{books}:{i}", **{lang: f"{lang} {i}" for lang in languages}} for i in range(50)]
+
+    rows = {seed: _rows(FakeCorpus(), recipe(tmp_path, {"name": "naive"}, seed=seed), "test", 10) for seed in (0, 1)}
+    assert len(rows[0]) == 10
+    assert rows[0] == rows[1], "runs of different seeds must be scored on the same test verses"
+    assert rows[0] != _rows(FakeCorpus(), recipe(tmp_path, {"name": "naive"}), "valid", 10)
 
 
 def test_recipe_refuses_unknown_keys_and_methods(tmp_path):

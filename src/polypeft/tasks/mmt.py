@@ -104,9 +104,11 @@ class MMTData:
 
 
 def _rows(corpus: BibleCorpus, recipe: MMTRecipe, part: str, limit: Optional[int]) -> list[dict]:
+    """The verses of one split; a size limit draws the same verses for every seed, so runs of
+    different seeds are trained and scored on the same data."""
     rows = corpus.parallel(recipe.languages, books=recipe.split().books(part))
     if limit is not None and len(rows) > limit:
-        rows = random.Random(f"{part}/{recipe.seed}").sample(rows, limit)
+        rows = random.Random(f"bible-{part}").sample(rows, limit)
     return rows
 
 
