@@ -36,11 +36,11 @@ def expected_training_extra(method: str, kind: str) -> int:
     ffn_weights = 2 * HIDDEN * FFN + (HIDDEN + FFN if bias else 0)  # fc1 + fc2 of one layer
     if method == "lora":
         return layers * 4 * 2 * (HIDDEN + FFN)
-    if method == "ls_ffn":
-        return len(LANGS) * layers * ffn_weights
-    if method == "switch":  # every 2nd layer of each stack: 3 expert copies + a bias-free router
+    if method == "ls_ffn":  # one copy per language, replacing the base FFN (no shared route)
+        return (len(LANGS) - 1) * layers * ffn_weights
+    if method == "switch":  # every 2nd layer of each stack: 3 experts = the base FFN + 2 copies, a bias-free router
         switched = layers // 2
-        return switched * (3 * ffn_weights + 3 * HIDDEN)
+        return switched * (2 * ffn_weights + 3 * HIDDEN)
     if method == "clsr":  # per stack W_lang; per sublayer shared projection and gate MLP (hidden 8)
         per_sublayer = (HIDDEN * HIDDEN + HIDDEN) + (HIDDEN * 8 + 8) + (8 + 1)
         return STACKS[kind] * len(LANGS) * HIDDEN * HIDDEN + SUBLAYERS[kind] * per_sublayer
@@ -50,7 +50,7 @@ def expected_training_extra(method: str, kind: str) -> int:
 def expected_language_specific(method: str, kind: str) -> int:
     layers, _ = FFN_LAYOUT[kind]
     if method == "ls_ffn":
-        return expected_training_extra(method, kind)
+        return len(LANGS) * layers * (2 * HIDDEN * FFN + (HIDDEN + FFN if HAS_BIAS[kind] else 0))
     if method == "clsr":
         return STACKS[kind] * len(LANGS) * HIDDEN * HIDDEN
     return 0  # lora and switch have no language parameters
@@ -80,9 +80,24 @@ def test_wrap_with_defaults_and_parameter_counts_match_formulas(method, kind):
     assert counts.base == sum(p.numel() for p in build(kind).parameters())
     layer_sum = sum(
         layer.route_parameter_count(len(LANGS)) + getattr(layer, "language_agnostic_parameter_count", lambda: 0)()
+        - getattr(layer, "replaced_base_parameter_count", lambda: 0)()
         for layer in poly.routed_layers.values()
     )
     assert layer_sum == counts.training_extra, "layers' own counts must add up to their parameters"
+
+
+@pytest.mark.parametrize("kind", ["bart", "llama"])
+@pytest.mark.parametrize("method", METHODS)
+def test_every_trainable_parameter_gets_a_gradient(method, kind):
+    """An idle trainable weight is miscounted as useful and stalls DDP, which waits for every gradient."""
+    poly = make(method, kind)
+    poly.train()
+    batch = seq2seq_batch(kind) if kind in ENCODER_DECODER else random_batch(kind, 4)
+    out = poly(**batch, src_lang=["de", "fr", "en", "de"], tgt_lang=["en", "en", "fr", "fr"])
+    loss = out.loss if out.get("loss") is not None else out.logits.pow(2).mean()
+    (loss + poly.auxiliary_loss()).backward()
+    idle = [name for name, p in poly.named_parameters() if p.requires_grad and p.grad is None]
+    assert not idle, f"{method}: trainable parameters with no gradient: {idle[:4]}"
 
 
 @pytest.mark.parametrize("kind", KINDS)

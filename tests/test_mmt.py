@@ -49,6 +49,7 @@ METHODS = [
     {"name": "lms", "rank": 4, "synthesis": "pair"},
     {"name": "lms", "rank": 4, "synthesis": "language"},
     {"name": "lms", "rank": 4, "fd": True},
+    {"name": "ls_ffn"},
     {"name": "ls_ffn", "fd": True},
     {"name": "switch", "num_experts": 2},
     {"name": "clsr"},

@@ -140,6 +140,9 @@ class PolyModel(nn.Module):
         per_route = sum(layer.route_parameter_count(1) for layer in layers)
         added = sum(p.numel() for layer in layers for _, p in added_parameters(layer))
         base = sum(p.numel() for p in self.base_model.parameters()) - added
+        # Full-rank language copies without a shared route replace the base linear they copy.
+        replaced = sum(layer.replaced_base_parameter_count() for layer in layers
+                       if hasattr(layer, "replaced_base_parameter_count"))
         shared = shared_only = 0
         if self.registry.shared_route:
             # Most layers pay one route for "shared"; some (full-rank LS FFN, CLSR) reuse what they have.
@@ -150,8 +153,8 @@ class PolyModel(nn.Module):
             base=base,
             language_specific=per_route * languages,
             shared_route=shared,
-            training_extra=added,
-            inference_extra_language_routes=added - shared_only,
+            training_extra=added - replaced,
+            inference_extra_language_routes=added - shared_only - replaced,
             inference_extra_shared_route=shared,
         )
 

@@ -45,7 +45,10 @@ class LSFFNConfig(MethodConfig):
 
 
 class LanguageSpecificLinear(RoutedLinear):
-    """`y = W[l] x + b[l]` for the example's language l; the shared route is the base `W x + b`."""
+    """`y = W[l] x + b[l]` for the example's language l; the shared route is the base `W x + b`.
+
+    Without a shared route nothing reads the base linear: it is frozen and not counted as added.
+    """
 
     def __init__(
         self, base_layer: nn.Linear, name: str, side: str, route_state: RouteState, registry: LanguageRegistry
@@ -61,6 +64,8 @@ class LanguageSpecificLinear(RoutedLinear):
             nn.Parameter(bias.detach().unsqueeze(0).repeat(num_languages, 1).clone()) if bias is not None else None
         )
         self._unmerged: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None
+        if self.shared_id is None:  # idle weights would also stall DDP, which waits for every gradient
+            base_layer.requires_grad_(False)
 
     def run_language(self, language: int, x: torch.Tensor) -> torch.Tensor:
         if language == self.shared_id:
@@ -126,6 +131,10 @@ class LanguageSpecificLinear(RoutedLinear):
         bias = self.out_features if self.language_bias is not None else 0
         per_language = self.out_features * self.in_features + bias
         return num_routes * per_language
+
+    def replaced_base_parameter_count(self) -> int:
+        """The base linear's parameters when the language copies replace it (no shared route)."""
+        return 0 if self.shared_id is not None else sum(p.numel() for p in self.base_layer.parameters())
 
     def shared_route_parameter_count(self) -> int:
         """Zero: the shared route is the base layer, which the base model already counts."""

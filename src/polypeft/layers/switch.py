@@ -31,7 +31,8 @@ ROUTER_INIT_STD = 0.02
 @dataclass
 class SwitchConfig(MethodConfig):
     """Top-1 experts on the FFN of layers every, 2*every, ... (1-based, per stack: GShard's/Switch's
-    "every other layer" is layers 2, 4, ...), initialised as copies of the base FFN plus noise.
+    "every other layer" is layers 2, 4, ...): the base FFN is expert 0, the others start as copies of it
+    plus noise (freeze_base=True freezes expert 0).
 
     capacity_factor=None keeps every token; a number drops tokens beyond ceil(factor * tokens / experts)
     per expert (their FFN output is zero, the residual carries them). Routes are ignored.
@@ -82,7 +83,10 @@ class SwitchFFNState:
 
 
 class ExpertLinear(RoutedLinear):
-    """One linear of a switched FFN, held as `num_experts` copies; each token uses its expert's copy."""
+    """One linear of a switched FFN with `num_experts` experts; each token uses its expert's weights.
+
+    Expert 0 is the base linear itself, so the layer adds num_experts - 1 copies and no weight lies idle.
+    """
 
     def __init__(
         self,
@@ -99,12 +103,13 @@ class ExpertLinear(RoutedLinear):
         self.closes_ffn = closes_ffn
         self.num_experts = config.num_experts
         weight = base_layer.weight.detach()
-        experts = weight.unsqueeze(0).repeat(config.num_experts, 1, 1)
+        copies = config.num_experts - 1
+        experts = weight.unsqueeze(0).repeat(copies, 1, 1)
         # Noise breaks the symmetry between the copies, or the experts would stay identical.
         self.expert_weight = nn.Parameter(experts + torch.randn_like(experts) * config.expert_init_std)
         bias = base_layer.bias
         self.expert_bias = (
-            nn.Parameter(bias.detach().unsqueeze(0).repeat(config.num_experts, 1).clone()) if bias is not None else None
+            nn.Parameter(bias.detach().unsqueeze(0).repeat(copies, 1).clone()) if bias is not None else None
         )
         self.router: Optional[nn.Linear] = None
         if not closes_ffn and ffn_state.router is None:
@@ -118,8 +123,10 @@ class ExpertLinear(RoutedLinear):
         self._auxiliary_loss: Optional[torch.Tensor] = None
 
     def run_expert(self, expert: int, rows: torch.Tensor) -> torch.Tensor:
-        bias = None if self.expert_bias is None else self.expert_bias[expert].to(rows.dtype)
-        return nn.functional.linear(rows, self.expert_weight[expert].to(rows.dtype), bias)
+        if expert == 0:
+            return self.base_layer(rows)
+        bias = None if self.expert_bias is None else self.expert_bias[expert - 1].to(rows.dtype)
+        return nn.functional.linear(rows, self.expert_weight[expert - 1].to(rows.dtype), bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
