@@ -224,15 +224,17 @@ def test_llama_source_offset_uses_its_layer_list():
     assert model.source_names[f"model.layers.{LAYERS - 1}.mlp.up_proj"] == f"model.layers.{LAYERS - 1}.mlp.up_proj"
 
 
-def test_source_pass_runs_without_gradients_and_with_adapters_off():
+def test_source_pass_runs_without_gradients_dropout_or_adapters():
     model = FLAREModel(tiny_bert(), FLAREConfig(rank=4))
     layer = model.lora_layers["bert.encoder.layer.1.intermediate.dense"]
     calls = []
-    layer.register_forward_pre_hook(lambda module, args: calls.append((torch.is_grad_enabled(), module.adapter_enabled)))
+    layer.register_forward_pre_hook(
+        lambda module, args: calls.append((torch.is_grad_enabled(), module.adapter_enabled, module.training)))
     target, source = batches()
     model.train()
     output = model(**target, source_batch=source)
-    assert calls == [(False, False), (True, True)]  # source pass first, then the target pass
+    assert calls == [(False, False, False), (True, True, True)]  # the frozen source pass first, then the target
+    assert all(m.training for m in model.modules()), "train mode is back after the source pass"
     assert all(l.adapter_enabled and l.source is None for l in model.lora_layers.values())
     assert output.logits.requires_grad
 

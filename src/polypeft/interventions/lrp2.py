@@ -26,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..fileio import atomic_write
+from ..modes import evaluation_mode
 
 POOLINGS = ("mean", "last")
 STACKS = ("encoder", "decoder")
@@ -265,18 +266,6 @@ def tokenize(tokenizer, texts: Sequence[str], max_length: int, device: torch.dev
         for name, tensor in encoded.items()
         if name in ("input_ids", "attention_mask", "token_type_ids")
     }
-
-
-@contextmanager
-def evaluation_mode(model: nn.Module) -> Iterator[None]:
-    """eval() and no_grad for the block, then the model's own training flag again."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
 
 
 def iterate_pooled(

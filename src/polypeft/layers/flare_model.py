@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..fileio import atomic_write, write_json
+from ..modes import evaluation_mode
 from ..inject import find_targets, replace_targets, restore_base_layers
 from .flare_fusion import ALIGNMENTS, FUSIONS, build_fusion
 from .flare_source import MTSourceProjection, SourceCapture, encoder_hidden_size, source_module_name
@@ -196,7 +197,8 @@ class FLAREModel(nn.Module):
             inputs["use_cache"] = False
         runner = self.source_runner()
         capture = SourceCapture(self.base_model, self.source_names.values())
-        with torch.no_grad(), self.adapters_disabled(), capture.recording() as captured:
+        # The frozen English pass: no gradients, adapters off, and no dropout, so it is the same every time.
+        with evaluation_mode(runner), self.adapters_disabled(), capture.recording() as captured:
             runner(**inputs)
         return {name: captured[source] for name, source in self.source_names.items()}
 
@@ -209,7 +211,7 @@ class FLAREModel(nn.Module):
 
     def mt_source_hidden(self, source_batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         inputs = {k: v for k, v in source_batch.items() if k in ("input_ids", "attention_mask", "inputs_embeds")}
-        with torch.no_grad():
+        with evaluation_mode(self.mt_encoder):
             encoder_states = self.mt_encoder(**inputs)[0]
         by_width = {w: self.mt_projection(encoder_states, w) for w in {l.in_features for l in self.lora_layers.values()}}
         return {name: by_width[layer.in_features] for name, layer in self.lora_layers.items()}
