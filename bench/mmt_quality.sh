@@ -13,7 +13,7 @@ for seed in $seeds; do
   for method in $methods; do
     run=$out/$method-seed$seed
     if [ -f "$run/eval_test.json" ]; then echo "done: $run"; continue; fi
-    resume=""; [ -d "$run" ] && resume="--resume"
+    resume=""; [ -f "$run/checkpoint.pt" ] && resume="--resume"
     /usr/bin/time -f "$method seed $seed: %e s wall" \
       polypeft mmt train configs/mmt_bible7_$method.yaml --seed "$seed" --set steps="$steps" checkpoint_every=250 \
       valid_every=250 $resume --eval

@@ -1,4 +1,5 @@
-"""Two CPU processes (gloo, DDP) on halves of a mixed batch give the gradients of one process."""
+"""Two CPU processes (gloo, DDP) give what one process gives: gradients on halves of a mixed batch, and
+polypeft's training loop on accelerate keeps the single-process schedule."""
 from __future__ import annotations
 
 import os
@@ -60,3 +61,46 @@ def test_two_process_gradients_match_single_process(tmp_path):
     assert lms_names and all(expected[n].abs().sum() > 0 for n in lms_names)
     for name, grad in expected.items():
         torch.testing.assert_close(distributed[name], grad, rtol=1e-6, atol=1e-9)
+
+
+def train_lms(run_dir: str, accumulation: int = 1) -> list[float]:
+    """A few steps of polypeft's loop on a tiny LMS model; the learning rate of every step."""
+    from polypeft.train import TrainSettings, train
+
+    poly = make_model()
+
+    def batches():
+        generator = torch.Generator().manual_seed(0)
+        while True:
+            ids = torch.randint(3, 60, (4, 6), generator=generator)
+            yield {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+    def loss_fn(model, batch):
+        return model(**batch, src_lang="de", tgt_lang="en").loss, int(batch["labels"].numel())
+
+    settings = TrainSettings(steps=6, lr=1e-3, warmup=4, accumulation=accumulation, checkpoint_every=3)
+    history = train(poly, batches, loss_fn, settings, run_dir)["history"]
+    return [record["lr"] for record in history]
+
+
+def train_worker(rank: int, world: int, port: int, run_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), ACCELERATE_USE_CPU="1")
+    torch.set_num_threads(1)
+    from accelerate.state import AcceleratorState
+
+    rates = train_lms(run_dir)
+    assert AcceleratorState().num_processes == world, "accelerate did not start a 2-process gloo group"
+    torch.save(rates, os.path.join(run_dir, f"rates{rank}.pt"))
+
+
+def test_training_loop_on_two_processes_keeps_the_single_process_schedule(tmp_path):
+    mp.spawn(train_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    single = train_lms(str(tmp_path / "single"))
+    from polypeft.train import inverse_sqrt
+
+    assert single == pytest.approx([1e-3 * inverse_sqrt(4)(k) for k in range(1, 7)])  # warm-up 4, then 1/sqrt
+    for rank in (0, 1):
+        assert torch.load(tmp_path / f"rates{rank}.pt") == pytest.approx(single)
+    # gradient accumulation: the schedule moves once per optimiser step, not once per micro-batch
+    assert train_lms(str(tmp_path / "accumulated"), accumulation=2) == pytest.approx(single)

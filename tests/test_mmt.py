@@ -109,6 +109,17 @@ def test_resume_without_a_checkpoint_is_refused(data, tmp_path):
         train_run(recipe(tmp_path, {"name": "naive"}), data=data, resume=True)
 
 
+def test_resume_refuses_another_recipe_and_a_checkpoint_past_the_steps(data, tmp_path):
+    stopped = recipe(tmp_path, {"name": "naive"}, steps=3, checkpoint_every=3)
+    train_run(stopped, data=data)
+    with pytest.raises(pp.ConfigError, match=r"lr: 0\.003 in the run, 0\.01 now"):
+        train_run(dataclasses.replace(stopped, steps=6, lr=1e-2), data=data, resume=True)
+    with pytest.raises(ValueError, match="at step 3, past the 2 steps asked for"):
+        train_run(dataclasses.replace(stopped, steps=2), data=data, resume=True)
+    train_run(dataclasses.replace(stopped, steps=4, checkpoint_every=2, beam=1), data=data, resume=True)
+    assert torch.load(stopped.run_dir / "checkpoint.pt", weights_only=False)["step"] == 4
+
+
 def test_overfit_model_translates_its_training_pairs(data, tmp_path):
     handful = [e for e in data.train if e.ref in ("0", "5", "10")]
     few = MMTData(data.tokenizer, handful, handful, handful)

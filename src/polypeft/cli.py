@@ -47,8 +47,12 @@ def mmt_prepare(args) -> int:
 def mmt_train(args) -> int:
     from .tasks.mmt import evaluate_run, train_run
 
+    from accelerate import PartialState
+
     recipe = _recipe(args)
     run_dir = train_run(recipe, resume=args.resume)
+    if not PartialState().is_main_process:  # under accelerate launch, one process writes and evaluates
+        return 0
     print(f"trained: {run_dir}")
     if args.eval:
         _print_scores(evaluate_run(run_dir))

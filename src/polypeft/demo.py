@@ -40,10 +40,15 @@ def finished(recipe: MMTRecipe) -> bool:
             and (run_dir / "eval_test.json").exists())
 
 
-def run_demo(quick: bool = False, output_dir: str = "runs/demo", steps: Optional[int] = None) -> dict:
+DEFAULT_OUTPUT_DIR = "runs/demo"
+
+
+def run_demo(quick: bool = False, output_dir: str = DEFAULT_OUTPUT_DIR, steps: Optional[int] = None) -> dict:
     base = demo_recipe(quick, output_dir)
-    if steps is not None:  # longer runs show the methods' gains; the default shows the pipeline
-        base = dataclasses.replace(base, steps=steps)
+    if steps is not None and steps != base.steps:  # longer runs show the methods' gains; the default the pipeline
+        if output_dir == DEFAULT_OUTPUT_DIR:  # a run of another length is another run: never resumed or overwritten
+            output_dir = f"{output_dir}-{steps}steps"
+        base = dataclasses.replace(base, steps=steps, output_dir=output_dir)
     print(f"polypeft demo: {'/'.join(base.languages)} Bible translation, tiny model, {base.steps} steps per method")
     data = prepare(base)
     print(f"data: {len(data.train):,} training pairs, {len(data.test):,} test pairs (book 43, John)")

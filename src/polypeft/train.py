@@ -93,12 +93,19 @@ def train(
         if not checkpoint_path.exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint_path}")
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        if state["step"] > settings.steps:
+            raise ValueError(
+                f"--resume: the checkpoint {checkpoint_path} is at step {state['step']}, past the {settings.steps} "
+                f"steps asked for; ask for at least {state['step']} steps, or train a new run elsewhere"
+            )
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_step, history = state["step"], state["history"]
         _set_rng_state(state["rng"])
-    prepared, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # The schedule counts optimiser steps, so it stays outside prepare(): accelerate's wrapper would step
+    # it once per process, running warm-up and decay num_processes times too fast.
+    prepared, optimizer = accelerator.prepare(model, optimizer)
     world, rank = accelerator.num_processes, accelerator.process_index
     # Every process walks the same seeded stream and keeps its own share of it.
     stream = itertools.islice(batches(), start_step * settings.accumulation * world, None)
@@ -118,7 +125,8 @@ def train(
                 if accelerator.sync_gradients and settings.clip_norm:
                     accelerator.clip_grad_norm_(trainable, settings.clip_norm)
                 optimizer.step()
-                scheduler.step()
+                if accelerator.sync_gradients:
+                    scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             step_loss += float(loss.detach()) / settings.accumulation
             window_tokens += tokens

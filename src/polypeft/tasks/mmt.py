@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
+from accelerate import PartialState
 from transformers.models.marian.modeling_marian import shift_tokens_right
 
 from ..config import CONFIG_CLASSES, ConfigError, recipe_from_dict, recipe_from_yaml
@@ -29,6 +30,8 @@ from ..models.seq2seq import build_translation_model
 from ..train import TrainSettings, seed_everything, train
 
 FD_KEYS = ("fd", "kl_weight")
+# What a resumed run may change: how long it trains, how often it saves and validates, how it is scored.
+RESUMABLE_KEYS = ("steps", "checkpoint_every", "valid_every", "beam", "length_penalty", "eval_batch_size")
 
 
 @dataclass
@@ -226,9 +229,11 @@ def parameter_table(model: torch.nn.Module, recipe: MMTRecipe) -> dict:
 
 def train_run(recipe: MMTRecipe, resume: bool = False, data: Optional[MMTData] = None) -> Path:
     """Train one run; writes checkpoint, log, final weights and the parameter table into its run dir."""
+    run_dir = recipe.run_dir
+    if resume:
+        check_resumable(recipe, run_dir)
     data = data or prepare(recipe)
     model = build_model(recipe, data.tokenizer)
-    run_dir = recipe.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "recipe.json", dataclasses.asdict(recipe))
     params = parameter_table(model, recipe)
@@ -242,10 +247,29 @@ def train_run(recipe: MMTRecipe, resume: bool = False, data: Optional[MMTData] =
     started = time.perf_counter()
     train(model, lambda: batch_stream(recipe, data, config), make_loss_fn(recipe), settings, run_dir, resume=resume,
           valid_fn=valid_loss_fn(recipe, data, config) if recipe.valid_every else None)
-    write_model_weights(run_dir / "model.safetensors", model)
-    write_json(run_dir / "train_summary.json", {"wall_seconds": round(time.perf_counter() - started, 1),
-                                                "steps": recipe.steps, "resumed": resume})
+    state = PartialState()
+    if state.is_main_process:  # every process holds the same weights; one writes them
+        write_model_weights(run_dir / "model.safetensors", model)
+        write_json(run_dir / "train_summary.json", {"wall_seconds": round(time.perf_counter() - started, 1),
+                                                    "steps": recipe.steps, "resumed": resume})
+    state.wait_for_everyone()
     return run_dir
+
+
+def check_resumable(recipe: MMTRecipe, run_dir: Path) -> None:
+    """Refuse, naming each difference, to continue a run under a recipe that would train it differently."""
+    stored_path = run_dir / "recipe.json"
+    if not stored_path.exists():
+        return
+    stored = json.loads(stored_path.read_text(encoding="utf-8"))
+    current = json.loads(json.dumps(dataclasses.asdict(recipe)))
+    differing = sorted(k for k in set(stored) | set(current) if k not in RESUMABLE_KEYS and stored.get(k) != current.get(k))
+    if differing:
+        changes = "; ".join(f"{k}: {stored.get(k)!r} in the run, {current.get(k)!r} now" for k in differing)
+        raise ConfigError(
+            f"--resume: {run_dir} was trained with another recipe ({changes}); only {list(RESUMABLE_KEYS)} may "
+            "change when a run continues: start a new run (another name or output_dir) instead"
+        )
 
 
 def load_run(run_dir: str | Path, data: Optional[MMTData] = None) -> tuple[MMTRecipe, MMTData, torch.nn.Module]:
