@@ -19,6 +19,7 @@ from polypeft.layers.flare_model import FLAREConfig
 from polypeft.models.e5 import QUERY_PREFIX, load_encoder
 from polypeft.tasks.bible_eval import SECTION_NAMES, verse_classification
 from polypeft.tasks.classification import classification_model
+from polypeft.tasks.mmt import translation_encoder
 
 STAGE2_RECIPES = ("translate_train", "input_fusion", "flare_add_relu", "flare_add", "flare_mul",
                   "flare_cross_attention", "flare_mt")
@@ -64,16 +65,6 @@ def mt_source_batches(parallel: list, rows: list, size: int, mt_tokenizer, max_l
     return pairs
 
 
-def load_mt_encoder(run_dir: str):
-    """The frozen encoder of a trained `polypeft mmt` / `polypeft demo` run, and its tokenizer."""
-    from polypeft.tasks.mmt import load_run
-
-    recipe, data, model = load_run(run_dir)
-    if "en" not in recipe.languages:
-        raise SystemExit(f"{run_dir}: the translation model has no English ({recipe.languages})")
-    return getattr(model, "base_model", model).get_encoder().eval(), data.tokenizer
-
-
 def truncated_e5(layers: int):
     encoder, tokenizer = load_encoder("e5-small")
     encoder.encoder.layer = encoder.encoder.layer[:layers]
@@ -103,8 +94,9 @@ def run(args: argparse.Namespace) -> dict:
     encoder, tokenizer = truncated_e5(args.layers)
     label_names = list(SECTION_NAMES)
     results: dict = {}
-    mt = load_mt_encoder(args.mt_run) if args.mt_run else None
     for target in args.targets:
+        # polypeft's own translation encoder reads the English verse tagged for translation into `target`
+        mt = translation_encoder(args.mt_run, target) if args.mt_run else None
         train_rows, test_rows = load_rows(target, args.per_class_train, args.per_class_test)
         english, parallel = make_batches(tokenizer, train_rows, args.batch, args.max_length)
         _, test_batches = make_batches(tokenizer, test_rows, 32, args.max_length)

@@ -433,13 +433,9 @@ def write_tiny_text_model(folder) -> None:
     tiny_bert(num_labels=2).save_pretrained(folder)
 
 
-def test_cli_trains_saves_and_evaluates_a_recipe(tmp_path):
-    import argparse
+def cli_config(tmp_path) -> dict:
+    """A tiny text classifier, English and French JSONL files, and the YAML recipe over them."""
     import json
-
-    import yaml
-
-    from polypeft.cli_flare import add_cli
 
     write_tiny_text_model(tmp_path / "base")
     english = [{"text": f"the {w} film", "label": int(w == "good")} for w in ("good", "bad")] * 2
@@ -447,24 +443,57 @@ def test_cli_trains_saves_and_evaluates_a_recipe(tmp_path):
               for w, e in (("bon", "good"), ("mauvais", "bad"))] * 2
     for name, rows in (("en.jsonl", english), ("fr.jsonl", target)):
         (tmp_path / name).write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    config = {"model": {"name_or_path": str(tmp_path / "base"), "num_labels": 2}, "recipe": "flare",
-              "data": {"english_train": str(tmp_path / "en.jsonl"), "target_train": str(tmp_path / "fr.jsonl"),
-                       "eval": str(tmp_path / "fr.jsonl"), "batch_size": 2},
-              "flare": {"rank": 2, "fusion": "add_relu"}, "stage1": {"steps": 2, "progress": False},
-              "stage2": {"steps": 2, "progress": False}, "output_dir": str(tmp_path / "run")}
+    return {"model": {"name_or_path": str(tmp_path / "base"), "num_labels": 2}, "recipe": "flare",
+            "data": {"english_train": str(tmp_path / "en.jsonl"), "target_train": str(tmp_path / "fr.jsonl"),
+                     "eval": str(tmp_path / "fr.jsonl"), "batch_size": 2},
+            "flare": {"rank": 2, "fusion": "add_relu"}, "stage1": {"steps": 2, "progress": False},
+            "stage2": {"steps": 2, "progress": False}, "output_dir": str(tmp_path / "run")}
+
+
+def run_cli(tmp_path, config: dict, *commands: str) -> None:
+    import argparse
+
+    import yaml
+
+    from polypeft.cli_flare import add_cli
+
     (tmp_path / "flare.yaml").write_text(yaml.safe_dump(config))
     parser = argparse.ArgumentParser()
     add_cli(parser.add_subparsers(dest="command"))
-    for command in ("train", "eval"):
+    for command in commands:
         args = parser.parse_args(["flare", command, str(tmp_path / "flare.yaml")])
         args.func(args)
+
+
+def test_cli_trains_saves_and_evaluates_a_recipe(tmp_path):
+    import json
+
+    config = cli_config(tmp_path)
+    run_cli(tmp_path, config, "train", "eval")
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["recipe"] == "flare" and metrics["examples"] == 4 and 0 <= metrics["accuracy"] <= 1
     assert (tmp_path / "run" / "adapter" / "flare_adapter.safetensors").exists()
-    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**config, "recipe": "flarez"}))
     with pytest.raises(FLAREError, match="recipe='flarez' is not allowed"):
-        args = parser.parse_args(["flare", "train", str(tmp_path / "bad.yaml")])
-        args.func(args)
+        run_cli(tmp_path, {**config, "recipe": "flarez"}, "train")
+
+
+def test_cli_flare_mt_reads_a_polypeft_translation_run(tmp_path):
+    import json
+
+    from polypeft.tasks.mmt import train_run
+    from toy_mmt import toy_data, toy_recipe
+
+    mt_run = train_run(toy_recipe(tmp_path / "mt", {"name": "lms", "rank": 2}), data=toy_data(tmp_path))
+    config = {**cli_config(tmp_path), "recipe": "flare_mt", "mt_model": str(mt_run)}
+    with pytest.raises(FLAREError, match="target_lang"):
+        run_cli(tmp_path, config, "train")
+    run_cli(tmp_path, {**config, "target_lang": "fr"}, "train", "eval")
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["recipe"] == "flare_mt" and metrics["examples"] == 4
+    adapter = tmp_path / "run" / "adapter" / "flare_adapter.safetensors"
+    from safetensors.torch import load_file
+
+    assert any(key.startswith("mt_projection.") for key in load_file(str(adapter)))
 
 
 def test_incremental_decoding_with_positional_alignment_is_refused_clearly():

@@ -9,39 +9,16 @@ import torch
 import yaml
 
 import polypeft as pp
-from polypeft.data.parallel import ParallelExample
-from polypeft.data.spm import train_spm
 from polypeft.evaluate import score_directions, translate
 from polypeft.tasks.mmt import MMTData, MMTRecipe, _rows, batch_stream, build_model, make_loss_fn, train_run
-
-WORDS = {
-    "en": ["house", "water", "light", "bread", "king", "river", "stone", "night"],
-    "de": ["haus", "wasser", "licht", "brot", "koenig", "fluss", "stein", "nacht"],
-    "fr": ["maison", "eau", "lumiere", "pain", "roi", "fleuve", "pierre", "nuit"],
-}
-
-
-def sentences(lang: str, count: int) -> list[str]:
-    words = WORDS[lang]
-    return [" ".join(words[(i * 3 + k) % 8] for k in range(4 + i % 3)) for i in range(count)]
-
+from toy_mmt import toy_data, toy_recipe
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> MMTData:
-    """A word-for-word 'translation' corpus en<->de, en<->fr: learnable in a few hundred steps."""
-    directory = tmp_path_factory.mktemp("spm")
-    corpus = {lang: sentences(lang, 24) for lang in WORDS}
-    tokenizer = train_spm([s for lang in WORDS for s in corpus[lang]], list(WORDS), directory / "t.model",
-                          vocab_size=34, model_type="word")
-    examples = [ParallelExample(s, t, corpus[s][i], corpus[t][i], str(i))
-                for i in range(24) for s, t in (("en", "de"), ("de", "en"), ("en", "fr"), ("fr", "en"))]
-    return MMTData(tokenizer, examples, examples[:8], examples[:8])
+    return toy_data(tmp_path_factory.mktemp("spm"))
 
 
-def recipe(tmp_path, method, **changes) -> MMTRecipe:
-    base = MMTRecipe(name=method["name"], languages=list(WORDS), method=method, steps=6, warmup=2, lr=3e-3,
-                     max_tokens=256, max_length=16, checkpoint_every=3, dropout=0.1, output_dir=str(tmp_path), beam=2)
-    return dataclasses.replace(base, **changes)
+recipe = toy_recipe
 
 
 METHODS = [
@@ -118,6 +95,28 @@ def test_resume_refuses_another_recipe_and_a_checkpoint_past_the_steps(data, tmp
         train_run(dataclasses.replace(stopped, steps=2), data=data, resume=True)
     train_run(dataclasses.replace(stopped, steps=4, checkpoint_every=2, beam=1), data=data, resume=True)
     assert torch.load(stopped.run_dir / "checkpoint.pt", weights_only=False)["step"] == 4
+
+
+@pytest.mark.parametrize("method", [{"name": "naive"}, {"name": "lms", "rank": 4}, {"name": "lms", "rank": 4, "fd": True}],
+                         ids=["naive", "lms", "lms_fd"])
+def test_translation_encoder_reads_english_tagged_for_the_target(method, data, tmp_path):
+    from polypeft.tasks.mmt import load_translation_model, translation_encoder
+
+    run_dir = train_run(recipe(tmp_path, method), data=data)
+    encoder, tokenizer = translation_encoder(run_dir, "de")
+    inputs = tokenizer(["house water light", "king"])
+    assert (inputs["input_ids"][:, 0] == data.tokenizer.lang_tag_id("de")).all()
+    _, _, model = load_translation_model(run_dir)  # the run dir alone holds everything: no corpus
+    if isinstance(model, pp.PolyModel):
+        route = "shared" if method.get("fd") else None
+        with model.routes(src_lang=route or "en", tgt_lang=route or "de"):
+            expected = model.get_encoder()(**inputs).last_hidden_state
+    else:
+        expected = model.get_encoder()(**inputs).last_hidden_state
+    torch.testing.assert_close(encoder(**inputs).last_hidden_state, expected)
+    assert not any(p.requires_grad for p in encoder.parameters())
+    with pytest.raises(pp.ConfigError, match="target language 'ko' is not among"):
+        translation_encoder(run_dir, "ko")
 
 
 def test_overfit_model_translates_its_training_pairs(data, tmp_path):

@@ -18,7 +18,8 @@ from .inject import replace_targets, restore_base_layers
 from .fileio import write_json
 from .layers.flare_model import FLAREConfig, FLAREError, FLAREModel
 
-CONFIG_KEYS = ("model", "mt_model", "data", "recipe", "flare", "stage1_lora", "stage1", "stage2", "output_dir")
+CONFIG_KEYS = ("model", "mt_model", "target_lang", "data", "recipe", "flare", "stage1_lora", "stage1", "stage2",
+               "output_dir")
 
 
 def read_yaml(path: str) -> dict[str, Any]:
@@ -37,8 +38,16 @@ def read_yaml(path: str) -> dict[str, Any]:
     if recipe not in RECIPES:
         raise FLAREError(f"{path}: recipe={recipe!r} is not allowed; choose one of {list(RECIPES)}")
     if recipe == "flare_mt" and "mt_model" not in config:
-        raise FLAREError(f"{path}: recipe 'flare_mt' needs mt_model: <encoder-decoder name or folder>")
+        raise FLAREError(f"{path}: recipe 'flare_mt' needs mt_model: <encoder-decoder name or folder, or the "
+                         "directory of a `polypeft mmt` run>")
+    if recipe == "flare_mt" and is_polypeft_run(config["mt_model"]) and "target_lang" not in config:
+        raise FLAREError(f"{path}: mt_model {config['mt_model']!r} is a polypeft translation run; say which "
+                         "language its encoder should read English for, with target_lang: <code>")
     return config
+
+
+def is_polypeft_run(path: str) -> bool:
+    return os.path.isfile(os.path.join(str(path), "recipe.json"))
 
 
 def read_jsonl(path: str, needs_source: bool) -> list[dict[str, Any]]:
@@ -108,7 +117,11 @@ def load_models(config: dict, base_path: Optional[str] = None) -> tuple[Any, Any
     model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=int(block.get("num_labels", 2)))
     tokenizer = AutoTokenizer.from_pretrained(block.get("tokenizer", block["name_or_path"]))
     mt_encoder, mt_tokenizer = None, tokenizer
-    if config["recipe"] == "flare_mt":
+    if config["recipe"] == "flare_mt" and is_polypeft_run(config["mt_model"]):
+        from .tasks.mmt import translation_encoder
+
+        mt_encoder, mt_tokenizer = translation_encoder(config["mt_model"], config["target_lang"])
+    elif config["recipe"] == "flare_mt":
         mt_encoder = AutoModelForSeq2SeqLM.from_pretrained(config["mt_model"]).get_encoder().eval()
         mt_tokenizer = AutoTokenizer.from_pretrained(config["mt_model"])
     return model, tokenizer, mt_encoder, mt_tokenizer

@@ -6,6 +6,7 @@ A recipe (YAML) names the languages, model preset, method and schedule; `prepare
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import random
 import time
@@ -30,6 +31,8 @@ from ..models.seq2seq import build_translation_model
 from ..train import TrainSettings, seed_everything, train
 
 FD_KEYS = ("fd", "kl_weight")
+# A run directory holds its tokenizer, so the model can be reused without the corpus (FLARE-MT).
+TOKENIZER_NAME = "spm.model"
 # What a resumed run may change: how long it trains, how often it saves and validates, how it is scored.
 RESUMABLE_KEYS = ("steps", "checkpoint_every", "valid_every", "beam", "length_penalty", "eval_batch_size")
 
@@ -236,6 +239,7 @@ def train_run(recipe: MMTRecipe, resume: bool = False, data: Optional[MMTData] =
     model = build_model(recipe, data.tokenizer)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "recipe.json", dataclasses.asdict(recipe))
+    data.tokenizer.save(run_dir / TOKENIZER_NAME)
     params = parameter_table(model, recipe)
     write_json(run_dir / "parameters.json", params)
     print(f"[{recipe.name} seed {recipe.seed}] extra parameters: training {params['training_extra']:,}, "
@@ -273,14 +277,65 @@ def check_resumable(recipe: MMTRecipe, run_dir: Path) -> None:
 
 
 def load_run(run_dir: str | Path, data: Optional[MMTData] = None) -> tuple[MMTRecipe, MMTData, torch.nn.Module]:
-    run_dir = Path(run_dir)
-    recipe = MMTRecipe.from_dict(json.loads((run_dir / "recipe.json").read_text()), where=str(run_dir / "recipe.json"))
+    """A trained run with its data splits, for evaluation."""
+    recipe = read_run_recipe(run_dir)
     data = data or prepare(recipe)
-    model = build_model(recipe, data.tokenizer)
+    return recipe, data, load_translation_model(run_dir, data.tokenizer)[2]
+
+
+def read_run_recipe(run_dir: str | Path) -> MMTRecipe:
+    run_dir = Path(run_dir)
+    for needed in ("recipe.json", "model.safetensors"):
+        if not (run_dir / needed).exists():
+            raise FileNotFoundError(f"{run_dir / needed} not found: is {run_dir} a trained `polypeft mmt` run?")
+    return MMTRecipe.from_dict(json.loads((run_dir / "recipe.json").read_text()), where=str(run_dir / "recipe.json"))
+
+
+def load_translation_model(run_dir: str | Path, tokenizer: Optional[SpmTokenizer] = None
+                           ) -> tuple[MMTRecipe, SpmTokenizer, torch.nn.Module]:
+    """A trained run's recipe, tokenizer and model from its directory alone (no corpus needed)."""
     from safetensors.torch import load_model
 
-    load_model(model, str(run_dir / "model.safetensors"))
-    return recipe, data, model.eval()
+    recipe = read_run_recipe(run_dir)
+    saved = Path(run_dir) / TOKENIZER_NAME
+    if tokenizer is None:
+        # Runs trained before the tokenizer was kept in the run directory find it in the cache (or retrain it).
+        tokenizer = SpmTokenizer(saved) if saved.exists() else prepare(recipe).tokenizer
+    model = build_model(recipe, tokenizer)
+    load_model(model, str(Path(run_dir) / "model.safetensors"))
+    return recipe, tokenizer, model.eval()
+
+
+class RoutedEncoder(torch.nn.Module):
+    """The encoder of a routed translation model, run on one fixed route, so callers need no routes."""
+
+    def __init__(self, model: PolyModel, src_lang: str, tgt_lang: str):
+        super().__init__()
+        self.model, self.src_lang, self.tgt_lang = model, src_lang, tgt_lang
+        self.config = model.config
+
+    def forward(self, **inputs):
+        with self.model.routes(src_lang=self.src_lang, tgt_lang=self.tgt_lang):
+            return self.model.get_encoder()(**inputs)
+
+
+def translation_encoder(run_dir: str | Path, target_lang: str) -> tuple[torch.nn.Module, Any]:
+    """The frozen encoder of a polypeft translation run over English input, and its tokenizer, for FLARE-MT.
+
+    Inputs get the `<2target>` tag the model was trained with; LMS runs use their shared route when they
+    have one (FD), else the English -> target route.
+    """
+    recipe, tokenizer, model = load_translation_model(run_dir)
+    for code, role in ((recipe.pivot, "source (the pivot)"), (target_lang, "target")):
+        if code not in recipe.languages:
+            raise ConfigError(f"{run_dir}: the {role} language {code!r} is not among the run's {recipe.languages}")
+    encoder = model.get_encoder()
+    if isinstance(model, PolyModel):
+        shared = model.registry.shared_route
+        encoder = RoutedEncoder(model, "shared" if shared else recipe.pivot, "shared" if shared else target_lang)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return encoder.eval(), functools.partial(tokenizer, lang_tag=target_lang)
 
 
 def eval_variants(recipe: MMTRecipe) -> dict[str, Optional[str]]:

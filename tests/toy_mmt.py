@@ -1,0 +1,36 @@
+"""A word-for-word toy translation corpus and recipe, shared by the translation and FLARE-MT tests."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from polypeft.data.parallel import ParallelExample
+from polypeft.data.spm import train_spm
+from polypeft.tasks.mmt import MMTData, MMTRecipe
+
+WORDS = {
+    "en": ["house", "water", "light", "bread", "king", "river", "stone", "night"],
+    "de": ["haus", "wasser", "licht", "brot", "koenig", "fluss", "stein", "nacht"],
+    "fr": ["maison", "eau", "lumiere", "pain", "roi", "fleuve", "pierre", "nuit"],
+}
+
+
+def sentences(lang: str, count: int) -> list[str]:
+    words = WORDS[lang]
+    return [" ".join(words[(i * 3 + k) % 8] for k in range(4 + i % 3)) for i in range(count)]
+
+
+def toy_data(directory: Path) -> MMTData:
+    """en<->de, en<->fr, 24 sentences each: learnable in a few hundred steps."""
+    corpus = {lang: sentences(lang, 24) for lang in WORDS}
+    tokenizer = train_spm([s for lang in WORDS for s in corpus[lang]], list(WORDS), directory / "t.model",
+                          vocab_size=34, model_type="word")
+    examples = [ParallelExample(s, t, corpus[s][i], corpus[t][i], str(i))
+                for i in range(24) for s, t in (("en", "de"), ("de", "en"), ("en", "fr"), ("fr", "en"))]
+    return MMTData(tokenizer, examples, examples[:8], examples[:8])
+
+
+def toy_recipe(output_dir, method, **changes) -> MMTRecipe:
+    base = MMTRecipe(name=method["name"], languages=list(WORDS), method=method, steps=6, warmup=2, lr=3e-3,
+                     max_tokens=256, max_length=16, checkpoint_every=3, dropout=0.1, output_dir=str(output_dir), beam=2)
+    return dataclasses.replace(base, **changes)
