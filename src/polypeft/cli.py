@@ -76,7 +76,7 @@ def _print_scores(results: dict) -> None:
 def mmt_compare(args) -> int:
     from .report import load_results, write_comparison
 
-    comparison = write_comparison(load_results(args.runs, args.split), args.baseline, args.out)
+    comparison = write_comparison(load_results(args.runs, args.split), args.baseline, args.out, pivot=args.pivot)
     print(Path(args.out, "comparison.md").read_text(encoding="utf-8"))
     print(f"plot: {Path(args.out, 'bleu_gain_vs_parameters.png')}")
     return 0 if comparison else 1
@@ -114,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     comparison.add_argument("--baseline", default="naive")
     comparison.add_argument("--out", default="runs/compare")
     comparison.add_argument("--split", default="test", choices=("test", "valid"))
+    comparison.add_argument("--pivot", default="en", help="the hub language of the en->xx / xx->en averages")
     comparison.set_defaults(func=mmt_compare)
 
     demo_parser = commands.add_parser("demo", help="naive vs LMS vs LMS+FD on 4 Bible languages, a few minutes")

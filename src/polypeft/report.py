@@ -55,14 +55,16 @@ def compare(results: Sequence[dict], baseline: str) -> dict:
         wins = [win_ratio(r["variants"][v]["directions"], base_by_seed[r["seed"]])
                 for r, v in members if r["seed"] in base_by_seed]
         first, variant = members[0]
-        directions = defaultdict(list)
+        per_direction = {"bleu": defaultdict(list), "chrf": defaultdict(list)}
         for result, v in members:
             for name, scores in result["variants"][v]["directions"].items():
-                directions[name].append(scores["bleu"])
+                for metric, values in per_direction.items():
+                    values[name].append(scores[metric])
         rows[label] = {
             "seeds": sorted(r["seed"] for r, _ in members),
             "averages": {k: {"mean": round(mean(v), 2), "std": round(pstdev(v), 2)} for k, v in averages.items()},
-            "bleu_per_direction": {k: round(mean(v), 2) for k, v in sorted(directions.items())},
+            **{f"{metric}_per_direction": {k: round(mean(v), 2) for k, v in sorted(values.items())}
+               for metric, values in per_direction.items()},
             "win_ratio_vs_baseline": round(mean(wins), 3) if wins else None,
             "training_extra": first["parameters"]["training_extra"],
             "inference_extra": _inference_extra(first, variant),
@@ -93,10 +95,12 @@ def markdown(comparison: dict, pivot: str = "en") -> str:
             f"{cell(row, 'chrf_all')} | {win} | {row['training_extra']:,} | {row['inference_extra']:,} |"
         )
     directions = sorted({d for row in rows.values() for d in row["bleu_per_direction"]})
-    lines += ["", "BLEU per direction (mean over seeds):", "",
-              "| run | " + " | ".join(directions) + " |", "|---|" + "---|" * len(directions)]
-    for label, row in rows.items():
-        lines.append(f"| {label} | " + " | ".join(f"{row['bleu_per_direction'].get(d, float('nan')):.2f}" for d in directions) + " |")
+    for metric, title in (("bleu", "BLEU"), ("chrf", "chrF")):
+        lines += ["", f"{title} per direction (mean over seeds):", "",
+                  "| run | " + " | ".join(directions) + " |", "|---|" + "---|" * len(directions)]
+        for label, row in rows.items():
+            scores = row[f"{metric}_per_direction"]
+            lines.append(f"| {label} | " + " | ".join(f"{scores.get(d, float('nan')):.2f}" for d in directions) + " |")
     return "\n".join(lines) + "\n"
 
 
