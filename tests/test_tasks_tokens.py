@@ -26,6 +26,7 @@ def test_conll_reader_strips_wikiann_language_prefixes(tmp_path):
     path.write_text("fr:Anna\tB-PER\nfr:est\tO\nfr:à\tO\nfr:Paris\tB-LOC\n\nfr:Berlin\tB-LOC\n", encoding="utf-8")
     data = read_conll(path)
     assert [s.tokens for s in data.sentences] == [["Anna", "est", "à", "Paris"], ["Berlin"]]
+    assert [s.lang for s in data.sentences] == ["fr", "fr"]  # the stripped prefix is kept as the language
     assert data.sentences[0].tags == [WIKIANN_LABELS.index(t) for t in ("B-PER", "O", "O", "B-LOC")]
     assert read_tokens(path).sentences == data.sentences
 

@@ -36,11 +36,13 @@ from .models.e5 import PASSAGE_PREFIX, QUERY_PREFIX, embed, embed_layers, load_e
 from .models.seq2seq import PRESETS as SEQ2SEQ_PRESETS
 from .models.seq2seq import build_translation_model
 from .tasks.bible_eval import verse_classification, verse_retrieval
-from .tasks.classification import classification_model, evaluate_classification, read_classification
-from .tasks.qa import evaluate_qa, qa_model, read_qa
+from .tasks.classification import (classification_model, encode_classification, evaluate_classification,
+                                   read_classification)
+from .tasks.qa import encode_qa, evaluate_qa, qa_model, read_qa
 from .tasks.records import TaskDataError
 from .tasks.retrieval import bitext_retrieval, read_bitext, retrieval_accuracy
-from .tasks.tokens import evaluate_tokens, read_conll, read_tokens, token_classification_model
+from .tasks.task_training import TaskTrainingSettings, train_task
+from .tasks.tokens import encode_tokens, evaluate_tokens, read_conll, read_tokens, token_classification_model
 from .tasks.encoder_finetune import FinetuneSettings, accuracy_per_language, build_classifier, encode_examples, finetune
 
 import types as _types

@@ -381,12 +381,15 @@ LayerSpec = Union[int, None]
 
 def embed_layers(model, tokenizer, texts: Sequence[str], layers: Sequence[LayerSpec], prefix: str = PASSAGE_PREFIX,
                  pooling: str = "mean", batch_size: int = 32, normalize: bool = True,
-                 max_length: Optional[int] = None, progress: Optional[bool] = None) -> dict[LayerSpec, torch.Tensor]:
+                 max_length: Optional[int] = None, progress: Optional[bool] = None,
+                 lang: Union[str, Sequence[Optional[str]], None] = None,
+                 route: Optional[str] = None) -> dict[LayerSpec, torch.Tensor]:
     """Pooled sentence embeddings of `texts` at several layers from one forward pass each batch.
 
     A layer is an index into `hidden_states` (0 = embedding output, -1 or None = last layer).
     `pooling` is "mean" (over non-padding tokens, specials included, as e5 does) or "cls".
     Texts are length-sorted into batches and returned in input order, as float32 `(len(texts), hidden)`.
+    A PolyModel needs `lang` (one code, or one per text) or `route` (one route for all texts).
     """
     if pooling not in ("mean", "cls"):
         raise ValueError(f"pooling={pooling!r}; allowed: 'mean', 'cls'")
@@ -394,6 +397,12 @@ def embed_layers(model, tokenizer, texts: Sequence[str], layers: Sequence[LayerS
         raise TypeError("texts must be a sequence of strings, got one str; wrap it in a list")
     from tqdm.auto import tqdm
 
+    from polypeft.tasks.example_languages import example_routes, route_arguments
+
+    languages = [lang] * len(texts) if lang is None or isinstance(lang, str) else list(lang)
+    if len(languages) != len(texts):
+        raise ValueError(f"lang has {len(languages)} codes for {len(texts)} texts; pass one code or one per text")
+    routes = example_routes(model, languages, route, remedy="pass lang= (one code, or one per text)")
     num_hidden = model.config.num_hidden_layers
     for layer in layers:
         if layer is not None and not -(num_hidden + 1) <= layer <= num_hidden:
@@ -412,7 +421,7 @@ def embed_layers(model, tokenizer, texts: Sequence[str], layers: Sequence[LayerS
             batch = tokenizer([prefix + texts[i] for i in index], padding=True, truncation=True,
                               max_length=max_length, return_tensors="pt")
             batch = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-            states = model(**batch, output_hidden_states=True).hidden_states
+            states = model(**batch, **route_arguments(routes, index), output_hidden_states=True).hidden_states
             mask = batch["attention_mask"].unsqueeze(-1).to(states[-1].dtype)
             for layer in layers:
                 state = states[-1 if layer is None else layer]

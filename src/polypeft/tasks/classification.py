@@ -10,6 +10,7 @@ from typing import Optional
 
 import torch
 
+from polypeft.tasks.example_languages import example_routes, language_from_column, route_arguments
 from polypeft.tasks.heads import attach_head
 from polypeft.tasks.records import Source, read_records
 
@@ -19,6 +20,7 @@ class ClassificationExample:
     text: str
     label: int
     text_pair: Optional[str] = None
+    lang: Optional[str] = None
 
 
 @dataclass
@@ -35,13 +37,19 @@ def _label_names_of(source: Source, column: str) -> Optional[list[str]]:
 
 def read_classification(source: Source, text_column: str = "text", label_column: str = "label",
                         text_pair_column: Optional[str] = None, label_names: Optional[Sequence[str]] = None,
-                        file_format: Optional[str] = None) -> ClassificationData:
+                        file_format: Optional[str] = None, language: Optional[str] = None,
+                        language_column: Optional[str] = None) -> ClassificationData:
     """Read `(text[, text_pair], label)` rows from a JSONL/JSON/TSV file or a `datasets.Dataset`.
 
     Labels may be names or integer ids. With `label_names` (or a `ClassLabel` column) a label outside
     the set is an error naming its file and line; otherwise the set is the sorted labels seen.
+    An example's language is `language` (the whole source) or its row's `language_column`.
     """
-    required = [text_column, label_column] + ([text_pair_column] if text_pair_column else [])
+    if language is not None and language_column is not None:
+        raise ValueError(f"read_classification got language={language!r} and language_column="
+                         f"{language_column!r}; pass one code for the whole source or a column, not both")
+    optional = [c for c in (text_pair_column, language_column) if c]
+    required = [text_column, label_column] + optional
     records = read_records(source, required, file_format=file_format)
     names = list(label_names) if label_names is not None else _label_names_of(source, label_column)
     if names is None:
@@ -63,7 +71,8 @@ def read_classification(source: Source, text_column: str = "text", label_column:
         else:
             raise record.fail(f"label {raw!r} is not in the label set {names}")
         pair = record.data[text_pair_column] if text_pair_column else None
-        examples.append(ClassificationExample(text, label, pair))
+        lang = language_from_column(record, language_column) if language_column else language
+        examples.append(ClassificationExample(text, label, pair, lang))
     return ClassificationData(examples, names)
 
 
@@ -96,24 +105,32 @@ def accuracy(predictions: Sequence[int], labels: Sequence[int]) -> float:
 
 
 def predict_classification(model: torch.nn.Module, tokenizer, examples: Sequence[ClassificationExample],
-                           batch_size: int = 32, max_length: int = 128, prefix: str = "") -> list[int]:
-    """Arg-max label id per example."""
+                           batch_size: int = 32, max_length: int = 128, prefix: str = "",
+                           route: Optional[str] = None) -> list[int]:
+    """Arg-max label id per example.
+
+    A PolyModel runs each example on its language's route, or every example on `route` when given.
+    """
+    routes = example_routes(model, [e.lang for e in examples], route)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     predictions: list[int] = []
     with torch.inference_mode():
         for start in range(0, len(examples), batch_size):
-            batch = encode_classification(tokenizer, examples[start:start + batch_size], max_length, prefix)
+            chunk = examples[start:start + batch_size]
+            batch = encode_classification(tokenizer, chunk, max_length, prefix)
             batch.pop("labels")
-            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
+            inputs = {k: v.to(device) for k, v in batch.items()}
+            logits = model(**inputs, **route_arguments(routes, range(start, start + len(chunk)))).logits
             predictions += logits.argmax(-1).tolist()
     model.train(was_training)
     return predictions
 
 
 def evaluate_classification(model: torch.nn.Module, tokenizer, examples: Sequence[ClassificationExample],
-                            batch_size: int = 32, max_length: int = 128, prefix: str = "") -> dict[str, float]:
-    """`{"accuracy": ...}` of the model on the examples."""
-    predictions = predict_classification(model, tokenizer, examples, batch_size, max_length, prefix)
+                            batch_size: int = 32, max_length: int = 128, prefix: str = "",
+                            route: Optional[str] = None) -> dict[str, float]:
+    """`{"accuracy": ...}` of the model on the examples (`route` as in `predict_classification`)."""
+    predictions = predict_classification(model, tokenizer, examples, batch_size, max_length, prefix, route)
     return {"accuracy": accuracy(predictions, [e.label for e in examples])}

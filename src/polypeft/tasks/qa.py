@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from polypeft.tasks.example_languages import example_routes, language_from_column, route_arguments
 from polypeft.tasks.heads import attach_head
 from polypeft.tasks.records import Record, Source, TaskDataError, is_path, read_records
 
@@ -26,6 +27,18 @@ class QAExample:
     context: str
     answers: tuple[str, ...]
     answer_starts: tuple[int, ...]
+    lang: Optional[str] = None
+
+
+# TyDiQA-GoldP ids start with the language's English name: "finnish-1234...".
+TYDIQA_LANGUAGES = {"arabic": "ar", "bengali": "bn", "english": "en", "finnish": "fi", "indonesian": "id",
+                    "korean": "ko", "russian": "ru", "swahili": "sw", "telugu": "te"}
+
+
+def tydiqa_language(example_id: str) -> Optional[str]:
+    """The code a TyDiQA-GoldP id's language prefix names ("finnish-123" -> "fi"), else None."""
+    name, dash, _ = str(example_id).partition("-")
+    return TYDIQA_LANGUAGES.get(name) if dash else None
 
 
 def _answers_of(raw, where: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
@@ -42,7 +55,7 @@ def _answers_of(raw, where: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
     return tuple(texts), tuple(int(s) for s in starts)
 
 
-def _example(qid, question, context, raw_answers, where: str) -> QAExample:
+def _example(qid, question, context, raw_answers, where: str, lang: Optional[str] = None) -> QAExample:
     if not isinstance(context, str) or not isinstance(question, str):
         raise TaskDataError(f"{where}: question and context must be text")
     texts, starts = _answers_of(raw_answers, where)
@@ -51,7 +64,7 @@ def _example(qid, question, context, raw_answers, where: str) -> QAExample:
             found = context[max(start, 0):max(start, 0) + len(text)]
             raise TaskDataError(f"{where}: answer {text!r} at answer_start {start} is outside the context "
                                 f"(the context has {found!r} there, length {len(context)})")
-    return QAExample(str(qid), question, context, texts, starts)
+    return QAExample(str(qid), question, context, texts, starts, lang or tydiqa_language(str(qid)))
 
 
 def _line_of(text: str, needle: str, default: int) -> int:
@@ -59,7 +72,7 @@ def _line_of(text: str, needle: str, default: int) -> int:
     return text.count("\n", 0, position) + 1 if position >= 0 else default
 
 
-def _read_squad_file(path: Path) -> list[QAExample]:
+def _read_squad_file(path: Path, language: Optional[str]) -> list[QAExample]:
     text = path.read_text(encoding="utf-8")
     try:
         document = json.loads(text)
@@ -79,23 +92,34 @@ def _read_squad_file(path: Path) -> list[QAExample]:
                 # json keeps no positions: find the line through the question id, unique in SQuAD files.
                 line = _line_of(text, json.dumps(qa["id"], ensure_ascii=False), 1)
                 examples.append(_example(qa["id"], qa["question"], paragraph["context"], qa["answers"],
-                                         f"{path} line {line} ({location}, id {qa['id']!r})"))
+                                         f"{path} line {line} ({location}, id {qa['id']!r})", language))
     return examples
 
 
-def read_qa(source: Source, file_format: Optional[str] = None) -> list[QAExample]:
+def read_qa(source: Source, file_format: Optional[str] = None, language: Optional[str] = None,
+            language_column: Optional[str] = None) -> list[QAExample]:
     """Read QA examples from a SQuAD/TyDiQA-GoldP JSON file, a flat JSONL file, or a `datasets.Dataset`.
 
     Flat rows have `id`, `question`, `context` and `answers` (`{"text": [...], "answer_start": [...]}`).
     An answer that is not at its `answer_start` in the context is an error naming file and line.
+    An example's language is `language` (the whole source), else a flat row's `language_column`,
+    else the TyDiQA-GoldP id prefix ("finnish-..." -> "fi").
     """
+    if language is not None and language_column is not None:
+        raise ValueError(f"read_qa got language={language!r} and language_column={language_column!r}; "
+                         "pass one code for the whole source or a column, not both")
     if is_path(source) and (file_format or Path(source).suffix.lstrip(".").lower()) == "json":
         with open(source, encoding="utf-8") as handle:
             head = handle.read(4096).lstrip()
         if head.startswith("{"):
-            return _read_squad_file(Path(source))
-    records: list[Record] = read_records(source, ["question", "context", "answers"], file_format=file_format)
-    return [_example(r.data.get("id", r.line), r.data["question"], r.data["context"], r.data["answers"], r.where)
+            if language_column is not None:
+                raise ValueError(f"language_column={language_column!r} applies to flat rows, not the SQuAD-nested "
+                                 f"file {source}; pass language= or rely on TyDiQA id prefixes")
+            return _read_squad_file(Path(source), language)
+    required = ["question", "context", "answers"] + ([language_column] if language_column else [])
+    records: list[Record] = read_records(source, required, file_format=file_format)
+    return [_example(r.data.get("id", r.line), r.data["question"], r.data["context"], r.data["answers"], r.where,
+                     language_from_column(r, language_column) if language_column else language)
             for r in records]
 
 
@@ -152,8 +176,13 @@ def encode_qa(tokenizer, examples: Sequence[QAExample], max_length: int = 384, s
 
 
 def predict_qa(model: torch.nn.Module, tokenizer, examples: Sequence[QAExample], batch_size: int = 16,
-               max_length: int = 384, stride: int = 128, max_answer_tokens: int = 30) -> dict[str, str]:
-    """Best-scoring span text per example id, over all of its windows."""
+               max_length: int = 384, stride: int = 128, max_answer_tokens: int = 30,
+               route: Optional[str] = None) -> dict[str, str]:
+    """Best-scoring span text per example id, over all of its windows.
+
+    A PolyModel runs each window on its example's language route, or every window on `route` when given.
+    """
+    routes = example_routes(model, [e.lang for e in examples], route)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -163,7 +192,8 @@ def predict_qa(model: torch.nn.Module, tokenizer, examples: Sequence[QAExample],
             chunk = examples[start:start + batch_size]
             encoded = encode_qa(tokenizer, chunk, max_length, stride, with_labels=False)
             inputs = {k: v.to(device) for k, v in encoded["inputs"].items()}
-            output = model(**inputs)
+            example_of_window = [start + i for i in encoded["example_index"]]
+            output = model(**inputs, **route_arguments(routes, example_of_window))
             for window in range(len(encoded["example_index"])):
                 offsets = encoded["offset_mapping"][window]
                 example_id = start + encoded["example_index"][window]

@@ -9,7 +9,9 @@ from typing import Optional
 
 import torch
 
+from polypeft.languages import LanguageError
 from polypeft.models.e5 import embed_layers
+from polypeft.tasks.example_languages import routed_model
 from polypeft.tasks.records import Source, read_records
 
 
@@ -41,18 +43,27 @@ def retrieval_accuracy(source_embeddings: torch.Tensor, target_embeddings: torch
 
 def bitext_retrieval(model: torch.nn.Module, tokenizer, sources: Sequence[str], targets: Sequence[str],
                      layers: Sequence[Optional[int]] = (None,), prefix: str = "", pooling: str = "mean",
-                     batch_size: int = 32, target_embeddings: Optional[dict] = None) -> dict[Optional[int], float]:
+                     batch_size: int = 32, target_embeddings: Optional[dict] = None,
+                     source_lang: Optional[str] = None, target_lang: Optional[str] = None,
+                     route: Optional[str] = None) -> dict[Optional[int], float]:
     """accuracy@1 of retrieving `targets[i]` for `sources[i]`, per layer (None = last).
 
     `target_embeddings` (as returned by `embed_layers`) skips re-encoding a shared target side,
-    e.g. English when scoring many languages against it.
+    e.g. English when scoring many languages against it. A PolyModel embeds each side on its
+    language's route (`source_lang`, `target_lang`), or both on `route` when given.
     """
     if len(sources) != len(targets):
         raise ValueError(f"{len(sources)} sources for {len(targets)} targets; bitext must align")
+    if routed_model(model) is not None and route is None:
+        unset = [name for name, code in (("source_lang", source_lang), ("target_lang", target_lang))
+                 if code is None and (name == "source_lang" or target_embeddings is None)]
+        if unset:
+            raise LanguageError(f"{' and '.join(unset)} missing: the PolyModel routes each side by its "
+                                "language; pass its code, or route= for one route for both sides")
     layers = list(layers)
     source_side = embed_layers(model, tokenizer, sources, layers, prefix=prefix, pooling=pooling,
-                               batch_size=batch_size)
+                               batch_size=batch_size, lang=source_lang, route=route)
     if target_embeddings is None:
         target_embeddings = embed_layers(model, tokenizer, targets, layers, prefix=prefix, pooling=pooling,
-                                         batch_size=batch_size)
+                                         batch_size=batch_size, lang=target_lang, route=route)
     return {layer: retrieval_accuracy(source_side[layer], target_embeddings[layer]) for layer in layers}

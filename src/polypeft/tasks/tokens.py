@@ -13,19 +13,21 @@ from typing import Optional
 
 import torch
 
+from polypeft.tasks.example_languages import example_routes, language_from_column, route_arguments
 from polypeft.tasks.heads import attach_head
 from polypeft.tasks.records import Source, TaskDataError, is_path, read_records
 
 WIKIANN_LABELS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC"]
 IGNORE_INDEX = -100
 # WikiANN's raw files prefix every token with its language: "en:Paris".
-_LANGUAGE_PREFIX = re.compile(r"^[a-z]{2,3}(?:-[a-z]+)?:(?=.)")
+_LANGUAGE_PREFIX = re.compile(r"^([a-z]{2,3}(?:-[a-z]+)?):(?=.)")
 
 
 @dataclass(frozen=True)
 class TaggedSentence:
     tokens: list[str]
     tags: list[int]
+    lang: Optional[str] = None
 
 
 @dataclass
@@ -45,41 +47,59 @@ def _tag_id(tag, names: list[str], index: dict[str, int], where: str) -> int:
 
 
 def read_conll(path: str | os.PathLike, label_names: Sequence[str] = WIKIANN_LABELS,
-               strip_language_prefix: bool = True) -> TokenData:
-    """Read a CoNLL-style file: `token<TAB>tag` per line (tag in the last column), blank line between sentences."""
+               strip_language_prefix: bool = True, language: Optional[str] = None) -> TokenData:
+    """Read a CoNLL-style file: `token<TAB>tag` per line (tag in the last column), blank line between sentences.
+
+    A sentence's language is `language`, else its tokens' WikiANN prefix ("en:Paris"), which must agree.
+    """
     names = list(label_names)
     index = {n: i for i, n in enumerate(names)}
     sentences, tokens, tags = [], [], []
+    prefix: Optional[str] = None
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             line = line.rstrip("\n").rstrip("\r")
             if not line.strip() or line.startswith("-DOCSTART-"):
                 if tokens:
-                    sentences.append(TaggedSentence(tokens, tags))
-                    tokens, tags = [], []
+                    sentences.append(TaggedSentence(tokens, tags, language or prefix))
+                    tokens, tags, prefix = [], [], None
                 continue
             fields = line.split("\t")
             if len(fields) < 2:
                 raise TaskDataError(f"{path} line {number}: expected 'token<TAB>tag', got {line!r}")
             token = fields[0]
-            if strip_language_prefix:
-                token = _LANGUAGE_PREFIX.sub("", token)
+            found = _LANGUAGE_PREFIX.match(token) if strip_language_prefix else None
+            if found:
+                if language is None and prefix is not None and found.group(1) != prefix:
+                    raise TaskDataError(f"{path} line {number}: token {token!r} has language prefix "
+                                        f"{found.group(1)!r} but its sentence began in {prefix!r}; "
+                                        "one sentence is one language (or pass language=)")
+                prefix = prefix or found.group(1)
+                token = token[found.end():]
             tokens.append(token)
             tags.append(_tag_id(fields[-1].strip(), names, index, f"{path} line {number}"))
     if tokens:
-        sentences.append(TaggedSentence(tokens, tags))
+        sentences.append(TaggedSentence(tokens, tags, language or prefix))
     return TokenData(sentences, names)
 
 
 def read_tokens(source: Source, label_names: Optional[Sequence[str]] = None, tokens_column: str = "tokens",
-                tags_column: str = "ner_tags", file_format: Optional[str] = None) -> TokenData:
+                tags_column: str = "ner_tags", file_format: Optional[str] = None, language: Optional[str] = None,
+                language_column: Optional[str] = None) -> TokenData:
     """Read tagged sentences from a `datasets.Dataset`, a JSONL/JSON file, or a CoNLL `.tsv`/`.conll`/`.txt` file.
 
     Tags may be names or ids; the label set comes from `label_names`, else the dataset's `ClassLabel`
-    feature, else WikiANN's seven tags.
+    feature, else WikiANN's seven tags. A sentence's language is `language` (the whole source), else
+    its `language_column` (a code, or WikiANN's per-token `langs` list), else a CoNLL token prefix.
     """
+    if language is not None and language_column is not None:
+        raise ValueError(f"read_tokens got language={language!r} and language_column={language_column!r}; "
+                         "pass one code for the whole source or a column, not both")
     if is_path(source) and (file_format or Path(source).suffix.lstrip(".").lower()) in ("tsv", "conll", "txt", "iob"):
-        return read_conll(source, label_names or WIKIANN_LABELS)
+        if language_column is not None:
+            raise ValueError(f"language_column={language_column!r} does not apply to CoNLL file {source}: it has "
+                             "no columns; its tokens' prefixes ('en:Paris') or language= give the language")
+        return read_conll(source, label_names or WIKIANN_LABELS, language=language)
     names = list(label_names) if label_names is not None else None
     if names is None and hasattr(source, "features"):
         feature = source.features.get(tags_column)
@@ -88,13 +108,15 @@ def read_tokens(source: Source, label_names: Optional[Sequence[str]] = None, tok
     names = names or list(WIKIANN_LABELS)
     index = {n: i for i, n in enumerate(names)}
     sentences = []
-    for record in read_records(source, [tokens_column, tags_column], file_format=file_format):
+    required = [tokens_column, tags_column] + ([language_column] if language_column else [])
+    for record in read_records(source, required, file_format=file_format):
         tokens, tags = record.data[tokens_column], record.data[tags_column]
         if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
             raise record.fail(f"column {tokens_column!r} must be a list of strings, got {tokens!r}")
         if not isinstance(tags, list) or len(tags) != len(tokens):
             raise record.fail(f"{len(tokens)} tokens but {tags_column!r} is {tags!r}; need one tag per token")
-        sentences.append(TaggedSentence(list(tokens), [_tag_id(t, names, index, record.where) for t in tags]))
+        lang = language_from_column(record, language_column) if language_column else language
+        sentences.append(TaggedSentence(list(tokens), [_tag_id(t, names, index, record.where) for t in tags], lang))
     return TokenData(sentences, names)
 
 
@@ -123,8 +145,12 @@ def encode_tokens(tokenizer, sentences: Sequence[TaggedSentence], max_length: in
 
 
 def predict_tokens(model: torch.nn.Module, tokenizer, sentences: Sequence[TaggedSentence], batch_size: int = 32,
-                   max_length: int = 128) -> list[list[int]]:
-    """Tag id per word (words cut off by truncation get tag 0, normally "O")."""
+                   max_length: int = 128, route: Optional[str] = None) -> list[list[int]]:
+    """Tag id per word (words cut off by truncation get tag 0, normally "O").
+
+    A PolyModel runs each sentence on its language's route, or every sentence on `route` when given.
+    """
+    routes = example_routes(model, [s.lang for s in sentences], route)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -134,7 +160,9 @@ def predict_tokens(model: torch.nn.Module, tokenizer, sentences: Sequence[Tagged
             chunk = sentences[start:start + batch_size]
             batch = encode_tokens(tokenizer, chunk, max_length)
             labels = batch.pop("labels")
-            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.argmax(-1).cpu()
+            inputs = {k: v.to(device) for k, v in batch.items()}
+            logits = model(**inputs, **route_arguments(routes, range(start, start + len(chunk)))).logits
+            logits = logits.argmax(-1).cpu()
             for row, sentence in enumerate(chunk):
                 first = (labels[row] != IGNORE_INDEX).nonzero().flatten()
                 tags = logits[row, first].tolist()
@@ -161,7 +189,7 @@ def seqeval_scores(predictions: Sequence[Sequence[int]], gold: Sequence[Sequence
 
 
 def evaluate_tokens(model: torch.nn.Module, tokenizer, data: TokenData, batch_size: int = 32,
-                    max_length: int = 128) -> dict[str, float]:
-    """seqeval precision/recall/F1 of the model on `data`."""
-    predictions = predict_tokens(model, tokenizer, data.sentences, batch_size, max_length)
+                    max_length: int = 128, route: Optional[str] = None) -> dict[str, float]:
+    """seqeval precision/recall/F1 of the model on `data` (`route` as in `predict_tokens`)."""
+    predictions = predict_tokens(model, tokenizer, data.sentences, batch_size, max_length, route)
     return seqeval_scores(predictions, [s.tags for s in data.sentences], data.label_names)

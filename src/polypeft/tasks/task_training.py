@@ -1,0 +1,153 @@
+"""Training any encoder task head (token tags, QA spans, sequence labels): plain, with LMS, or LMS+FD.
+
+One compact loop over pre-encoded inputs; every row keeps its own language's route.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from polypeft.config import ConfigError
+from polypeft.languages import SHARED
+from polypeft.losses import fuse_distillation_loss
+from polypeft.tasks.example_languages import example_routes, route_arguments, routed_model
+
+# The labels each transformers head is scored against, and the output holding its logits (QA has two heads).
+HEAD_OUTPUTS = {"labels": "logits", "start_positions": "start_logits", "end_positions": "end_logits"}
+
+
+@dataclass
+class TaskTrainingSettings:
+    """AdamW with linear warm-up then linear decay; `route_lr` is the LMS routes' rate (default `lr`),
+    `kl_weight` weighs FD's KL term, batches are drawn in an order fixed by `seed`."""
+
+    steps: int = 100
+    batch_size: int = 16
+    lr: float = 5e-5
+    route_lr: Optional[float] = None
+    warmup: int = 10
+    kl_weight: float = 1.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name, least in (("steps", 1), ("batch_size", 1), ("warmup", 0), ("seed", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ConfigError(f"TaskTrainingSettings.{name}={value!r}; must be an integer >= {least}")
+        for name, least, strict in (("lr", 0, True), ("route_lr", 0, True), ("max_grad_norm", 0, True),
+                                    ("kl_weight", 0, False)):
+            value = getattr(self, name)
+            if name == "route_lr" and value is None:
+                continue
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not number or value < least or (strict and value == least):
+                relation = ">" if strict else ">="
+                raise ConfigError(f"TaskTrainingSettings.{name}={value!r}; must be a number {relation} {least}"
+                                  + (" or None (use lr)" if name == "route_lr" else ""))
+
+
+def _row_count(inputs: Mapping[str, torch.Tensor]) -> int:
+    not_tensors = [key for key, value in inputs.items() if not isinstance(value, torch.Tensor)]
+    if not_tensors:
+        raise ValueError(f"inputs {not_tensors} are not tensors; pass what encode_tokens, encode_classification "
+                         "or encode_qa(...)['inputs'] returns")
+    sizes = {key: int(value.shape[0]) for key, value in inputs.items()}
+    if len(set(sizes.values())) != 1:
+        raise ValueError(f"inputs disagree on the number of rows: {sizes}")
+    has_labels = "labels" in inputs or {"start_positions", "end_positions"} <= set(inputs)
+    if not has_labels:
+        raise ValueError(f"inputs hold {sorted(inputs)} but no labels: training needs 'labels' (token or sequence "
+                         "classification) or 'start_positions' and 'end_positions' (QA, encode_qa with_labels=True)")
+    return next(iter(sizes.values()))
+
+
+def _batch(inputs: Mapping[str, torch.Tensor], index: list[int], device: torch.device) -> dict[str, torch.Tensor]:
+    """The rows at `index`, cut to the columns any of them attends to (the inputs were padded to the longest row)."""
+    batch = {key: value[index] for key, value in inputs.items()}
+    mask = batch.get("attention_mask")
+    if mask is not None and mask.dim() == 2:
+        width, length = mask.shape[1], int(mask.any(0).nonzero().max()) + 1
+        batch = {k: v[:, :length] if v.dim() >= 2 and v.shape[1] == width else v for k, v in batch.items()}
+    return {key: value.to(device) for key, value in batch.items()}
+
+
+def fuse_distillation_heads(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], langs: Sequence[str],
+                            kl_weight: float) -> torch.Tensor:
+    """FD over every head the batch has labels for, averaged: one pass over the batch twice, routes
+    [each row's language; shared], and `fuse_distillation_loss` on each head's two halves."""
+    size = len(langs)
+    labels = {name: batch[name] for name in HEAD_OUTPUTS if name in batch}
+    doubled = {key: torch.cat([value, value]) for key, value in batch.items() if key not in labels}
+    output = model(**doubled, lang=list(langs) + [SHARED] * size)
+    losses = []
+    for name, target in labels.items():
+        language_logits, shared_logits = getattr(output, HEAD_OUTPUTS[name]).split(size)
+        losses.append(fuse_distillation_loss(language_logits, shared_logits, target, kl_weight).loss)
+    return sum(losses) / len(losses)
+
+
+def _optimizer(model: torch.nn.Module, settings: TaskTrainingSettings) -> torch.optim.AdamW:
+    poly = routed_model(model)
+    route_ids = {id(p) for p in poly.added_state_dict().values()} if poly is not None else set()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError(f"{type(model).__name__} has no trainable parameters")
+    groups = [{"params": [p for p in trainable if id(p) not in route_ids], "lr": settings.lr},
+              {"params": [p for p in trainable if id(p) in route_ids], "lr": settings.route_lr or settings.lr}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
+
+
+def train_task(model: torch.nn.Module, inputs: Mapping[str, torch.Tensor],
+               languages: Optional[Sequence[Optional[str]]] = None,
+               settings: Optional[TaskTrainingSettings] = None, progress: bool = True) -> list[float]:
+    """Train `model` for `settings.steps` batches drawn from `inputs`; returns every step's loss.
+
+    `inputs` is what `encode_tokens`, `encode_classification` or `encode_qa(...)["inputs"]` returns, and
+    `languages` each row's language (QA: its window's example's). A plain or LMS model trains on its head's
+    own loss; a PolyModel with a shared route trains with fuse distillation on every head.
+    """
+    from tqdm.auto import tqdm
+
+    settings = settings or TaskTrainingSettings()
+    rows = _row_count(inputs)
+    languages = [None] * rows if languages is None else list(languages)
+    if len(languages) != rows:
+        raise ValueError(f"{len(languages)} languages for {rows} input rows; give one per row")
+    routes = example_routes(model, languages)
+    poly = routed_model(model)
+    distill = poly is not None and poly.registry.shared_route
+    optimizer = _optimizer(model, settings)
+    warmup, total = max(1, settings.warmup), settings.steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min((step + 1) / warmup, max(0.0, (total - step) / max(1, total - warmup))))
+    generator = torch.Generator().manual_seed(settings.seed)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.train()
+    order: list[int] = []
+    losses: list[float] = []
+    name = "lms+fd" if distill else "lms" if poly is not None else "plain"
+    bar = tqdm(range(settings.steps), desc=f"train {name}", disable=not progress)
+    for _ in bar:
+        while len(order) < settings.batch_size:  # a fresh seeded permutation each pass over the data
+            order += torch.randperm(rows, generator=generator).tolist()
+        index, order = order[:settings.batch_size], order[settings.batch_size:]
+        batch = _batch(inputs, index, device)
+        if distill:
+            loss = fuse_distillation_heads(model, batch, [routes[i] for i in index], settings.kl_weight)
+        else:
+            loss = model(**batch, **route_arguments(routes, index)).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
+                                       settings.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        losses.append(float(loss.detach()))
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    model.train(was_training)
+    return losses
