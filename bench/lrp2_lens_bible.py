@@ -57,13 +57,16 @@ def retrieval_set(corpus: BibleCorpus, languages: list[str], book: int, per_lang
 
 
 def evaluate_all(model, tokenizer, candidates, queries, args, lrp2_layers: Optional[dict] = None, vectors=None):
-    """Accuracy@1 per language; LIRP leaves the English candidates as they are (zero shift for the pivot)."""
+    """Accuracy@1 per language; LRP2 leaves the English candidates as they are (zero shift for the pivot).
+
+    `lrp2_layers` maps a language to its (LIRP layer, LSRP layer or None)."""
     scores = {}
     for language, (texts, gold) in queries.items():
         if lrp2_layers is None:
             embedded = encode(model, tokenizer, texts, args)
         else:
-            with LRP2(model, vectors, lirp_layer=lrp2_layers[language]) as lrp2, lrp2.languages(language):
+            lirp, lsrp = lrp2_layers[language]
+            with LRP2(model, vectors, lirp_layer=lirp, lsrp_layer=lsrp) as lrp2, lrp2.languages(language):
                 embedded = encode(model, tokenizer, texts, args)
         scores[language] = accuracy_at_1(embedded, candidates, gold)
     return scores
@@ -99,6 +102,9 @@ def main() -> None:
     parser.add_argument("--queries-per-language", type=int, default=120, help="test queries per language (book 43)")
     parser.add_argument("--valid-queries", type=int, default=50, help="valid queries per language (book 49)")
     parser.add_argument("--search-layers", default="6,9,11,12")
+    parser.add_argument("--pairs", action="store_true",
+                        help="also search LIRP at i with LSRP at j > i (the paper's pair), not LIRP alone only")
+    parser.add_argument("--no-lens", action="store_true", help="skip the LENS part")
     parser.add_argument("--vector-sentences", type=int, default=200, help="train-book verses per language for mu_l")
     parser.add_argument("--probe-sentences", type=int, default=100)
     parser.add_argument("--lens-verses", type=int, default=200, help="parallel train verses for LENS")
@@ -130,7 +136,8 @@ def main() -> None:
                                max_length=args.max_length)
     report["timings_s"]["language_vectors"] = time.perf_counter() - clock
 
-    # LRP2 layer search (LIRP only: the variant for sentence embedders) on the valid book.
+    # LRP2 layer search on the valid book: LIRP only (the variant for sentence embedders), with --pairs
+    # also LIRP at i + LSRP at j > i.
     valid_candidates, valid_queries, _ = retrieval_set(corpus, languages, VALID_BOOK, args.valid_queries,
                                                       args.candidate_limit)
     valid_candidate_embeddings = encode(model, tokenizer, valid_candidates, args)
@@ -142,11 +149,12 @@ def main() -> None:
 
     clock = time.perf_counter()
     search = search_layers(lrp2_scorer(model, vectors, evaluate), languages,
-                           [int(layer) for layer in args.search_layers.split(",")], pairs=False, lirp_only=True)
+                           [int(layer) for layer in args.search_layers.split(",")], pairs=args.pairs, lirp_only=True)
     report["timings_s"]["layer_search"] = time.perf_counter() - clock
     search.save_json(Path(args.out).with_name("lrp2_layer_search.json"))
     search.plot_heatmaps(args.figures, prefix="lrp2_heatmap")
-    chosen = {language: search.best(language)["lirp_layer"] for language in languages}
+    chosen = {language: (search.best(language)["lirp_layer"], search.best(language)["lsrp_layer"])
+              for language in languages}
     report["lrp2_search"] = search.to_dict()
     report["lrp2_chosen_layers"] = chosen
 
@@ -162,8 +170,14 @@ def main() -> None:
 
     some_language = languages[0]
     report["lrp2_hook_overhead"] = hook_overhead(
-        model, tokenizer, vectors, test_queries[some_language][0][:64], chosen[some_language], some_language, args
+        model, tokenizer, vectors, test_queries[some_language][0][:64], chosen[some_language][0], some_language, args
     )
+    if args.no_lens:
+        report["plain_mean"] = sum(report["plain"].values()) / len(report["plain"])
+        report["lrp2_mean"] = sum(report["lrp2"].values()) / len(report["lrp2"])
+        write_report(report, args, ("plain", "lrp2", "plain_mean", "lrp2_mean", "lrp2_chosen_layers",
+                                    "plain_en_kjv_to_web", "lrp2_hook_overhead", "timings_s"))
+        return
 
     # LENS: probe and train on training-book verses, then the same test.
     clock = time.perf_counter()
@@ -186,11 +200,14 @@ def main() -> None:
     report["lens_en_kjv_to_web"] = english_versions(model, tokenizer, corpus, candidates, args)
     for name in ("plain", "lrp2", "lens"):
         report[f"{name}_mean"] = sum(report[name].values()) / len(report[name])
+    write_report(report, args, ("plain", "lrp2", "lens", "plain_mean", "lrp2_mean", "lens_mean", "lrp2_chosen_layers",
+                                "plain_en_kjv_to_web", "lens_en_kjv_to_web", "lrp2_hook_overhead", "timings_s"))
+
+
+def write_report(report: dict, args, shown: tuple) -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps({key: report[key] for key in ("plain", "lrp2", "lens", "plain_mean", "lrp2_mean", "lens_mean",
-                                                   "lrp2_chosen_layers", "plain_en_kjv_to_web", "lens_en_kjv_to_web",
-                                                   "lrp2_hook_overhead", "timings_s")}, indent=2))
+    print(json.dumps({key: report[key] for key in shown}, indent=2))
 
 
 if __name__ == "__main__":
