@@ -3,22 +3,18 @@ import json
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+from transformers import BertConfig, BertModel
 
 from polypeft.tasks.classification import (accuracy, classification_model, encode_classification,
                                            evaluate_classification, read_classification)
 from polypeft.tasks.records import TaskDataError
+from tiny_models import bert_tokenizer
 
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "good", "great", "fine", "bad", "awful", "poor", "movie", "food", "very"]
 
 
 def tiny_tokenizer():
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.post_processor = processors.BertProcessing(("[SEP]", 3), ("[CLS]", 2))
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]",
-                                   cls_token="[CLS]", sep_token="[SEP]")
+    return bert_tokenizer(WORDS)
 
 
 def tiny_encoder():

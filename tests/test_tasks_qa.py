@@ -3,22 +3,18 @@ import json
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+from transformers import BertConfig, BertModel
 
 from polypeft.tasks.qa import encode_qa, evaluate_qa, predict_qa, qa_model, read_qa, squad_scores
 from polypeft.tasks.records import TaskDataError
+from tiny_models import bert_tokenizer
 
 CONTEXT = "the tower was built in 1889 by gustave eiffel for the world fair in paris"
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "who", "when", "built", "what"] + sorted(set(CONTEXT.split()))
 
 
 def tiny_tokenizer():
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.post_processor = processors.BertProcessing(("[SEP]", 3), ("[CLS]", 2))
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]",
-                                   cls_token="[CLS]", sep_token="[SEP]")
+    return bert_tokenizer(WORDS)
 
 
 def squad_file(path, answer_start):

@@ -1,21 +1,17 @@
 """Bitext retrieval: accuracy@1 by cosine of mean-pooled embeddings, at any layer of any encoder."""
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+from transformers import BertConfig, BertModel
 
 from polypeft.tasks.records import TaskDataError
 from polypeft.tasks.retrieval import bitext_retrieval, read_bitext, retrieval_accuracy
+from tiny_models import bert_tokenizer
 
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + [f"w{i}" for i in range(30)]
 
 
 def tiny_tokenizer():
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.post_processor = processors.BertProcessing(("[SEP]", 3), ("[CLS]", 2))
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]",
-                                   cls_token="[CLS]", sep_token="[SEP]")
+    return bert_tokenizer(WORDS)
 
 
 def test_accuracy_counts_the_diagonal():

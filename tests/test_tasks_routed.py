@@ -4,8 +4,8 @@ from dataclasses import replace
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+from tokenizers import models
+from transformers import BertConfig, BertModel
 
 import polypeft as pp
 from polypeft.models.e5 import embed_layers
@@ -16,7 +16,7 @@ from polypeft.tasks.records import TaskDataError
 from polypeft.tasks.retrieval import bitext_retrieval, retrieval_accuracy
 from polypeft.tasks.tokens import (WIKIANN_LABELS, TaggedSentence, TokenData, encode_tokens, evaluate_tokens,
                                    predict_tokens, read_conll, read_tokens, token_classification_model)
-from tiny_models import randomize_added
+from tiny_models import bert_tokenizer, randomize_added
 
 CONTEXTS = ["anna was born in paris in 1889 and lives in berlin with her dog",
             "the tower in rome was built by marco for the fair in 1900"]
@@ -27,11 +27,7 @@ TRAIN_LANGUAGES = ["de", "fr", "de", "fr"]
 
 
 def tiny_tokenizer():
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.post_processor = processors.BertProcessing(("[SEP]", 3), ("[CLS]", 2))
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]",
-                                   cls_token="[CLS]", sep_token="[SEP]")
+    return bert_tokenizer(WORDS)
 
 
 def tiny_encoder():

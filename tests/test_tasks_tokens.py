@@ -3,22 +3,18 @@ import json
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+from transformers import BertConfig, BertModel
 
 from polypeft.tasks.records import TaskDataError
 from polypeft.tasks.tokens import (IGNORE_INDEX, WIKIANN_LABELS, encode_tokens, evaluate_tokens, predict_tokens,
                                    read_conll, read_tokens, seqeval_scores, token_classification_model)
+from tiny_models import bert_tokenizer
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "paris", "is", "in", "france", "berlin", "##er", "ber", "lin", "anna"]
 
 
 def tiny_wordpiece():
-    backend = Tokenizer(models.WordPiece({w: i for i, w in enumerate(VOCAB)}, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.post_processor = processors.BertProcessing(("[SEP]", 3), ("[CLS]", 2))
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]",
-                                   cls_token="[CLS]", sep_token="[SEP]")
+    return bert_tokenizer(VOCAB, "WordPiece")
 
 
 def test_conll_reader_strips_wikiann_language_prefixes(tmp_path):
