@@ -4,7 +4,6 @@ from dataclasses import replace
 
 import pytest
 import torch
-from tokenizers import models
 from transformers import BertConfig, BertModel
 
 import polypeft as pp
