@@ -78,6 +78,35 @@ def encode(tokenizer, texts):
     return tokenizer(texts, padding=True, return_tensors="pt", return_token_type_ids=False)
 
 
+def test_a_failed_construction_leaves_no_hook_behind():
+    model, tokenizer = tiny_bart(), tiny_tokenizer()
+    vectors = language_vectors(model, TEXTS, tokenizer, stack="both", progress=False)
+    del vectors.means["decoder"]["fr"]  # the encoder's hooks attach first, then the decoder's table fails
+    batch = tokenizer(["la maison le chat"], return_tensors="pt")
+    batch.pop("token_type_ids", None)
+    before = model(**batch).last_hidden_state
+    with pytest.raises(InterventionError, match="no language vector for 'fr'"):
+        LRP2(model, vectors, lirp_layer=1, stack="both")
+    assert all(not block._forward_hooks and not block._forward_pre_hooks
+               for blocks in find_blocks(model).values() for block in blocks)
+    assert torch.equal(model(**batch).last_hidden_state, before)
+
+
+def test_last_token_vectors_of_an_absolute_position_model_do_not_depend_on_padding():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_embd=16, n_layer=2, n_head=2, n_positions=32)).eval()
+    tokenizer = tiny_tokenizer()
+    tokenizer.padding_side = "left"  # the usual setting for causal LMs
+    texts = {"en": TEXTS["en"], "fr": TEXTS["fr"]}  # sentences of different lengths: padded in a batch
+    batched = language_vectors(model, texts, tokenizer, pooling="last", batch_size=3, progress=False)
+    alone = language_vectors(model, texts, tokenizer, pooling="last", batch_size=1, progress=False)
+    for language in texts:
+        torch.testing.assert_close(batched.means["decoder"][language], alone.means["decoder"][language])
+    assert tokenizer.padding_side == "left", "the tokenizer's own setting is restored"
+
+
 def test_block_lists_found_generically():
     assert set(find_blocks(tiny_bert())) == {"encoder"}
     assert set(find_blocks(tiny_bart())) == {"encoder", "decoder"}

@@ -258,9 +258,18 @@ def tokenize(tokenizer, texts: Sequence[str], max_length: int, device: torch.dev
             f"tokenizer {type(tokenizer).__name__} has no pad token; batches need one "
             f"(for causal LMs: tokenizer.pad_token = tokenizer.eos_token)"
         )
-    encoded = tokenizer(
-        list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
-    )
+    # Right padding whatever the tokenizer's default: with left padding, models with absolute positions
+    # (GPT-2) would see every real token at another position, and the statistics would depend on the batch.
+    side = getattr(tokenizer, "padding_side", None)
+    if side is not None:
+        tokenizer.padding_side = "right"
+    try:
+        encoded = tokenizer(
+            list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        )
+    finally:
+        if side is not None:
+            tokenizer.padding_side = side
     return {
         name: tensor.to(device)
         for name, tensor in encoded.items()
@@ -508,18 +517,25 @@ class LRP2:
         self._language_ids = {code: index for index, code in enumerate(self.language_codes)}
         self._current: dict[str, Optional[torch.Tensor]] = {name: None for name in self.stacks}
         self._handles: list = []
-        for name in self.stacks:
-            pivot_at = lambda layer: vectors.vector(pivot, layer, name)  # noqa: E731
-            # Row l of a table is the shift for language l; the pivot's row is zero.
-            to_pivot = torch.stack(
-                [pivot_at(lirp_layer) - vectors.vector(code, lirp_layer, name) for code in self.language_codes]
+        try:
+            for name in self.stacks:
+                self._attach_stack(vectors, blocks[name], name)
+        except BaseException:
+            self.remove()  # all or nothing: a failed construction leaves no hook behind
+            raise
+
+    def _attach_stack(self, vectors: LanguageVectors, blocks: nn.ModuleList, name: str) -> None:
+        pivot_at = lambda layer: vectors.vector(self.pivot, layer, name)  # noqa: E731
+        # Row l of a table is the shift for language l; the pivot's row is zero.
+        to_pivot = torch.stack(
+            [pivot_at(self.lirp_layer) - vectors.vector(code, self.lirp_layer, name) for code in self.language_codes]
+        )
+        self._attach(blocks, name, self.lirp_layer, to_pivot)
+        if self.lsrp_layer is not None:
+            from_pivot = torch.stack(
+                [vectors.vector(code, self.lsrp_layer, name) - pivot_at(self.lsrp_layer) for code in self.language_codes]
             )
-            self._attach(blocks[name], name, lirp_layer, to_pivot)
-            if lsrp_layer is not None:
-                from_pivot = torch.stack(
-                    [vectors.vector(code, lsrp_layer, name) - pivot_at(lsrp_layer) for code in self.language_codes]
-                )
-                self._attach(blocks[name], name, lsrp_layer, from_pivot)
+            self._attach(blocks, name, self.lsrp_layer, from_pivot)
 
     # -- languages -----------------------------------------------------------------------------
 
