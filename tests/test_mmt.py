@@ -81,6 +81,18 @@ def test_resume_ends_where_an_uninterrupted_run_ends(data, tmp_path):
     assert c["step"] == 6
 
 
+def test_a_resumed_run_logs_every_step_once(data, tmp_path):
+    stopped = recipe(tmp_path, {"name": "naive"}, steps=3, checkpoint_every=3)
+    train_run(stopped, data=data)
+    log = stopped.run_dir / "train_log.jsonl"
+    with open(log, "a", encoding="utf-8") as handle:  # steps 4 and 5 ran, then the run died before a checkpoint
+        handle.write(json.dumps({"step": 4, "loss": 9.9}) + "\n" + json.dumps({"step": 5, "loss": 9.9}) + "\n")
+    train_run(dataclasses.replace(stopped, steps=6), data=data, resume=True)
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert all(r["loss"] != 9.9 for r in records), "the steps after the checkpoint are the resumed run's"
+
+
 def test_resume_without_a_checkpoint_is_refused(data, tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train_run(recipe(tmp_path, {"name": "naive"}), data=data, resume=True)

@@ -19,7 +19,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from .fileio import write_torch
+from .fileio import write_text, write_torch
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -54,13 +54,27 @@ def seed_everything(seed: int) -> None:
 
 
 def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():  # dropout on a GPU draws from the CUDA generators
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _truncate_log(log_path: Path, last_step: int) -> None:
+    """Drop log lines past the checkpoint a run resumes from: those steps run again and log again."""
+    if not log_path.exists():
+        return
+    kept = [line for line in log_path.read_text(encoding="utf-8").splitlines(keepends=True)
+            if line.strip() and json.loads(line)["step"] <= last_step]
+    write_text(log_path, "".join(kept))
 
 
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, int]]
@@ -113,6 +127,8 @@ def train(
     progress = tqdm(range(start_step, settings.steps), initial=start_step, total=settings.steps,
                     desc="training", disable=not accelerator.is_local_main_process)
     log_path = run_dir / "train_log.jsonl"
+    if resume and accelerator.is_main_process:
+        _truncate_log(log_path, start_step)
     window_tokens, window_start = 0, time.perf_counter()
     prepared.train()
     for step in progress:
