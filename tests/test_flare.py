@@ -509,3 +509,14 @@ def test_incremental_decoding_with_positional_alignment_is_refused_clearly():
 def test_training_without_batches_is_refused():
     with pytest.raises(FLAREError, match="no batches"):
         run_recipe(tiny_bert(), "zero_shot", [], [], FLAREConfig(rank=2), stage1=TrainSettings(steps=1, progress=False))
+
+
+def test_the_example_recipe_in_configs_is_valid():
+    from pathlib import Path
+
+    from polypeft.cli_flare import read_yaml, settings_from
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "flare_example.yaml"
+    config = read_yaml(str(path))
+    assert FLAREConfig.from_dict(config["flare"], where=str(path)).fusion == "add_relu"
+    assert settings_from(config["stage2"], str(path)).steps == 300
