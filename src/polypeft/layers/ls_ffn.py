@@ -5,7 +5,7 @@ Each language gets its own copy of every FFN linear; the shared route (FD) is th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Optional
+from typing import ClassVar, Optional
 
 import torch
 from torch import nn
@@ -15,22 +15,6 @@ from ..languages import LanguageRegistry, Routes
 from ..model import register_layer_builder
 from ..routing import RouteState
 from .routed import RoutedLinear, language_key, side_language
-
-
-class RowGroups:
-    """Rows of a batch sorted by a group id computed on the device (Switch's experts), so each group
-    runs as one plain matmul. One host sync (the group sizes) per batch; route groups need none."""
-
-    def __init__(self, group_ids: torch.Tensor, num_groups: int):
-        self.order = torch.argsort(group_ids, stable=True)
-        self.inverse = torch.argsort(self.order)
-        self.sizes: list[int] = torch.bincount(group_ids, minlength=num_groups).tolist()
-
-    def apply(self, rows: torch.Tensor, compute: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """`compute(group, rows_of_group)` for each non-empty group, results back in the original order."""
-        chunks = torch.split(rows.index_select(0, self.order), self.sizes)
-        parts = [compute(group, chunk) for group, chunk in enumerate(chunks) if chunk.shape[0]]
-        return torch.cat(parts, dim=0).index_select(0, self.inverse)
 
 
 @register_config

@@ -8,7 +8,7 @@ import math
 import re
 import weakref
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import Callable, ClassVar, Optional
 
 import torch
 from torch import nn
@@ -17,7 +17,6 @@ from ..config import ConfigError, MethodConfig, check_positive, register_config
 from ..languages import LanguageError, LanguageRegistry, Routes
 from ..model import register_layer_builder
 from ..routing import RouteState
-from .ls_ffn import RowGroups
 from .routed import RoutedLinear
 
 # Suffixes of the linear that closes an FFN (BART/Marian, BERT, T5, Llama); every other target in
@@ -25,6 +24,22 @@ from .routed import RoutedLinear
 FFN_OUTPUT_SUFFIXES = ("fc2", "output.dense", "wo", "down_proj")
 # Small router weights: every expert starts with nearly equal probability.
 ROUTER_INIT_STD = 0.02
+
+
+class RowGroups:
+    """Rows of a batch sorted by a group id computed on the device (Switch's experts), so each group
+    runs as one plain matmul. One host sync (the group sizes) per batch; route groups need none."""
+
+    def __init__(self, group_ids: torch.Tensor, num_groups: int):
+        self.order = torch.argsort(group_ids, stable=True)
+        self.inverse = torch.argsort(self.order)
+        self.sizes: list[int] = torch.bincount(group_ids, minlength=num_groups).tolist()
+
+    def apply(self, rows: torch.Tensor, compute: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """`compute(group, rows_of_group)` for each non-empty group, results back in the original order."""
+        chunks = torch.split(rows.index_select(0, self.order), self.sizes)
+        parts = [compute(group, chunk) for group, chunk in enumerate(chunks) if chunk.shape[0]]
+        return torch.cat(parts, dim=0).index_select(0, self.inverse)
 
 
 @register_config
