@@ -110,6 +110,28 @@ def test_fuse_distillation_step_matches_two_separate_passes():
     assert layer.lms_F.grad[3].abs().sum() > 0 and layer.lms_F.grad[1].abs().sum() > 0
 
 
+@pytest.mark.parametrize("one_way", [False, True])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_fuse_distillation_loss_equals_its_parts_in_value_and_gradient(one_way, label_smoothing):
+    """The loss shares one log-softmax per route; it must equal CE + KL composed from the public functions."""
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 11, (3, 4), generator=generator)
+    labels[1, 2:] = -100
+    logits = [torch.randn(3, 4, 11, generator=generator, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    fused = pp.fuse_distillation_loss(*logits, labels, kl_weight=0.7, one_way=one_way,
+                                      label_smoothing=label_smoothing)
+    twins = [t.detach().clone().requires_grad_(True) for t in logits]
+    ce = [pp.token_cross_entropy(t, labels, label_smoothing) for t in twins]
+    kl = (pp.one_way_kl if one_way else pp.symmetric_kl)(*twins, labels != -100)
+    composed = 0.5 * (ce[0] + ce[1]) + 0.7 * kl
+    torch.testing.assert_close(fused.loss, composed)
+    torch.testing.assert_close((fused.ce_language, fused.ce_shared, fused.kl), (ce[0], ce[1], kl))
+    fused.loss.backward()
+    composed.backward()
+    for mine, theirs in zip(logits, twins):
+        torch.testing.assert_close(mine.grad, theirs.grad)
+
+
 def test_one_way_kl_sends_gradients_to_the_student_only():
     teacher = torch.randn(2, 4, 10, requires_grad=True)
     student = torch.randn(2, 4, 10, requires_grad=True)
