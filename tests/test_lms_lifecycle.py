@@ -110,6 +110,20 @@ def test_fuse_distillation_step_matches_two_separate_passes():
     assert layer.lms_F.grad[3].abs().sum() > 0 and layer.lms_F.grad[1].abs().sum() > 0
 
 
+def test_fuse_distillation_step_does_not_ask_the_model_for_its_own_loss():
+    poly = make("bart")
+    batch = random_batch("bart", 2)
+    batch = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+             "labels": torch.randint(3, 64, (2, 5))}
+    seen = []
+    poly.base_model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs), with_kwargs=True)
+    pp.fuse_distillation_step(poly, batch, "de", "en")
+    (kwargs,) = seen
+    assert "labels" not in kwargs, "the model's loss is a wasted pass over the vocabulary"
+    expected = poly.base_model.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
+    torch.testing.assert_close(kwargs["decoder_input_ids"], torch.cat([expected, expected]))
+
+
 @pytest.mark.parametrize("one_way", [False, True])
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 def test_fuse_distillation_loss_equals_its_parts_in_value_and_gradient(one_way, label_smoothing):

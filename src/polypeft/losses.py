@@ -102,6 +102,21 @@ def _smoothed_nll(log_probs: torch.Tensor, targets: torch.Tensor, label_smoothin
     return nll.mean()
 
 
+def model_inputs(poly, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch without `labels`: the model's own loss would be a wasted pass over the vocabulary.
+    An encoder-decoder still gets the decoder inputs the labels imply."""
+    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    labels = batch.get("labels")
+    if labels is None or "decoder_input_ids" in inputs or "decoder_inputs_embeds" in inputs:
+        return inputs
+    if getattr(getattr(poly, "config", None), "is_encoder_decoder", False):
+        prepare = getattr(poly.base_model, "prepare_decoder_input_ids_from_labels", None)
+        if prepare is None:
+            return dict(batch)  # cannot derive them: let the model do it, loss and all
+        inputs["decoder_input_ids"] = prepare(labels=labels)
+    return inputs
+
+
 def _doubled(value: Any, batch_size: int) -> Any:
     if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch_size:
         return torch.cat([value, value], dim=0)
@@ -126,7 +141,7 @@ def fuse_distillation_step(
     shared_id = poly.registry.shared_id
     src = routes.src.tolist() + [shared_id] * batch_size
     tgt = routes.tgt.tolist() + [shared_id] * batch_size
-    doubled = {key: _doubled(value, batch_size) for key, value in batch.items()}
+    doubled = {key: _doubled(value, batch_size) for key, value in model_inputs(poly, batch).items()}
     logits = model(**doubled, src_lang=torch.tensor(src), tgt_lang=torch.tensor(tgt)).logits
     language_logits, shared_logits = logits.split(batch_size, dim=0)
     return fuse_distillation_loss(language_logits, shared_logits, labels, kl_weight, one_way, label_smoothing)

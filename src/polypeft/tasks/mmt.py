@@ -171,9 +171,9 @@ def make_loss_fn(recipe: MMTRecipe):
         tokens = int((labels != -100).sum())
         poly = getattr(model, "module", model)
         if recipe.uses_fd:
-            loss = fuse_distillation_step(model, {**batch, "labels": labels}, src, tgt, kl_weight=kl_weight,
-                                          one_way=one_way, label_smoothing=recipe.label_smoothing).loss
-            # The FD pass runs the model on [batch; batch]; drop the labels key it does not need.
+            # The FD pass runs the model on [batch; batch]; the labels only score it.
+            loss = fuse_distillation_step(model, batch, src, tgt, kl_weight=kl_weight, one_way=one_way,
+                                          label_smoothing=recipe.label_smoothing, labels=labels).loss
         else:
             routes = {"src_lang": src, "tgt_lang": tgt} if isinstance(poly, PolyModel) else {}
             logits = model(**batch, **routes).logits
