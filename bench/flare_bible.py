@@ -11,9 +11,11 @@ import json
 import random
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
+from polypeft.fileio import atomic_write
 from polypeft.flare import TrainedRecipe, TrainSettings, run_recipe, train_english_lora
 from polypeft.layers.flare_model import FLAREConfig
 from polypeft.models.e5 import QUERY_PREFIX, load_encoder
@@ -89,6 +91,13 @@ def evaluate(trained: TrainedRecipe, batches: list) -> tuple[float, float]:
     return correct / total, elapsed
 
 
+def save(args: argparse.Namespace, results: dict) -> None:
+    """Write the settings and every finished result, so a run stopped between languages keeps what it measured."""
+    if args.json:
+        text = json.dumps({"settings": vars(args), "results": results}, indent=2)
+        atomic_write(args.json, lambda path: Path(path).write_text(text, encoding="utf-8"))
+
+
 def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     encoder, tokenizer = truncated_e5(args.layers)
@@ -136,6 +145,7 @@ def run(args: argparse.Namespace) -> dict:
                     {"seed": seed, "accuracy": accuracy, "train_step_s": step_s, "inference_s": seconds})
                 print(f"{target} seed {seed} {recipe} acc {accuracy:.3f} step {step_s:.3f}s "
                       f"inference {seconds:.2f}s", flush=True)
+        save(args, results)
     return results
 
 
@@ -178,9 +188,6 @@ def main() -> None:
     args = parser.parse_args()
     results = run(args)
     print(summarize(results))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump({"settings": vars(args), "results": results}, handle, indent=2)
 
 
 if __name__ == "__main__":
