@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser = commands.add_parser("demo", help="naive vs LMS vs LMS+FD on 4 Bible languages, a few minutes")
     demo_parser.add_argument("--quick", action="store_true", help="a reduced run (tests, smoke checks)")
     demo_parser.add_argument("--output-dir", default="runs/demo")
-    demo_parser.add_argument("--steps", type=int, help="training steps per method (default 600; --quick: 8)")
+    demo_parser.add_argument("--steps", type=int, help="training steps per method (default 300; --quick: 8)")
     demo_parser.set_defaults(func=demo)
 
     from .cli_encoder import add_cli as add_encoder

@@ -25,8 +25,8 @@ def demo_recipe(quick: bool, output_dir: str) -> MMTRecipe:
                          max_eval_verses=6, steps=8, warmup=4, checkpoint_every=4, max_tokens=1024, beam=2, max_length=48,
                          output_dir=output_dir)
     return MMTRecipe(languages=["en", "fr", "es", "de"], vocab_size=4000, spm_max_sentences=15000,
-                     max_train_verses=None, max_eval_verses=120, steps=600, warmup=100, lr=1e-3, max_tokens=3000,
-                     checkpoint_every=200, output_dir=output_dir)
+                     max_train_verses=None, max_eval_verses=60, steps=300, warmup=100, lr=1e-3, max_tokens=2000,
+                     checkpoint_every=100, output_dir=output_dir)
 
 
 def finished(recipe: MMTRecipe) -> bool:
