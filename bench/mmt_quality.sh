@@ -28,4 +28,4 @@ export OMP_NUM_THREADS=$(( $(nproc) / jobs > 0 ? $(nproc) / jobs : 1 ))
 mkdir -p "$out"
 for method in $methods; do for seed in $seeds; do echo "$method $seed $steps"; done; done |
   xargs -P "$jobs" -L 1 bash -c 'train_one "$0" "$1" "$2"'
-polypeft mmt compare $out/*-seed* --baseline naive --out $out/compare
+polypeft mmt compare $out/*-seed*/ --baseline naive --out $out/compare   # the trailing / leaves out the logs

@@ -1,10 +1,12 @@
 """The comparison of evaluated runs: averages, spread over seeds, win ratios, gains, parameters, Markdown."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from polypeft.evaluate import averages, win_ratio
-from polypeft.report import compare, markdown
+from polypeft.report import compare, load_results, markdown
 
 
 def evaluated(name: str, seed: int, bleu: dict, variant: str = "default", shared_extra: int = 0) -> dict:
@@ -55,3 +57,18 @@ def test_compare_means_spreads_gains_and_win_ratios_over_seeds():
     assert "| lms | 0,1 |" in table and "+1.50" in table and "chrF per direction" in table
     with pytest.raises(ValueError, match="baseline 'switch' is not among the runs"):
         compare(results, "switch")
+
+
+def test_load_results_names_a_file_that_is_not_an_evaluation(tmp_path):
+    run = tmp_path / "naive-seed0"
+    run.mkdir()
+    (run / "eval_test.json").write_text(json.dumps(evaluated("naive", 0, {"en-fr": 1.0})), encoding="utf-8")
+    assert load_results([run])[0]["name"] == "naive"
+    log = tmp_path / "naive-seed0.log"
+    log.write_text("training:  4%|\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"naive-seed0\.log is not an evaluation"):
+        load_results([run, log])
+    other = tmp_path / "other.json"
+    other.write_text("[1, 2]", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"other\.json .*no 'variants'"):
+        load_results([other])

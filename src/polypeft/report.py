@@ -15,13 +15,21 @@ from .fileio import write_json, write_text
 
 
 def load_results(paths: Sequence[str | Path], split: str = "test") -> list[dict]:
+    """The evaluation JSON of each run directory (or of each JSON file given directly)."""
     results = []
     for path in paths:
         path = Path(path)
         file = path if path.is_file() else path / f"eval_{split}.json"
         if not file.exists():
             raise FileNotFoundError(f"{file} not found: run `polypeft mmt eval` on {path} first")
-        results.append(json.loads(file.read_text(encoding="utf-8")))
+        try:
+            result = json.loads(file.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as error:
+            raise ValueError(f"{file} is not an evaluation written by `polypeft mmt eval` ({error}); pass run "
+                             "directories or their eval_<split>.json files") from error
+        if not isinstance(result, dict) or "variants" not in result:
+            raise ValueError(f"{file} is not an evaluation written by `polypeft mmt eval`: it has no 'variants'")
+        results.append(result)
     return results
 
 
