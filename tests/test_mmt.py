@@ -201,3 +201,18 @@ def test_demo_runs_in_reduced_mode(tmp_path, capsys):
     # Run again: finished runs of the same recipe are reused, not retrained.
     assert main(["demo", "--quick", "--steps", "6", "--output-dir", str(tmp_path)]) == 0
     assert capsys.readouterr().out.count("already trained and evaluated") == 3
+
+
+def test_cross_entropy_scores_the_shared_route_when_asked(data, tmp_path):
+    from polypeft.tasks.mmt import load_run, valid_loss_fn
+
+    run_dir = train_run(recipe(tmp_path, {"name": "lms", "rank": 4, "fd": True}, steps=12), data=data)
+    run, _, model = load_run(run_dir, data=data)
+    model.eval()
+    with torch.no_grad():
+        own = valid_loss_fn(run, data, model.config)(model)
+        own_again = valid_loss_fn(run, data, model.config, examples=list(data.valid))(model)
+        shared = valid_loss_fn(run, data, model.config, route="shared")(model)
+    assert own == pytest.approx(own_again)
+    assert shared != pytest.approx(own, abs=1e-4), "the shared route must be a different function after FD training"
+    assert 0 < shared < 10 and 0 < own < 10

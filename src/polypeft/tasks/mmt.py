@@ -195,11 +195,16 @@ def batch_stream(recipe: MMTRecipe, data: MMTData, model_config) -> Iterator[dic
         yield add_decoder_inputs(batch, model_config)
 
 
-def valid_loss_fn(recipe: MMTRecipe, data: MMTData, model_config, batch_size: int = 64):
-    """Mean token CE (no smoothing) on the validation book over each example's own route."""
-    batches = [add_decoder_inputs(collate(data.valid[i : i + batch_size], data.tokenizer, recipe.max_length,
+def valid_loss_fn(recipe: MMTRecipe, data: MMTData, model_config, batch_size: int = 64,
+                  examples: Optional[list] = None, route: Optional[str] = None):
+    """Mean token CE (no smoothing) on the validation book (or `examples`) over each example's own route.
+
+    `route` (e.g. "shared", FD-Share) replaces every example's languages, as in `translate`.
+    """
+    examples = data.valid if examples is None else examples
+    batches = [add_decoder_inputs(collate(examples[i : i + batch_size], data.tokenizer, recipe.max_length,
                                           recipe.max_length), model_config)
-               for i in range(0, len(data.valid), batch_size)]
+               for i in range(0, len(examples), batch_size)]
 
     def valid(model) -> float:
         poly = getattr(model, "module", model)
@@ -207,6 +212,8 @@ def valid_loss_fn(recipe: MMTRecipe, data: MMTData, model_config, batch_size: in
         for batch in batches:
             batch = dict(batch)
             src, tgt, labels = batch.pop("src_lang"), batch.pop("tgt_lang"), batch.pop("labels")
+            if route is not None:
+                src = tgt = route
             routes = {"src_lang": src, "tgt_lang": tgt} if isinstance(poly, PolyModel) else {}
             device = next(model.parameters()).device
             logits = model(**{k: v.to(device) for k, v in batch.items()}, **routes).logits
