@@ -216,3 +216,10 @@ def test_cross_entropy_scores_the_shared_route_when_asked(data, tmp_path):
     assert own == pytest.approx(own_again)
     assert shared != pytest.approx(own, abs=1e-4), "the shared route must be a different function after FD training"
     assert 0 < shared < 10 and 0 < own < 10
+
+
+def test_validation_loss_is_logged_every_n_steps_and_at_the_end(data, tmp_path):
+    run_dir = train_run(recipe(tmp_path, {"name": "naive"}, steps=7, valid_every=3), data=data)
+    records = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "valid_loss" in r] == [3, 6, 7]
+    assert all(0 < r["valid_loss"] < 10 for r in records if "valid_loss" in r)

@@ -152,7 +152,7 @@ def train(
             record["tokens_per_s"] = round(window_tokens / max(elapsed, 1e-9), 1)
             window_tokens, window_start = 0, time.perf_counter()
             progress.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-        if valid_fn and settings.valid_every and (step + 1) % settings.valid_every == 0:
+        if valid_fn and settings.valid_every and ((step + 1) % settings.valid_every == 0 or step + 1 == settings.steps):
             prepared.eval()
             with torch.no_grad():
                 record["valid_loss"] = round(float(valid_fn(prepared)), 4)
