@@ -14,14 +14,23 @@ from pathlib import Path
 import torch
 
 from polypeft.fileio import atomic_write
-from polypeft.tasks.mmt import eval_variants, load_run, valid_loss_fn
+from polypeft.tasks.mmt import MMTRecipe, eval_variants, load_run, prepare, read_run_recipe, valid_loss_fn
+
+
+def data_key(recipe: MMTRecipe) -> str:
+    """What the tokenizer and the splits depend on: runs that agree here share one `prepare`."""
+    return json.dumps([recipe.languages, recipe.pivot, recipe.vocab_size, recipe.spm_max_sentences,
+                       str(recipe.split()), recipe.max_train_verses, recipe.max_eval_verses])
 
 
 def measure(run_dirs: list[str]) -> list[dict]:
     """One row per run and variant: the mean token CE (no smoothing) on the valid and the test book."""
-    rows, data = [], None
+    rows, prepared = [], {}
     for run_dir in run_dirs:
-        recipe, data, model = load_run(run_dir, data)
+        key = data_key(read_run_recipe(run_dir))
+        if key not in prepared:
+            prepared[key] = prepare(read_run_recipe(run_dir))
+        recipe, data, model = load_run(run_dir, prepared[key])
         model.eval()
         for variant, route in eval_variants(recipe).items():
             with torch.no_grad():
@@ -38,7 +47,7 @@ def markdown(rows: list[dict]) -> str:
     for row in rows:
         label = row["name"] if row["variant"] == "default" else f"{row['name']} ({row['variant'].replace('_', '-')})"
         grouped[label].append(row)
-    lines = ["| run | seeds | valid CE | test CE |", "|---|---|---|---|"]
+    lines = ["| run | seeds | valid CE (mean ± half range) | test CE (mean ± half range) |", "|---|---|---|---|"]
     for label, group in grouped.items():
         cells = []
         for key in ("valid_ce", "test_ce"):

@@ -212,8 +212,10 @@ def test_cross_entropy_scores_the_shared_route_when_asked(data, tmp_path):
     with torch.no_grad():
         own = valid_loss_fn(run, data, model.config)(model)
         own_again = valid_loss_fn(run, data, model.config, examples=list(data.valid))(model)
+        subset = valid_loss_fn(run, data, model.config, examples=data.valid[:3])(model)
         shared = valid_loss_fn(run, data, model.config, route="shared")(model)
     assert own == pytest.approx(own_again)
+    assert subset != pytest.approx(own, abs=1e-4), "`examples` must replace the validation book"
     assert shared != pytest.approx(own, abs=1e-4), "the shared route must be a different function after FD training"
     assert 0 < shared < 10 and 0 < own < 10
 
