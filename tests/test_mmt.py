@@ -225,3 +225,15 @@ def test_validation_loss_is_logged_every_n_steps_and_at_the_end(data, tmp_path):
     records = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "valid_loss" in r] == [3, 6, 7]
     assert all(0 < r["valid_loss"] < 10 for r in records if "valid_loss" in r)
+
+
+def test_demo_refuses_a_folder_holding_another_demo_setting(tmp_path):
+    from polypeft.config import ConfigError
+    from polypeft.demo import demo_recipe, run_demo
+
+    stale = dataclasses.replace(demo_recipe(True, str(tmp_path)), name="lms", max_tokens=999)
+    stale.run_dir.mkdir(parents=True)
+    (stale.run_dir / "recipe.json").write_text(json.dumps(dataclasses.asdict(stale)), encoding="utf-8")
+    (stale.run_dir / "checkpoint.pt").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"polypeft demo: .*lms-seed0 holds a run of another demo setting.*max_tokens"):
+        run_demo(quick=True, output_dir=str(tmp_path))

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Optional
 
 from .report import load_results, markdown, write_comparison
-from .tasks.mmt import MMTRecipe, evaluate_run, prepare, train_run
+from .config import ConfigError
+from .tasks.mmt import MMTRecipe, check_resumable, evaluate_run, prepare, train_run
 
 DEMO_METHODS = {
     "naive": {"name": "naive"},
@@ -43,18 +44,31 @@ def finished(recipe: MMTRecipe) -> bool:
 DEFAULT_OUTPUT_DIR = "runs/demo"
 
 
+def refuse_runs_of_another_setting(recipes: list[MMTRecipe]) -> None:
+    """Stop before any work when a run folder holds a demo trained with other settings (an older default)."""
+    for recipe in recipes:
+        if (recipe.run_dir / "checkpoint.pt").exists() and not finished(recipe):
+            try:
+                check_resumable(recipe, recipe.run_dir)
+            except ConfigError as error:
+                raise ConfigError(f"polypeft demo: {recipe.run_dir} holds a run of another demo setting, so it can "
+                                  f"neither be reused nor continued; remove that folder or pass --output-dir. "
+                                  f"({error})") from error
+
+
 def run_demo(quick: bool = False, output_dir: str = DEFAULT_OUTPUT_DIR, steps: Optional[int] = None) -> dict:
     base = demo_recipe(quick, output_dir)
     if steps is not None and steps != base.steps:  # longer runs show the methods' gains; the default the pipeline
         if output_dir == DEFAULT_OUTPUT_DIR:  # a run of another length is another run: never resumed or overwritten
             output_dir = f"{output_dir}-{steps}steps"
         base = dataclasses.replace(base, steps=steps, output_dir=output_dir)
+    recipes = {name: dataclasses.replace(base, name=name, method=method) for name, method in DEMO_METHODS.items()}
+    refuse_runs_of_another_setting(list(recipes.values()))
     print(f"polypeft demo: {'/'.join(base.languages)} Bible translation, tiny model, {base.steps} steps per method")
     data = prepare(base)
     print(f"data: {len(data.train):,} training pairs, {len(data.test):,} test pairs (book 43, John)")
     run_dirs = []
-    for name, method in DEMO_METHODS.items():
-        recipe = dataclasses.replace(base, name=name, method=method)
+    for name, recipe in recipes.items():
         run_dir = recipe.run_dir
         if finished(recipe):
             print(f"[{name}] already trained and evaluated with this recipe: {run_dir}")
