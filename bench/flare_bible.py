@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import random
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
-from polypeft.fileio import atomic_write
+from polypeft.fileio import write_json
 from polypeft.flare import TrainedRecipe, TrainSettings, run_recipe, train_english_lora
 from polypeft.layers.flare_model import FLAREConfig
 from polypeft.models.e5 import QUERY_PREFIX, load_encoder
@@ -94,8 +92,7 @@ def evaluate(trained: TrainedRecipe, batches: list) -> tuple[float, float]:
 def save(args: argparse.Namespace, results: dict) -> None:
     """Write the settings and every finished result, so a run stopped between languages keeps what it measured."""
     if args.json:
-        text = json.dumps({"settings": vars(args), "results": results}, indent=2)
-        atomic_write(args.json, lambda path: Path(path).write_text(text, encoding="utf-8"))
+        write_json(args.json, {"settings": vars(args), "results": results})
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -9,11 +9,11 @@ import argparse
 import json
 import statistics
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 
-from polypeft.fileio import atomic_write
+from polypeft.fileio import write_json
+from polypeft.report import _label
 from polypeft.tasks.mmt import MMTRecipe, eval_variants, load_run, prepare, read_run_recipe, valid_loss_fn
 
 
@@ -27,9 +27,10 @@ def measure(run_dirs: list[str]) -> list[dict]:
     """One row per run and variant: the mean token CE (no smoothing) on the valid and the test book."""
     rows, prepared = [], {}
     for run_dir in run_dirs:
-        key = data_key(read_run_recipe(run_dir))
+        stored = read_run_recipe(run_dir)
+        key = data_key(stored)
         if key not in prepared:
-            prepared[key] = prepare(read_run_recipe(run_dir))
+            prepared[key] = prepare(stored)
         recipe, data, model = load_run(run_dir, prepared[key])
         model.eval()
         for variant, route in eval_variants(recipe).items():
@@ -45,8 +46,7 @@ def measure(run_dirs: list[str]) -> list[dict]:
 def markdown(rows: list[dict]) -> str:
     grouped = defaultdict(list)
     for row in rows:
-        label = row["name"] if row["variant"] == "default" else f"{row['name']} ({row['variant'].replace('_', '-')})"
-        grouped[label].append(row)
+        grouped[_label(row, row["variant"])].append(row)
     lines = ["| run | seeds | valid CE (mean ± half range) | test CE (mean ± half range) |", "|---|---|---|---|"]
     for label, group in grouped.items():
         cells = []
@@ -65,8 +65,7 @@ def main() -> None:
     rows = measure(args.runs)
     print(markdown(rows))
     if args.json:
-        text = json.dumps(rows, indent=2)
-        atomic_write(args.json, lambda path: Path(path).write_text(text, encoding="utf-8"))
+        write_json(args.json, rows)
 
 
 if __name__ == "__main__":
