@@ -1,7 +1,8 @@
 """Bible verse retrieval xx->en on e5-small: plain encoder vs LRP2 (LIRP only) vs LENS, plus hook overhead.
 
-Layers for LRP2 are chosen per language on the valid book (49), accuracy is reported on the test book (43).
-Usage: python bench/lrp2_lens_bible.py [--queries-per-language 120] [--out bench/results/lrp2_lens_bible.json]
+Layers for LRP2 are chosen per language on the valid books (default 49), accuracy is reported on the test book (43).
+Usage: python bench/lrp2_lens_bible.py [--queries-per-language 120] [--valid-books 45,46,47,48,49]
+       [--out bench/results/lrp2_lens_bible.json]
 """
 from __future__ import annotations
 
@@ -16,11 +17,12 @@ from typing import Optional
 import torch
 
 from polypeft.data.bible import BibleCorpus
+from polypeft.fileio import write_json
 from polypeft.interventions import lens
 from polypeft.interventions.lrp2 import LRP2, language_vectors, lrp2_scorer, search_layers
 from polypeft.models.e5 import embed, load_encoder
 
-TEST_BOOK, VALID_BOOK = 43, 49
+TEST_BOOK = 43
 PREFIX = "query: "  # e5's prefix for symmetric tasks; used on both sides and for the language vectors
 
 
@@ -42,16 +44,18 @@ def encode(model, tokenizer, texts: list[str], args) -> torch.Tensor:
                  max_length=args.max_length, progress=False)
 
 
-def retrieval_set(corpus: BibleCorpus, languages: list[str], book: int, per_language: int,
+def retrieval_set(corpus: BibleCorpus, languages: list[str], books: list[int], per_language: Optional[int],
                   candidate_limit: Optional[int] = None):
-    """English candidates (every verse of the book) and, per language, spread queries with gold indices."""
-    english = corpus.verses("en", [book])
+    """English candidates (every verse of the books) and, per language, spread queries with gold indices
+    (`per_language` None: every verse present in that language)."""
+    english = corpus.verses("en", books)
     keys = list(english)[:candidate_limit]
     position = {key: index for index, key in enumerate(keys)}
     queries = {}
     for language in languages:
-        verses = corpus.verses(language, [book])
-        chosen = spread([key for key in keys if key in verses], per_language)
+        verses = corpus.verses(language, books)
+        present = [key for key in keys if key in verses]
+        chosen = spread(present, per_language or len(present))
         queries[language] = ([verses[key] for key in chosen], [position[key] for key in chosen])
     return [english[key] for key in keys], queries, keys
 
@@ -76,7 +80,8 @@ def english_versions(model, tokenizer, corpus, candidates, args) -> float:
     """KJV verses of the test book retrieving their WEB verse among all WEB verses of the book."""
     web, kjv = corpus.verses("en", [TEST_BOOK]), corpus.verses("kjv", [TEST_BOOK])
     keys = list(web)[:args.candidate_limit]
-    chosen = spread([key for key in keys if key in kjv], args.queries_per_language)
+    present = [key for key in keys if key in kjv]
+    chosen = spread(present, args.queries_per_language or len(present))
     queries = encode(model, tokenizer, [kjv[key] for key in chosen], args)
     return accuracy_at_1(queries, candidates, [keys.index(key) for key in chosen])
 
@@ -99,12 +104,16 @@ def hook_overhead(model, tokenizer, vectors, texts, layer, language, args, repea
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--languages", default="fr,es,de,ru,ar,ko")
-    parser.add_argument("--queries-per-language", type=int, default=120, help="test queries per language (book 43)")
-    parser.add_argument("--valid-queries", type=int, default=50, help="valid queries per language (book 49)")
+    parser.add_argument("--queries-per-language", type=int, default=120,
+                        help="test queries per language (book 43); 0: every verse of the book")
+    parser.add_argument("--valid-queries", type=int, default=50, help="valid queries per language, spread over "
+                        "the valid books; their candidates are every English verse of those books")
+    parser.add_argument("--valid-books", default="49", help="books for the layer search (comma-separated numbers)")
     parser.add_argument("--search-layers", default="6,9,11,12")
     parser.add_argument("--pairs", action="store_true",
                         help="also search LIRP at i with LSRP at j > i (the paper's pair), not LIRP alone only")
     parser.add_argument("--no-lens", action="store_true", help="skip the LENS part")
+    parser.add_argument("--no-lrp2", action="store_true", help="skip the LRP2 part")
     parser.add_argument("--vector-sentences", type=int, default=200, help="train-book verses per language for mu_l")
     parser.add_argument("--probe-sentences", type=int, default=100)
     parser.add_argument("--lens-verses", type=int, default=200, help="parallel train verses for LENS")
@@ -112,6 +121,8 @@ def main() -> None:
     parser.add_argument("--lens-lr", type=float, default=5e-5)
     parser.add_argument("--lens-top-k", type=int, default=2)
     parser.add_argument("--lens-weights", default="1,1,1", help="align,separate,retain loss weights")
+    parser.add_argument("--lens-push", type=float, default=1.0,
+                        help="separation target s * d_l: 1 pushes away from the pivot (paper), -1 pulls toward it")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=96)
     parser.add_argument("--candidate-limit", type=int, default=None, help="smoke runs only: fewer candidates")
@@ -128,18 +139,48 @@ def main() -> None:
     clock = time.perf_counter()
 
     # Training verses: every book except the test and valid ones, spread over the canon.
+    valid_books = [int(book) for book in args.valid_books.split(",")]
+    if TEST_BOOK in valid_books:
+        raise SystemExit(f"--valid-books {args.valid_books} includes the test book {TEST_BOOK}")
     train_rows = [row for row in corpus.parallel(["en", *languages])
-                  if int(row["ref"].split(":")[0]) not in (TEST_BOOK, VALID_BOOK)]
-    vector_rows = spread(train_rows, args.vector_sentences)
-    texts = {language: [PREFIX + row[language] for row in vector_rows] for language in ["en", *languages]}
-    vectors = language_vectors(model, texts, tokenizer, pooling="mean", batch_size=args.batch_size,
-                               max_length=args.max_length)
-    report["timings_s"]["language_vectors"] = time.perf_counter() - clock
+                  if int(row["ref"].split(":")[0]) not in (TEST_BOOK, *valid_books)]
+    vectors = None
+    if not args.no_lrp2:
+        vector_rows = spread(train_rows, args.vector_sentences)
+        texts = {language: [PREFIX + row[language] for row in vector_rows] for language in ["en", *languages]}
+        vectors = language_vectors(model, texts, tokenizer, pooling="mean", batch_size=args.batch_size,
+                                   max_length=args.max_length)
+        report["timings_s"]["language_vectors"] = time.perf_counter() - clock
 
-    # LRP2 layer search on the valid book: LIRP only (the variant for sentence embedders), with --pairs
-    # also LIRP at i + LSRP at j > i.
-    valid_candidates, valid_queries, _ = retrieval_set(corpus, languages, VALID_BOOK, args.valid_queries,
+    test_candidates, test_queries, _ = retrieval_set(corpus, languages, [TEST_BOOK], args.queries_per_language,
+                                                   args.candidate_limit)
+    report["test_sizes"] = {"candidates": len(test_candidates),
+                            "queries": {language: len(gold) for language, (_, gold) in test_queries.items()}}
+    clock = time.perf_counter()
+    candidates = encode(model, tokenizer, test_candidates, args)
+    report["plain"] = evaluate_all(model, tokenizer, candidates, test_queries, args)
+    report["plain_en_kjv_to_web"] = english_versions(model, tokenizer, corpus, candidates, args)
+    report["timings_s"]["test_plain"] = time.perf_counter() - clock
+    shown = ["plain", "plain_mean", "plain_en_kjv_to_web", "test_sizes"]
+    if not args.no_lrp2:
+        run_lrp2(report, model, tokenizer, corpus, languages, valid_books, vectors, candidates, test_queries, args)
+        shown += ["lrp2", "lrp2_mean", "lrp2_chosen_layers", "lrp2_hook_overhead", "valid_sizes"]
+    if not args.no_lens:
+        run_lens(report, model, tokenizer, corpus, languages, train_rows, test_candidates, test_queries, args)
+        shown += ["lens", "lens_mean", "lens_en_kjv_to_web", "lens_history"]
+    for name in ("plain", "lrp2", "lens"):
+        if name in report:
+            report[f"{name}_mean"] = sum(report[name].values()) / len(report[name])
+    write_report(report, args, (*shown, "timings_s"))
+
+
+def run_lrp2(report, model, tokenizer, corpus, languages, valid_books, vectors, candidates, test_queries, args):
+    """LRP2's layer search on the valid books (LIRP only, the variant for sentence embedders; with --pairs
+    also LIRP at i + LSRP at j > i), then the chosen layers on the test book and the hook's overhead."""
+    valid_candidates, valid_queries, _ = retrieval_set(corpus, languages, valid_books, args.valid_queries,
                                                       args.candidate_limit)
+    report["valid_sizes"] = {"candidates": len(valid_candidates),
+                             "queries": {language: len(gold) for language, (_, gold) in valid_queries.items()}}
     valid_candidate_embeddings = encode(model, tokenizer, valid_candidates, args)
 
     def evaluate(language, lrp2):
@@ -157,29 +198,17 @@ def main() -> None:
               for language in languages}
     report["lrp2_search"] = search.to_dict()
     report["lrp2_chosen_layers"] = chosen
-
-    # Test book: plain and LRP2.
-    test_candidates, test_queries, _ = retrieval_set(corpus, languages, TEST_BOOK, args.queries_per_language,
-                                                   args.candidate_limit)
     clock = time.perf_counter()
-    candidates = encode(model, tokenizer, test_candidates, args)
-    report["plain"] = evaluate_all(model, tokenizer, candidates, test_queries, args)
     report["lrp2"] = evaluate_all(model, tokenizer, candidates, test_queries, args, chosen, vectors)
-    report["plain_en_kjv_to_web"] = english_versions(model, tokenizer, corpus, candidates, args)
-    report["timings_s"]["test_plain_lrp2"] = time.perf_counter() - clock
-
+    report["timings_s"]["test_lrp2"] = time.perf_counter() - clock
     some_language = languages[0]
     report["lrp2_hook_overhead"] = hook_overhead(
         model, tokenizer, vectors, test_queries[some_language][0][:64], chosen[some_language][0], some_language, args
     )
-    if args.no_lens:
-        report["plain_mean"] = sum(report["plain"].values()) / len(report["plain"])
-        report["lrp2_mean"] = sum(report["lrp2"].values()) / len(report["lrp2"])
-        write_report(report, args, ("plain", "lrp2", "plain_mean", "lrp2_mean", "lrp2_chosen_layers",
-                                    "plain_en_kjv_to_web", "lrp2_hook_overhead", "timings_s"))
-        return
 
-    # LENS: probe and train on training-book verses, then the same test.
+
+def run_lens(report, model, tokenizer, corpus, languages, train_rows, test_candidates, test_queries, args):
+    """LENS: probe and train on training-book verses (the model changes in place), then the same test."""
     clock = time.perf_counter()
     probe_rows = spread(train_rows, args.probe_sentences)
     probe_texts = {language: [PREFIX + row[language] for row in probe_rows] for language in ["en", *languages]}
@@ -190,23 +219,18 @@ def main() -> None:
     pairs = [{language: PREFIX + row[language] for language in ["en", *languages]} for row in lens_rows]
     weights = tuple(float(w) for w in args.lens_weights.split(","))
     result = lens.train(model, tokenizer, pairs, lens_probe, top_k_layers=args.lens_top_k, steps=args.lens_steps,
-                        weights=weights,
-                        lr=args.lens_lr, batch_size=8, max_length=args.max_length)
+                        weights=weights, lr=args.lens_lr, batch_size=8, max_length=args.max_length,
+                        push_strength=args.lens_push)
     report["timings_s"]["lens_probe_train"] = time.perf_counter() - clock
     report["lens_history"] = {"first": result.history[0], "last": result.history[-1]}
     report["lens_settings"] = result.settings
     candidates = encode(model, tokenizer, test_candidates, args)
     report["lens"] = evaluate_all(model, tokenizer, candidates, test_queries, args)
     report["lens_en_kjv_to_web"] = english_versions(model, tokenizer, corpus, candidates, args)
-    for name in ("plain", "lrp2", "lens"):
-        report[f"{name}_mean"] = sum(report[name].values()) / len(report[name])
-    write_report(report, args, ("plain", "lrp2", "lens", "plain_mean", "lrp2_mean", "lens_mean", "lrp2_chosen_layers",
-                                "plain_en_kjv_to_web", "lens_en_kjv_to_web", "lrp2_hook_overhead", "timings_s"))
 
 
 def write_report(report: dict, args, shown: tuple) -> None:
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.out, report)
     print(json.dumps({key: report[key] for key in shown}, indent=2))
 
 
