@@ -2,7 +2,9 @@
 
 An English-trained e5-small classifier (layers 0-9 frozen and cached, 10-11 + head trained) is applied to
 every language; LIRP runs as polypeft's LRP2 hook inside the frozen part, at the layer that scores best on
-each language's valid verses. Test verses are never used to choose.
+each language's valid verses, or at the one layer that scores best on every language's valid verses pooled
+(`shared`: fewer choices, so less fitting of valid noise). Test verses are never used to choose; their accuracy
+at every layer is recorded as a diagnostic only.
 Usage: python bench/lrp2_classify.py [--seeds 0 1] [--layers 1,2,...,10] [--json bench/encoder/lrp2_classify.json]
 """
 from __future__ import annotations
@@ -11,11 +13,11 @@ import argparse
 import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 import polypeft as pp
+from polypeft.fileio import write_json
 from polypeft.tasks import encoder_finetune as ef
 from polypeft.tasks.bible_eval import SECTION_NAMES, verse_classification
 
@@ -76,22 +78,28 @@ def main() -> None:
         valid = {lang: {str(layer): accuracy(classifier, sets["valid", lang, layer]) for layer in [None, *layers]}
                  for lang in languages}
         chosen = {lang: max(layers, key=lambda layer: (valid[lang][str(layer)], -layer)) for lang in languages}
-        test_plain = {lang: accuracy(classifier, sets["test", lang, None]) for lang in languages}
-        test_lrp2 = {lang: accuracy(classifier, sets["test", lang, chosen[lang]]) for lang in languages}
-        runs.append({"seed": seed, "valid": valid, "chosen_layer": chosen, "test_plain": test_plain,
-                     "test_lrp2": test_lrp2})
-        print(json.dumps({"seed": seed, "chosen": chosen, "plain": test_plain, "lrp2": test_lrp2}), flush=True)
+        shared = max(layers, key=lambda layer: (statistics.mean(valid[lang][str(layer)] for lang in languages), -layer))
+        test = {lang: {str(layer): accuracy(classifier, sets["test", lang, layer]) for layer in [None, *layers]}
+                for lang in languages}
+        test_plain = {lang: test[lang]["None"] for lang in languages}
+        test_lrp2 = {lang: test[lang][str(chosen[lang])] for lang in languages}
+        test_shared = {lang: test[lang][str(shared)] for lang in languages}
+        runs.append({"seed": seed, "valid": valid, "chosen_layer": chosen, "shared_layer": shared,
+                     "test_plain": test_plain, "test_lrp2": test_lrp2, "test_lrp2_shared": test_shared,
+                     "test_every_layer": test})
+        print(json.dumps({"seed": seed, "chosen": chosen, "shared": shared, "plain": test_plain, "lrp2": test_lrp2,
+                          "lrp2_shared": test_shared}), flush=True)
 
     def mean_over_seeds(key: str) -> dict:
         return {lang: statistics.mean(run[key][lang] for run in runs) for lang in languages}
 
-    summary = {"plain": mean_over_seeds("test_plain"), "lrp2": mean_over_seeds("test_lrp2")}
-    summary["plain_average"] = statistics.mean(summary["plain"].values())
-    summary["lrp2_average"] = statistics.mean(summary["lrp2"].values())
+    summary = {"plain": mean_over_seeds("test_plain"), "lrp2": mean_over_seeds("test_lrp2"),
+               "lrp2_shared": mean_over_seeds("test_lrp2_shared")}
+    for key in ("plain", "lrp2", "lrp2_shared"):
+        summary[f"{key}_average"] = statistics.mean(summary[key].values())
     report = {"args": vars(args), "runs": runs, "summary": summary, "seconds": round(time.time() - started, 1),
               "sizes": {split: len(data[split]["en"].examples) for split in ("train", "valid", "test")}}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.json, report)
     print(json.dumps(summary, indent=2))
 
 
