@@ -101,6 +101,28 @@ def test_training_lowers_the_lens_objective_and_ships_only_top_layers(tokenizer,
         load_trained_layers(tiny_bert(seed=5), path)
 
 
+@pytest.mark.parametrize("push", [1.0, -1.0])
+def test_push_strength_sign_moves_targets_away_from_or_toward_the_pivot(tokenizer, push):
+    """The paper pushes a language away from the pivot in its specific subspace; a negative strength pulls it
+    toward the pivot instead (the retrieval-friendly use)."""
+    model = tiny_bert()
+    result = probe(model, tokenizer, TEXTS, progress=False)
+    layer = result.layers[-1]
+
+    def gap() -> float:
+        means = probe(model, tokenizer, TEXTS, progress=False).means
+        offset = means["fr"][result.row(layer)] - means["en"][result.row(layer)]
+        return float(result.project_specific(offset.unsqueeze(0), layer).norm())
+
+    before = gap()
+    # Retention holds the pivot, so the gap moves by the target's shift s * d_l: doubles for +1, closes for -1.
+    outcome = train(model, tokenizer, PARALLEL, result, top_k_layers=2, weights=(0.0, 1.0, 1.0), steps=30, lr=3e-3,
+                    batch_size=4, languages=["fr"], push_strength=push, progress=False)
+    assert outcome.settings["push_strength"] == {"fr": push}
+    after = gap()
+    assert (after > 1.5 * before) if push > 0 else (after < 0.3 * before)
+
+
 def test_train_refuses_bad_settings(tokenizer):
     model = tiny_bert()
     result = probe(model, tokenizer, TEXTS, layers=[1, 2], progress=False)

@@ -327,7 +327,8 @@ def test_cli_commands_run_from_yaml(tokenizer, tmp_path):
     config = {
         "model": str(tmp_path / "model"), "languages": ["fr", "de"], "pivot": "en",
         "output_dir": str(tmp_path / "run"), "texts": {"files": files}, "valid": {"files": files},
-        "search": {"candidate_layers": [1, 2, 3]}, "lens": {"top_k_layers": 1, "steps": 2, "batch_size": 2},
+        "search": {"candidate_layers": [1, 2, 3]}, "lens": {"top_k_layers": 1, "steps": 2, "batch_size": 2,
+                                                     "push_strength": {"fr": -1, "de": 0.5}},
     }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     parser = argparse.ArgumentParser()
@@ -340,3 +341,10 @@ def test_cli_commands_run_from_yaml(tokenizer, tmp_path):
     assert (tmp_path / "run" / "lrp2_heatmap_fr.png").is_file()
     assert (tmp_path / "run" / "probe" / "lens_probe.safetensors").is_file()
     assert (tmp_path / "run" / "lens_layers.safetensors").is_file()
+    trained = json.loads((tmp_path / "run" / "lens_train.json").read_text())
+    assert trained["settings"]["push_strength"] == {"fr": -1.0, "de": 0.5}
+    config["lens"]["push_strength"] = "far"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    arguments = parser.parse_args(["lens", "train", str(tmp_path / "config.yaml")])
+    with pytest.raises(InterventionError, match="lens.push_strength='far' must be a number"):
+        arguments.func(arguments)

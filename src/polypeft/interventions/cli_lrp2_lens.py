@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Union
 
 import torch
 
@@ -37,7 +37,9 @@ valid:                   # parallel text for the layer search (retrieval xx -> p
   bible: {books: [49]}
   # files: {en: valid.en, fr: valid.fr}  # line-aligned
 search: {candidate_layers: [4, 8, 12], pairs: false, lirp_only: true}
-lens: {top_k_layers: 2, steps: 100, lr: 1.0e-5, weights: [1, 1, 1], batch_size: 8}
+lens: {top_k_layers: 2, steps: 100, lr: 1.0e-5, weights: [1, 1, 1], batch_size: 8, push_strength: 1.0}
+# push_strength: 1 pushes each language away from the pivot in its own subspace (the paper); -1 pulls it
+# toward the pivot (better for cross-lingual retrieval); a mapping {fr: 1.0, ko: 0.5} sets it per language.
 """
 
 
@@ -180,6 +182,19 @@ def run_lens_probe(config: Mapping[str, Any]) -> lens.LensProbe:
     return result
 
 
+def push_strength(value: Any) -> Union[float, dict[str, float]]:
+    """The `lens.push_strength` setting: one number for every language, or a mapping language -> number."""
+    if isinstance(value, Mapping):
+        return {str(language): _number(strength, f"lens.push_strength.{language}") for language, strength in value.items()}
+    return _number(value, "lens.push_strength")
+
+
+def _number(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InterventionError(f"{key}={value!r} must be a number (1 pushes away from the pivot, -1 pulls toward it)")
+    return float(value)
+
+
 def run_lens_train(config: Mapping[str, Any]) -> None:
     model, tokenizer = load_model(config)
     output_dir = Path(config.get("output_dir", "runs/lens"))
@@ -196,7 +211,7 @@ def run_lens_train(config: Mapping[str, Any]) -> None:
         weights=tuple(float(weight) for weight in settings.get("weights", (1, 1, 1))),
         steps=int(settings.get("steps", 100)), lr=float(settings.get("lr", 1e-5)),
         batch_size=int(settings.get("batch_size", 8)), max_length=int(config.get("max_length", 128)),
-        seed=int(settings.get("seed", 0)),
+        seed=int(settings.get("seed", 0)), push_strength=push_strength(settings.get("push_strength", 1.0)),
     )
     lens.save_trained_layers(model, result, output_dir / "lens_layers.safetensors")
     result.save_json(output_dir / "lens_train.json")

@@ -336,7 +336,9 @@ def train(
       align    = MSE(P_a h_t, P_a h_pivot)                 agnostic part of target meets the pivot's
       separate = MSE(P_s h_t - P_s h_t^ref, s_l * d_l)      target moves along its own direction d_l
       retain   = MSE(h_pivot, h_pivot^ref)                  pivot stays where the frozen model had it
-    weighted by `weights` = (align, separate, retain) (paper: 1, 1, 1). h^ref are the frozen model's
+    weighted by `weights` = (align, separate, retain) (paper: 1, 1, 1). s_l is `push_strength`: the paper's
+    1 pushes a language away from the pivot; a negative value pulls it toward the pivot (cross-lingual retrieval
+    wants that, see bench/RESULTS.md §5). h^ref are the frozen model's
     states, computed once before training. Dropout stays off: the targets are exact states.
     """
     probe_result.check_model(model, where="LENS train")
