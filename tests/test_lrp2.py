@@ -348,3 +348,15 @@ def test_cli_commands_run_from_yaml(tokenizer, tmp_path):
     arguments = parser.parse_args(["lens", "train", str(tmp_path / "config.yaml")])
     with pytest.raises(InterventionError, match="lens.push_strength='far' must be a number"):
         arguments.func(arguments)
+
+
+def test_the_example_config_is_valid_yaml_with_every_section():
+    import yaml
+
+    from polypeft.interventions.cli_lrp2_lens import EXAMPLE_CONFIG, push_strength
+
+    config = yaml.safe_load(EXAMPLE_CONFIG)
+    assert {"model", "languages", "pivot", "texts", "valid", "search", "lens"} <= set(config)
+    # the layer-search books are kept out of the language-vector texts
+    assert set(config["valid"]["bible"]["books"]) <= set(config["texts"]["bible"]["exclude_books"])
+    assert push_strength(config["lens"]["push_strength"]) == 1.0

@@ -31,10 +31,10 @@ languages: [fr, de, ru]
 prefix: "query: "        # put before every text (e5 wants one)
 output_dir: runs/lrp2
 texts:                   # unlabeled text per language, for vectors and the LENS probe
-  bible: {exclude_books: [43, 49], max_verses: 1000}
+  bible: {exclude_books: [43, 45, 46, 47, 48, 49], max_verses: 1000}
   # files: {en: en.txt, fr: fr.txt}   # one sentence per line
-valid:                   # parallel text for the layer search (retrieval xx -> pivot)
-  bible: {books: [49]}
+valid:                   # parallel text for the layer search (retrieval xx -> pivot); several books, so the
+  bible: {books: [45, 46, 47, 48, 49], max_verses: 400}   # layers separate (bench/RESULTS.md section 5)
   # files: {en: valid.en, fr: valid.fr}  # line-aligned
 search: {candidate_layers: [4, 8, 12], pairs: false, lirp_only: true}
 lens: {top_k_layers: 2, steps: 100, lr: 1.0e-5, weights: [1, 1, 1], batch_size: 8, push_strength: 1.0}
