@@ -134,6 +134,8 @@ def test_train_refuses_bad_settings(tokenizer):
         train(model, tokenizer, PARALLEL, result, top_k_layers=9, steps=1, progress=False)
     with pytest.raises(InterventionError, match="different model"):
         train(tiny_bert(seed=2), tokenizer, PARALLEL, result, top_k_layers=2, steps=1, progress=False)
+    with pytest.raises(InterventionError, match=r"push_strength has no value for \['de'\]"):
+        train(model, tokenizer, PARALLEL, result, top_k_layers=2, steps=1, push_strength={"fr": -1.0}, progress=False)
 
 
 def test_lens_trains_a_causal_lm(tokenizer):
