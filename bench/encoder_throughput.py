@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from polypeft.cli_encoder import ClassifyRecipe, classification_data
+from polypeft.cli_encoder import ClassifyRecipe, classification_data, finetune_settings
 from polypeft.fileio import write_json
 from polypeft.models.e5 import load_encoder
 from polypeft.tasks import encoder_finetune as ef
@@ -33,9 +33,7 @@ def main() -> None:
     recipe = ClassifyRecipe(verses_per_section=args.verses_per_section)  # the classify recipe's defaults
     model, tokenizer = load_encoder(recipe.model)
     train_data, _, label_names = classification_data(recipe)
-    settings = ef.FinetuneSettings(steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr,
-                                   route_lr=recipe.route_lr, max_length=recipe.max_length,
-                                   frozen_layers=recipe.frozen_layers, rank=recipe.rank, prefix=recipe.prefix)
+    settings = finetune_settings(recipe)
     train = ef.encode_examples(model, tokenizer, train_data, settings.max_length, settings.frozen_layers,
                                prefix=settings.prefix)
     draws = []

@@ -60,6 +60,11 @@ def retrieval_set(corpus: BibleCorpus, languages: list[str], books: list[int], p
     return [english[key] for key in keys], queries, keys
 
 
+def set_sizes(candidates: list, queries: dict) -> dict:
+    """How many candidates and, per language, queries a retrieval set holds (for the report)."""
+    return {"candidates": len(candidates), "queries": {language: len(gold) for language, (_, gold) in queries.items()}}
+
+
 def evaluate_all(model, tokenizer, candidates, queries, args, lrp2_layers: Optional[dict] = None, vectors=None):
     """Accuracy@1 per language; LRP2 leaves the English candidates as they are (zero shift for the pivot).
 
@@ -154,8 +159,7 @@ def main() -> None:
 
     test_candidates, test_queries, _ = retrieval_set(corpus, languages, [TEST_BOOK], args.queries_per_language,
                                                    args.candidate_limit)
-    report["test_sizes"] = {"candidates": len(test_candidates),
-                            "queries": {language: len(gold) for language, (_, gold) in test_queries.items()}}
+    report["test_sizes"] = set_sizes(test_candidates, test_queries)
     clock = time.perf_counter()
     candidates = encode(model, tokenizer, test_candidates, args)
     report["plain"] = evaluate_all(model, tokenizer, candidates, test_queries, args)
@@ -179,8 +183,7 @@ def run_lrp2(report, model, tokenizer, corpus, languages, valid_books, vectors, 
     also LIRP at i + LSRP at j > i), then the chosen layers on the test book and the hook's overhead."""
     valid_candidates, valid_queries, _ = retrieval_set(corpus, languages, valid_books, args.valid_queries,
                                                       args.candidate_limit)
-    report["valid_sizes"] = {"candidates": len(valid_candidates),
-                             "queries": {language: len(gold) for language, (_, gold) in valid_queries.items()}}
+    report["valid_sizes"] = set_sizes(valid_candidates, valid_queries)
     valid_candidate_embeddings = encode(model, tokenizer, valid_candidates, args)
 
     def evaluate(language, lrp2):

@@ -13,7 +13,7 @@ from collections import defaultdict
 import torch
 
 from polypeft.fileio import write_json
-from polypeft.report import _label
+from polypeft.report import run_label
 from polypeft.tasks.mmt import MMTRecipe, eval_variants, load_run, prepare, read_run_recipe, valid_loss_fn
 
 
@@ -46,7 +46,7 @@ def measure(run_dirs: list[str]) -> list[dict]:
 def markdown(rows: list[dict]) -> str:
     grouped = defaultdict(list)
     for row in rows:
-        grouped[_label(row, row["variant"])].append(row)
+        grouped[run_label(row, row["variant"])].append(row)
     lines = ["| run | seeds | valid CE (mean ± half range) | test CE (mean ± half range) |", "|---|---|---|---|"]
     for label, group in grouped.items():
         cells = []

@@ -175,16 +175,23 @@ def classification_data(recipe: ClassifyRecipe) -> tuple[dict, dict, list[str]]:
     return splits["train"], splits["test"], list(label_names or [])
 
 
+def finetune_settings(recipe: ClassifyRecipe):
+    """The fine-tuning settings a classify recipe stands for (warm-up: a tenth of the steps)."""
+    from .tasks import encoder_finetune as ef
+
+    return ef.FinetuneSettings(steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr,
+                               route_lr=recipe.route_lr, warmup=max(1, recipe.steps // 10),
+                               max_length=recipe.max_length, frozen_layers=recipe.frozen_layers,
+                               rank=recipe.rank, prefix=recipe.prefix)
+
+
 def run_classify(recipe: ClassifyRecipe) -> dict[str, Any]:
     from .tasks import encoder_finetune as ef
 
     started = time.time()
     model, tokenizer = _load(recipe.model)
     train_data, test_data, label_names = classification_data(recipe)
-    settings = ef.FinetuneSettings(steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr,
-                                   route_lr=recipe.route_lr, warmup=max(1, recipe.steps // 10),
-                                   max_length=recipe.max_length, frozen_layers=recipe.frozen_layers,
-                                   rank=recipe.rank, prefix=recipe.prefix)
+    settings = finetune_settings(recipe)
     train = ef.encode_examples(model, tokenizer, train_data, settings.max_length, settings.frozen_layers,
                                prefix=settings.prefix)
     test = ef.encode_examples(model, tokenizer, test_data, settings.max_length, settings.frozen_layers,

@@ -33,7 +33,7 @@ def load_results(paths: Sequence[str | Path], split: str = "test") -> list[dict]
     return results
 
 
-def _label(result: dict, variant: str) -> str:
+def run_label(result: dict, variant: str) -> str:
     return result["name"] if variant == "default" else f"{result['name']} ({variant.replace('_', '-')})"
 
 
@@ -49,7 +49,7 @@ def compare(results: Sequence[dict], baseline: str) -> dict:
     grouped: dict[str, list[tuple[dict, str]]] = defaultdict(list)
     for result in results:
         for variant in result["variants"]:
-            grouped[_label(result, variant)].append((result, variant))
+            grouped[run_label(result, variant)].append((result, variant))
     if baseline not in grouped:
         raise ValueError(f"baseline {baseline!r} is not among the runs: {sorted(grouped)}")
     base_by_seed = {r["seed"]: r["variants"][v]["directions"] for r, v in grouped[baseline]}

@@ -366,14 +366,15 @@ def train(
     pairs = _pairs(parallel_pairs, pivot, languages)
     if not pairs:
         raise InterventionError(f"LENS train: no example holds both {pivot!r} and one of {languages}")
-    if isinstance(push_strength, Mapping):
-        missing = [code for code in languages if code not in push_strength]
-        if missing:
-            raise InterventionError(
-                f"LENS train: push_strength has no value for {missing}; it gives {sorted(push_strength)}, and the "
-                f"trained languages are {languages}"
-            )
-    strengths = {code: float(push_strength[code] if isinstance(push_strength, Mapping) else push_strength) for code in languages}
+    if not isinstance(push_strength, Mapping):
+        push_strength = dict.fromkeys(languages, push_strength)
+    missing = [code for code in languages if code not in push_strength]
+    if missing:
+        raise InterventionError(
+            f"LENS train: push_strength has no value for {missing}; it gives {sorted(push_strength)}, and the "
+            f"trained languages are {languages}"
+        )
+    strengths = {code: float(push_strength[code]) for code in languages}
     pooling = probe_result.pooling
     device = model_device(model)
 
