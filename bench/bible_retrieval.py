@@ -10,8 +10,8 @@ import json
 import time
 
 from polypeft.data.bible import BIBLE_VERSIONS
-from polypeft.models.e5 import load_encoder
-from polypeft.tasks.bible_eval import TEST_BOOKS, best_layers, mean_over_languages, verse_retrieval
+from polypeft.backbones.e5 import load_encoder
+from polypeft.experiments.bible_eval import TEST_BOOKS, best_layers, mean_over_languages, verse_retrieval
 
 
 def main() -> None:

@@ -155,7 +155,7 @@ def bench_route_groups(args) -> dict:
     Beam search repeats every route num_beams times; the per-group path fetches each route's factors
     once. `forced_per_example` is the same model with the per-example gather forced everywhere.
     """
-    from polypeft.languages import RouteGroups
+    from polypeft.core.languages import RouteGroups
 
     routes_16 = [f"l{i}" for i in range(16)]
     layer_model = pp.wrap(torch.nn.Sequential(torch.nn.Linear(512, 2048)).to(args.device),

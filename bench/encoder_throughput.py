@@ -13,9 +13,9 @@ import time
 
 import torch
 
-from polypeft.cli_encoder import ClassifyRecipe, classification_data, finetune_settings
-from polypeft.fileio import write_json
-from polypeft.models.e5 import load_encoder
+from polypeft.cli.encoder import ClassifyRecipe, classification_data, finetune_settings
+from polypeft.core.fileio import write_json
+from polypeft.backbones.e5 import load_encoder
 from polypeft.tasks import encoder_finetune as ef
 
 

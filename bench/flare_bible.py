@@ -13,13 +13,13 @@ import time
 
 import torch
 
-from polypeft.fileio import write_json
-from polypeft.flare import TrainedRecipe, TrainSettings, run_recipe, train_english_lora
-from polypeft.layers.flare_model import FLAREConfig
-from polypeft.models.e5 import QUERY_PREFIX, load_encoder
-from polypeft.tasks.bible_eval import SECTION_NAMES, verse_classification
+from polypeft.core.fileio import write_json
+from polypeft.methods.flare.recipe import TrainedRecipe, TrainSettings, run_recipe, train_english_lora
+from polypeft.methods.flare.model import FLAREConfig
+from polypeft.backbones.e5 import QUERY_PREFIX, load_encoder
+from polypeft.experiments.bible_eval import SECTION_NAMES, verse_classification
 from polypeft.tasks.classification import classification_model
-from polypeft.tasks.mmt import translation_encoder
+from polypeft.tasks.translation.run import translation_encoder
 
 STAGE2_RECIPES = ("translate_train", "input_fusion", "flare_add_relu", "flare_add", "flare_mul",
                   "flare_cross_attention", "flare_mt")

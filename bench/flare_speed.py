@@ -14,8 +14,8 @@ import time
 import torch
 from transformers import BertConfig, BertForSequenceClassification, MarianConfig, MarianMTModel
 
-from polypeft.flare import concatenate_inputs
-from polypeft.layers.flare_model import FLAREConfig, FLAREModel
+from polypeft.methods.flare.recipe import concatenate_inputs
+from polypeft.methods.flare.model import FLAREConfig, FLAREModel
 
 METHODS = ("lora", "flare_add_relu", "flare_add", "flare_mul", "flare_cross_attention", "flare_mt_add_relu",
            "input_fusion")

@@ -14,7 +14,7 @@ import time
 import torch
 from torch.nn import functional as F
 
-from polypeft.fileio import write_json
+from polypeft.core.fileio import write_json
 
 
 def layouts(batch: int, tokens: int, width: int, out: int, rank: int, languages: int, seed: int = 0):

@@ -17,9 +17,9 @@ import time
 import torch
 
 import polypeft as pp
-from polypeft.fileio import write_json
+from polypeft.core.fileio import write_json
 from polypeft.tasks import encoder_finetune as ef
-from polypeft.tasks.bible_eval import SECTION_NAMES, verse_classification
+from polypeft.experiments.bible_eval import SECTION_NAMES, verse_classification
 
 PREFIX = "query: "
 

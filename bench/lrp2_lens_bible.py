@@ -17,10 +17,10 @@ from typing import Optional
 import torch
 
 from polypeft.data.bible import BibleCorpus
-from polypeft.fileio import write_json
+from polypeft.core.fileio import write_json
 from polypeft.interventions import lens
 from polypeft.interventions.lrp2 import LRP2, language_vectors, lrp2_scorer, search_layers
-from polypeft.models.e5 import embed, load_encoder
+from polypeft.backbones.e5 import embed, load_encoder
 
 TEST_BOOK = 43
 PREFIX = "query: "  # e5's prefix for symmetric tasks; used on both sides and for the language vectors

@@ -11,11 +11,11 @@ import argparse
 import json
 from collections import defaultdict
 
-from polypeft.evaluate import score_directions, translate
-from polypeft.fileio import write_json
+from polypeft.tasks.translation.evaluate import score_directions, translate
+from polypeft.core.fileio import write_json
 from polypeft.interventions.lrp2 import LRP2, language_vectors
-from polypeft.model import PolyModel
-from polypeft.tasks.mmt import load_run
+from polypeft.core.model import PolyModel
+from polypeft.tasks.translation.run import load_run
 
 
 def translate_by_direction(model, recipe, data, lrp2=None):

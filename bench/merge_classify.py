@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from polypeft.fileio import write_json, write_text
+from polypeft.core.fileio import write_json, write_text
 from polypeft.tasks.encoder_finetune import markdown_report, summarize
 
 

@@ -12,9 +12,9 @@ from collections import defaultdict
 
 import torch
 
-from polypeft.fileio import write_json
-from polypeft.report import run_label
-from polypeft.tasks.mmt import MMTRecipe, eval_variants, load_run, prepare, read_run_recipe, valid_loss_fn
+from polypeft.core.fileio import write_json
+from polypeft.tasks.translation.compare import run_label
+from polypeft.tasks.translation.run import MMTRecipe, eval_variants, load_run, prepare, read_run_recipe, valid_loss_fn
 
 
 def data_key(recipe: MMTRecipe) -> str:

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 import polypeft as pp
-from polypeft.layers.clsr import CLSRConfig
-from polypeft.layers.lora_route import LoRAConfig
-from polypeft.layers.ls_ffn import LSFFNConfig
-from polypeft.layers.switch import DenseLinear, ExpertLinear, SwitchConfig
+from polypeft.methods.clsr import CLSRConfig
+from polypeft.methods.lora import LoRAConfig
+from polypeft.methods.ls_ffn import LSFFNConfig
+from polypeft.methods.switch import DenseLinear, ExpertLinear, SwitchConfig
 from tiny_models import ENCODER_DECODER, FFN_LAYOUT, build, output_of, random_batch, randomize_added
 
 LANGS = ["en", "de", "fr"]

@@ -15,7 +15,7 @@ from polypeft.data.bible import (
     resolve_version,
 )
 from polypeft.data.parallel import ParallelExample, english_centric
-from polypeft.languages import LanguageError
+from polypeft.core.languages import LanguageError
 
 
 @pytest.fixture

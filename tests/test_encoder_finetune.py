@@ -6,9 +6,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from polypeft.cli import main as cli_main
-from polypeft.config import ConfigError
-from polypeft.model import PolyModel
+from polypeft.cli.main import main as cli_main
+from polypeft.core.config import ConfigError
+from polypeft.core.model import PolyModel
 from polypeft.tasks import encoder_finetune as ef
 from polypeft.tasks.classification import ClassificationData, ClassificationExample
 from test_tasks_classification import tiny_encoder, tiny_tokenizer

@@ -15,11 +15,11 @@ from transformers import (
     MarianMTModel,
 )
 
-from polypeft.flare import TrainSettings, concatenate_inputs, on_target_positions, run_recipe
-from polypeft.layers.flare_fusion import FUSIONS, align_by_position, build_fusion
-from polypeft.layers.flare_model import FLAREConfig, FLAREError, FLAREModel
-from polypeft.layers.flare_source import block_position, source_module_name
-from polypeft.layers.lora import FusionSource, LoRAError, LoRALinear
+from polypeft.methods.flare.recipe import TrainSettings, concatenate_inputs, on_target_positions, run_recipe
+from polypeft.methods.flare.fusion import FUSIONS, align_by_position, build_fusion
+from polypeft.methods.flare.model import FLAREConfig, FLAREError, FLAREModel
+from polypeft.methods.flare.source import block_position, source_module_name
+from polypeft.methods.flare.layer import FusionSource, LoRAError, LoRALinear
 
 LAYERS = 3
 
@@ -455,7 +455,7 @@ def run_cli(tmp_path, config: dict, *commands: str) -> None:
 
     import yaml
 
-    from polypeft.cli_flare import add_cli
+    from polypeft.cli.flare import add_cli
 
     (tmp_path / "flare.yaml").write_text(yaml.safe_dump(config))
     parser = argparse.ArgumentParser()
@@ -480,7 +480,7 @@ def test_cli_trains_saves_and_evaluates_a_recipe(tmp_path):
 def test_cli_flare_mt_reads_a_polypeft_translation_run(tmp_path):
     import json
 
-    from polypeft.tasks.mmt import train_run
+    from polypeft.tasks.translation.run import train_run
     from toy_mmt import toy_data, toy_recipe
 
     mt_run = train_run(toy_recipe(tmp_path / "mt", {"name": "lms", "rank": 2}), data=toy_data(tmp_path))
@@ -514,7 +514,7 @@ def test_training_without_batches_is_refused():
 def test_the_example_recipe_in_configs_is_valid():
     from pathlib import Path
 
-    from polypeft.cli_flare import read_yaml, settings_from
+    from polypeft.cli.flare import read_yaml, settings_from
 
     path = Path(__file__).resolve().parents[1] / "configs" / "flare_example.yaml"
     config = read_yaml(str(path))

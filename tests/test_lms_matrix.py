@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import polypeft as pp
-from polypeft.languages import RouteGroups
+from polypeft.core.languages import RouteGroups
 from tiny_models import ALL_KINDS, ENCODER_DECODER, FFN_LAYOUT, build, output_of, random_batch, randomize_added
 
 LANGS = ["en", "de", "fr"]

@@ -316,7 +316,7 @@ def test_cli_commands_run_from_yaml(tokenizer, tmp_path):
 
     import yaml
 
-    from polypeft.interventions.cli_lrp2_lens import add_cli
+    from polypeft.cli.lrp2_lens import add_cli
 
     tiny_bert().save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
@@ -353,7 +353,7 @@ def test_cli_commands_run_from_yaml(tokenizer, tmp_path):
 def test_the_example_config_is_valid_yaml_with_every_section():
     import yaml
 
-    from polypeft.interventions.cli_lrp2_lens import EXAMPLE_CONFIG, push_strength
+    from polypeft.cli.lrp2_lens import EXAMPLE_CONFIG, push_strength
 
     config = yaml.safe_load(EXAMPLE_CONFIG)
     assert {"model", "languages", "pivot", "texts", "valid", "search", "lens"} <= set(config)

@@ -9,8 +9,8 @@ import torch
 import yaml
 
 import polypeft as pp
-from polypeft.evaluate import score_directions, translate
-from polypeft.tasks.mmt import MMTData, MMTRecipe, _rows, batch_stream, build_model, make_loss_fn, train_run
+from polypeft.tasks.translation.evaluate import score_directions, translate
+from polypeft.tasks.translation.run import MMTData, MMTRecipe, _rows, batch_stream, build_model, make_loss_fn, train_run
 from toy_mmt import toy_data, toy_recipe
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def test_a_few_steps_lower_the_loss(method, data, tmp_path):
     run = recipe(tmp_path, method, steps=25)
     before = mean_loss(build_model(run, data.tokenizer), data, run)
     run_dir = train_run(run, data=data)
-    from polypeft.tasks.mmt import load_run
+    from polypeft.tasks.translation.run import load_run
 
     _, _, trained = load_run(run_dir, data=data)
     after = mean_loss(trained, data, run)
@@ -112,7 +112,7 @@ def test_resume_refuses_another_recipe_and_a_checkpoint_past_the_steps(data, tmp
 @pytest.mark.parametrize("method", [{"name": "naive"}, {"name": "lms", "rank": 4}, {"name": "lms", "rank": 4, "fd": True}],
                          ids=["naive", "lms", "lms_fd"])
 def test_translation_encoder_reads_english_tagged_for_the_target(method, data, tmp_path):
-    from polypeft.tasks.mmt import load_translation_model, translation_encoder
+    from polypeft.tasks.translation.run import load_translation_model, translation_encoder
 
     run_dir = train_run(recipe(tmp_path, method), data=data)
     encoder, tokenizer = translation_encoder(run_dir, "de")
@@ -136,7 +136,7 @@ def test_overfit_model_translates_its_training_pairs(data, tmp_path):
     few = MMTData(data.tokenizer, handful, handful, handful)
     run = recipe(tmp_path, {"name": "lms", "rank": 4}, steps=200, lr=3e-3, warmup=10, dropout=0.0,
                  label_smoothing=0.0, max_tokens=512)
-    from polypeft.tasks.mmt import load_run
+    from polypeft.tasks.translation.run import load_run
 
     _, _, model = load_run(train_run(run, data=few), data=few)
     scores = score_directions(handful, translate(model, data.tokenizer, handful, beam=2, progress=False))
@@ -169,7 +169,7 @@ def test_recipe_refuses_unknown_keys_and_methods(tmp_path):
 @pytest.mark.slow
 def test_cli_trains_evaluates_and_compares_on_the_bible(tmp_path):
     """`polypeft mmt train --eval` then `compare`, from a YAML recipe, on the real corpus (tiny sizes)."""
-    from polypeft.cli import main
+    from polypeft.cli.main import main
 
     config = tmp_path / "mmt.yaml"
     common = dict(languages=["en", "de"], vocab_size=600, spm_max_sentences=600, max_train_verses=150,
@@ -189,7 +189,7 @@ def test_cli_trains_evaluates_and_compares_on_the_bible(tmp_path):
 
 @pytest.mark.slow
 def test_demo_runs_in_reduced_mode(tmp_path, capsys):
-    from polypeft.cli import main
+    from polypeft.cli.main import main
 
     assert main(["demo", "--quick", "--steps", "6", "--output-dir", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
@@ -204,7 +204,7 @@ def test_demo_runs_in_reduced_mode(tmp_path, capsys):
 
 
 def test_cross_entropy_scores_the_shared_route_when_asked(data, tmp_path):
-    from polypeft.tasks.mmt import load_run, valid_loss_fn
+    from polypeft.tasks.translation.run import load_run, valid_loss_fn
 
     run_dir = train_run(recipe(tmp_path, {"name": "lms", "rank": 4, "fd": True}, steps=12), data=data)
     run, _, model = load_run(run_dir, data=data)
@@ -228,8 +228,8 @@ def test_validation_loss_is_logged_every_n_steps_and_at_the_end(data, tmp_path):
 
 
 def test_demo_refuses_a_folder_holding_another_demo_setting(tmp_path):
-    from polypeft.config import ConfigError
-    from polypeft.demo import demo_recipe, run_demo
+    from polypeft.core.config import ConfigError
+    from polypeft.experiments.demo import demo_recipe, run_demo
 
     stale = dataclasses.replace(demo_recipe(True, str(tmp_path)), name="lms", max_tokens=999)
     stale.run_dir.mkdir(parents=True)

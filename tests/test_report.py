@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from polypeft.evaluate import averages, win_ratio
-from polypeft.report import compare, load_results, markdown
+from polypeft.tasks.translation.evaluate import averages, win_ratio
+from polypeft.tasks.translation.compare import compare, load_results, markdown
 
 
 def evaluated(name: str, seed: int, bleu: dict, variant: str = "default", shared_extra: int = 0) -> dict:

@@ -4,7 +4,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 
-from polypeft.tasks.bible_eval import SECTION_NAMES, canon_section, verse_classification, verse_retrieval
+from polypeft.experiments.bible_eval import SECTION_NAMES, canon_section, verse_classification, verse_retrieval
 
 
 class FakeCorpus:

@@ -7,7 +7,7 @@ import torch
 from transformers import BertConfig, BertModel
 
 import polypeft as pp
-from polypeft.models.e5 import embed_layers
+from polypeft.backbones.e5 import embed_layers
 from polypeft.tasks.classification import (ClassificationExample, classification_model, encode_classification,
                                            evaluate_classification, predict_classification, read_classification)
 from polypeft.tasks.qa import QAExample, encode_qa, evaluate_qa, predict_qa, qa_model, read_qa

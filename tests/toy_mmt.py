@@ -6,7 +6,7 @@ from pathlib import Path
 
 from polypeft.data.parallel import ParallelExample
 from polypeft.data.spm import train_spm
-from polypeft.tasks.mmt import MMTData, MMTRecipe
+from polypeft.tasks.translation.run import MMTData, MMTRecipe
 
 WORDS = {
     "en": ["house", "water", "light", "bread", "king", "river", "stone", "night"],

@@ -10,8 +10,8 @@ from typing import Iterator, Optional, Protocol, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from polypeft.data.parallel import ParallelExample
-from polypeft.data.sampling import temperature_probabilities
+from .parallel import ParallelExample
+from .sampling import temperature_probabilities
 
 Direction = tuple[str, str]
 BATCHING_MODES = ("homogeneous", "mixed")

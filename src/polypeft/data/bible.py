@@ -14,7 +14,7 @@ from typing import Iterable, Optional, Sequence
 
 from tqdm.auto import tqdm
 
-from polypeft.languages import LanguageError
+from ..core.languages import LanguageError
 
 VerseKey = tuple[int, int, int]  # (book, chapter, verse)
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Collection, Iterable, Optional, Sequence
 
-from polypeft.fileio import write_text
-from polypeft.languages import LanguageError
+from ..core.fileio import write_text
+from ..core.languages import LanguageError
 
 logger = logging.getLogger(__name__)
 

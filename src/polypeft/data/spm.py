@@ -18,8 +18,8 @@ from typing import Iterable, Optional, Sequence
 import sentencepiece
 import torch
 
-from polypeft.data.bible import BibleCorpus, BibleSplit
-from polypeft.fileio import atomic_write, write_json
+from .bible import BibleCorpus, BibleSplit
+from ..core.fileio import atomic_write, write_json
 
 logger = logging.getLogger(__name__)
 

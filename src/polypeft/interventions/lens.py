@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..fileio import atomic_write
+from ..core.fileio import atomic_write
 from .lrp2 import (
     POOLINGS,
     InterventionError,

@@ -25,8 +25,8 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..fileio import atomic_write
-from ..modes import evaluation_mode
+from ..core.fileio import atomic_write
+from ..core.modes import evaluation_mode
 
 POOLINGS = ("mean", "last")
 STACKS = ("encoder", "decoder")

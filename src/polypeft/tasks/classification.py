@@ -10,9 +10,9 @@ from typing import Optional
 
 import torch
 
-from polypeft.tasks.example_languages import example_routes, language_from_column, route_arguments
-from polypeft.tasks.heads import attach_head
-from polypeft.tasks.records import Source, read_records
+from .example_languages import example_routes, language_from_column, route_arguments
+from .heads import attach_head
+from .records import Source, read_records
 
 
 @dataclass(frozen=True)

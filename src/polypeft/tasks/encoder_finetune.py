@@ -15,11 +15,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from polypeft.config import ConfigError, LMSConfig
-from polypeft.languages import SHARED
-from polypeft.losses import fuse_distillation_loss
-from polypeft.model import PolyModel, wrap
-from polypeft.tasks.classification import ClassificationData, classification_model
+from ..core.config import ConfigError, LMSConfig
+from ..core.languages import SHARED
+from ..methods.fd import fuse_distillation_loss
+from ..core.model import PolyModel, wrap
+from .classification import ClassificationData, classification_model
 
 METHODS = ("naive", "lms", "lms_fd")
 # What each method is scored as: naive and LMS on their own weights, LMS+FD on each route separately.

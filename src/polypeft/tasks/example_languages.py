@@ -9,9 +9,9 @@ from typing import Optional
 
 import torch
 
-from polypeft.languages import LanguageError
-from polypeft.model import PolyModel
-from polypeft.tasks.records import Record
+from ..core.languages import LanguageError
+from ..core.model import PolyModel
+from .records import Record
 
 
 def language_from_column(record: Record, column: str) -> str:

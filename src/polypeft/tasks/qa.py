@@ -15,9 +15,9 @@ from typing import Optional
 
 import torch
 
-from polypeft.tasks.example_languages import example_routes, language_from_column, route_arguments
-from polypeft.tasks.heads import attach_head
-from polypeft.tasks.records import Record, Source, TaskDataError, is_path, read_records
+from .example_languages import example_routes, language_from_column, route_arguments
+from .heads import attach_head
+from .records import Record, Source, TaskDataError, is_path, read_records
 
 
 @dataclass(frozen=True)

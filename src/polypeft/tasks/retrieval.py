@@ -9,10 +9,10 @@ from typing import Optional
 
 import torch
 
-from polypeft.languages import LanguageError
-from polypeft.models.e5 import embed_layers
-from polypeft.tasks.example_languages import routed_model
-from polypeft.tasks.records import Source, read_records
+from ..core.languages import LanguageError
+from ..backbones.e5 import embed_layers
+from .example_languages import routed_model
+from .records import Source, read_records
 
 
 def read_bitext(source: Source, source_column: str = "source", target_column: str = "target",

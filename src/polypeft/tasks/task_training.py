@@ -10,10 +10,10 @@ from typing import Optional
 
 import torch
 
-from polypeft.config import ConfigError
-from polypeft.languages import SHARED
-from polypeft.losses import fuse_distillation_loss
-from polypeft.tasks.example_languages import example_routes, route_arguments, routed_model
+from ..core.config import ConfigError
+from ..core.languages import SHARED
+from ..methods.fd import fuse_distillation_loss
+from .example_languages import example_routes, route_arguments, routed_model
 
 # The labels each transformers head is scored against, and the output holding its logits (QA has two heads).
 HEAD_OUTPUTS = {"labels": "logits", "start_positions": "start_logits", "end_positions": "end_logits"}

@@ -13,9 +13,9 @@ from typing import Optional
 
 import torch
 
-from polypeft.tasks.example_languages import example_routes, language_from_column, route_arguments
-from polypeft.tasks.heads import attach_head
-from polypeft.tasks.records import Source, TaskDataError, is_path, read_records
+from .example_languages import example_routes, language_from_column, route_arguments
+from .heads import attach_head
+from .records import Source, TaskDataError, is_path, read_records
 
 WIKIANN_LABELS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC"]
 IGNORE_INDEX = -100

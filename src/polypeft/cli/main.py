@@ -1,0 +1,150 @@
+"""The `polypeft` command: translation runs (`mmt`), the demo, and the method-specific commands.
+
+Each subcommand reads a YAML recipe; `--set key=value` overrides single keys from the command line.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import yaml
+
+
+def parse_overrides(pairs: Sequence[str]) -> dict:
+    """`key=value` strings, values read as YAML (numbers, lists, mappings)."""
+    overrides = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set expects key=value, got {pair!r}")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
+def _recipe(args):
+    from ..tasks.translation.run import MMTRecipe
+
+    overrides = parse_overrides(args.set)
+    if getattr(args, "seed", None) is not None:
+        overrides["seed"] = args.seed
+    return MMTRecipe.from_yaml(args.config, overrides)
+
+
+def mmt_prepare(args) -> int:
+    from ..tasks.translation.run import prepare
+
+    recipe = _recipe(args)
+    data = prepare(recipe)
+    print(f"tokenizer: {data.tokenizer.model_path} ({data.tokenizer.vocab_size} pieces)")
+    print(f"examples: train {len(data.train):,}, valid {len(data.valid):,}, test {len(data.test):,} "
+          f"over {len(recipe.languages) - 1} languages, both directions")
+    return 0
+
+
+def mmt_train(args) -> int:
+    from ..tasks.translation.run import evaluate_run, train_run
+
+    from accelerate import PartialState
+
+    recipe = _recipe(args)
+    run_dir = train_run(recipe, resume=args.resume)
+    if not PartialState().is_main_process:  # under accelerate launch, one process writes and evaluates
+        return 0
+    print(f"trained: {run_dir}")
+    if args.eval:
+        _print_scores(evaluate_run(run_dir))
+    return 0
+
+
+def mmt_eval(args) -> int:
+    from ..tasks.translation.run import evaluate_run
+
+    _print_scores(evaluate_run(args.run, split=args.split))
+    return 0
+
+
+def _print_scores(results: dict) -> None:
+    for variant, scores in results["variants"].items():
+        averages = scores["averages"]
+        print(f"{results['name']} seed {results['seed']} [{variant}] " +
+              ", ".join(f"{k} {v}" for k, v in averages.items() if v is not None))
+
+
+def mmt_compare(args) -> int:
+    from ..tasks.translation.compare import load_results, write_comparison
+
+    comparison = write_comparison(load_results(args.runs, args.split), args.baseline, args.out, pivot=args.pivot)
+    print(Path(args.out, "comparison.md").read_text(encoding="utf-8"))
+    print(f"plot: {Path(args.out, 'bleu_gain_vs_parameters.png')}")
+    return 0 if comparison else 1
+
+
+def demo(args) -> int:
+    from ..experiments.demo import run_demo
+
+    run_demo(quick=args.quick, output_dir=args.output_dir, steps=args.steps)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="polypeft", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    mmt = commands.add_parser("mmt", help="multilingual translation on the Bible corpus")
+    mmt_commands = mmt.add_subparsers(dest="mmt_command", required=True)
+    for name, func, help_text in (("prepare", mmt_prepare, "train the tokenizer, build the splits"),
+                                  ("train", mmt_train, "train one run of a recipe")):
+        sub = mmt_commands.add_parser(name, help=help_text)
+        sub.add_argument("config", help="YAML recipe (see configs/)")
+        sub.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override recipe keys")
+        sub.add_argument("--seed", type=int)
+        sub.set_defaults(func=func)
+        if name == "train":
+            sub.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+            sub.add_argument("--eval", action="store_true", help="evaluate on the test book afterwards")
+    evaluate = mmt_commands.add_parser("eval", help="beam search + BLEU/chrF per direction of a trained run")
+    evaluate.add_argument("run", help="run directory written by `mmt train`")
+    evaluate.add_argument("--split", default="test", choices=("test", "valid"))
+    evaluate.set_defaults(func=mmt_eval)
+    comparison = mmt_commands.add_parser("compare", help="table, win ratios and plot over evaluated runs")
+    comparison.add_argument("runs", nargs="+", help="run directories (or eval JSON files)")
+    comparison.add_argument("--baseline", default="naive")
+    comparison.add_argument("--out", default="runs/compare")
+    comparison.add_argument("--split", default="test", choices=("test", "valid"))
+    comparison.add_argument("--pivot", default="en", help="the hub language of the en->xx / xx->en averages")
+    comparison.set_defaults(func=mmt_compare)
+
+    demo_parser = commands.add_parser("demo", help="naive vs LMS vs LMS+FD on 4 Bible languages, a few minutes")
+    demo_parser.add_argument("--quick", action="store_true", help="a reduced run (tests, smoke checks)")
+    demo_parser.add_argument("--output-dir", default="runs/demo")
+    demo_parser.add_argument("--steps", type=int, help="training steps per method (default 300; --quick: 8)")
+    demo_parser.set_defaults(func=demo)
+
+    from .encoder import add_cli as add_encoder
+    from .flare import add_cli as add_flare
+    from .lrp2_lens import add_cli as add_lrp2_lens
+
+    add_encoder(commands)
+    add_lrp2_lens(commands)
+    add_flare(commands)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run one command. Bad input (polypeft's errors are ValueErrors that name the value and what is
+    allowed; missing files) prints that message and exits 2; POLYPEFT_TRACEBACK=1 shows the traceback."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as error:
+        if os.environ.get("POLYPEFT_TRACEBACK"):
+            raise
+        print(f"polypeft {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,336 @@
+"""PolyModel: a base model whose target linears are routed layers, with save, load and merge.
+
+It turns the user's language arguments into Routes for each forward or generate call.
+"""
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from .. import __version__
+from .config import ConfigError, MethodConfig, config_from_dict
+from .fileio import write_json, write_safetensors
+from .inject import find_targets, replace_targets, restore_base_layers, side_of
+from .languages import LanguageError, LanguageRegistry, LanguageSpec, Routes
+from .routed import RoutedLinear
+from .routing import RouteState
+
+CONFIG_NAME = "polypeft_config.json"
+WEIGHTS_NAME = "polypeft_model.safetensors"
+
+LayerBuilder = Callable[[MethodConfig, str, nn.Linear, str, RouteState, LanguageRegistry], RoutedLinear]
+LAYER_BUILDERS: dict[str, LayerBuilder] = {}
+
+
+def register_layer_builder(method: str) -> Callable[[LayerBuilder], LayerBuilder]:
+    def register(builder: LayerBuilder) -> LayerBuilder:
+        LAYER_BUILDERS[method] = builder
+        return builder
+
+    return register
+
+
+@register_layer_builder("lms")
+def build_lms_layer(config, name, linear, side, route_state, registry):
+    from ..methods.lms import LMSLinear
+
+    return LMSLinear(
+        linear, name, side, route_state, registry.num_routes, config.rank, config.synthesis, config.init_std
+    )
+
+
+@dataclass(frozen=True)
+class ParameterCounts:
+    """Exact parameter counts: what training adds, and what each way of deploying keeps."""
+
+    base: int
+    language_specific: int
+    shared_route: int
+    training_extra: int
+    inference_extra_language_routes: int
+    inference_extra_shared_route: int
+    inference_extra_merged: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class PolyModel(nn.Module):
+    """Wraps any torch model; `model(**batch, src_lang=..., tgt_lang=...)` routes every example."""
+
+    def __init__(self, base_model: nn.Module, config: MethodConfig):
+        super().__init__()
+        if config.method not in LAYER_BUILDERS:
+            raise ConfigError(f"no layer builder for method {config.method!r}; known: {sorted(LAYER_BUILDERS)}")
+        self.base_model = base_model
+        self.poly_config = config
+        self.registry = LanguageRegistry(config.languages, config.shared_route)
+        self.route_state = RouteState()
+        build = LAYER_BUILDERS[config.method]
+        self.routed_layers: dict[str, RoutedLinear] = replace_targets(
+            base_model,
+            config.target_modules,
+            lambda name, linear: build(config, name, linear, side_of(base_model, name), self.route_state, self.registry),
+        )
+        if config.freeze_base:
+            added = {id(p) for layer in self.routed_layers.values() for _, p in added_parameters(layer)}
+            for parameter in base_model.parameters():
+                parameter.requires_grad_(id(parameter) in added)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.base_model, name)
+
+    # ---- routing -------------------------------------------------------------------------------
+    def make_routes(
+        self, src_lang: LanguageSpec = None, tgt_lang: LanguageSpec = None, batch_size: Optional[int] = None
+    ) -> Routes:
+        return self.registry.routes(src_lang, tgt_lang, batch_size, device=self.device_of_parameters())
+
+    @contextmanager
+    def routes(
+        self,
+        src_lang: LanguageSpec = None,
+        tgt_lang: LanguageSpec = None,
+        lang: LanguageSpec = None,
+        batch_size: Optional[int] = None,
+    ) -> Iterator[Routes]:
+        """Routes for everything run inside the block: the base model, pipelines, generate."""
+        if lang is not None:
+            if src_lang is not None or tgt_lang is not None:
+                raise LanguageError("pass either lang= or src_lang=/tgt_lang=, not both")
+            src_lang = tgt_lang = lang
+        if src_lang is None and tgt_lang is None and getattr(self.poly_config, "language_agnostic", False):
+            yield None  # LoRA, Switch: their layers never read routes
+            return
+        if self.merged_route is not None:
+            self._check_matches_merged(src_lang, tgt_lang, batch_size)
+            yield self.registry.routes(*self.merged_route_codes, batch_size=None)
+            return
+        with self.route_state.use(self.make_routes(src_lang, tgt_lang, batch_size)) as active:
+            yield active
+
+    def forward(self, *args, src_lang=None, tgt_lang=None, lang=None, **kwargs):
+        with self.routes(src_lang, tgt_lang, lang, batch_size=batch_size_of(args, kwargs)):
+            return self.base_model(*args, **kwargs)
+
+    def generate(self, *args, src_lang=None, tgt_lang=None, lang=None, **kwargs):
+        """Generation with routes; beam search grows the batch and the routes follow it."""
+        with self.routes(src_lang, tgt_lang, lang, batch_size=batch_size_of(args, kwargs)):
+            return self.base_model.generate(*args, **kwargs)
+
+    def device_of_parameters(self) -> torch.device:
+        for parameter in self.base_model.parameters():
+            return parameter.device
+        return torch.device("cpu")
+
+    # ---- parameters ----------------------------------------------------------------------------
+    def parameter_counts(self) -> ParameterCounts:
+        layers = list(self.routed_layers.values())
+        languages = len(self.registry.languages)
+        per_route = sum(layer.route_parameter_count(1) for layer in layers)
+        added = sum(p.numel() for layer in layers for _, p in added_parameters(layer))
+        base = sum(p.numel() for p in self.base_model.parameters()) - added
+        # Full-rank language copies without a shared route replace the base linear they copy.
+        replaced = sum(layer.replaced_base_parameter_count() for layer in layers
+                       if hasattr(layer, "replaced_base_parameter_count"))
+        shared = shared_only = 0
+        if self.registry.shared_route:
+            # Most layers pay one route for "shared"; some (full-rank LS FFN, CLSR) reuse what they have.
+            shared = sum(shared_route_cost(layer) for layer in layers)
+            shared_only = sum(layer.route_parameter_count(1) for layer in layers
+                              if not hasattr(layer, "shared_route_parameter_count"))
+        return ParameterCounts(
+            base=base,
+            language_specific=per_route * languages,
+            shared_route=shared,
+            training_extra=added - replaced,
+            inference_extra_language_routes=added - shared_only - replaced,
+            inference_extra_shared_route=shared,
+        )
+
+    def auxiliary_loss(self) -> torch.Tensor | float:
+        """Sum of the extra training losses routed layers collected in the last forward (MoE balance,
+        CLSR budget); 0.0 for methods that have none. Each layer's term is consumed by the call."""
+        terms = [layer.pop_auxiliary_loss() for layer in self.routed_layers.values() if hasattr(layer, "pop_auxiliary_loss")]
+        terms = [t for t in terms if t is not None]
+        return sum(terms) if terms else 0.0
+
+    def num_language_parameters(self) -> int:
+        """Parameters of the language routes: L * d * (r + c) summed over the wrapped linears (LMS)."""
+        return self.parameter_counts().language_specific
+
+    # ---- merge ---------------------------------------------------------------------------------
+    @property
+    def merged_route(self) -> Optional[tuple[int, int]]:
+        first = next(iter(self.routed_layers.values()), None)
+        return first.merged_route if first is not None else None
+
+    @property
+    def merged_route_codes(self) -> tuple[str, str]:
+        src, tgt = self.merged_route
+        return self.registry.code_of(src), self.registry.code_of(tgt)
+
+    def _route_pair(self, route: Optional[str], src: Optional[str], tgt: Optional[str]) -> tuple[int, int]:
+        if route is not None:
+            if src is not None or tgt is not None:
+                raise LanguageError("pass either route= or src=/tgt=, not both")
+            src = tgt = route
+        if src is None and tgt is None and getattr(self.poly_config, "language_agnostic", False):
+            src = tgt = self.registry.languages[0]  # the layers ignore the route; any one will do
+        if src is None and tgt is None:
+            raise LanguageError(
+                f"merge needs a route: route='shared' or src=/tgt= codes from {self.registry.allowed()}"
+            )
+        routes = self.registry.routes(src, tgt)
+        return int(routes.src[0]), int(routes.tgt[0])
+
+    def merge(self, route: Optional[str] = None, src: Optional[str] = None, tgt: Optional[str] = None) -> None:
+        """Fold one route into the base weights: the model then runs at plain-model speed."""
+        pair = self._route_pair(route, src, tgt)
+        if self.merged_route is not None:
+            raise LanguageError(f"route {self.merged_route_codes} is already merged; call unmerge() first")
+        for layer in self.routed_layers.values():
+            layer.merge(pair)
+
+    def unmerge(self) -> None:
+        for layer in self.routed_layers.values():
+            layer.unmerge()
+
+    def merge_and_unload(
+        self, route: Optional[str] = None, src: Optional[str] = None, tgt: Optional[str] = None
+    ) -> nn.Module:
+        """The plain base model with one route folded in; this PolyModel is spent afterwards."""
+        self.merge(route, src, tgt)
+        restore_base_layers(self.base_model, self.routed_layers)
+        self.routed_layers = {}
+        return self.base_model
+
+    def _check_matches_merged(self, src_lang: LanguageSpec, tgt_lang: LanguageSpec, batch_size) -> None:
+        if src_lang is None and tgt_lang is None:
+            return
+        asked = self.registry.routes(src_lang, tgt_lang, batch_size)
+        if not asked.homogeneous or (int(asked.src[0]), int(asked.tgt[0])) != self.merged_route:
+            raise LanguageError(
+                f"the model has route {self.merged_route_codes} merged into its weights and cannot "
+                "run other routes; call unmerge() first"
+            )
+
+    # ---- save and load -------------------------------------------------------------------------
+    def added_state_dict(self) -> dict[str, torch.Tensor]:
+        return {
+            f"{name}.{param_name}": parameter
+            for name, layer in self.routed_layers.items()
+            for param_name, parameter in added_parameters(layer)
+        }
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """A JSON config and a safetensors file of only the added parameters (PEFT's layout)."""
+        if self.merged_route is not None:
+            raise LanguageError("unmerge() before saving: the saved base weights must stay plain")
+        directory = Path(directory)
+        write_safetensors(directory / WEIGHTS_NAME, self.added_state_dict())
+        write_json(
+            directory / CONFIG_NAME,
+            {
+                "polypeft_version": __version__,
+                "config": self.poly_config.to_dict(),
+                "base_model": base_model_identity(self.base_model, self.routed_layers),
+            },
+        )
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, base_model: nn.Module, directory: str | Path) -> "PolyModel":
+        """Rebuild the routed layers on `base_model` and load their weights; refuse a base that differs."""
+        directory = Path(directory)
+        config_path = directory / CONFIG_NAME
+        if not config_path.exists():
+            raise FileNotFoundError(f"{config_path} not found: is {directory} a polypeft save directory?")
+        saved = json.loads(config_path.read_text(encoding="utf-8"))
+        unknown = sorted(set(saved) - {"polypeft_version", "config", "base_model"})
+        if unknown:
+            raise ConfigError(f"{config_path}: unknown keys {unknown}; allowed: config, base_model, polypeft_version")
+        config = config_from_dict(saved["config"], where=str(config_path))
+        check_base_fits(base_model, config, saved["base_model"], config_path)
+        model = cls(base_model, config)
+        tensors = load_file(str(directory / WEIGHTS_NAME))
+        expected = model.added_state_dict()
+        missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+        if missing or unexpected:
+            raise ConfigError(f"{directory / WEIGHTS_NAME}: missing tensors {missing[:5]}, unexpected {unexpected[:5]}")
+        with torch.no_grad():
+            for key, parameter in expected.items():
+                if parameter.shape != tensors[key].shape:
+                    raise ConfigError(
+                        f"{directory / WEIGHTS_NAME}: {key} has shape {tuple(tensors[key].shape)}, "
+                        f"the model expects {tuple(parameter.shape)}"
+                    )
+                parameter.copy_(tensors[key])
+        return model
+
+
+def added_parameters(layer: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """A routed layer's own parameters, without its wrapped base linear."""
+    return [(n, p) for n, p in layer.named_parameters() if not n.startswith("base_layer.")]
+
+
+def shared_route_cost(layer: nn.Module) -> int:
+    """Parameters that serving the shared route alone keeps in `layer`."""
+    if hasattr(layer, "shared_route_parameter_count"):
+        return layer.shared_route_parameter_count()
+    return layer.route_parameter_count(1)
+
+
+def batch_size_of(args: tuple, kwargs: dict) -> Optional[int]:
+    for key in ("input_ids", "inputs_embeds", "attention_mask", "labels"):
+        value = kwargs.get(key)
+        if isinstance(value, torch.Tensor):
+            return int(value.shape[0])
+    if args and isinstance(args[0], torch.Tensor):
+        return int(args[0].shape[0])
+    return None
+
+
+def base_model_identity(base_model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, Any]:
+    config = getattr(base_model, "config", None)
+    return {
+        "class": type(base_model).__name__,
+        "name_or_path": getattr(config, "_name_or_path", None) or None,
+        "targets": {name: list(layer.base_layer.weight.shape) for name, layer in layers.items()},
+    }
+
+
+def check_base_fits(base_model: nn.Module, config: MethodConfig, saved: dict, where: Path) -> None:
+    """Refuse, naming every difference, a base model whose target names or shapes differ from the saved one."""
+    found = {name: list(linear.weight.shape) for name, linear in find_targets(base_model, config.target_modules)}
+    expected = saved.get("targets", {})
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
+    reshaped = [f"{n}: saved {expected[n]}, model {found[n]}" for n in sorted(set(found) & set(expected)) if found[n] != expected[n]]
+    if missing or extra or reshaped:
+        parts = []
+        if missing:
+            parts.append(f"modules missing from this model: {missing[:5]}")
+        if extra:
+            parts.append(f"modules this model has but the save does not: {extra[:5]}")
+        if reshaped:
+            parts.append(f"shapes differ: {reshaped[:5]}")
+        raise ConfigError(
+            f"{where} was saved for a {saved.get('class')} ({saved.get('name_or_path')}) and does not fit this "
+            f"{type(base_model).__name__}: " + "; ".join(parts)
+        )
+
+
+def wrap(model: nn.Module, config: MethodConfig) -> PolyModel:
+    """Wrap `model` in place with the routed layers `config` describes."""
+    return PolyModel(model, config)

@@ -1,1 +1,0 @@
-"""Layers that wrap a base linear: LMS, LoRA and FLARE, and the baselines."""

@@ -1,0 +1,218 @@
+"""CLSR (Zhang et al. 2021): after each sublayer a per-token gate mixes a shared and a language-specific
+projection, with a budget on the fraction of tokens sent the language-specific way.
+
+Wraps the sublayer's output linear: z = base(x); y = g W_lang[l] z + (1 - g) W_shared z.
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import ClassVar, Optional
+
+import torch
+from torch import nn
+
+from ..core.config import ConfigError, MethodConfig, check_choice, check_positive, register_config
+from ..core.languages import LanguageError, LanguageRegistry, Routes
+from ..core.model import register_layer_builder
+from ..core.routing import RouteState
+from ..core.routed import RoutedLinear, language_key, side_language
+
+# The output linear of every attention and FFN sublayer: BART/Marian, BERT, T5, Llama/Qwen.
+CLSR_DEFAULT_TARGETS = (
+    r".*(\.out_proj|\.o_proj|\.attention\.output\.dense|\.(SelfAttention|EncDecAttention)\.o"
+    r"|\.fc2|(?<!attention)\.output\.dense|\.DenseReluDense\.wo|\.mlp\.down_proj)"
+)
+LANGUAGE_WEIGHT_SHARING = ("per_stack", "per_sublayer")
+
+
+@register_config
+@dataclass
+class CLSRConfig(MethodConfig):
+    """Conditional language-specific routing after every attention and FFN sublayer (defaults).
+
+    language_weights="per_stack" is CLSR as in Zhang et al.'s code: one W_lang per language shared by all
+    sublayers of the encoder (and one of the decoder); "per_sublayer" (CLSR*) gives each sublayer its own.
+    Gates are always per sublayer, as in the paper. The gate reads the sublayer output z (the paper reads
+    the sublayer input, which a wrapped output linear does not see). Training adds Gaussian noise of
+    std `gate_noise_std` to the gate logit (the paper anneals it from 0 to 5: set `layer.gate_noise_std`);
+    inference uses the hard gate 1[logit >= 0] unless hard_gate_at_inference=False.
+    """
+
+    method: ClassVar[str] = "clsr"
+    budget: float = 0.3
+    budget_weight: float = 1.0
+    language_weights: str = "per_stack"
+    gate_hidden_size: int = 128
+    gate_noise_std: float = 1.0
+    hard_gate_at_inference: bool = True
+
+    def __post_init__(self) -> None:
+        if self.target_modules is None:
+            self.target_modules = CLSR_DEFAULT_TARGETS
+        super().__post_init__()
+        if not 0.0 <= float(self.budget) <= 1.0:
+            raise ConfigError(f"CLSRConfig.budget={self.budget!r} must lie in [0, 1] (a fraction of gates)")
+        check_choice("CLSRConfig", "language_weights", self.language_weights, LANGUAGE_WEIGHT_SHARING)
+        check_positive("CLSRConfig", "gate_hidden_size", self.gate_hidden_size)
+        for name in ("budget_weight", "gate_noise_std"):
+            if float(getattr(self, name)) < 0:
+                raise ConfigError(f"CLSRConfig.{name}={getattr(self, name)!r} must be >= 0")
+
+
+class BudgetTracker:
+    """Sum and count of the gates of the forward in progress across all CLSR layers of one model.
+
+    A forward is recognised by its Routes object, so a new forward restarts the sums and an unread
+    budget never keeps old graphs alive.
+    """
+
+    def __init__(self, budget: float, weight: float):
+        self.budget = budget
+        self.weight = weight
+        self.routes: Optional[Routes] = None
+        self.gate_sum: Optional[torch.Tensor] = None
+        self.gate_count = 0
+
+    def record(self, routes: Routes, gate: torch.Tensor) -> None:
+        if routes is not self.routes:
+            self.routes, self.gate_sum, self.gate_count = routes, None, 0
+        total = gate.sum()
+        self.gate_sum = total if self.gate_sum is None else self.gate_sum + total
+        self.gate_count += gate.numel()
+
+    def pop(self) -> Optional[torch.Tensor]:
+        """weight * |mean gate - budget| over every gate of the last training forward, then forget it."""
+        if self.gate_sum is None:
+            return None
+        loss = self.weight * (self.gate_sum / self.gate_count - self.budget).abs()
+        self.routes, self.gate_sum, self.gate_count = None, None, 0
+        return loss
+
+
+class CLSRLinear(RoutedLinear):
+    """A sublayer's output linear followed by CLSR's gated mix of a shared and a language projection."""
+
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        name: str,
+        side: str,
+        route_state: RouteState,
+        registry: LanguageRegistry,
+        config: CLSRConfig,
+        language_owner: Optional["CLSRLinear"],
+        budget: BudgetTracker,
+    ):
+        super().__init__(base_layer, name, side, route_state)
+        width = base_layer.out_features
+        factory = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
+        identity = torch.eye(width, **factory)
+        # Identity projections: both paths return z, so training starts exactly at the base model.
+        self.shared_projection = nn.Linear(width, width, **factory)
+        with torch.no_grad():
+            self.shared_projection.weight.copy_(identity)
+            self.shared_projection.bias.zero_()
+        self.gate_hidden = nn.Linear(width, config.gate_hidden_size, **factory)
+        self.gate_output = nn.Linear(config.gate_hidden_size, 1, **factory)
+        if language_owner is None:
+            self.language_weight = nn.Parameter(identity.unsqueeze(0).repeat(len(registry.languages), 1, 1))
+            language_owner = self
+        else:
+            self.language_weight = None
+        # A plain attribute: sublayers sharing W_lang read it from its one owner (registered once).
+        self.__dict__["language_owner"] = language_owner
+        self.__dict__["budget"] = budget
+        self.shared_id: Optional[int] = registry.shared_id if registry.shared_route else None
+        self.gate_noise_std = float(config.gate_noise_std)
+        self.hard_gate_at_inference = config.hard_gate_at_inference
+
+    def gate(self, z: torch.Tensor) -> torch.Tensor:
+        """Per-token g in [0, 1] (training: noisy sigmoid; inference: hard 0/1 by default)."""
+        logit = self.gate_output(torch.relu(self.gate_hidden(z)))
+        if self.training:
+            if self.gate_noise_std > 0:
+                logit = logit + torch.randn_like(logit) * self.gate_noise_std
+            return torch.sigmoid(logit)
+        if self.hard_gate_at_inference:
+            return (logit >= 0).to(z.dtype)
+        return torch.sigmoid(logit)
+
+    def language_projection(self, language: int, z: torch.Tensor) -> torch.Tensor:
+        if language == self.shared_id:  # the FD shared route takes the shared path only
+            return self.shared_projection(z)
+        return nn.functional.linear(z, self.language_owner.language_weight[language].to(z.dtype))
+
+    def language_path(self, z: torch.Tensor, routes: Routes) -> torch.Tensor:
+        if routes.segments is not None:
+            parts = [
+                self.language_projection(side_language(s, t, self.side), z[start:stop])
+                for start, stop, s, t in routes.segments
+            ]
+            return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        groups = routes.groups(language_key(self.side))
+        return groups.apply(z, lambda s, t, rows: self.language_projection(side_language(s, t, self.side), rows))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.base_layer(x)
+        routes = self.route_state.for_batch(x.shape[0], self.layer_name).to(x.device)
+        shared = self.shared_projection(z)
+        language = self.language_path(z, routes)
+        gate = self.gate(z)
+        if self.training and torch.is_grad_enabled():
+            self.budget.record(self.route_state.current, gate)
+        return shared + gate * (language - shared)
+
+    def pop_auxiliary_loss(self) -> Optional[torch.Tensor]:
+        """The model-wide budget term; the first layer asked takes it, the others get None, so
+        PolyModel.auxiliary_loss counts it once."""
+        return self.budget.pop()
+
+    def routed_delta(self, x: torch.Tensor, routes: Routes) -> torch.Tensor:
+        raise NotImplementedError("CLSR layers transform the sublayer output; they have no additive delta")
+
+    def merge(self, route: tuple[int, int]) -> None:
+        raise LanguageError(f"{self.layer_name}: CLSR gates each token, so no route folds into one weight")
+
+    def route_parameter_count(self, num_routes: int = 1) -> int:
+        """num_routes * d * d for the layer that owns W_lang; zero for sublayers that share it."""
+        if self.language_weight is None:
+            return 0
+        return num_routes * self.out_features * self.out_features
+
+    def shared_route_parameter_count(self) -> int:
+        """The shared projection: what the FD shared route runs on besides the base."""
+        return sum(p.numel() for p in self.shared_projection.parameters())
+
+    def language_agnostic_parameter_count(self) -> int:
+        modules = (self.shared_projection, self.gate_hidden, self.gate_output)
+        return sum(p.numel() for module in modules for p in module.parameters())
+
+
+@dataclass
+class _CLSRBuild:
+    budget: BudgetTracker
+    owners: dict  # side -> weak reference to the layer owning that stack's W_lang (no cycle to the key)
+
+
+# The shared pieces of each model being built: its budget tracker and the W_lang owner per stack.
+_BUILDS: "weakref.WeakKeyDictionary[RouteState, _CLSRBuild]" = weakref.WeakKeyDictionary()
+
+
+@register_layer_builder("clsr")
+def build_clsr_layer(
+    config: CLSRConfig, name: str, linear: nn.Linear, side: str, route_state: RouteState, registry: LanguageRegistry
+) -> CLSRLinear:
+    build = _BUILDS.get(route_state)
+    if build is None:
+        build = _BUILDS[route_state] = _CLSRBuild(BudgetTracker(float(config.budget), float(config.budget_weight)), {})
+    owner_ref = build.owners.get(side) if config.language_weights == "per_stack" else None
+    owner = owner_ref() if owner_ref is not None else None
+    if owner is not None and owner.out_features != linear.out_features:
+        raise ConfigError(
+            f"clsr: {name} outputs {linear.out_features} features but the {side}'s shared W_lang is "
+            f"{owner.out_features} x {owner.out_features}; use language_weights='per_sublayer'"
+        )
+    layer = CLSRLinear(linear, name, side, route_state, registry, config, owner, build.budget)
+    build.owners.setdefault(side, weakref.ref(layer))
+    return layer

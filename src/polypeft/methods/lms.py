@@ -1,0 +1,87 @@
+"""LMS: a linear whose weight is W + V[a] F[b] for the example's route, with low-rank V and F.
+
+Runs of equal routes use plain matmuls; mixed batches gather factors (per route group or per example)
+and use bmm, so no full (out x in) delta is ever built per example.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..core.languages import RouteGroups, Routes
+from ..core.routing import RouteState
+from ..core.routed import RoutedLinear, check_rank, language_key, side_language
+
+
+class LMSLinear(RoutedLinear):
+    """`y = W x + b + V[a] (F[b] x)`; (a, b) = (src, tgt) pair-wise, or the side's language twice."""
+
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        name: str,
+        side: str,
+        route_state: RouteState,
+        num_routes: int,
+        rank: int,
+        synthesis: str,
+        init_std: float,
+    ):
+        super().__init__(base_layer, name, side, route_state)
+        out_features, in_features = base_layer.weight.shape
+        check_rank("LMS", rank, base_layer, name)
+        self.synthesis = synthesis
+        factory = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
+        # V starts random and F at zero, so the wrapped model starts exactly at the base model.
+        self.lms_V = nn.Parameter(torch.randn(num_routes, out_features, rank, **factory) * init_std)
+        self.lms_F = nn.Parameter(torch.zeros(num_routes, rank, in_features, **factory))
+
+    def factor_ids(self, src, tgt):
+        """Which V row and which F row an example uses (ints or id tensors alike)."""
+        if self.synthesis == "pair":
+            return src, tgt
+        language = side_language(src, tgt, self.side)
+        return language, language
+
+    def low_rank(self, x: torch.Tensor, route: tuple[int, int]) -> torch.Tensor:
+        v_id, f_id = self.factor_ids(*route)
+        flat = self.lms_F[f_id].to(x.dtype)
+        vertical = self.lms_V[v_id].to(x.dtype)
+        return nn.functional.linear(nn.functional.linear(x, flat), vertical)
+
+    @property
+    def group_key(self) -> str:
+        """Which route ids this layer's factors depend on (see Routes.groups)."""
+        return "pair" if self.synthesis == "pair" else language_key(self.side)
+
+    def routed_delta(self, x: torch.Tensor, routes: Routes) -> torch.Tensor:
+        if routes.segments is not None:
+            parts = [self.low_rank(x[start:stop], (s, t)) for start, stop, s, t in routes.segments]
+            return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        rows = x.reshape(x.shape[0], -1, x.shape[-1])
+        groups = routes.groups(self.group_key)
+        if groups.padded_cheaper_than_per_example(rows.shape[1], self.lms_F.shape[1]):
+            return self.grouped_delta(rows, groups).reshape(*x.shape[:-1], -1)
+        return self.batched_delta(rows, routes.src, routes.tgt).reshape(*x.shape[:-1], -1)
+
+    def batched_delta(self, rows: torch.Tensor, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        """(B, T, in) rows, each row-block with its own route: two bmm over gathered factors."""
+        v_ids, f_ids = self.factor_ids(src, tgt)
+        flat = self.lms_F.index_select(0, f_ids).to(rows.dtype)
+        vertical = self.lms_V.index_select(0, v_ids).to(rows.dtype)
+        return torch.bmm(torch.bmm(rows, flat.transpose(1, 2)), vertical.transpose(1, 2))
+
+    def grouped_delta(self, rows: torch.Tensor, groups: RouteGroups) -> torch.Tensor:
+        """Factors fetched once per route group; the examples move into padded group blocks and back."""
+        _, tokens, width = rows.shape
+        blocks = rows.index_select(0, groups.slots).reshape(groups.num_groups, groups.group_size * tokens, width)
+        delta = self.batched_delta(blocks, groups.src, groups.tgt)
+        return delta.reshape(groups.num_groups * groups.group_size, tokens, -1).index_select(0, groups.position)
+
+    def delta_weight(self, route: tuple[int, int]) -> torch.Tensor:
+        v_id, f_id = self.factor_ids(*route)
+        return self.lms_V[v_id] @ self.lms_F[f_id]
+
+    def route_parameter_count(self, num_routes: int = 1) -> int:
+        rank = self.lms_V.shape[-1]
+        return num_routes * rank * (self.out_features + self.in_features)

@@ -1,0 +1,98 @@
+"""The plain LoRA baseline as a polypeft method: one language-agnostic low-rank route per linear.
+
+It ignores the routes, so it compares with LMS on the same targets, save/load and merge machinery.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..core.config import ConfigError, MethodConfig, check_positive, register_config
+from ..core.languages import LanguageRegistry
+from ..core.model import register_layer_builder
+from ..core.routing import RouteState
+from ..core.routed import RoutedLinear, check_rank
+
+
+@register_config
+@dataclass
+class LoRAConfig(MethodConfig):
+    """`y = W x + b + (alpha / rank) B A x` on every target (FFN linears by default), for all languages alike.
+
+    The base is frozen by default, as in LoRA; `languages` only name what the model is used on.
+    """
+
+    method: ClassVar[str] = "lora"
+    # No parameter depends on the language: runs and merges without a route (see PolyModel).
+    language_agnostic: ClassVar[bool] = True
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    freeze_base: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive("LoRAConfig", "rank", self.rank)
+        check_positive("LoRAConfig", "alpha", float(self.alpha), float)
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ConfigError(f"LoRAConfig.dropout={self.dropout!r} must lie in [0, 1)")
+        if self.shared_route:
+            raise ConfigError(
+                "LoRAConfig.shared_route=True has no meaning: LoRA has a single language-agnostic route; "
+                "leave shared_route=False"
+            )
+
+
+class LoRARouteLinear(RoutedLinear):
+    """A base linear plus one low-rank update B·A shared by every language; B starts at zero."""
+
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        name: str,
+        side: str,
+        route_state: RouteState,
+        rank: int,
+        alpha: float,
+        dropout: float,
+    ):
+        super().__init__(base_layer, name, side, route_state)
+        out_features, in_features = base_layer.weight.shape
+        check_rank("LoRA", rank, base_layer, name)
+        factory = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
+        self.scaling = float(alpha) / rank
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank, **factory))
+        # Random A and zero B: the update is exactly zero at the start, yet B gets gradients at once.
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Routes are never read: the layer runs with or without src_lang/tgt_lang.
+        output = self.base_layer(x)
+        if self.merged_route is not None:
+            return output
+        low_rank = nn.functional.linear(self.dropout(x), self.lora_A.to(x.dtype))
+        return output + self.scaling * nn.functional.linear(low_rank, self.lora_B.to(x.dtype))
+
+    def delta_weight(self, route: tuple[int, int]) -> torch.Tensor:
+        """The same (out, in) update for every route."""
+        return self.scaling * (self.lora_B @ self.lora_A)
+
+    def route_parameter_count(self, num_routes: int = 1) -> int:
+        """Zero: no parameter belongs to a language; the rank * (in + out) update is language-agnostic."""
+        return 0
+
+    def language_agnostic_parameter_count(self) -> int:
+        return self.lora_A.numel() + self.lora_B.numel()
+
+
+@register_layer_builder("lora")
+def build_lora_route_layer(
+    config: LoRAConfig, name: str, linear: nn.Linear, side: str, route_state: RouteState, registry: LanguageRegistry
+) -> LoRARouteLinear:
+    return LoRARouteLinear(linear, name, side, route_state, config.rank, config.alpha, config.dropout)

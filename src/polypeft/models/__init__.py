@@ -1,1 +1,0 @@
-"""Model builders and offline loaders."""

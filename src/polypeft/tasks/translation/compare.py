@@ -1,0 +1,147 @@
+"""Comparison of evaluated runs: mean and spread over seeds, win ratios, a Markdown table, the plot.
+
+The plot is the LMS paper's Figure 1: BLEU gain over the baseline against extra parameters.
+"""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from statistics import mean, pstdev
+from typing import Sequence
+
+from .evaluate import win_ratio
+from ...core.fileio import write_json, write_text
+
+
+def load_results(paths: Sequence[str | Path], split: str = "test") -> list[dict]:
+    """The evaluation JSON of each run directory (or of each JSON file given directly)."""
+    results = []
+    for path in paths:
+        path = Path(path)
+        file = path if path.is_file() else path / f"eval_{split}.json"
+        if not file.exists():
+            raise FileNotFoundError(f"{file} not found: run `polypeft mmt eval` on {path} first")
+        try:
+            result = json.loads(file.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as error:
+            raise ValueError(f"{file} is not an evaluation written by `polypeft mmt eval` ({error}); pass run "
+                             "directories or their eval_<split>.json files") from error
+        if not isinstance(result, dict) or "variants" not in result:
+            raise ValueError(f"{file} is not an evaluation written by `polypeft mmt eval`: it has no 'variants'")
+        results.append(result)
+    return results
+
+
+def run_label(result: dict, variant: str) -> str:
+    return result["name"] if variant == "default" else f"{result['name']} ({variant.replace('_', '-')})"
+
+
+def _inference_extra(result: dict, variant: str) -> int:
+    params = result["parameters"]
+    if variant == "fd_share":
+        return params["inference_extra_shared_route"]
+    return params["inference_extra_language_routes"]
+
+
+def compare(results: Sequence[dict], baseline: str) -> dict:
+    """Rows per (run name, variant): metric means and spreads over seeds, parameters, win ratio."""
+    grouped: dict[str, list[tuple[dict, str]]] = defaultdict(list)
+    for result in results:
+        for variant in result["variants"]:
+            grouped[run_label(result, variant)].append((result, variant))
+    if baseline not in grouped:
+        raise ValueError(f"baseline {baseline!r} is not among the runs: {sorted(grouped)}")
+    base_by_seed = {r["seed"]: r["variants"][v]["directions"] for r, v in grouped[baseline]}
+    rows = {}
+    for label, members in grouped.items():
+        averages = defaultdict(list)
+        for result, variant in members:
+            for key, value in result["variants"][variant]["averages"].items():
+                if value is not None:
+                    averages[key].append(value)
+        wins = [win_ratio(r["variants"][v]["directions"], base_by_seed[r["seed"]])
+                for r, v in members if r["seed"] in base_by_seed]
+        first, variant = members[0]
+        per_direction = {"bleu": defaultdict(list), "chrf": defaultdict(list)}
+        for result, v in members:
+            for name, scores in result["variants"][v]["directions"].items():
+                for metric, values in per_direction.items():
+                    values[name].append(scores[metric])
+        rows[label] = {
+            "seeds": sorted(r["seed"] for r, _ in members),
+            "averages": {k: {"mean": round(mean(v), 2), "std": round(pstdev(v), 2)} for k, v in averages.items()},
+            **{f"{metric}_per_direction": {k: round(mean(v), 2) for k, v in sorted(values.items())}
+               for metric, values in per_direction.items()},
+            "win_ratio_vs_baseline": round(mean(wins), 3) if wins else None,
+            "training_extra": first["parameters"]["training_extra"],
+            "inference_extra": _inference_extra(first, variant),
+            "base": first["parameters"]["base"],
+        }
+    base_bleu = rows[baseline]["averages"]["bleu_all"]["mean"]
+    for row in rows.values():
+        row["bleu_gain"] = round(row["averages"]["bleu_all"]["mean"] - base_bleu, 2)
+    return {"baseline": baseline, "rows": rows}
+
+
+def markdown(comparison: dict, pivot: str = "en") -> str:
+    rows = comparison["rows"]
+    lines = [
+        f"| run | seeds | BLEU {pivot}→xx | BLEU xx→{pivot} | BLEU avg | gain | chrF avg | win ratio | extra train | extra infer |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def cell(row: dict, key: str) -> str:
+        value = row["averages"].get(key)
+        return f"{value['mean']:.2f} ± {value['std']:.2f}" if value else "–"
+
+    for label, row in rows.items():
+        win = "–" if row["win_ratio_vs_baseline"] is None else f"{row['win_ratio_vs_baseline']:.2f}"
+        lines.append(
+            f"| {label} | {','.join(map(str, row['seeds']))} | {cell(row, f'bleu_{pivot}_xx')} | "
+            f"{cell(row, f'bleu_xx_{pivot}')} | {cell(row, 'bleu_all')} | {row['bleu_gain']:+.2f} | "
+            f"{cell(row, 'chrf_all')} | {win} | {row['training_extra']:,} | {row['inference_extra']:,} |"
+        )
+    directions = sorted({d for row in rows.values() for d in row["bleu_per_direction"]})
+    for metric, title in (("bleu", "BLEU"), ("chrf", "chrF")):
+        lines += ["", f"{title} per direction (mean over seeds):", "",
+                  "| run | " + " | ".join(directions) + " |", "|---|" + "---|" * len(directions)]
+        for label, row in rows.items():
+            scores = row[f"{metric}_per_direction"]
+            lines.append(f"| {label} | " + " | ".join(f"{scores.get(d, float('nan')):.2f}" for d in directions) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_gain_vs_parameters(comparison: dict, path: str | Path) -> Path:
+    """BLEU gain over the baseline against extra inference parameters, one point per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for label, row in comparison["rows"].items():
+        extra = row["inference_extra"] / 1e6
+        axes.scatter(extra, row["bleu_gain"], s=40)
+        axes.annotate(label, (extra, row["bleu_gain"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    axes.axhline(0, color="grey", linewidth=0.8)
+    axes.set_xlabel("extra inference parameters (millions)")
+    axes.set_ylabel(f"BLEU gain over {comparison['baseline']}")
+    axes.set_title("Quality gain against parameter cost")
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp.png")
+    figure.savefig(temporary, dpi=120)
+    plt.close(figure)
+    temporary.replace(path)
+    return path
+
+
+def write_comparison(results: Sequence[dict], baseline: str, out_dir: str | Path, pivot: str = "en") -> dict:
+    comparison = compare(results, baseline)
+    out_dir = Path(out_dir)
+    write_json(out_dir / "comparison.json", comparison)
+    write_text(out_dir / "comparison.md", markdown(comparison, pivot))
+    plot_gain_vs_parameters(comparison, out_dir / "bleu_gain_vs_parameters.png")
+    return comparison

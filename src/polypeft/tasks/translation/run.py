@@ -1,0 +1,368 @@
+"""English-centric multilingual translation on the Bible corpus: the LMS/FD paper's main experiment.
+
+A recipe (YAML) names the languages, model preset, method and schedule; `prepare`, `train_run` and
+`evaluate_run` are the CLI's `polypeft mmt prepare|train|eval`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+from accelerate import PartialState
+from transformers.models.marian.modeling_marian import shift_tokens_right
+
+from ...core.config import CONFIG_CLASSES, ConfigError, recipe_from_dict, recipe_from_yaml
+from ...data.batching import TokenBudgetBatcher, collate, token_lengths
+from ...data.bible import BibleCorpus, BibleSplit
+from ...data.parallel import ParallelExample, english_centric
+from ...data.spm import SpmTokenizer, bible_spm
+from .evaluate import score_directions, translate
+from ...core.fileio import write_json, write_model_weights
+from ...methods.fd import fuse_distillation_step, token_cross_entropy
+from ...core.model import PolyModel, wrap
+from ...backbones.seq2seq import build_translation_model
+from ...training.loop import TrainSettings, seed_everything, train
+
+FD_KEYS = ("fd", "kl_weight")
+# A run directory holds its tokenizer, so the model can be reused without the corpus (FLARE-MT).
+TOKENIZER_NAME = "spm.model"
+# What a resumed run may change: how long it trains, how often it saves and validates, how it is scored.
+RESUMABLE_KEYS = ("steps", "checkpoint_every", "valid_every", "beam", "length_penalty", "eval_batch_size")
+
+
+@dataclass
+class MMTRecipe:
+    """Everything one translation run needs; unknown keys in a YAML file are refused by name."""
+
+    name: str = "run"
+    languages: list[str] = field(default_factory=lambda: ["en", "fr", "es", "de", "ru", "ar", "ko"])
+    pivot: str = "en"
+    preset: str = "tiny"
+    vocab_size: int = 8000
+    spm_max_sentences: Optional[int] = None
+    test_books: list[int] = field(default_factory=lambda: [43])
+    valid_books: list[int] = field(default_factory=lambda: [49])
+    max_train_verses: Optional[int] = None
+    max_eval_verses: Optional[int] = None
+    method: dict[str, Any] = field(default_factory=lambda: {"name": "naive"})
+    batching: str = "homogeneous"
+    max_tokens: int = 4096
+    temperature: float = 5.0
+    max_length: int = 160
+    dropout: float = 0.1
+    label_smoothing: float = 0.1
+    steps: int = 1000
+    lr: float = 5e-4
+    warmup: int = 200
+    accumulation: int = 1
+    checkpoint_every: int = 200
+    valid_every: int = 200
+    seed: int = 0
+    beam: int = 5
+    length_penalty: float = 1.0
+    eval_batch_size: int = 32
+    output_dir: str = "runs"
+
+    def __post_init__(self) -> None:
+        if self.pivot not in self.languages:
+            raise ConfigError(f"pivot {self.pivot!r} is not among languages {self.languages}")
+        if "name" not in self.method:
+            raise ConfigError(f"method {self.method!r} has no 'name'; choose naive or one of {sorted(CONFIG_CLASSES)}")
+        name = self.method["name"]
+        if name != "naive" and name not in CONFIG_CLASSES:
+            raise ConfigError(f"unknown method {name!r}; choose naive or one of {sorted(CONFIG_CLASSES)}")
+        if self.batching not in ("homogeneous", "mixed"):
+            raise ConfigError(f"batching={self.batching!r}; choose 'homogeneous' or 'mixed'")
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "recipe") -> "MMTRecipe":
+        return recipe_from_dict(cls, data, where)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: Optional[dict] = None) -> "MMTRecipe":
+        return recipe_from_yaml(cls, path, overrides)
+
+    @property
+    def uses_fd(self) -> bool:
+        return bool(self.method.get("fd", False))
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / f"{self.name}-seed{self.seed}"
+
+    def split(self) -> BibleSplit:
+        return BibleSplit(test_books=tuple(self.test_books), valid_books=tuple(self.valid_books))
+
+
+@dataclass
+class MMTData:
+    tokenizer: SpmTokenizer
+    train: list[ParallelExample]
+    valid: list[ParallelExample]
+    test: list[ParallelExample]
+
+
+def _rows(corpus: BibleCorpus, recipe: MMTRecipe, part: str, limit: Optional[int]) -> list[dict]:
+    """The verses of one split; a size limit draws the same verses for every seed, so runs of
+    different seeds are trained and scored on the same data."""
+    rows = corpus.parallel(recipe.languages, books=recipe.split().books(part))
+    if limit is not None and len(rows) > limit:
+        rows = random.Random(f"bible-{part}").sample(rows, limit)
+    return rows
+
+
+def prepare(recipe: MMTRecipe) -> MMTData:
+    """The tokenizer (trained on the training books, cached) and the three splits, both directions."""
+    corpus = BibleCorpus()
+    tokenizer = bible_spm(recipe.languages, vocab_size=recipe.vocab_size, split=recipe.split(),
+                          max_sentences=recipe.spm_max_sentences, corpus=corpus)
+
+    def examples(part: str, limit: Optional[int]) -> list[ParallelExample]:
+        return english_centric(_rows(corpus, recipe, part, limit), recipe.languages, pivot=recipe.pivot)
+
+    return MMTData(
+        tokenizer,
+        examples("train", recipe.max_train_verses),
+        examples("valid", recipe.max_eval_verses),
+        examples("test", recipe.max_eval_verses),
+    )
+
+
+def build_model(recipe: MMTRecipe, tokenizer: SpmTokenizer) -> torch.nn.Module:
+    """The preset model, wrapped with the recipe's method unless it is the naive baseline."""
+    seed_everything(recipe.seed)
+    model = build_translation_model(recipe.preset, tokenizer.vocab_size, tokenizer.pad_id, tokenizer.eos_id,
+                                    tokenizer.decoder_start_id, dropout=recipe.dropout)
+    method = dict(recipe.method)
+    name = method.pop("name")
+    for key in FD_KEYS:
+        method.pop(key, None)
+    if name == "naive":
+        return model
+    if recipe.uses_fd:
+        method["shared_route"] = True
+    config = CONFIG_CLASSES[name](languages=recipe.languages, **method)
+    return wrap(model, config)
+
+
+def add_decoder_inputs(batch: dict, model_config) -> dict:
+    batch["decoder_input_ids"] = shift_tokens_right(
+        batch["labels"], model_config.pad_token_id, model_config.decoder_start_token_id
+    )
+    return batch
+
+
+def make_loss_fn(recipe: MMTRecipe):
+    """CE with label smoothing (plus any auxiliary loss), or the FD objective when the method uses it."""
+    one_way = recipe.method.get("name") == "ls_ffn"
+    kl_weight = float(recipe.method.get("kl_weight", 1.0))
+
+    def loss_fn(model, batch: dict) -> tuple[torch.Tensor, int]:
+        batch = dict(batch)
+        src, tgt = batch.pop("src_lang"), batch.pop("tgt_lang")
+        labels = batch.pop("labels")
+        tokens = int((labels != -100).sum())
+        poly = getattr(model, "module", model)
+        if recipe.uses_fd:
+            # The FD pass runs the model on [batch; batch]; the labels only score it.
+            loss = fuse_distillation_step(model, batch, src, tgt, kl_weight=kl_weight, one_way=one_way,
+                                          label_smoothing=recipe.label_smoothing, labels=labels).loss
+        else:
+            routes = {"src_lang": src, "tgt_lang": tgt} if isinstance(poly, PolyModel) else {}
+            logits = model(**batch, **routes).logits
+            loss = token_cross_entropy(logits, labels, recipe.label_smoothing)
+        if isinstance(poly, PolyModel):
+            loss = loss + poly.auxiliary_loss()
+        return loss, tokens
+
+    return loss_fn
+
+
+def batch_stream(recipe: MMTRecipe, data: MMTData, model_config) -> Iterator[dict]:
+    lengths = [min(n, recipe.max_length) for n in token_lengths(data.train, data.tokenizer)]
+    batcher = TokenBudgetBatcher(lengths, [e.direction for e in data.train], recipe.max_tokens,
+                                 mode=recipe.batching, temperature=recipe.temperature, seed=recipe.seed)
+    for indices in batcher.sampled_batches():
+        examples = [data.train[i] for i in indices]
+        batch = collate(examples, data.tokenizer, recipe.max_length, recipe.max_length)
+        yield add_decoder_inputs(batch, model_config)
+
+
+def valid_loss_fn(recipe: MMTRecipe, data: MMTData, model_config, batch_size: int = 64,
+                  examples: Optional[list] = None, route: Optional[str] = None):
+    """Mean token CE (no smoothing) on the validation book (or `examples`) over each example's own route.
+
+    `route` (e.g. "shared", FD-Share) replaces every example's languages, as in `translate`.
+    """
+    examples = data.valid if examples is None else examples
+    batches = [add_decoder_inputs(collate(examples[i : i + batch_size], data.tokenizer, recipe.max_length,
+                                          recipe.max_length), model_config)
+               for i in range(0, len(examples), batch_size)]
+
+    def valid(model) -> float:
+        poly = getattr(model, "module", model)
+        total, count = 0.0, 0
+        for batch in batches:
+            batch = dict(batch)
+            src, tgt, labels = batch.pop("src_lang"), batch.pop("tgt_lang"), batch.pop("labels")
+            if route is not None:
+                src = tgt = route
+            routes = {"src_lang": src, "tgt_lang": tgt} if isinstance(poly, PolyModel) else {}
+            device = next(model.parameters()).device
+            logits = model(**{k: v.to(device) for k, v in batch.items()}, **routes).logits
+            tokens = int((labels != -100).sum())
+            total += float(token_cross_entropy(logits, labels.to(device))) * tokens
+            count += tokens
+        return total / max(count, 1)
+
+    return valid
+
+
+def parameter_table(model: torch.nn.Module, recipe: MMTRecipe) -> dict:
+    """Base size and the extra parameters for training and for each way of running inference."""
+    if isinstance(model, PolyModel):
+        counts = model.parameter_counts().as_dict()
+    else:
+        base = sum(p.numel() for p in model.parameters())
+        counts = {"base": base, "training_extra": 0, "inference_extra_language_routes": 0,
+                  "inference_extra_shared_route": 0, "language_specific": 0, "shared_route": 0}
+    counts["method"] = recipe.method["name"]
+    return counts
+
+
+def train_run(recipe: MMTRecipe, resume: bool = False, data: Optional[MMTData] = None) -> Path:
+    """Train one run; writes checkpoint, log, final weights and the parameter table into its run dir."""
+    run_dir = recipe.run_dir
+    if resume:
+        check_resumable(recipe, run_dir)
+    data = data or prepare(recipe)
+    model = build_model(recipe, data.tokenizer)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / "recipe.json", dataclasses.asdict(recipe))
+    data.tokenizer.save(run_dir / TOKENIZER_NAME)
+    params = parameter_table(model, recipe)
+    write_json(run_dir / "parameters.json", params)
+    print(f"[{recipe.name} seed {recipe.seed}] extra parameters: training {params['training_extra']:,}, "
+          f"inference {params['inference_extra_language_routes']:,} (language routes) / "
+          f"{params['inference_extra_shared_route']:,} (shared route; 0 once merged); base {params['base']:,}")
+    settings = TrainSettings(steps=recipe.steps, lr=recipe.lr, warmup=recipe.warmup, accumulation=recipe.accumulation,
+                             checkpoint_every=recipe.checkpoint_every, valid_every=recipe.valid_every, seed=recipe.seed)
+    config = model.config
+    started = time.perf_counter()
+    train(model, lambda: batch_stream(recipe, data, config), make_loss_fn(recipe), settings, run_dir, resume=resume,
+          valid_fn=valid_loss_fn(recipe, data, config) if recipe.valid_every else None)
+    state = PartialState()
+    if state.is_main_process:  # every process holds the same weights; one writes them
+        write_model_weights(run_dir / "model.safetensors", model)
+        write_json(run_dir / "train_summary.json", {"wall_seconds": round(time.perf_counter() - started, 1),
+                                                    "steps": recipe.steps, "resumed": resume})
+    state.wait_for_everyone()
+    return run_dir
+
+
+def check_resumable(recipe: MMTRecipe, run_dir: Path) -> None:
+    """Refuse, naming each difference, to continue a run under a recipe that would train it differently."""
+    stored_path = run_dir / "recipe.json"
+    if not stored_path.exists():
+        return
+    stored = json.loads(stored_path.read_text(encoding="utf-8"))
+    current = json.loads(json.dumps(dataclasses.asdict(recipe)))
+    differing = sorted(k for k in set(stored) | set(current) if k not in RESUMABLE_KEYS and stored.get(k) != current.get(k))
+    if differing:
+        changes = "; ".join(f"{k}: {stored.get(k)!r} in the run, {current.get(k)!r} now" for k in differing)
+        raise ConfigError(
+            f"--resume: {run_dir} was trained with another recipe ({changes}); only {list(RESUMABLE_KEYS)} may "
+            "change when a run continues: start a new run (another name or output_dir) instead"
+        )
+
+
+def load_run(run_dir: str | Path, data: Optional[MMTData] = None) -> tuple[MMTRecipe, MMTData, torch.nn.Module]:
+    """A trained run with its data splits, for evaluation."""
+    recipe = read_run_recipe(run_dir)
+    data = data or prepare(recipe)
+    return recipe, data, load_translation_model(run_dir, data.tokenizer)[2]
+
+
+def read_run_recipe(run_dir: str | Path) -> MMTRecipe:
+    run_dir = Path(run_dir)
+    for needed in ("recipe.json", "model.safetensors"):
+        if not (run_dir / needed).exists():
+            raise FileNotFoundError(f"{run_dir / needed} not found: is {run_dir} a trained `polypeft mmt` run?")
+    return MMTRecipe.from_dict(json.loads((run_dir / "recipe.json").read_text()), where=str(run_dir / "recipe.json"))
+
+
+def load_translation_model(run_dir: str | Path, tokenizer: Optional[SpmTokenizer] = None
+                           ) -> tuple[MMTRecipe, SpmTokenizer, torch.nn.Module]:
+    """A trained run's recipe, tokenizer and model from its directory alone (no corpus needed)."""
+    from safetensors.torch import load_model
+
+    recipe = read_run_recipe(run_dir)
+    saved = Path(run_dir) / TOKENIZER_NAME
+    if tokenizer is None:
+        # Runs trained before the tokenizer was kept in the run directory find it in the cache (or retrain it).
+        tokenizer = SpmTokenizer(saved) if saved.exists() else prepare(recipe).tokenizer
+    model = build_model(recipe, tokenizer)
+    load_model(model, str(Path(run_dir) / "model.safetensors"))
+    return recipe, tokenizer, model.eval()
+
+
+class RoutedEncoder(torch.nn.Module):
+    """The encoder of a routed translation model, run on one fixed route, so callers need no routes."""
+
+    def __init__(self, model: PolyModel, src_lang: str, tgt_lang: str):
+        super().__init__()
+        self.model, self.src_lang, self.tgt_lang = model, src_lang, tgt_lang
+        self.config = model.config
+
+    def forward(self, **inputs):
+        with self.model.routes(src_lang=self.src_lang, tgt_lang=self.tgt_lang):
+            return self.model.get_encoder()(**inputs)
+
+
+def translation_encoder(run_dir: str | Path, target_lang: str) -> tuple[torch.nn.Module, Any]:
+    """The frozen encoder of a polypeft translation run over English input, and its tokenizer, for FLARE-MT.
+
+    Inputs get the `<2target>` tag the model was trained with; LMS runs use their shared route when they
+    have one (FD), else the English -> target route.
+    """
+    recipe, tokenizer, model = load_translation_model(run_dir)
+    for code, role in ((recipe.pivot, "source (the pivot)"), (target_lang, "target")):
+        if code not in recipe.languages:
+            raise ConfigError(f"{run_dir}: the {role} language {code!r} is not among the run's {recipe.languages}")
+    encoder = model.get_encoder()
+    if isinstance(model, PolyModel):
+        shared = model.registry.shared_route
+        encoder = RoutedEncoder(model, "shared" if shared else recipe.pivot, "shared" if shared else target_lang)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return encoder.eval(), functools.partial(tokenizer, lang_tag=target_lang)
+
+
+def eval_variants(recipe: MMTRecipe) -> dict[str, Optional[str]]:
+    """FD runs are scored both ways: FD-Share (the shared route, the headline) and FD-LS."""
+    return {"fd_share": "shared", "fd_ls": None} if recipe.uses_fd else {"default": None}
+
+
+def evaluate_run(run_dir: str | Path, data: Optional[MMTData] = None, split: str = "test") -> dict:
+    """Beam search on the split, BLEU/chrF per direction and averages, written as JSON next to the run."""
+    recipe, data, model = load_run(run_dir, data)
+    examples = data.test if split == "test" else data.valid
+    results = {"name": recipe.name, "seed": recipe.seed, "method": recipe.method, "split": split,
+               "parameters": parameter_table(model, recipe), "variants": {}}
+    for variant, route in eval_variants(recipe).items():
+        started = time.perf_counter()
+        hypotheses = translate(model, data.tokenizer, examples, beam=recipe.beam,
+                               length_penalty=recipe.length_penalty, batch_size=recipe.eval_batch_size, route=route,
+                               max_source_length=recipe.max_length, max_new_tokens=recipe.max_length)
+        scores = score_directions(examples, hypotheses, pivot=recipe.pivot)
+        scores["decode_seconds"] = round(time.perf_counter() - started, 1)
+        results["variants"][variant] = scores
+    write_json(Path(run_dir) / f"eval_{split}.json", results)
+    return results
