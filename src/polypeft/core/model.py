@@ -141,14 +141,12 @@ class PolyModel(nn.Module):
         added = sum(p.numel() for layer in layers for _, p in added_parameters(layer))
         base = sum(p.numel() for p in self.base_model.parameters()) - added
         # Full-rank language copies without a shared route replace the base linear they copy.
-        replaced = sum(layer.replaced_base_parameter_count() for layer in layers
-                       if hasattr(layer, "replaced_base_parameter_count"))
+        replaced = sum(layer.replaced_base_parameter_count() for layer in layers)
         shared = shared_only = 0
         if self.registry.shared_route:
             # Most layers pay one route for "shared"; some (full-rank LS FFN, CLSR) reuse what they have.
-            shared = sum(shared_route_cost(layer) for layer in layers)
-            shared_only = sum(layer.route_parameter_count(1) for layer in layers
-                              if not hasattr(layer, "shared_route_parameter_count"))
+            shared = sum(layer.shared_route_parameter_count() for layer in layers)
+            shared_only = sum(layer.shared_route_only_parameter_count() for layer in layers)
         return ParameterCounts(
             base=base,
             language_specific=per_route * languages,
@@ -161,7 +159,7 @@ class PolyModel(nn.Module):
     def auxiliary_loss(self) -> torch.Tensor | float:
         """Sum of the extra training losses routed layers collected in the last forward (MoE balance,
         CLSR budget); 0.0 for methods that have none. Each layer's term is consumed by the call."""
-        terms = [layer.pop_auxiliary_loss() for layer in self.routed_layers.values() if hasattr(layer, "pop_auxiliary_loss")]
+        terms = [layer.pop_auxiliary_loss() for layer in self.routed_layers.values()]
         terms = [t for t in terms if t is not None]
         return sum(terms) if terms else 0.0
 
@@ -282,13 +280,6 @@ class PolyModel(nn.Module):
 def added_parameters(layer: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """A routed layer's own parameters, without its wrapped base linear."""
     return [(n, p) for n, p in layer.named_parameters() if not n.startswith("base_layer.")]
-
-
-def shared_route_cost(layer: nn.Module) -> int:
-    """Parameters that serving the shared route alone keeps in `layer`."""
-    if hasattr(layer, "shared_route_parameter_count"):
-        return layer.shared_route_parameter_count()
-    return layer.route_parameter_count(1)
 
 
 def batch_size_of(args: tuple, kwargs: dict) -> Optional[int]:

@@ -4,7 +4,7 @@ Subclasses say how a route changes the output (`routed_delta`) and the weight (`
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -55,6 +55,17 @@ def language_key(side: str) -> str:
     return side_language("src", "tgt", side)
 
 
+def per_language(rows: torch.Tensor, routes: Routes, side: str,
+                 run: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """`run(language, rows_of_that_language)` over a batch, language chosen by the side's rule: the one
+    dispatch every language-wise layer (LS-FFN, CLSR) shares, by runs of equal routes or by groups."""
+    if routes.segments is not None:
+        parts = [run(side_language(s, t, side), rows[start:stop]) for start, stop, s, t in routes.segments]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+    groups = routes.groups(language_key(side))
+    return groups.apply(rows, lambda s, t, group_rows: run(side_language(s, t, side), group_rows))
+
+
 class RoutedLinear(LinearProxy):
     """Keeps the base linear intact as `base_layer`, so merge, unmerge and unload are exact."""
 
@@ -98,3 +109,24 @@ class RoutedLinear(LinearProxy):
     def route_parameter_count(self, num_routes: int = 1) -> int:
         """Parameters this layer adds for `num_routes` routes."""
         raise NotImplementedError
+
+    # Defaults that methods override where they differ (no caller probes a layer with hasattr).
+    def shared_route_parameter_count(self) -> int:
+        """Parameters that serving the FD shared route alone keeps in this layer: one route by default."""
+        return self.route_parameter_count(1)
+
+    def shared_route_only_parameter_count(self) -> int:
+        """Parameters only the shared route uses, which serving the language routes can drop."""
+        return self.route_parameter_count(1)
+
+    def replaced_base_parameter_count(self) -> int:
+        """Base parameters the added ones replace (full-rank copies without a shared route)."""
+        return 0
+
+    def language_agnostic_parameter_count(self) -> int:
+        """Added parameters that belong to no language (LoRA's update, Switch experts, CLSR gates)."""
+        return 0
+
+    def pop_auxiliary_loss(self) -> Optional[torch.Tensor]:
+        """The extra training loss of the last forward (MoE balance, CLSR budget), consumed by the call."""
+        return None

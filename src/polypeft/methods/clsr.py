@@ -16,7 +16,7 @@ from ..core.config import ConfigError, MethodConfig, check_choice, check_positiv
 from ..core.languages import LanguageError, LanguageRegistry, Routes
 from ..core.model import register_layer_builder
 from ..core.routing import RouteState
-from ..core.routed import RoutedLinear, language_key, side_language
+from ..core.routed import RoutedLinear, per_language
 
 # The output linear of every attention and FFN sublayer: BART/Marian, BERT, T5, Llama/Qwen.
 CLSR_DEFAULT_TARGETS = (
@@ -144,14 +144,7 @@ class CLSRLinear(RoutedLinear):
         return nn.functional.linear(z, self.language_owner.language_weight[language].to(z.dtype))
 
     def language_path(self, z: torch.Tensor, routes: Routes) -> torch.Tensor:
-        if routes.segments is not None:
-            parts = [
-                self.language_projection(side_language(s, t, self.side), z[start:stop])
-                for start, stop, s, t in routes.segments
-            ]
-            return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-        groups = routes.groups(language_key(self.side))
-        return groups.apply(z, lambda s, t, rows: self.language_projection(side_language(s, t, self.side), rows))
+        return per_language(z, routes, self.side, self.language_projection)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.base_layer(x)
@@ -183,6 +176,10 @@ class CLSRLinear(RoutedLinear):
     def shared_route_parameter_count(self) -> int:
         """The shared projection: what the FD shared route runs on besides the base."""
         return sum(p.numel() for p in self.shared_projection.parameters())
+
+    def shared_route_only_parameter_count(self) -> int:
+        """Zero: the language routes run the shared projection too (the gate mixes both)."""
+        return 0
 
     def language_agnostic_parameter_count(self) -> int:
         modules = (self.shared_projection, self.gate_hidden, self.gate_output)

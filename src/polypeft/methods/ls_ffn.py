@@ -14,7 +14,7 @@ from ..core.config import MethodConfig, register_config
 from ..core.languages import LanguageRegistry, Routes
 from ..core.model import register_layer_builder
 from ..core.routing import RouteState
-from ..core.routed import RoutedLinear, language_key, side_language
+from ..core.routed import RoutedLinear, per_language, side_language
 
 
 @register_config
@@ -64,14 +64,7 @@ class LanguageSpecificLinear(RoutedLinear):
         return self.language_forward(x, routes)
 
     def language_forward(self, x: torch.Tensor, routes: Routes) -> torch.Tensor:
-        if routes.segments is not None:
-            parts = [
-                self.run_language(side_language(s, t, self.side), x[start:stop])
-                for start, stop, s, t in routes.segments
-            ]
-            return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-        groups = routes.groups(language_key(self.side))
-        return groups.apply(x, lambda s, t, rows: self.run_language(side_language(s, t, self.side), rows))
+        return per_language(x, routes, self.side, self.run_language)
 
     def routed_delta(self, x: torch.Tensor, routes: Routes) -> torch.Tensor:
         return self.language_forward(x, routes) - self.base_layer(x)
@@ -122,6 +115,9 @@ class LanguageSpecificLinear(RoutedLinear):
 
     def shared_route_parameter_count(self) -> int:
         """Zero: the shared route is the base layer, which the base model already counts."""
+        return 0
+
+    def shared_route_only_parameter_count(self) -> int:
         return 0
 
 
