@@ -1,4 +1,6 @@
-"""The paper's baselines as polypeft methods (LoRA, LS FFN, Switch, CLSR): one matrix of tiny models x methods."""
+"""The contract table: every routed method (LMS both syntheses, LoRA, LS FFN, Switch, CLSR) x tiny models.
+
+A new method is one row in CONFIGS and one formula below; the shared checks then run on it."""
 from __future__ import annotations
 
 import pytest
@@ -20,13 +22,17 @@ SUBLAYERS = {"bert": 4, "bart": 10, "marian": 10, "t5": 10, "llama": 4}
 STACKS = {"bert": 1, "bart": 2, "marian": 2, "t5": 2, "llama": 1}
 
 CONFIGS = {
+    "lms_pair": lambda **kw: pp.LMSConfig(languages=LANGS, rank=4, synthesis="pair", **kw),
+    "lms_language": lambda **kw: pp.LMSConfig(languages=LANGS, rank=4, synthesis="language", **kw),
     "lora": lambda **kw: LoRAConfig(languages=LANGS, rank=4, **kw),
     "ls_ffn": lambda **kw: LSFFNConfig(languages=LANGS, **kw),
     "switch": lambda **kw: SwitchConfig(languages=LANGS, num_experts=3, **kw),
     "clsr": lambda **kw: CLSRConfig(languages=LANGS, gate_hidden_size=8, **kw),
 }
 METHODS = tuple(CONFIGS)
-LANGUAGE_ROUTED = ("ls_ffn", "clsr")
+LANGUAGE_ROUTED = ("lms_pair", "lms_language", "ls_ffn", "clsr")
+LANGUAGE_WISE = ("lms_language", "ls_ffn", "clsr")  # encoder reads src, decoder tgt
+MERGEABLE = ("lms_pair", "lms_language", "lora", "ls_ffn")
 
 
 def expected_training_extra(method: str, kind: str) -> int:
@@ -34,6 +40,8 @@ def expected_training_extra(method: str, kind: str) -> int:
     layers, _ = FFN_LAYOUT[kind]
     bias = HAS_BIAS[kind]
     ffn_weights = 2 * HIDDEN * FFN + (HIDDEN + FFN if bias else 0)  # fc1 + fc2 of one layer
+    if method.startswith("lms"):  # the paper's 2 * L * N * d * (r + c), rank 4
+        return 2 * len(LANGS) * layers * 4 * (HIDDEN + FFN)
     if method == "lora":
         return layers * 4 * 2 * (HIDDEN + FFN)
     if method == "ls_ffn":  # one copy per language, replacing the base FFN (no shared route)
@@ -53,6 +61,8 @@ def expected_language_specific(method: str, kind: str) -> int:
         return len(LANGS) * layers * (2 * HIDDEN * FFN + (HIDDEN + FFN if HAS_BIAS[kind] else 0))
     if method == "clsr":
         return STACKS[kind] * len(LANGS) * HIDDEN * HIDDEN
+    if method.startswith("lms"):
+        return expected_training_extra(method, kind)
     return 0  # lora and switch have no language parameters
 
 
@@ -79,8 +89,8 @@ def test_wrap_with_defaults_and_parameter_counts_match_formulas(method, kind):
     assert counts.language_specific == expected_language_specific(method, kind)
     assert counts.base == sum(p.numel() for p in build(kind).parameters())
     layer_sum = sum(
-        layer.route_parameter_count(len(LANGS)) + getattr(layer, "language_agnostic_parameter_count", lambda: 0)()
-        - getattr(layer, "replaced_base_parameter_count", lambda: 0)()
+        layer.route_parameter_count(len(LANGS)) + layer.language_agnostic_parameter_count()
+        - layer.replaced_base_parameter_count()
         for layer in poly.routed_layers.values()
     )
     assert layer_sum == counts.training_extra, "layers' own counts must add up to their parameters"
@@ -101,7 +111,7 @@ def test_every_trainable_parameter_gets_a_gradient(method, kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("method", ["lora", "ls_ffn", "clsr"])
+@pytest.mark.parametrize("method", ["lms_pair", "lms_language", "lora", "ls_ffn", "clsr"])
 def test_methods_that_start_at_the_base_model_do(method, kind):
     batch = random_batch(kind, 3)
     reference = output_of(build(kind), batch)
@@ -177,7 +187,7 @@ def test_mixed_batch_equals_per_example_runs(method, kind, pattern):
 
 
 @pytest.mark.parametrize("kind", ["bart", "t5"])
-@pytest.mark.parametrize("method", LANGUAGE_ROUTED)
+@pytest.mark.parametrize("method", LANGUAGE_WISE)
 def test_encoder_reads_the_source_and_decoder_the_target(method, kind):
     poly = make(method, kind).eval()
     batch = random_batch(kind, 2)
@@ -324,7 +334,7 @@ def test_save_and_load_give_identical_outputs(method, kind, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["bart", "t5", "bert"])
-@pytest.mark.parametrize("method", ["lora", "ls_ffn"])
+@pytest.mark.parametrize("method", MERGEABLE)
 def test_merge_unmerge_and_unload(method, kind):
     poly = make(method, kind)
     batch = random_batch(kind, 2)
@@ -397,7 +407,7 @@ def test_configs_round_trip_through_json_form():
         assert pp.config_from_dict(config.to_dict()) == config, method
 
 
-@pytest.mark.parametrize("method", ["ls_ffn", "clsr", "switch"])
+@pytest.mark.parametrize("method", ["lms_pair", "lms_language", "ls_ffn", "clsr", "switch"])
 def test_beam_search_with_mixed_routes_equals_per_example(method):
     poly = make(method, "bart").eval()
     src, tgt = ["de", "fr", "en"], ["en", "en", "fr"]
