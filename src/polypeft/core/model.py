@@ -20,7 +20,7 @@ from .fileio import write_json, write_safetensors
 from .inject import find_targets, replace_targets, restore_base_layers, side_of
 from .languages import LanguageError, LanguageRegistry, LanguageSpec, Routes
 from .routed import RoutedLinear
-from .routing import RouteState
+from .routing import RouteState, carry_routes_into_checkpoints, checkpointing_modules
 
 CONFIG_NAME = "polypeft_config.json"
 WEIGHTS_NAME = "polypeft_model.safetensors"
@@ -73,6 +73,7 @@ class PolyModel(nn.Module):
         self.poly_config = config
         self.registry = LanguageRegistry(config.languages, config.shared_route)
         self.route_state = RouteState()
+        self._checkpointing_modules = checkpointing_modules(base_model)
         build = LAYER_BUILDERS[config.method]
         self.routed_layers: dict[str, RoutedLinear] = replace_targets(
             base_model,
@@ -116,6 +117,8 @@ class PolyModel(nn.Module):
             self._check_matches_merged(src_lang, tgt_lang, batch_size)
             yield self.registry.routes(*self.merged_route_codes, batch_size=None)
             return
+        # Gradient checkpointing may have been switched on since the last call (Trainer, the user, any API).
+        carry_routes_into_checkpoints(self._checkpointing_modules, self.route_state)
         with self.route_state.use(self.make_routes(src_lang, tgt_lang, batch_size)) as active:
             yield active
 

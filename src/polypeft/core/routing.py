@@ -1,28 +1,43 @@
-"""How the routes of the current forward pass reach the routed layers.
+"""How the routes of the current forward pass reach the routed layers, per thread and through recomputation.
 
 A PolyModel owns one RouteState; its layers read it. Nothing else in the model knows about languages.
 """
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
+
+from torch import nn
 
 from .languages import LanguageError, Routes
 
 
 class RouteState:
-    """The routes of the forward pass in progress, set by a context and read by every routed layer."""
+    """The routes of the forward pass in progress, set by a context and read by every routed layer.
+
+    Each thread sees its own routes, so one model can serve several requests at once (a server)."""
 
     def __init__(self) -> None:
-        self.current: Optional[Routes] = None
+        self._local = threading.local()
+
+    def __getstate__(self) -> dict:  # a copied or pickled model starts with no routes in flight
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self._local = threading.local()
+
+    @property
+    def current(self) -> Optional[Routes]:
+        return getattr(self._local, "routes", None)
 
     @contextmanager
-    def use(self, routes: Routes) -> Iterator[Routes]:
-        previous, self.current = self.current, routes
+    def use(self, routes: Optional[Routes]) -> Iterator[Optional[Routes]]:
+        previous, self._local.routes = self.current, routes
         try:
             yield routes
         finally:
-            self.current = previous
+            self._local.routes = previous
 
     def for_batch(self, batch_size: int, layer_name: str) -> Routes:
         """The routes to apply to a batch of `batch_size` rows in layer `layer_name`."""
@@ -32,3 +47,32 @@ class RouteState:
                 "(or lang=), or run the base model inside `with poly_model.routes(...)`"
             )
         return self.current.expanded_to(batch_size)
+
+
+def checkpointing_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules of a transformers model that may checkpoint their forward (they carry the flag)."""
+    return [module for module in model.modules() if hasattr(module, "gradient_checkpointing")]
+
+
+def carry_routes_into_checkpoints(modules: list[nn.Module], route_state: RouteState) -> None:
+    """Wrap each module's checkpoint function so its recomputation, which runs during backward after the
+    routes' context closed, runs on the routes of the forward that saved it (any `use_reentrant`)."""
+    for module in modules:
+        checkpoint = getattr(module, "_gradient_checkpointing_func", None)
+        if checkpoint is None or getattr(checkpoint, "carries_routes", False):
+            continue
+        module._gradient_checkpointing_func = _routed_checkpoint(checkpoint, route_state)
+
+
+def _routed_checkpoint(checkpoint: Callable, route_state: RouteState) -> Callable:
+    def run(function: Callable, *args: Any, **kwargs: Any) -> Any:
+        routes = route_state.current  # captured at forward time, re-entered at recomputation
+
+        def function_on_routes(*inner_args: Any, **inner_kwargs: Any) -> Any:
+            with route_state.use(routes):
+                return function(*inner_args, **inner_kwargs)
+
+        return checkpoint(function_on_routes, *args, **kwargs)
+
+    run.carries_routes = True
+    return run
