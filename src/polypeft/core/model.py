@@ -4,7 +4,9 @@ It turns the user's language arguments into Routes for each forward or generate 
 """
 from __future__ import annotations
 
+import inspect
 import json
+import types
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -74,6 +76,8 @@ class PolyModel(nn.Module):
         self.registry = LanguageRegistry(config.languages, config.shared_route)
         self.route_state = RouteState()
         self._checkpointing_modules = checkpointing_modules(base_model)
+        # This model's forward shows the base model's arguments, so transformers.Trainer keeps their columns.
+        self.forward = types.MethodType(forward_with_signature_of(base_model), self)
         build = LAYER_BUILDERS[config.method]
         self.routed_layers: dict[str, RoutedLinear] = replace_targets(
             base_model,
@@ -122,7 +126,10 @@ class PolyModel(nn.Module):
         with self.route_state.use(self.make_routes(src_lang, tgt_lang, batch_size)) as active:
             yield active
 
-    def forward(self, *args, src_lang=None, tgt_lang=None, lang=None, **kwargs):
+    def forward(self, *args, src_lang=None, tgt_lang=None, lang=None, labels=None, **kwargs):
+        # `labels` is named so transformers.Trainer finds the label column of a wrapped model.
+        if labels is not None:
+            kwargs["labels"] = labels
         with self.routes(src_lang, tgt_lang, lang, batch_size=batch_size_of(args, kwargs)):
             return self.base_model(*args, **kwargs)
 
@@ -250,6 +257,20 @@ class PolyModel(nn.Module):
         )
         return directory
 
+    def load_added_state_dict(self, tensors: dict[str, torch.Tensor], where: str) -> None:
+        """Copy saved added weights into this model; every name and shape must match (`where` names the file)."""
+        expected = self.added_state_dict()
+        missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+        if missing or unexpected:
+            raise ConfigError(f"{where}: missing tensors {missing[:5]}, unexpected {unexpected[:5]}")
+        with torch.no_grad():
+            for key, parameter in expected.items():
+                if parameter.shape != tensors[key].shape:
+                    raise ConfigError(
+                        f"{where}: {key} has shape {tuple(tensors[key].shape)}, the model expects {tuple(parameter.shape)}"
+                    )
+                parameter.copy_(tensors[key])
+
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, directory: str | Path) -> "PolyModel":
         """Rebuild the routed layers on `base_model` and load their weights; refuse a base that differs."""
@@ -264,25 +285,37 @@ class PolyModel(nn.Module):
         config = config_from_dict(saved["config"], where=str(config_path))
         check_base_fits(base_model, config, saved["base_model"], config_path)
         model = cls(base_model, config)
-        tensors = load_file(str(directory / WEIGHTS_NAME))
-        expected = model.added_state_dict()
-        missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-        if missing or unexpected:
-            raise ConfigError(f"{directory / WEIGHTS_NAME}: missing tensors {missing[:5]}, unexpected {unexpected[:5]}")
-        with torch.no_grad():
-            for key, parameter in expected.items():
-                if parameter.shape != tensors[key].shape:
-                    raise ConfigError(
-                        f"{directory / WEIGHTS_NAME}: {key} has shape {tuple(tensors[key].shape)}, "
-                        f"the model expects {tuple(parameter.shape)}"
-                    )
-                parameter.copy_(tensors[key])
+        model.load_added_state_dict(load_file(str(directory / WEIGHTS_NAME)), where=str(directory / WEIGHTS_NAME))
         return model
 
 
 def added_parameters(layer: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """A routed layer's own parameters, without its wrapped base linear."""
     return [(n, p) for n, p in layer.named_parameters() if not n.startswith("base_layer.")]
+
+
+ROUTE_ARGUMENTS = ("src_lang", "tgt_lang", "lang")
+
+
+def forward_with_signature_of(base_model: nn.Module) -> Callable:
+    """PolyModel.forward under the base model's signature plus the route arguments (tools that read a
+    model's signature, such as Trainer's unused-column removal, then see the real inputs)."""
+    def forward(self, *args, **kwargs):
+        return PolyModel.forward(self, *args, **kwargs)
+
+    try:
+        base = inspect.signature(base_model.forward)
+    except (TypeError, ValueError):
+        return forward
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    params = [p for p in base.parameters.values() if p.kind != p.VAR_KEYWORD and p.name not in ROUTE_ARGUMENTS]
+    routing = [inspect.Parameter(name, keyword, default=None) for name in ROUTE_ARGUMENTS]
+    rest = [p for p in base.parameters.values() if p.kind == p.VAR_KEYWORD]
+    positional = [p for p in params if p.kind != keyword]
+    keyword_only = [p for p in params if p.kind == keyword]
+    self_parameter = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
+    forward.__signature__ = inspect.Signature([self_parameter, *positional, *keyword_only, *routing, *rest])
+    return forward
 
 
 def batch_size_of(args: tuple, kwargs: dict) -> Optional[int]:
