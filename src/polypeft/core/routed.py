@@ -35,9 +35,39 @@ class LinearProxy(nn.Module):
         return self.base_layer.bias
 
 
+FULL_PRECISION = (torch.float32, torch.float64)
+
+
+def layer_shape(base_layer: nn.Module) -> tuple[int, int]:
+    """(out, in) from the layer's own sizes: a quantized weight is packed (4-bit: (n, 1)), so its shape lies."""
+    return base_layer.out_features, base_layer.in_features
+
+
+def added_factory(base_layer: nn.Module, name: str, keep_base_dtype: bool = False) -> dict:
+    """Device and dtype for a layer's added weights: where the base computes, and float32 unless the base is
+    already full precision (half or quantized factors lose small updates; keep_base_dtype=True keeps fp16/bf16)."""
+    weight = base_layer.weight
+    device = weight.device
+    if device.type == "meta":  # offloaded by accelerate: the hook knows where the layer computes
+        device = getattr(getattr(base_layer, "_hf_hook", None), "execution_device", None)
+        if device is None:
+            raise ConfigError(f"{name} has its weight on the meta device and no execution device: load the model "
+                              "(or give it a device_map) before wrapping it")
+    floating = weight.is_floating_point()
+    dtype = weight.dtype if weight.dtype in FULL_PRECISION or (keep_base_dtype and floating) else torch.float32
+    return {"device": torch.device(device), "dtype": dtype}
+
+
+def require_float_weight(method: str, base_layer: nn.Module, name: str) -> None:
+    """Methods that copy the base weight cannot copy a quantized one."""
+    if not base_layer.weight.is_floating_point():
+        raise ConfigError(f"{method} copies the weight of {name}, which is quantized ({type(base_layer).__name__}, "
+                          f"{base_layer.weight.dtype}); use a low-rank method (lms, lora) on a quantized base")
+
+
 def check_rank(method: str, rank: int, base_layer: nn.Linear, name: str) -> None:
     """A low-rank update cannot have a rank above min(out, in) of the linear it adapts."""
-    out_features, in_features = base_layer.weight.shape
+    out_features, in_features = layer_shape(base_layer)
     if rank > min(out_features, in_features):
         raise ConfigError(
             f"{method} rank {rank} is larger than min(out, in) = {min(out_features, in_features)} of {name} "
@@ -93,6 +123,11 @@ class RoutedLinear(LinearProxy):
         raise NotImplementedError
 
     def merge(self, route: tuple[int, int]) -> None:
+        if not self.base_layer.weight.is_floating_point():
+            raise ConfigError(
+                f"{self.layer_name}: cannot fold a route into a quantized weight ({type(self.base_layer).__name__}); "
+                "serve the route unmerged, or load the base in full precision and merge there"
+            )
         if self.merged_route is not None:
             raise LanguageError(f"{self.layer_name} already holds merged route {self.merged_route}; unmerge first")
         with torch.no_grad():

@@ -16,7 +16,7 @@ from ..core.config import ConfigError, MethodConfig, check_choice, check_positiv
 from ..core.languages import LanguageError, LanguageRegistry, Routes
 from ..core.model import register_layer_builder
 from ..core.routing import RouteState
-from ..core.routed import RoutedLinear, per_language
+from ..core.routed import RoutedLinear, added_factory, per_language
 
 # The output linear of every attention and FFN sublayer: BART/Marian, BERT, T5, Llama/Qwen.
 CLSR_DEFAULT_TARGETS = (
@@ -106,7 +106,7 @@ class CLSRLinear(RoutedLinear):
     ):
         super().__init__(base_layer, name, side, route_state)
         width = base_layer.out_features
-        factory = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
+        factory = added_factory(base_layer, name, keep_base_dtype=True)  # it projects the sublayer's output
         identity = torch.eye(width, **factory)
         # Identity projections: both paths return z, so training starts exactly at the base model.
         self.shared_projection = nn.Linear(width, width, **factory)

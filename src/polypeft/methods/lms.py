@@ -10,7 +10,7 @@ from torch import nn
 
 from ..core.languages import RouteGroups, Routes
 from ..core.routing import RouteState
-from ..core.routed import RoutedLinear, check_rank, language_key, side_language
+from ..core.routed import RoutedLinear, added_factory, check_rank, language_key, layer_shape, side_language
 
 
 class LMSLinear(RoutedLinear):
@@ -28,10 +28,10 @@ class LMSLinear(RoutedLinear):
         init_std: float,
     ):
         super().__init__(base_layer, name, side, route_state)
-        out_features, in_features = base_layer.weight.shape
+        out_features, in_features = layer_shape(base_layer)
         check_rank("LMS", rank, base_layer, name)
         self.synthesis = synthesis
-        factory = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
+        factory = added_factory(base_layer, name)
         # V starts random and F at zero, so the wrapped model starts exactly at the base model.
         self.lms_V = nn.Parameter(torch.randn(num_routes, out_features, rank, **factory) * init_std)
         self.lms_F = nn.Parameter(torch.zeros(num_routes, rank, in_features, **factory))

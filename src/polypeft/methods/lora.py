@@ -15,7 +15,7 @@ from ..core.config import ConfigError, MethodConfig, check_positive, register_co
 from ..core.languages import LanguageRegistry
 from ..core.model import register_layer_builder
 from ..core.routing import RouteState
-from ..core.routed import RoutedLinear, check_rank
+from ..core.routed import RoutedLinear, added_factory, check_rank, layer_shape
 
 
 @register_config
@@ -61,9 +61,9 @@ class LoRARouteLinear(RoutedLinear):
         dropout: float,
     ):
         super().__init__(base_layer, name, side, route_state)
-        out_features, in_features = base_layer.weight.shape
+        out_features, in_features = layer_shape(base_layer)
         check_rank("LoRA", rank, base_layer, name)
-        factory = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
+        factory = added_factory(base_layer, name)
         self.scaling = float(alpha) / rank
         self.lora_A = nn.Parameter(torch.empty(rank, in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank, **factory))

@@ -14,7 +14,7 @@ from ..core.config import MethodConfig, register_config
 from ..core.languages import LanguageRegistry, Routes
 from ..core.model import register_layer_builder
 from ..core.routing import RouteState
-from ..core.routed import RoutedLinear, per_language, side_language
+from ..core.routed import RoutedLinear, per_language, require_float_weight, side_language
 
 
 @register_config
@@ -38,6 +38,7 @@ class LanguageSpecificLinear(RoutedLinear):
         self, base_layer: nn.Linear, name: str, side: str, route_state: RouteState, registry: LanguageRegistry
     ):
         super().__init__(base_layer, name, side, route_state)
+        require_float_weight("ls_ffn", base_layer, name)
         num_languages = len(registry.languages)
         self.shared_id: Optional[int] = registry.shared_id if registry.shared_route else None
         # Copies of the base layer, so training starts exactly at the base model.

@@ -17,7 +17,7 @@ from ..core.config import ConfigError, MethodConfig, check_positive, register_co
 from ..core.languages import LanguageError, LanguageRegistry, Routes
 from ..core.model import register_layer_builder
 from ..core.routing import RouteState
-from ..core.routed import RoutedLinear
+from ..core.routed import RoutedLinear, require_float_weight
 
 # Suffixes of the linear that closes an FFN (BART/Marian, BERT, T5, Llama); every other target in
 # the same layer opens it (fc1, intermediate.dense, wi/wi_0/wi_1, gate_proj/up_proj).
@@ -114,6 +114,7 @@ class ExpertLinear(RoutedLinear):
         closes_ffn: bool,
     ):
         super().__init__(base_layer, name, side, route_state)
+        require_float_weight("switch", base_layer, name)
         self.__dict__["ffn_state"] = ffn_state
         self.closes_ffn = closes_ffn
         self.num_experts = config.num_experts

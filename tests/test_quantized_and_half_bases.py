@@ -1,0 +1,80 @@
+"""Routes on the bases users bring: bf16/fp16 (factors kept in float32), bitsandbytes 8-bit and 4-bit
+(QLoRA-style: wrap, train, save, load; merge refused), and layers whose weights are not loaded."""
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as tf
+
+import polypeft as pp
+from tiny_models import build
+
+LANGS = ["en", "de"]
+BATCH = {"input_ids": torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])}
+
+
+def test_factors_stay_float32_on_a_bf16_base_and_start_at_it():
+    base = build("llama").to(torch.bfloat16)
+    reference = base(**BATCH).logits
+    poly = pp.wrap(base, pp.LMSConfig(languages=LANGS, rank=4, freeze_base=True))
+    assert {p.dtype for p in poly.added_state_dict().values()} == {torch.float32}
+    out = poly(**BATCH, lang="de").logits
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, reference)
+    out.float().pow(2).mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32
+               for n, p in poly.named_parameters() if "lms_F" in n)
+
+
+@pytest.fixture(scope="module")
+def saved_llama(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("llama")
+    build("llama").float().save_pretrained(directory)
+    return directory
+
+
+def quantized(directory, bits: int):
+    pytest.importorskip("bitsandbytes")
+    quantization = (tf.BitsAndBytesConfig(load_in_8bit=True) if bits == 8 else
+                    tf.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32))
+    return tf.AutoModelForCausalLM.from_pretrained(directory, quantization_config=quantization, device_map="cpu")
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_bases_wrap_train_save_and_load(saved_llama, bits, tmp_path):
+    poly = pp.wrap(quantized(saved_llama, bits), pp.LMSConfig(languages=LANGS, rank=4, freeze_base=True))
+    layer = poly.routed_layers["model.layers.0.mlp.up_proj"]
+    assert layer.lms_F.shape == (2, 4, 32) and layer.lms_V.shape == (2, 48, 4)  # from the layer's sizes
+    optimizer = torch.optim.Adam([p for p in poly.parameters() if p.requires_grad], lr=2e-2)
+    labels = BATCH["input_ids"]
+    losses = []
+    for _ in range(8):
+        loss = poly(**BATCH, labels=labels, lang=["de", "en"]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0], losses
+    with pytest.raises(pp.ConfigError, match="quantized"):
+        poly.merge(route="de")
+    poly.save_pretrained(tmp_path)
+    restored = pp.PolyModel.from_pretrained(quantized(saved_llama, bits), tmp_path)
+    torch.testing.assert_close(restored(**BATCH, lang="de").logits, poly(**BATCH, lang="de").logits)
+
+
+def test_methods_that_copy_the_weight_refuse_a_quantized_base(saved_llama):
+    with pytest.raises(pp.ConfigError, match="up_proj.*quantized|quantized.*lms, lora"):
+        pp.wrap(quantized(saved_llama, 8), pp.LSFFNConfig(languages=LANGS))
+
+
+def test_a_layer_whose_weight_is_not_loaded_is_named():
+    with torch.device("meta"):
+        base = build_meta()
+    with pytest.raises(pp.ConfigError, match=r"model\.layers\.0\.mlp\.\w+_proj has its weight on the meta device"):
+        pp.wrap(base, pp.LMSConfig(languages=LANGS, rank=4))
+
+
+def build_meta():
+    config = tf.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                            num_key_value_heads=2, vocab_size=64)
+    return tf.LlamaForCausalLM(config)
