@@ -45,6 +45,8 @@ from .tasks.task_training import TaskTrainingSettings, train_task
 from .tasks.tokens import encode_tokens, evaluate_tokens, read_conll, read_tokens, token_classification_model
 from .tasks.encoder_finetune import FinetuneSettings, accuracy_per_language, build_classifier, encode_examples, finetune
 
+from .training.hf_trainer import DataCollatorWithRoutes, PolySeq2SeqTrainer, PolyTrainer
+
 import types as _types
 
 __all__ = sorted(

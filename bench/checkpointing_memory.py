@@ -1,0 +1,76 @@
+"""Peak memory of one LMS training step with and without gradient checkpointing, each in its own process.
+
+Usage: python bench/checkpointing_memory.py [--layers 12] [--hidden 256] [--length 512] [--batch 8] [--json out.json]
+A child process runs one variant (`--variant plain|checkpointed`) and prints its peak RSS; the parent
+alternates the variants over `--rounds` and reports medians, so both see the same machine state.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+
+def one_step(args: argparse.Namespace) -> dict:
+    import torch
+    import transformers as tf
+
+    import polypeft as pp
+
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(hidden_size=args.hidden, intermediate_size=4 * args.hidden, num_hidden_layers=args.layers,
+                            num_attention_heads=max(1, args.hidden // 64), num_key_value_heads=max(1, args.hidden // 64),
+                            vocab_size=2000, max_position_embeddings=args.length)
+    poly = pp.wrap(tf.LlamaForCausalLM(config), pp.LMSConfig(languages=["en", "de", "fr"], rank=8, freeze_base=True))
+    if args.variant == "checkpointed":
+        poly.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    poly.train()
+    ids = torch.randint(3, 2000, (args.batch, args.length))
+    langs = ["en", "de", "fr", "de"] * (args.batch // 4 + 1)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    loss = poly(input_ids=ids, labels=ids, lang=langs[: args.batch]).loss
+    loss.backward()
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"variant": args.variant, "peak_rss_mb": peak / 1024, "step_rss_growth_mb": (peak - before) / 1024,
+            "step_seconds": seconds, "loss": float(loss)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--length", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--variant", choices=["plain", "checkpointed"])
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    if args.variant:
+        print(json.dumps(one_step(args)))
+        return
+    runs: dict[str, list[dict]] = {"plain": [], "checkpointed": []}
+    for _ in range(args.rounds):
+        for variant in runs:
+            command = [sys.executable, __file__, "--variant", variant, "--layers", str(args.layers), "--hidden",
+                       str(args.hidden), "--length", str(args.length), "--batch", str(args.batch)]
+            output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            runs[variant].append(json.loads(output.strip().splitlines()[-1]))
+    summary = {variant: {key: statistics.median(r[key] for r in results)
+                         for key in ("peak_rss_mb", "step_rss_growth_mb", "step_seconds", "loss")}
+               for variant, results in runs.items()}
+    summary["growth_ratio"] = summary["checkpointed"]["step_rss_growth_mb"] / summary["plain"]["step_rss_growth_mb"]
+    summary["settings"] = {k: getattr(args, k) for k in ("layers", "hidden", "length", "batch", "rounds")}
+    print(json.dumps(summary, indent=2))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump({"summary": summary, "runs": runs}, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()
