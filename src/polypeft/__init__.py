@@ -16,7 +16,9 @@ from .methods.flare.recipe import TrainedRecipe, run_recipe, train_english_lora
 from .core.anatomy import DEFAULT_FFN_TARGETS
 from .core.inject import TargetError
 from .interventions import lens
-from .interventions.lrp2 import LRP2, InterventionError, LanguageVectors, language_vectors, search_layers
+from .interventions.capture import InterventionError
+from .interventions.lrp2 import LRP2, LanguageVectors, language_vectors
+from .interventions.search import search_layers
 from .core.languages import SHARED, LanguageError, LanguageRegistry, Routes
 from .methods.clsr import CLSRConfig
 from .methods.flare.model import FLAREConfig, FLAREError, FLAREModel
