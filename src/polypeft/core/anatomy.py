@@ -20,7 +20,8 @@ DEFAULT_FFN_TARGETS = (
 # Names transformers gives block lists, for the fallback (BERT `encoder.layer`, BART `encoder.layers`,
 # T5 `block`, Llama `model.layers`, GPT-2 `transformer.h`).
 FALLBACK_BLOCK_LIST_NAMES = ("layer", "layers", "block", "h")
-SIDES = ("encoder", "decoder")
+# Outside the table's architectures (custom models), an FFN closes in one of these linears.
+FALLBACK_FFN_OUTPUT_SUFFIXES = ("fc2", "output.dense", "wo", "down_proj")
 
 
 class AnatomyError(ValueError):
@@ -123,6 +124,7 @@ class BlockPosition:
 
 
 def model_type_of(model: nn.Module) -> Optional[str]:
+    """The `config.model_type` of a transformers model (None for a plain torch module)."""
     return getattr(getattr(model, "config", None), "model_type", None)
 
 
@@ -197,8 +199,9 @@ def block_of(name: str, model: Optional[nn.Module] = None) -> Optional[BlockPosi
     a number (and, given a model, indexes an `nn.ModuleList`) is the block index, which is where
     every architecture in the table keeps it.
     """
-    if model is not None and anatomy_of(model) is not None:
-        for stack in table_blocks(model, anatomy_of(model)).values():
+    row = anatomy_of(model) if model is not None else None
+    if row is not None:
+        for stack in table_blocks(model, row).values():
             if name.startswith(stack.path + "."):
                 index, _, rest = name[len(stack.path) + 1:].partition(".")
                 if index.isdigit() and rest:
@@ -238,7 +241,7 @@ def default_targets(model: nn.Module, layers: Optional[Sequence[int]] = None) ->
 
 
 def linears_in_block(model: nn.Module, block: nn.Module, pattern_of: str) -> list[tuple[str, nn.Module]]:
-    """The weight-bearing leaves of `block` whose name (relative to it) a field of the row matches."""
+    """The modules with a weight in `block` whose name (relative to it) a field (`pattern_of`) of the row matches."""
     row = anatomy_of(model)
     if row is None:
         raise AnatomyError(
@@ -269,10 +272,6 @@ def closes_ffn(name: str) -> bool:
     return any(re.fullmatch(row.ffn_out, rest) for row in ANATOMY.values()) or any(
         rest.endswith("." + suffix) or rest == suffix for suffix in FALLBACK_FFN_OUTPUT_SUFFIXES
     )
-
-
-# Outside the table's blocks (custom models), an FFN closes in one of these linears.
-FALLBACK_FFN_OUTPUT_SUFFIXES = ("fc2", "output.dense", "wo", "down_proj")
 
 
 def is_encoder_decoder(model: nn.Module) -> bool:

@@ -18,17 +18,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.fileio import atomic_write
-from .capture import (
-    POOLINGS,
-    InterventionError,
-    check_identity,
-    check_layers,
-    check_texts,
-    find_blocks,
-    iterate_pooled,
-    model_identity,
-    resolve_stacks,
-)
+from .capture import (POOLINGS, InterventionError, check_identity, check_layers, check_texts, find_blocks,
+                      iterate_pooled, model_identity, resolve_stacks)
 
 FORMAT_NAME = "polypeft.language_vectors"
 
