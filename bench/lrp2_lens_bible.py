@@ -19,7 +19,8 @@ import torch
 from polypeft.data.bible import BibleCorpus
 from polypeft.core.fileio import write_json
 from polypeft.interventions import lens
-from polypeft.interventions.lrp2 import LRP2, language_vectors, lrp2_scorer, search_layers
+from polypeft.interventions.lrp2 import LRP2, language_vectors
+from polypeft.interventions.search import lrp2_scorer, search_layers
 from polypeft.backbones.e5 import embed, load_encoder
 
 TEST_BOOK = 43

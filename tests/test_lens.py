@@ -11,7 +11,8 @@ from polypeft.interventions.lens import (
     save_trained_layers,
     train,
 )
-from polypeft.interventions.lrp2 import InterventionError, language_vectors
+from polypeft.interventions.capture import InterventionError
+from polypeft.interventions.lrp2 import language_vectors
 from test_lrp2 import TEXTS, tiny_bert, tiny_llama, tiny_tokenizer
 
 PARALLEL = [

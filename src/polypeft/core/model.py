@@ -19,7 +19,8 @@ from torch import nn
 from .. import __version__
 from .config import ConfigError, MethodConfig, config_from_dict
 from .fileio import write_json, write_safetensors
-from .inject import find_targets, replace_targets, restore_base_layers, side_of
+from .anatomy import side_of
+from .inject import find_targets, replace_targets, restore_base_layers
 from .languages import LanguageError, LanguageRegistry, LanguageSpec, Routes
 from .routed import RoutedLinear
 from .routing import RouteState, carry_routes_into_checkpoints, checkpointing_modules

@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.fileio import atomic_write
-from .lrp2 import (
+from .capture import (
     POOLINGS,
     InterventionError,
     check_identity,

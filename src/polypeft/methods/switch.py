@@ -5,7 +5,6 @@ Built from linear wrappers: the FFN's input linear routes each token, its output
 from __future__ import annotations
 
 import math
-import re
 import weakref
 from dataclasses import dataclass
 from typing import Callable, ClassVar, Optional
@@ -13,15 +12,13 @@ from typing import Callable, ClassVar, Optional
 import torch
 from torch import nn
 
+from ..core.anatomy import block_of, closes_ffn
 from ..core.config import ConfigError, MethodConfig, check_positive, register_config
 from ..core.languages import LanguageError, LanguageRegistry, Routes
 from ..core.model import register_layer_builder
 from ..core.routing import RouteState
 from ..core.routed import RoutedLinear, require_float_weight
 
-# Suffixes of the linear that closes an FFN (BART/Marian, BERT, T5, Llama); every other target in
-# the same layer opens it (fc1, intermediate.dense, wi/wi_0/wi_1, gate_proj/up_proj).
-FFN_OUTPUT_SUFFIXES = ("fc2", "output.dense", "wo", "down_proj")
 # Small router weights: every expert starts with nearly equal probability.
 ROUTER_INIT_STD = 0.02
 
@@ -221,22 +218,16 @@ class DenseLinear(RoutedLinear):
 
 
 def ffn_position(name: str) -> tuple[str, int, str]:
-    """(stack, layer index, FFN key) from a module name: the first number is the layer index in its
-    stack ("model.encoder.layers.3.fc1" -> layer 3 of "model.encoder.layers"); everything up to the
-    last number names the FFN, so BERT's intermediate.dense and output.dense pair up."""
-    parts = name.split(".")
-    numbers = [i for i, part in enumerate(parts) if re.fullmatch(r"\d+", part)]
-    if not numbers:
+    """(block list, block index, FFN key) of an FFN linear, from the anatomy table's block rule
+    ("model.encoder.layers.3.fc1" -> block 3 of "model.encoder.layers", FFN "model.encoder.layers.3")."""
+    position = block_of(name)
+    if position is None:
         raise ConfigError(
             f"switch: cannot tell which layer {name!r} belongs to (no layer index in its name); "
             "target FFN linears inside numbered layers"
         )
-    first, last = numbers[0], numbers[-1]
-    return ".".join(parts[:first]), int(parts[first]), ".".join(parts[: last + 1])
-
-
-def closes_ffn(name: str) -> bool:
-    return any(name == s or name.endswith("." + s) for s in FFN_OUTPUT_SUFFIXES)
+    block = f"{position.blocks}.{position.index}" if position.blocks else str(position.index)
+    return position.blocks, position.index, block
 
 
 # The FFN states of each model being built, found again by the FFN's other linears.

@@ -5,45 +5,22 @@ The base model's own English pass (forward pre-hooks, `i + offset` blocks ahead)
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional
 
 import torch
 from torch import nn
+
+from ...core.anatomy import BlockPosition, block_of
 
 
 class SourceError(ValueError):
     """A source representation that cannot be found, captured or shaped for a target layer."""
 
 
-@dataclass(frozen=True)
-class BlockPosition:
-    """A module's place in a stack of transformer blocks: `<blocks>.<index>.<rest>`."""
-
-    blocks: str
-    index: int
-    count: int
-    rest: str
-
-    def name_at(self, index: int) -> str:
-        return f"{self.blocks}.{index}.{self.rest}" if self.blocks else f"{index}.{self.rest}"
-
-
 def block_position(model: nn.Module, name: str) -> Optional[BlockPosition]:
-    """The block holding `name`: the first dotted component that indexes an `nn.ModuleList`.
-
-    Every HF architecture keeps its transformer blocks in a ModuleList (`encoder.layer`, `layers`,
-    `h`, `block`), so its index is the layer index; modules outside any list (heads, poolers) have none.
-    """
-    parts = name.split(".")
-    for position, part in enumerate(parts[:-1]):
-        if not part.isdigit():
-            continue
-        prefix = ".".join(parts[:position])
-        parent = model.get_submodule(prefix) if prefix else model
-        if isinstance(parent, nn.ModuleList):
-            return BlockPosition(prefix, int(part), len(parent), ".".join(parts[position + 1:]))
-    return None
+    """The block holding `name` (its stack, index and path inside the block), from the anatomy table;
+    None for modules outside any block stack (heads, poolers)."""
+    return block_of(name, model)
 
 
 def source_module_name(model: nn.Module, target_name: str, offset: int) -> str:
