@@ -66,9 +66,8 @@ ARCHITECTURES = {
                {"decoder": 2}, 2, 2),
     "gpt2": (dict(n_embd=16, n_layer=2, n_head=2, n_positions=32), tf.AutoModelForCausalLM, {"decoder": 2}, 2, 2),
 }
-CONV1D = ("gpt2",)
-WRAPPABLE = tuple(sorted(set(ARCHITECTURES) - set(CONV1D)))
-MIXED_ROUTE_CASES = ("distilbert", "mt5", "m2m_100", "phi3", "gemma2", "bloom", "falcon")
+WRAPPABLE = tuple(sorted(ARCHITECTURES))
+MIXED_ROUTE_CASES = ("distilbert", "mt5", "m2m_100", "phi3", "gemma2", "bloom", "falcon", "gpt2")
 
 
 def build(model_type: str) -> nn.Module:
@@ -129,11 +128,14 @@ def test_phi3_fused_gate_up_projection_is_targeted():
     assert gate_up.out_features == 2 * 24, "one fused linear of width 2 * intermediate"
 
 
-def test_conv1d_ffn_is_refused_by_name_not_skipped():
+def test_conv1d_ffn_is_wrapped_and_weight_copying_methods_refuse_it_by_name():
     model = build("gpt2")
     assert [name for name, _ in ffn_linears(model, model.transformer.h[0])] == ["mlp.c_fc", "mlp.c_proj"]
+    poly = pp.wrap(model, pp.LMSConfig(languages=LANGS, rank=2))
+    assert (poly.routed_layers["transformer.h.0.mlp.c_fc"].out_features,
+            poly.routed_layers["transformer.h.0.mlp.c_fc"].in_features) == (64, 16)  # Conv1D weight is (16, 64)
     with pytest.raises(pp.TargetError, match=r"transformer\.h\.0\.mlp\.c_fc \(Conv1D\).*transposed.*nn\.Linear"):
-        pp.wrap(model, pp.LMSConfig(languages=LANGS, rank=2))
+        pp.wrap(build("gpt2"), pp.LSFFNConfig(languages=LANGS))
 
 
 @pytest.mark.parametrize("model_type", MIXED_ROUTE_CASES)

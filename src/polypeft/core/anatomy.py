@@ -41,6 +41,8 @@ class Anatomy:
     ffn_in: str
     ffn_out: str
     attention: str
+    # Modules inside one MoE expert: a router reorders the token rows they see (see `in_moe_expert`).
+    experts: Optional[str] = None
 
 
 ENCODER = Anatomy(
@@ -93,9 +95,19 @@ ANATOMY: dict[str, Anatomy] = {
     "bloom": Anatomy({"decoder": "h"}, FUSED_QKV_FFN_IN, FUSED_QKV_FFN_OUT, r"self_attention\.(query_key_value|dense)"),
     "gpt_neox": Anatomy({"decoder": "layers"}, FUSED_QKV_FFN_IN, FUSED_QKV_FFN_OUT, r"attention\.(query_key_value|dense)"),
     "falcon": Anatomy({"decoder": "h"}, FUSED_QKV_FFN_IN, FUSED_QKV_FFN_OUT, r"self_attention\.(query_key_value|dense)"),
-    # GPT-2 (and mGPT) keep these as transformers' Conv1D, weight stored (in, out): injection names
-    # them in its refusal rather than skipping them.
+    # GPT-2 (and mGPT) keep these as transformers' Conv1D, weight stored (in, out): lms and lora wrap
+    # them; the weight-copying methods refuse them by name.
     "gpt2": Anatomy({"decoder": "h"}, r"mlp\.c_fc", r"mlp\.c_proj", r"attn\.(c_attn|c_proj)"),
+    # Sparse layers hold one dense FFN per expert under `experts.expert_k`; the other layers are dense.
+    "nllb-moe": Anatomy(
+        BART_LIKE.stacks, r"ffn\.(experts\.expert_\d+\.)?fc1", r"ffn\.(experts\.expert_\d+\.)?fc2",
+        BART_LIKE.attention, experts=r"ffn\.experts\.expert_\d+\..+",
+    ),
+    "switch_transformers": Anatomy(
+        {"encoder": "encoder.block", "decoder": "decoder.block"},
+        r"layer\.\d+\.mlp\.(experts\.expert_\d+\.)?wi", r"layer\.\d+\.mlp\.(experts\.expert_\d+\.)?wo",
+        r"layer\.\d+\.(SelfAttention|EncDecAttention)\.(q|k|v|o)", experts=r"layer\.\d+\.mlp\.experts\.expert_\d+\..+",
+    ),
 }
 ANATOMY["mt5"] = ANATOMY["t5"]
 
@@ -272,6 +284,28 @@ def closes_ffn(name: str) -> bool:
     return any(re.fullmatch(row.ffn_out, rest) for row in ANATOMY.values()) or any(
         rest.endswith("." + suffix) or rest == suffix for suffix in FALLBACK_FFN_OUTPUT_SUFFIXES
     )
+
+
+# Outside the table, expert linears sit under `experts.<k>` or `experts.expert_<k>` (NLLB-MoE, Switch style).
+FALLBACK_EXPERT_PATTERN = r"(.+\.)?experts\.(expert_)?\d+\..+"
+
+
+def in_moe_expert(model: nn.Module, name: str) -> bool:
+    """True when module `name` belongs to one MoE expert, whose rows a router picks and reorders."""
+    row = anatomy_of(model)
+    if row is not None and row.experts is not None:
+        position = block_of(name, model)
+        return position is not None and re.fullmatch(row.experts, position.rest) is not None
+    return re.fullmatch(FALLBACK_EXPERT_PATTERN, name) is not None
+
+
+def fused_expert_parameters(module: nn.Module) -> list[str]:
+    """The 3-D parameters (experts x out x in) a fused MoE expert module (Mixtral, Qwen2-MoE) holds itself."""
+    return [name for name, parameter in module.named_parameters(recurse=False) if parameter.dim() == 3]
+
+
+def is_fused_experts(module: nn.Module) -> bool:
+    return bool(fused_expert_parameters(module))
 
 
 def is_encoder_decoder(model: nn.Module) -> bool:

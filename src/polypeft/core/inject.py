@@ -8,8 +8,9 @@ import re
 from typing import Callable, Sequence, Union
 
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
-from .anatomy import default_targets
+from .anatomy import default_targets, fused_expert_parameters, is_fused_experts
 
 TargetSpec = Union[str, Sequence[str], None]
 
@@ -25,10 +26,13 @@ def name_matches(name: str, targets: Union[str, Sequence[str]]) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def find_targets(model: nn.Module, targets: TargetSpec) -> list[tuple[str, nn.Linear]]:
-    """All `nn.Linear` modules selected by `targets` (None: the model's FFN linears), in module order.
+def find_targets(
+    model: nn.Module, targets: TargetSpec, accept_conv1d: bool = False
+) -> list[tuple[str, nn.Linear]]:
+    """All `nn.Linear` modules selected by `targets` (None: the model's FFN linears), in module order;
+    with `accept_conv1d`, transformers' Conv1D too (GPT-2, for methods whose layers handle its layout).
 
-    An error if there are none, or if a selected leaf holding a weight is not an `nn.Linear`.
+    An error if there are none, or if a selected leaf holding a weight (or fused expert stack) is not one.
     """
     if targets is None:
         targets = default_targets(model)
@@ -36,9 +40,9 @@ def find_targets(model: nn.Module, targets: TargetSpec) -> list[tuple[str, nn.Li
     for name, module in model.named_modules():
         if not name or not name_matches(name, targets):
             continue
-        if isinstance(module, nn.Linear):
+        if isinstance(module, nn.Linear) or (accept_conv1d and isinstance(module, Conv1D)):
             found.append((name, module))
-        elif is_weight_leaf(module):
+        elif is_weight_leaf(module) or is_fused_experts(module):
             raise TargetError(not_linear_message(name, module, targets))
         else:
             skipped.append(f"{name} ({type(module).__name__})")
@@ -46,6 +50,9 @@ def find_targets(model: nn.Module, targets: TargetSpec) -> list[tuple[str, nn.Li
         linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
         hint = ", ".join(linears[:8]) + (" ..." if len(linears) > 8 else "")
         extra = f"; matched but not nn.Linear: {', '.join(skipped[:5])}" if skipped else ""
+        fused = [n for n, m in model.named_modules() if is_fused_experts(m)]
+        if fused:  # Mixtral-style FFNs: no linear to find, so say where the FFN weights are
+            extra += f"; its MoE FFN weights are fused 3-D expert stacks ({', '.join(fused[:3])}), which cannot be wrapped"
         raise TargetError(
             f"target_modules={targets!r} matches no nn.Linear in {type(model).__name__}{extra}. "
             f"Linear layers here include: {hint or 'none'}"
@@ -60,11 +67,15 @@ def is_weight_leaf(module: nn.Module) -> bool:
 
 def not_linear_message(name: str, module: nn.Module, targets: TargetSpec) -> str:
     kind = type(module).__name__
-    why = (
-        "transformers' Conv1D (GPT-2, mGPT) stores its weight transposed, as (in, out), and polypeft's routed "
-        "layers wrap nn.Linear (out, in) only"
-        if kind == "Conv1D" else "polypeft's routed layers wrap nn.Linear only"
-    )
+    if kind == "Conv1D":
+        why = ("transformers' Conv1D (GPT-2, mGPT) stores its weight transposed, as (in, out), and this method wraps "
+               "nn.Linear (out, in) only (lms and lora wrap Conv1D)")
+    elif is_fused_experts(module):
+        why = ("it holds every MoE expert's weights stacked in 3-D parameters "
+               f"({', '.join(fused_expert_parameters(module))}), not one linear per expert; polypeft's routed layers "
+               "wrap 2-D linears only, so target the attention or shared-expert linears instead")
+    else:
+        why = "polypeft's routed layers wrap nn.Linear only"
     return (
         f"target_modules={targets!r} selects {name} ({kind}), which cannot be wrapped: {why}; "
         f"choose target_modules that select nn.Linear layers only"
@@ -77,11 +88,11 @@ def get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 
 def replace_targets(
-    model: nn.Module, targets: TargetSpec, build: Callable[[str, nn.Linear], nn.Module]
+    model: nn.Module, targets: TargetSpec, build: Callable[[str, nn.Linear], nn.Module], accept_conv1d: bool = False
 ) -> dict[str, nn.Module]:
     """Replace each target linear by `build(name, linear)`; returns the new modules by name."""
     wrapped = {}
-    for name, linear in find_targets(model, targets):
+    for name, linear in find_targets(model, targets, accept_conv1d):
         parent, child = get_parent(model, name)
         new = build(name, linear)
         setattr(parent, child, new)

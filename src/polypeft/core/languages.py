@@ -272,6 +272,10 @@ class LanguageRegistry:
         src = self.to_ids(tgt_lang if src_lang is None else src_lang, batch_size, "src_lang")
         tgt = self.to_ids(src_lang if tgt_lang is None else tgt_lang, batch_size, "tgt_lang")
         src, tgt = _broadcast(src, tgt)
+        if batch_size and len(src) == 1:
+            # One code for the whole batch becomes one id per example: every call then hands the layers id
+            # tensors of the batch's shape, which a compiled model reads without recompiling.
+            src, tgt = src * batch_size, tgt * batch_size
         if self.shared_route:
             shared = self.shared_id
             for position, pair in enumerate(zip(src, tgt)):

@@ -22,7 +22,7 @@ from .fileio import write_json, write_safetensors
 from .anatomy import side_of
 from .inject import find_targets, replace_targets, restore_base_layers
 from .languages import LanguageError, LanguageRegistry, LanguageSpec, Routes
-from .routed import RoutedLinear
+from .routed import CONV1D_METHODS, RoutedLinear, mark_moe_experts
 from .routing import RouteState, carry_routes_into_checkpoints, checkpointing_modules
 
 CONFIG_NAME = "polypeft_config.json"
@@ -84,7 +84,9 @@ class PolyModel(nn.Module):
             base_model,
             config.target_modules,
             lambda name, linear: build(config, name, linear, side_of(base_model, name), self.route_state, self.registry),
+            accept_conv1d=config.method in CONV1D_METHODS,
         )
+        mark_moe_experts(base_model, self.routed_layers)
         if config.freeze_base:
             added = {id(p) for layer in self.routed_layers.values() for _, p in added_parameters(layer)}
             for parameter in base_model.parameters():
@@ -97,6 +99,7 @@ class PolyModel(nn.Module):
             return getattr(self.base_model, name)
 
     # ---- routing -------------------------------------------------------------------------------
+    @torch.compiler.disable  # host-side checks of codes and ids: under torch.compile they would become guards
     def make_routes(
         self, src_lang: LanguageSpec = None, tgt_lang: LanguageSpec = None, batch_size: Optional[int] = None
     ) -> Routes:
@@ -127,6 +130,9 @@ class PolyModel(nn.Module):
         with self.route_state.use(self.make_routes(src_lang, tgt_lang, batch_size)) as active:
             yield active
 
+    # Under torch.compile this frame runs eagerly (the route arguments, codes or ids, never become guards)
+    # and the base model it calls is compiled, reading the routes as id tensors.
+    @torch.compiler.disable(recursive=False)
     def forward(self, *args, src_lang=None, tgt_lang=None, lang=None, labels=None, **kwargs):
         # `labels` is named so transformers.Trainer finds the label column of a wrapped model.
         if labels is not None:
@@ -243,11 +249,12 @@ class PolyModel(nn.Module):
         }
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        """A JSON config and a safetensors file of only the added parameters (PEFT's layout)."""
+        """A JSON config and a safetensors file of only the added parameters (PEFT's layout). Under FSDP every
+        rank calls it: the sharded weights are gathered whole first."""
         if self.merged_route is not None:
             raise LanguageError("unmerge() before saving: the saved base weights must stay plain")
         directory = Path(directory)
-        write_safetensors(directory / WEIGHTS_NAME, self.added_state_dict())
+        write_safetensors(directory / WEIGHTS_NAME, whole_tensors(self.added_state_dict()))
         write_json(
             directory / CONFIG_NAME,
             {
@@ -288,6 +295,14 @@ class PolyModel(nn.Module):
         model = cls(base_model, config)
         model.load_added_state_dict(load_file(str(directory / WEIGHTS_NAME)), where=str(directory / WEIGHTS_NAME))
         return model
+
+
+def whole_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Sharded (FSDP2 DTensor) weights gathered whole, so a save holds every rank's rows; every rank must call
+    this together, as the gather is a collective. Plain tensors pass through."""
+    from torch.distributed.tensor import DTensor
+
+    return {key: value.full_tensor().detach() if isinstance(value, DTensor) else value for key, value in tensors.items()}
 
 
 def added_parameters(layer: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -340,7 +355,8 @@ def base_model_identity(base_model: nn.Module, layers: dict[str, nn.Module]) -> 
 
 def check_base_fits(base_model: nn.Module, config: MethodConfig, saved: dict, where: Path) -> None:
     """Refuse, naming every difference, a base model whose target names or shapes differ from the saved one."""
-    found = {name: list(linear.weight.shape) for name, linear in find_targets(base_model, config.target_modules)}
+    targets = find_targets(base_model, config.target_modules, accept_conv1d=config.method in CONV1D_METHODS)
+    found = {name: list(linear.weight.shape) for name, linear in targets}
     expected = saved.get("targets", {})
     missing = sorted(set(expected) - set(found))
     extra = sorted(set(found) - set(expected))

@@ -8,23 +8,25 @@ from typing import Callable, Optional
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
+from .anatomy import in_moe_expert
 from .config import ConfigError
 from .languages import LanguageError, Routes
 from .routing import RouteState
 
 
 class LinearProxy(nn.Module):
-    """A module wrapping `self.base_layer` (an nn.Linear) that still answers like one: code that reads
-    `.weight`, `.bias` or the feature sizes of a model's linears keeps working after injection."""
+    """A module wrapping `self.base_layer` (an nn.Linear or Conv1D) that still answers like one: code that
+    reads `.weight`, `.bias` or the feature sizes of a model's linears keeps working after injection."""
 
     @property
     def in_features(self) -> int:
-        return self.base_layer.in_features
+        return layer_shape(self.base_layer)[1]
 
     @property
     def out_features(self) -> int:
-        return self.base_layer.out_features
+        return layer_shape(self.base_layer)[0]
 
     @property
     def weight(self) -> torch.Tensor:
@@ -36,11 +38,25 @@ class LinearProxy(nn.Module):
 
 
 FULL_PRECISION = (torch.float32, torch.float64)
+# Methods whose layers handle a transposed (Conv1D) base weight; the others copy weights as (out, in).
+CONV1D_METHODS = ("lms", "lora")
+
+
+def is_transposed_linear(layer: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2, mGPT): a linear whose weight is stored (in, out)."""
+    return isinstance(layer, Conv1D)
 
 
 def layer_shape(base_layer: nn.Module) -> tuple[int, int]:
     """(out, in) from the layer's own sizes: a quantized weight is packed (4-bit: (n, 1)), so its shape lies."""
+    if is_transposed_linear(base_layer):
+        return base_layer.nf, base_layer.nx
     return base_layer.out_features, base_layer.in_features
+
+
+def in_weight_layout(base_layer: nn.Module, delta: torch.Tensor) -> torch.Tensor:
+    """An (out, in) delta laid out as the base layer stores its weight (Conv1D: transposed)."""
+    return delta.T if is_transposed_linear(base_layer) else delta
 
 
 def added_factory(base_layer: nn.Module, name: str, keep_base_dtype: bool = False) -> dict:
@@ -96,6 +112,12 @@ def per_language(rows: torch.Tensor, routes: Routes, side: str,
     return groups.apply(rows, lambda s, t, group_rows: run(side_language(s, t, side), group_rows))
 
 
+def mark_moe_experts(model: nn.Module, layers: dict[str, "RoutedLinear"]) -> None:
+    """Flag the routed layers the anatomy table places inside an MoE expert."""
+    for name, layer in layers.items():
+        layer.in_moe_expert = in_moe_expert(model, name)
+
+
 class RoutedLinear(LinearProxy):
     """Keeps the base linear intact as `base_layer`, so merge, unmerge and unload are exact."""
 
@@ -107,16 +129,48 @@ class RoutedLinear(LinearProxy):
         # A plain attribute, not a submodule: the state is shared by every layer of the model.
         self.__dict__["route_state"] = route_state
         self.merged_route: Optional[tuple[int, int]] = None
+        # Inside an MoE expert (set from the anatomy table by `mark_moe_experts`): rows are not examples.
+        self.in_moe_expert = False
+
+    # Which route ids the layer's weights depend on (see Routes.groups); language-wise layers narrow it.
+    group_key = "pair"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         output = self.base_layer(x)
         if self.merged_route is not None:
             return output
+        if self.in_moe_expert:
+            return output + self.routed_delta(x, self.expert_routes(x))
         routes = self.route_state.for_batch(x.shape[0], self.layer_name).to(x.device)
+        if torch.compiler.is_compiling():
+            # Only the id tensors reach the graph: no host-side runs or groups, whose ints would become
+            # guards and recompile the model for every new route mix.
+            return output + self.compiled_delta(x, routes)
         return output + self.routed_delta(x, routes)
+
+    def expert_routes(self, x: torch.Tensor) -> Routes:
+        """The batch's one route for every row an expert got: its router picked and reordered the token rows,
+        so which example a row came from is unknown here, and a mixed batch cannot be routed."""
+        routes = self.route_state.current
+        if routes is None:  # the state's own error, which says how to pass routes
+            self.route_state.for_batch(x.shape[0], self.layer_name)
+        groups = routes.groups(self.group_key)
+        if groups.num_groups > 1:
+            raise LanguageError(
+                f"{self.layer_name} sits inside an MoE expert, whose router reorders the token rows, so it cannot "
+                f"give each example its own route; this batch mixes {groups.num_groups} routes "
+                f"(src ids {list(groups.src_ids)}, tgt ids {list(groups.tgt_ids)}): run one route per batch, or "
+                "leave the expert linears out of target_modules"
+            )
+        return Routes.from_ids([groups.src_ids[0]] * x.shape[0], [groups.tgt_ids[0]] * x.shape[0], x.device)
 
     def routed_delta(self, x: torch.Tensor, routes: Routes) -> torch.Tensor:
         raise NotImplementedError
+
+    def compiled_delta(self, x: torch.Tensor, routes: Routes) -> torch.Tensor:
+        """The delta under torch.compile, reading only `routes.src`/`routes.tgt` (LMS); a method that keeps
+        the host-side path here recompiles for each new route mix."""
+        return self.routed_delta(x, routes)
 
     def delta_weight(self, route: tuple[int, int]) -> torch.Tensor:
         """The (out, in) matrix this layer adds to W for one (src, tgt) route."""
@@ -131,14 +185,16 @@ class RoutedLinear(LinearProxy):
         if self.merged_route is not None:
             raise LanguageError(f"{self.layer_name} already holds merged route {self.merged_route}; unmerge first")
         with torch.no_grad():
-            self.base_layer.weight += self.delta_weight(route).to(self.base_layer.weight.dtype)
+            self.base_layer.weight += in_weight_layout(self.base_layer, self.delta_weight(route)).to(
+                self.base_layer.weight.dtype)
         self.merged_route = route
 
     def unmerge(self) -> None:
         if self.merged_route is None:
             return
         with torch.no_grad():
-            self.base_layer.weight -= self.delta_weight(self.merged_route).to(self.base_layer.weight.dtype)
+            self.base_layer.weight -= in_weight_layout(self.base_layer, self.delta_weight(self.merged_route)).to(
+                self.base_layer.weight.dtype)
         self.merged_route = None
 
     def route_parameter_count(self, num_routes: int = 1) -> int:

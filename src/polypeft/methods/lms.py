@@ -64,6 +64,11 @@ class LMSLinear(RoutedLinear):
             return self.grouped_delta(rows, groups).reshape(*x.shape[:-1], -1)
         return self.batched_delta(rows, routes.src, routes.tgt).reshape(*x.shape[:-1], -1)
 
+    def compiled_delta(self, x: torch.Tensor, routes: Routes) -> torch.Tensor:
+        """Gathered factors and bmm for every mix: one graph, the route ids a tensor input of it."""
+        rows = x.reshape(x.shape[0], -1, x.shape[-1])
+        return self.batched_delta(rows, routes.src, routes.tgt).reshape(*x.shape[:-1], -1)
+
     def batched_delta(self, rows: torch.Tensor, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
         """(B, T, in) rows, each row-block with its own route: two bmm over gathered factors."""
         v_ids, f_ids = self.factor_ids(src, tgt)
