@@ -1,5 +1,5 @@
-"""Two CPU processes (gloo, DDP) give what one process gives: gradients on halves of a mixed batch, and
-polypeft's training loop on accelerate keeps the single-process schedule."""
+"""Two CPU processes (gloo; DDP and FSDP2) give what one process gives: gradients on halves of a mixed batch
+(also when a language is absent on one rank), whole adapter saves, and the training loop's schedule."""
 from __future__ import annotations
 
 import os
@@ -17,8 +17,11 @@ SRC = ["de", "fr", "en", "de", "fr", "en", "de", "en"]
 TGT = ["en", "en", "de", "fr", "de", "fr", "en", "de"]
 
 
+LANGS = ["en", "de", "fr"]
+
+
 def make_model() -> pp.PolyModel:
-    poly = pp.wrap(build("bart"), pp.LMSConfig(languages=["en", "de", "fr"], rank=4))
+    poly = pp.wrap(build("bart"), pp.LMSConfig(languages=LANGS, rank=4))
     randomize_added(poly, scale=0.1)
     return poly
 
@@ -43,6 +46,73 @@ def worker(rank: int, world: int, port: int, out_path: str) -> None:
     dist.destroy_process_group()
 
 
+# Rank 1's half holds no "fr" at all: its gradient for fr's factors is zero, yet DDP must still sync them.
+SRC_FR_ON_ONE_RANK = ["de", "fr", "fr", "de", "de", "en", "de", "en"]
+TGT_FR_ON_ONE_RANK = ["en", "de", "en", "fr", "en", "de", "en", "de"]
+
+
+def sharded_worker(rank: int, world: int, port: int, out_dir: str, wrapper: str) -> None:
+    """Half of the batch per rank under `wrapper` ("fsdp": FSDP2 fully_shard, "ddp"); rank 0 writes the whole
+    gradients, and under FSDP every rank saves the adapter (the gather is collective)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    poly = make_model()
+    src, tgt = (SRC, TGT) if wrapper == "fsdp" else (SRC_FR_ON_ONE_RANK, TGT_FR_ON_ONE_RANK)
+    if wrapper == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        model = fully_shard(poly)
+    else:
+        model = torch.nn.parallel.DistributedDataParallel(poly)
+    batch = random_batch("bart", len(src))
+    half = len(src) // world
+    part = slice(rank * half, (rank + 1) * half)
+    loss_of(model, {k: v[part] for k, v in batch.items()}, src[part], tgt[part]).backward()
+    grads = {n: p.grad for n, p in poly.named_parameters() if p.grad is not None}
+    if wrapper == "fsdp":
+        grads = {n: g.full_tensor() for n, g in grads.items()}  # collective: every rank gathers
+        poly.save_pretrained(os.path.join(out_dir, f"adapter{rank}"))
+    if rank == 0:
+        torch.save({n: g.clone() for n, g in grads.items()}, os.path.join(out_dir, "grads.pt"))
+    dist.destroy_process_group()
+
+
+def single_process_grads(src: list[str], tgt: list[str]) -> dict[str, torch.Tensor]:
+    single = make_model()
+    loss_of(single, random_batch("bart", len(src)), src, tgt).backward()
+    return {n: p.grad for n, p in single.named_parameters() if p.grad is not None}
+
+
+def assert_grads_match(distributed: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert set(distributed) == set(expected)
+    lms_names = [n for n in expected if "lms_" in n]
+    assert lms_names and all(expected[n].abs().sum() > 0 for n in lms_names)
+    for name, grad in expected.items():
+        torch.testing.assert_close(distributed[name], grad, rtol=1e-6, atol=1e-9)
+
+
+def test_fsdp2_gradients_match_single_process_and_the_adapter_save_holds_every_shard(tmp_path):
+    mp.spawn(sharded_worker, args=(2, free_port(), str(tmp_path), "fsdp"), nprocs=2, join=True)
+    assert_grads_match(torch.load(tmp_path / "grads.pt"), single_process_grads(SRC, TGT))
+    reference = make_model()
+    batch = random_batch("bart", len(SRC))
+    for rank in (0, 1):
+        loaded = pp.PolyModel.from_pretrained(build("bart"), tmp_path / f"adapter{rank}")
+        # 3 routes on 2 ranks: rank 0 holds rows 0-1 and rank 1 row 2 of every factor; the save has all three.
+        for key, value in loaded.added_state_dict().items():
+            torch.testing.assert_close(value, reference.added_state_dict()[key], rtol=0, atol=0)
+        torch.testing.assert_close(loss_of(loaded, batch, SRC, TGT), loss_of(reference, batch, SRC, TGT))
+
+
+def test_ddp_syncs_a_language_absent_on_one_rank(tmp_path):
+    mp.spawn(sharded_worker, args=(2, free_port(), str(tmp_path), "ddp"), nprocs=2, join=True)
+    expected = single_process_grads(SRC_FR_ON_ONE_RANK, TGT_FR_ON_ONE_RANK)
+    fr = LANGS.index("fr")
+    assert all(g[fr].abs().sum() > 0 for n, g in expected.items() if "lms_" in n), "fr must have gradients"
+    assert_grads_match(torch.load(tmp_path / "grads.pt"), expected)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -52,15 +122,7 @@ def free_port() -> int:
 def test_two_process_gradients_match_single_process(tmp_path):
     out_path = str(tmp_path / "grads.pt")
     mp.spawn(worker, args=(2, free_port(), out_path), nprocs=2, join=True)
-    distributed = torch.load(out_path)
-    single = make_model()
-    loss_of(single, random_batch("bart", len(SRC)), SRC, TGT).backward()
-    expected = {n: p.grad for n, p in single.named_parameters() if p.grad is not None}
-    assert set(distributed) == set(expected)
-    lms_names = [n for n in expected if "lms_" in n]
-    assert lms_names and all(expected[n].abs().sum() > 0 for n in lms_names)
-    for name, grad in expected.items():
-        torch.testing.assert_close(distributed[name], grad, rtol=1e-6, atol=1e-9)
+    assert_grads_match(torch.load(out_path), single_process_grads(SRC, TGT))
 
 
 def train_lms(run_dir: str, accumulation: int = 1) -> list[float]:
