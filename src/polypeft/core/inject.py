@@ -11,6 +11,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .anatomy import default_targets, fused_expert_parameters, is_fused_experts
+from .routed import LinearProxy  # polypeft's own layers hold 3-D route tables, yet are no fused experts
 
 TargetSpec = Union[str, Sequence[str], None]
 
@@ -42,7 +43,7 @@ def find_targets(
             continue
         if isinstance(module, nn.Linear) or (accept_conv1d and isinstance(module, Conv1D)):
             found.append((name, module))
-        elif is_weight_leaf(module) or is_fused_experts(module):
+        elif is_weight_leaf(module) or (is_fused_experts(module) and not isinstance(module, LinearProxy)):
             raise TargetError(not_linear_message(name, module, targets))
         else:
             skipped.append(f"{name} ({type(module).__name__})")
