@@ -4,7 +4,8 @@ The public API lives here; everything else may change.
 """
 __version__ = "0.1.0"
 
-from .core.config import ConfigError, LMSConfig, MethodConfig, config_from_dict, load_config_file, recipe_from_yaml
+from .core.config import ConfigError, MethodConfig, config_from_dict, load_config_file, recipe_from_yaml
+from .methods.lms import LMSConfig
 from .data.batching import TokenBudgetBatcher, collate, token_lengths
 from .data.bible import BIBLE_VERSIONS, ENGLISH_VERSIONS, BibleCorpus, BibleSplit
 from .data.parallel import ParallelExample, english_centric, read_parallel, write_jsonl
