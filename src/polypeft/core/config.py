@@ -7,6 +7,7 @@ import dataclasses
 import importlib
 import json
 import math
+import re
 import types
 from collections.abc import Mapping as MappingABC
 from collections.abc import Sequence as SequenceABC
@@ -123,19 +124,20 @@ def plural(text: str) -> str:
     return text
 
 
-def checked(value: Any, hint: Any, key: str, source: Source) -> Any:
-    """`value` if it fits `hint` (lists and nested dataclasses rebuilt), else a ConfigError that names it."""
+def checked(value: Any, hint: Any, key: str, source: Source, shown: Any = None) -> Any:
+    """`value` if it fits `hint` (lists and nested dataclasses rebuilt), else a ConfigError that names it;
+    `shown` is the type the message names (the whole `Annotated` type when its inner type is checked)."""
     origin, args = get_origin(hint), get_args(hint)
 
     def refuse(problem: Optional[str] = None) -> ConfigError:
-        problem = problem or f"must be {describe(hint)}"
+        problem = problem or f"must be {describe(shown or hint)}"
         place = source.where(key)
         return ConfigError(f"{place + ': ' if place else ''}{source.label(key)}={value!r} {problem}")
 
     if hint is Any:
         return value
     if origin is Annotated:
-        value = checked(value, args[0], key, source)
+        value = checked(value, args[0], key, source, shown=hint)
         for extra in hint.__metadata__:
             if isinstance(extra, Range) and value is not None and not extra.holds(value):
                 raise refuse()
@@ -143,12 +145,14 @@ def checked(value: Any, hint: Any, key: str, source: Source) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        shaped = []  # errors of the options shaped like the value (a mapping, a list): the one to report
         for option in (a for a in args if a is not type(None)):
             try:
                 return checked(value, option, key, source)
-            except ConfigError:
-                continue
-        raise refuse()
+            except ConfigError as error:
+                if shape_of(option) is not None and isinstance(value, shape_of(option)):
+                    shaped.append(error)
+        raise shaped[0] if len(shaped) == 1 else refuse()
     if origin is Literal:
         if any(value == choice and type(value) is type(choice) for choice in args):
             return value
@@ -164,7 +168,7 @@ def checked(value: Any, hint: Any, key: str, source: Source) -> Any:
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return value
-        raise refuse(f"must be a finite number" if isinstance(value, float) else None)
+        raise refuse("must be a finite number" if isinstance(value, float) else None)
     if hint is str:
         if isinstance(value, str):
             return value
@@ -191,6 +195,16 @@ def checked(value: Any, hint: Any, key: str, source: Source) -> Any:
     if isinstance(hint, type) and not isinstance(value, hint):
         raise refuse()
     return value
+
+
+def shape_of(hint: Any) -> Optional[tuple[type, ...]]:
+    """The Python types of a container hint (mapping or list), None for a scalar."""
+    origin = get_origin(hint)
+    if dataclasses.is_dataclass(hint) or origin in (dict, MappingABC):
+        return (Mapping,)
+    if origin in (list, tuple, SequenceABC):
+        return (list, tuple)
+    return shape_of(get_args(hint)[0]) if origin is Annotated else None
 
 
 def field_hints(cls: type) -> dict[str, Any]:
@@ -221,7 +235,7 @@ def as_error_type(error: Exception, error_type: type) -> Exception:
 def _build(cls: type, data: Any, source: Source) -> Any:
     owner = source.prefix.rstrip(".") or cls.__name__
     place = source.where(source.prefix.rstrip("."))
-    lead = f"{place}: " if place else (f"{owner}: " if source.prefix else "")
+    lead = "".join(f"{part}: " for part in (place, source.prefix.rstrip(".")) if part)
     if not isinstance(data, Mapping):
         raise ConfigError(f"{lead}{owner} must be a mapping of keys {sorted(field_hints(cls))}, "
                           f"got {type(data).__name__} {data!r}")
@@ -239,8 +253,11 @@ def _build(cls: type, data: Any, source: Source) -> Any:
     try:
         return cls(**values)
     except ConfigError as error:
-        if place and not str(error).startswith(place):
-            raise type(error)(f"{place}: {error}") from None
+        # A cross-field message starts with the key it is about: name that key's line (or --set pair).
+        first = re.match(r"[A-Za-z_]\w*", str(error))
+        where = source.where(first.group(0) if first and first.group(0) in data else source.prefix.rstrip("."))
+        if where and not str(error).startswith(source.name or where):
+            raise type(error)(f"{where}: {error}") from None
         raise
 
 

@@ -85,17 +85,17 @@ class MMTRecipe(TypedConfig):
         """The method block as its typed config (None for the naive baseline), every key checked."""
         known = sorted(registered_methods())
         if "name" not in self.method:
-            raise ConfigError(f"method {self.method!r} has no 'name'; choose naive or one of {known}")
+            raise ConfigError(f"method={self.method!r} has no 'name'; choose naive or one of {known}")
         source = Source(prefix="method.")
         fd = {key: checked(self.method[key], hint, key, source) for key, hint in FD_KEYS.items() if key in self.method}
         fields = {key: value for key, value in self.method.items() if key not in FD_KEYS and key != "name"}
         name = self.method["name"]
         if name == "naive":
             if fields or fd:
-                raise ConfigError(f"method naive takes no other keys; got {sorted([*fields, *fd])}")
+                raise ConfigError(f"method: naive takes no other keys; got {sorted([*fields, *fd])}")
             return None
         if name not in known:
-            raise ConfigError(f"unknown method {name!r}; choose naive or one of {known}")
+            raise ConfigError(f"method.name: unknown method {name!r}; choose naive or one of {known}")
         if "languages" in fields:
             raise ConfigError("method.languages: a method block takes the recipe's languages; remove the key")
         if fd.get("fd", False):
