@@ -275,3 +275,32 @@ def test_help_and_version_do_not_import_torch(flag):
                             env={**os.environ, "PYTHONPATH": str(Path(pp.__file__).parents[1])})
     assert result.returncode == 0, result.stderr
     assert ("polypeft 0.1.0" in result.stdout) if flag == "--version" else ("usage: polypeft" in result.stdout)
+
+
+# ----------------------------------------------------------------------------- the shipped recipes stay valid
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda path: path.name)
+def test_every_shipped_recipe_passes_the_typed_check(path):
+    from polypeft.cli.encoder import COMMANDS
+    from polypeft.cli.flare_recipe import FlareRecipe
+    from polypeft.core.config import recipe_from_yaml
+
+    kind = path.name.split("_")[0]
+    recipe_class = {"mmt": MMTRecipe, "flare": FlareRecipe}.get(kind) or COMMANDS[kind][0]
+    overrides = {"input": "texts.txt"} if kind == "encode" else {}  # the file to embed is given with --set
+    recipe = recipe_from_yaml(recipe_class, path, overrides)
+    assert type(recipe) is recipe_class
+    if kind == "mmt":
+        assert recipe.method_config() is None or recipe.method_config().languages == recipe.languages
+
+
+def test_a_damaged_language_vector_file_is_named_before_the_model_loads(tmp_path, capsys, no_data_preparation):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "language_vectors.safetensors").write_bytes(b"garbage")
+    config = write_yaml(tmp_path / "c.yaml", {**LRP2_RECIPE, "output_dir": str(out)})
+    message = refused(["lrp2", "search", config], capsys)
+    assert f"{out / 'language_vectors.safetensors'}: not a readable safetensors file" in message

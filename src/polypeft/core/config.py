@@ -12,11 +12,9 @@ import types
 from collections.abc import Mapping as MappingABC
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any, Callable, ClassVar, Literal, Mapping, Optional, Sequence, Union
 from typing import get_args, get_origin, get_type_hints
-
-# Why not pydantic: the configs stay plain dataclasses (asdict, replace, ClassVar defaults all keep working),
-# the messages follow the house format (field, value, file and line, what is allowed), and nothing is added.
 
 SHARED_ROUTE_CODE = "shared"  # polypeft.core.languages.SHARED, repeated so this module needs no torch
 
@@ -71,7 +69,7 @@ class Source:
 
     def where(self, key: str = "") -> str:
         """`file`, `file (line 3)` or `--set key=value` for the key path `key` (inner paths look outward)."""
-        path = self.label(key).rstrip(".")
+        path = re.sub(r"\[\d+\]", "", self.label(key)).rstrip(".")  # an item of a list is on its list's line
         while path:
             top = path.split(".")[0]
             if top in self.overrides:
@@ -271,7 +269,7 @@ def read_yaml_mapping(path: Any, what: str = "recipe") -> tuple[dict[str, Any], 
     import yaml
 
     try:
-        text = open(path, encoding="utf-8").read()
+        text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{what} file {str(path)!r} does not exist") from None
     except UnicodeDecodeError as error:
@@ -314,7 +312,11 @@ def recipe_from_yaml(cls: type, path: Any, overrides: Optional[Mapping[str, Any]
 
 
 class TypedConfig:
-    """Base of every config and recipe dataclass: each field is checked against its type on construction."""
+    """Base of every config and recipe dataclass: each field is checked against its type on construction.
+
+    A small validator over type hints rather than pydantic: the configs stay plain dataclasses (asdict, replace
+    and ClassVar defaults keep working), messages follow the house format, and no dependency is added.
+    """
 
     error_type: ClassVar[type] = ConfigError  # a subclass of ConfigError, for methods with their own
 

@@ -18,8 +18,8 @@ import torch
 from accelerate import PartialState
 from transformers.models.marian.modeling_marian import shift_tokens_right
 
-from ...core.config import (ConfigError, Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
-                            Source, TypedConfig, build, checked, recipe_from_dict, recipe_from_yaml,
+from ...core.config import (ConfigError, Fraction, MethodConfig, NonNegativeFloat, NonNegativeInt, PositiveFloat,
+                            PositiveInt, Source, TypedConfig, build, checked, recipe_from_dict, recipe_from_yaml,
                             registered_methods)
 from ...data.batching import TokenBudgetBatcher, collate, token_lengths
 from ...data.bible import BibleCorpus, BibleSplit
@@ -81,7 +81,7 @@ class MMTRecipe(TypedConfig):
             raise ConfigError(f"preset={self.preset!r} is not allowed; choose one of {sorted(PRESETS)}")
         self.method_config()  # the method block is checked now, before any data is prepared
 
-    def method_config(self):
+    def method_config(self) -> Optional[MethodConfig]:
         """The method block as its typed config (None for the naive baseline), every key checked."""
         known = sorted(registered_methods())
         if "name" not in self.method:
