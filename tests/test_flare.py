@@ -514,9 +514,10 @@ def test_training_without_batches_is_refused():
 def test_the_example_recipe_in_configs_is_valid():
     from pathlib import Path
 
-    from polypeft.cli.flare import read_yaml, settings_from
+    from polypeft.cli.flare_recipe import FlareRecipe
+    from polypeft.core.config import recipe_from_yaml
 
     path = Path(__file__).resolve().parents[1] / "configs" / "flare_example.yaml"
-    config = read_yaml(str(path))
-    assert FLAREConfig.from_dict(config["flare"], where=str(path)).fusion == "add_relu"
-    assert settings_from(config["stage2"], str(path)).steps == 300
+    config = recipe_from_yaml(FlareRecipe, str(path))  # the data files are examples: paths are not checked
+    assert config.flare.fusion == "add_relu"
+    assert config.stage2.steps == 300

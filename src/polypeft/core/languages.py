@@ -231,6 +231,8 @@ class LanguageRegistry:
             return [self.id_of(spec, where)]
         if isinstance(spec, torch.Tensor):
             return self._check_tensor(spec, batch_size, where)
+        if isinstance(spec, (set, frozenset, dict)):
+            raise LanguageError(f"{where}={spec!r} has no order: pass a list with one code per example, in batch order")
         codes = list(spec)
         if batch_size is not None and len(codes) != batch_size:
             raise LanguageError(

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .. import __version__
-from .config import ConfigError, MethodConfig, config_from_dict
+from .config import ConfigError, MethodConfig, config_from_dict, method_entry
 from .fileio import write_json, write_safetensors
 from .anatomy import side_of
 from .inject import find_targets, replace_targets, restore_base_layers
@@ -27,26 +27,6 @@ from .routing import RouteState, carry_routes_into_checkpoints, checkpointing_mo
 
 CONFIG_NAME = "polypeft_config.json"
 WEIGHTS_NAME = "polypeft_model.safetensors"
-
-LayerBuilder = Callable[[MethodConfig, str, nn.Linear, str, RouteState, LanguageRegistry], RoutedLinear]
-LAYER_BUILDERS: dict[str, LayerBuilder] = {}
-
-
-def register_layer_builder(method: str) -> Callable[[LayerBuilder], LayerBuilder]:
-    def register(builder: LayerBuilder) -> LayerBuilder:
-        LAYER_BUILDERS[method] = builder
-        return builder
-
-    return register
-
-
-@register_layer_builder("lms")
-def build_lms_layer(config, name, linear, side, route_state, registry):
-    from ..methods.lms import LMSLinear
-
-    return LMSLinear(
-        linear, name, side, route_state, registry.num_routes, config.rank, config.synthesis, config.init_std
-    )
 
 
 @dataclass(frozen=True)
@@ -70,8 +50,6 @@ class PolyModel(nn.Module):
 
     def __init__(self, base_model: nn.Module, config: MethodConfig):
         super().__init__()
-        if config.method not in LAYER_BUILDERS:
-            raise ConfigError(f"no layer builder for method {config.method!r}; known: {sorted(LAYER_BUILDERS)}")
         self.base_model = base_model
         self.poly_config = config
         self.registry = LanguageRegistry(config.languages, config.shared_route)
@@ -79,7 +57,7 @@ class PolyModel(nn.Module):
         self._checkpointing_modules = checkpointing_modules(base_model)
         # This model's forward shows the base model's arguments, so transformers.Trainer keeps their columns.
         self.forward = types.MethodType(forward_with_signature_of(base_model), self)
-        build = LAYER_BUILDERS[config.method]
+        build = method_entry(config.method, type(config).__name__).build_layer
         self.routed_layers: dict[str, RoutedLinear] = replace_targets(
             base_model,
             config.target_modules,

@@ -11,14 +11,12 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..core.config import ConfigError, MethodConfig, check_positive, register_config
+from ..core.config import ConfigError, MethodConfig, check_positive, register_method
 from ..core.languages import LanguageRegistry
-from ..core.model import register_layer_builder
 from ..core.routing import RouteState
 from ..core.routed import RoutedLinear, added_factory, check_rank, layer_shape
 
 
-@register_config
 @dataclass
 class LoRAConfig(MethodConfig):
     """`y = W x + b + (alpha / rank) B A x` on every target (FFN linears by default), for all languages alike.
@@ -91,8 +89,10 @@ class LoRARouteLinear(RoutedLinear):
         return self.lora_A.numel() + self.lora_B.numel()
 
 
-@register_layer_builder("lora")
 def build_lora_route_layer(
     config: LoRAConfig, name: str, linear: nn.Linear, side: str, route_state: RouteState, registry: LanguageRegistry
 ) -> LoRARouteLinear:
     return LoRARouteLinear(linear, name, side, route_state, config.rank, config.alpha, config.dropout)
+
+
+register_method("lora", LoRAConfig, build_lora_route_layer)

@@ -13,9 +13,8 @@ import torch
 from torch import nn
 
 from ..core.anatomy import block_of, closes_ffn
-from ..core.config import ConfigError, MethodConfig, check_positive, register_config
+from ..core.config import ConfigError, MethodConfig, check_positive, register_method
 from ..core.languages import LanguageError, LanguageRegistry, Routes
-from ..core.model import register_layer_builder
 from ..core.routing import RouteState
 from ..core.routed import RoutedLinear, require_float_weight
 
@@ -39,7 +38,6 @@ class RowGroups:
         return torch.cat(parts, dim=0).index_select(0, self.inverse)
 
 
-@register_config
 @dataclass
 class SwitchConfig(MethodConfig):
     """Top-1 experts on the FFN of layers every, 2*every, ... (1-based, per stack: GShard's/Switch's
@@ -234,7 +232,6 @@ def ffn_position(name: str) -> tuple[str, int, str]:
 _FFN_STATES: "weakref.WeakKeyDictionary[RouteState, dict[str, SwitchFFNState]]" = weakref.WeakKeyDictionary()
 
 
-@register_layer_builder("switch")
 def build_switch_layer(
     config: SwitchConfig, name: str, linear: nn.Linear, side: str, route_state: RouteState, registry: LanguageRegistry
 ) -> RoutedLinear:
@@ -244,3 +241,6 @@ def build_switch_layer(
     states = _FFN_STATES.setdefault(route_state, {})
     ffn_state = states.setdefault(ffn_key, SwitchFFNState(ffn_key))
     return ExpertLinear(linear, name, side, route_state, ffn_state, config, closes_ffn(name))
+
+
+register_method("switch", SwitchConfig, build_switch_layer)

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..core.config import ConfigError, LMSConfig
+from ..core.config import ConfigError
+from ..methods.lms import LMSConfig
 from ..core.languages import SHARED
 from ..methods.fd import fuse_distillation_loss
 from ..core.model import PolyModel, wrap

@@ -12,13 +12,15 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Literal, Optional
 
 import torch
 from accelerate import PartialState
 from transformers.models.marian.modeling_marian import shift_tokens_right
 
-from ...core.config import CONFIG_CLASSES, ConfigError, recipe_from_dict, recipe_from_yaml
+from ...core.config import (ConfigError, Fraction, MethodConfig, NonNegativeFloat, NonNegativeInt, PositiveFloat,
+                            PositiveInt, Source, TypedConfig, build, checked, recipe_from_dict, recipe_from_yaml,
+                            registered_methods)
 from ...data.batching import TokenBudgetBatcher, collate, token_lengths
 from ...data.bible import BibleCorpus, BibleSplit
 from ...data.parallel import ParallelExample, english_centric
@@ -27,10 +29,11 @@ from .evaluate import score_directions, translate
 from ...core.fileio import write_json, write_model_weights
 from ...methods.fd import fuse_distillation_step, token_cross_entropy
 from ...core.model import PolyModel, wrap
-from ...backbones.seq2seq import build_translation_model
+from ...backbones.seq2seq import PRESETS, build_translation_model
 from ...training.loop import TrainSettings, seed_everything, train
 
-FD_KEYS = ("fd", "kl_weight")
+# Method-block keys of Fuse Distillation (the rest are the method config's own fields).
+FD_KEYS = {"fd": bool, "kl_weight": NonNegativeFloat}
 # A run directory holds its tokenizer, so the model can be reused without the corpus (FLARE-MT).
 TOKENIZER_NAME = "spm.model"
 # What a resumed run may change: how long it trains, how often it saves and validates, how it is scored.
@@ -38,48 +41,66 @@ RESUMABLE_KEYS = ("steps", "checkpoint_every", "valid_every", "beam", "length_pe
 
 
 @dataclass
-class MMTRecipe:
+class MMTRecipe(TypedConfig):
     """Everything one translation run needs; unknown keys in a YAML file are refused by name."""
 
     name: str = "run"
     languages: list[str] = field(default_factory=lambda: ["en", "fr", "es", "de", "ru", "ar", "ko"])
     pivot: str = "en"
     preset: str = "tiny"
-    vocab_size: int = 8000
-    spm_max_sentences: Optional[int] = None
+    vocab_size: PositiveInt = 8000
+    spm_max_sentences: Optional[PositiveInt] = None
     test_books: list[int] = field(default_factory=lambda: [43])
     valid_books: list[int] = field(default_factory=lambda: [49])
-    max_train_verses: Optional[int] = None
-    max_eval_verses: Optional[int] = None
+    max_train_verses: Optional[PositiveInt] = None
+    max_eval_verses: Optional[PositiveInt] = None
     method: dict[str, Any] = field(default_factory=lambda: {"name": "naive"})
-    batching: str = "homogeneous"
-    max_tokens: int = 4096
-    temperature: float = 5.0
-    max_length: int = 160
-    dropout: float = 0.1
-    label_smoothing: float = 0.1
-    steps: int = 1000
-    lr: float = 5e-4
-    warmup: int = 200
-    accumulation: int = 1
-    checkpoint_every: int = 200
-    valid_every: int = 200
+    batching: Literal["homogeneous", "mixed"] = "homogeneous"
+    max_tokens: PositiveInt = 4096
+    temperature: PositiveFloat = 5.0
+    max_length: PositiveInt = 160
+    dropout: Fraction = 0.1
+    label_smoothing: Fraction = 0.1
+    steps: PositiveInt = 1000
+    lr: PositiveFloat = 5e-4
+    warmup: NonNegativeInt = 200
+    accumulation: PositiveInt = 1
+    checkpoint_every: PositiveInt = 200
+    valid_every: NonNegativeInt = 200  # 0: no validation
     seed: int = 0
-    beam: int = 5
+    beam: PositiveInt = 5
     length_penalty: float = 1.0
-    eval_batch_size: int = 32
+    eval_batch_size: PositiveInt = 32
     output_dir: str = "runs"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.pivot not in self.languages:
             raise ConfigError(f"pivot {self.pivot!r} is not among languages {self.languages}")
+        if self.preset not in PRESETS:
+            raise ConfigError(f"preset={self.preset!r} is not allowed; choose one of {sorted(PRESETS)}")
+        self.method_config()  # the method block is checked now, before any data is prepared
+
+    def method_config(self) -> Optional[MethodConfig]:
+        """The method block as its typed config (None for the naive baseline), every key checked."""
+        known = sorted(registered_methods())
         if "name" not in self.method:
-            raise ConfigError(f"method {self.method!r} has no 'name'; choose naive or one of {sorted(CONFIG_CLASSES)}")
+            raise ConfigError(f"method={self.method!r} has no 'name'; choose naive or one of {known}")
+        source = Source(prefix="method.")
+        fd = {key: checked(self.method[key], hint, key, source) for key, hint in FD_KEYS.items() if key in self.method}
+        fields = {key: value for key, value in self.method.items() if key not in FD_KEYS and key != "name"}
         name = self.method["name"]
-        if name != "naive" and name not in CONFIG_CLASSES:
-            raise ConfigError(f"unknown method {name!r}; choose naive or one of {sorted(CONFIG_CLASSES)}")
-        if self.batching not in ("homogeneous", "mixed"):
-            raise ConfigError(f"batching={self.batching!r}; choose 'homogeneous' or 'mixed'")
+        if name == "naive":
+            if fields or fd:
+                raise ConfigError(f"method: naive takes no other keys; got {sorted([*fields, *fd])}")
+            return None
+        if name not in known:
+            raise ConfigError(f"method.name: unknown method {name!r}; choose naive or one of {known}")
+        if "languages" in fields:
+            raise ConfigError("method.languages: a method block takes the recipe's languages; remove the key")
+        if fd.get("fd", False):
+            fields["shared_route"] = True
+        return build(registered_methods()[name].config_class, {**fields, "languages": self.languages}, source)
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "recipe") -> "MMTRecipe":
@@ -140,15 +161,9 @@ def build_model(recipe: MMTRecipe, tokenizer: SpmTokenizer) -> torch.nn.Module:
     seed_everything(recipe.seed)
     model = build_translation_model(recipe.preset, tokenizer.vocab_size, tokenizer.pad_id, tokenizer.eos_id,
                                     tokenizer.decoder_start_id, dropout=recipe.dropout)
-    method = dict(recipe.method)
-    name = method.pop("name")
-    for key in FD_KEYS:
-        method.pop(key, None)
-    if name == "naive":
+    config = recipe.method_config()
+    if config is None:
         return model
-    if recipe.uses_fd:
-        method["shared_route"] = True
-    config = CONFIG_CLASSES[name](languages=recipe.languages, **method)
     return wrap(model, config)
 
 
