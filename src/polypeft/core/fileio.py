@@ -152,6 +152,11 @@ def _writer_alive(name: str) -> bool:
     return True
 
 
+def is_temporary(name: str, patterns: Iterable[str] = ATOMIC_TEMPORARIES) -> bool:
+    """Whether a file name is a writer's temporary (by default atomic_write's), not a finished file."""
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
 def remove_stale_temporaries(directory: str | os.PathLike, patterns: Iterable[str] = ATOMIC_TEMPORARIES) -> list[Path]:
     """Delete entries of `directory` matching `patterns` that a killed run left: older than this process
     and not held by a live writer. Returns what was removed."""
@@ -161,7 +166,7 @@ def remove_stale_temporaries(directory: str | os.PathLike, patterns: Iterable[st
     started, removed = process_start_time(), []
     patterns = tuple(patterns)
     for entry in directory.iterdir():
-        if not any(fnmatch.fnmatchcase(entry.name, pattern) for pattern in patterns):
+        if not is_temporary(entry.name, patterns):
             continue
         try:
             stale = entry.lstat().st_mtime < started and not _writer_alive(entry.name)

@@ -26,8 +26,8 @@ from ...data.parallel import ParallelExample, english_centric
 from ...data.spm import SpmTokenizer, bible_spm
 from .compare import EVAL_SPLITS, WEIGHTS_NAME
 from .evaluate import score_directions, translate
-from ...core.fileio import (file_sha256, remove_stale_temporaries, single_path_component, write_json,
-                            write_model_weights)
+from ...core.fileio import (file_sha256, is_temporary, remove_stale_temporaries, single_path_component,
+                            write_json, write_model_weights)
 from ...methods.fd import fuse_distillation_step, token_cross_entropy
 from ...core.model import PolyModel, wrap
 from ...backbones.seq2seq import build_translation_model
@@ -274,16 +274,31 @@ def train_run(recipe: MMTRecipe, resume: bool = False, data: Optional[MMTData] =
 
 
 def claim_run_dir(recipe: MMTRecipe, run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Make `run_dir` ready for this run, before any data is prepared; never silently mix two runs in it."""
+    """Make `run_dir` ready for this run, before any data is prepared; never silently mix two runs in it.
+
+    Under `accelerate launch` every process decides on the same untouched folder, then one process clears it.
+    """
+    replace = run_dir_to_replace(recipe, run_dir, resume, overwrite)
+    state = PartialState()
+    state.wait_for_everyone()
+    if state.is_main_process:
+        remove_stale_temporaries(run_dir)  # what killed runs left: half-written checkpoints and weights
+        if replace:
+            shutil.rmtree(run_dir)
+    state.wait_for_everyone()
+
+
+def run_dir_to_replace(recipe: MMTRecipe, run_dir: Path, resume: bool, overwrite: bool) -> bool:
+    """Whether `run_dir` holds a run that `overwrite` replaces; refuses every other way of mixing two runs."""
     if resume and overwrite:
         raise ConfigError(f"--resume and --overwrite both given for {run_dir}: continue the run or replace it, not both")
-    remove_stale_temporaries(run_dir)  # what killed runs left: half-written checkpoints and weights
     if resume:
         check_resumable(recipe, run_dir)
-        return
-    held = sorted(entry.name for entry in run_dir.iterdir()) if run_dir.is_dir() else []
+        return False
+    entries = run_dir.iterdir() if run_dir.is_dir() else ()
+    held = sorted(entry.name for entry in entries if not is_temporary(entry.name))  # leftovers are cleaned, not kept
     if not held:
-        return
+        return False
     if not overwrite:
         raise ConfigError(
             f"{run_dir} already holds a run ({', '.join(held[:5])}{', ...' if len(held) > 5 else ''}); pass --resume "
@@ -292,7 +307,7 @@ def claim_run_dir(recipe: MMTRecipe, run_dir: Path, resume: bool, overwrite: boo
     if not (run_dir / "recipe.json").is_file():
         raise ConfigError(f"--overwrite: {run_dir} holds {held[:5]} but no recipe.json, so it is not a polypeft run "
                           "folder; it is left alone: remove it yourself or choose another name or output_dir")
-    shutil.rmtree(run_dir)
+    return True
 
 
 def check_resumable(recipe: MMTRecipe, run_dir: Path) -> None:
