@@ -1,6 +1,6 @@
 """Atomic file writes: a reader never sees half a file, and a killed writer's leftovers are cleaned up.
 
-Everything polypeft writes (configs, weights, checkpoints, results) goes through these; names that become paths are checked here.
+Everything polypeft writes (configs, weights, checkpoints, results) goes through these; so do path names.
 """
 from __future__ import annotations
 
@@ -147,7 +147,7 @@ def _writer_alive(name: str) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except (PermissionError, OverflowError, OSError):
+    except (OverflowError, OSError):  # alive but another user's, or no pid at all: leave the file be
         return True
     return True
 
