@@ -145,9 +145,9 @@ def _writer_alive(name: str) -> bool:
         return False  # older than this process, so not this process's file: a reused pid
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # no such process, or a number no pid can be
         return False
-    except (OverflowError, OSError):  # alive but another user's, or no pid at all: leave the file be
+    except OSError:  # alive, but another user's
         return True
     return True
 
