@@ -31,7 +31,7 @@ def data(tmp_path_factory) -> MMTData:
 
 @pytest.mark.parametrize("name", ["../x", "../../escaped/x", "/tmp/abs", "", ".", "..", "a/b", "a\\b", "a\0b", 7])
 def test_a_name_that_would_leave_its_folder_is_refused(name):
-    with pytest.raises(PathNameError, match=re.escape(f"recipe: name={name!r} must be a single folder name")):
+    with pytest.raises(PathNameError, match=re.escape(f"recipe: name={name!r} must be a single file or folder name")):
         single_path_component(name, "name")
     assert single_path_component("lms-pair_2", "name") == "lms-pair_2"
 
@@ -49,8 +49,17 @@ def test_the_cli_refuses_an_escaping_name_before_any_work(tmp_path, capsys, monk
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({"name": "ok", "output_dir": "runs/deep"}), encoding="utf-8")
     assert main(["mmt", "train", str(config), "--set", "name=../../escaped/x"]) == 2
-    assert "name='../../escaped/x' must be a single folder name" in capsys.readouterr().err
+    assert "name='../../escaped/x' must be a single file or folder name" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.yaml"]
+
+
+def test_a_language_code_does_not_name_a_heat_map_outside_its_folder(tmp_path):
+    from polypeft.interventions.search import search_layers
+
+    result = search_layers(lambda language, i, j: 0.0, ["../../evil"], candidate_layers=[0, 1], progress=False)
+    with pytest.raises(PathNameError, match=re.escape("LRP2 heat map: file name='lrp2_heatmap_../../evil.png' must be")):
+        result.plot_heatmaps(tmp_path / "plots")
+    assert list(tmp_path.rglob("*.png")) == []
 
 
 def test_evaluation_splits_are_a_fixed_choice(tmp_path):

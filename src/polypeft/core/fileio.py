@@ -29,7 +29,7 @@ def single_path_component(value: Any, field: str, where: str = "recipe") -> str:
     if (not isinstance(value, str) or value in ("", ".", "..") or any(c in value for c in "/\\\0")
             or os.path.isabs(value)):
         raise PathNameError(
-            f"{where}: {field}={value!r} must be a single folder name (it becomes part of a path): not empty, "
+            f"{where}: {field}={value!r} must be a single file or folder name (it becomes part of a path): not empty, "
             "not '.' or '..', no '/' or '\\', not absolute; e.g. 'lms-pair'"
         )
     return value
