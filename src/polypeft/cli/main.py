@@ -39,7 +39,7 @@ def mmt_train(args) -> int:
     from accelerate import PartialState
 
     recipe = _recipe(args)
-    run_dir = train_run(recipe, resume=args.resume)
+    run_dir = train_run(recipe, resume=args.resume, overwrite=args.overwrite)
     if not PartialState().is_main_process:  # under accelerate launch, one process writes and evaluates
         return 0
     print(f"trained: {run_dir}")
@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(func=func)
         if name == "train":
             sub.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+            sub.add_argument("--overwrite", action="store_true", help="delete the run's folder and train afresh")
             sub.add_argument("--eval", action="store_true", help="evaluate on the test book afterwards")
     evaluate = mmt_commands.add_parser("eval", help="beam search + BLEU/chrF per direction of a trained run")
     evaluate.add_argument("run", help="run directory written by `mmt train`")

@@ -174,7 +174,8 @@ class Routes:
                 segments[-1] = (start, i + 1, *pair)
             else:
                 segments.append((i, i + 1, *pair))
-        runs = tuple(segments) if len(segments) <= MAX_SEGMENTS else None
+        # An empty batch is one empty run, so every layer returns its usual output with no rows.
+        runs = tuple(segments or [(0, 0, 0, 0)]) if len(segments) <= MAX_SEGMENTS else None
         def as_tensor(ids: Sequence[int]) -> torch.Tensor:
             return torch.tensor(list(ids), dtype=torch.long, device=device)
 

@@ -72,8 +72,9 @@ def run_demo(quick: bool = False, output_dir: str = DEFAULT_OUTPUT_DIR, steps: O
         run_dir = recipe.run_dir
         if finished(recipe):
             print(f"[{name}] already trained and evaluated with this recipe: {run_dir}")
-        else:  # a stopped demo continues from the run's last checkpoint
-            run_dir = train_run(recipe, resume=(run_dir / "checkpoint.pt").exists(), data=data)
+        else:  # a stopped demo continues from the run's last checkpoint; one stopped before any starts afresh
+            resume = (run_dir / "checkpoint.pt").exists()
+            run_dir = train_run(recipe, resume=resume, overwrite=not resume, data=data)
             evaluate_run(run_dir, data=data)
         run_dirs.append(run_dir)
     out_dir = Path(output_dir) / "compare"

@@ -83,9 +83,9 @@ class BudgetTracker:
         """weight * |mean gate - budget| over every gate of the last training forward, then forget it."""
         if self.gate_sum is None:
             return None
-        loss = self.weight * (self.gate_sum / self.gate_count - self.budget).abs()
+        loss = self.weight * (self.gate_sum / self.gate_count - self.budget).abs() if self.gate_count else None
         self.routes, self.gate_sum, self.gate_count = None, None, 0
-        return loss
+        return loss  # None after an empty batch: no gate to hold to the budget
 
 
 class CLSRLinear(RoutedLinear):

@@ -34,7 +34,8 @@ class RowGroups:
     def apply(self, rows: torch.Tensor, compute: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """`compute(group, rows_of_group)` for each non-empty group, results back in the original order."""
         chunks = torch.split(rows.index_select(0, self.order), self.sizes)
-        parts = [compute(group, chunk) for group, chunk in enumerate(chunks) if chunk.shape[0]]
+        # An empty batch still runs group 0 once, on no rows, so the output keeps its width.
+        parts = [compute(group, chunk) for group, chunk in enumerate(chunks) if chunk.shape[0]] or [compute(0, rows)]
         return torch.cat(parts, dim=0).index_select(0, self.inverse)
 
 
@@ -170,7 +171,7 @@ class ExpertLinear(RoutedLinear):
             one_hot = nn.functional.one_hot(expert_ids, self.num_experts)
             position_in_expert = (one_hot.cumsum(dim=0) * one_hot).sum(dim=-1) - 1
             gate = gate * (position_in_expert < capacity).to(gate.dtype)
-        if self.training and torch.is_grad_enabled():
+        if self.training and torch.is_grad_enabled() and rows.shape[0]:  # no tokens, nothing to balance
             token_fraction = torch.bincount(expert_ids, minlength=self.num_experts).to(compute_dtype) / rows.shape[0]
             mean_probability = probabilities.mean(dim=0)
             # Only the last forward's term is kept, so an unread loss never holds old graphs alive.

@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import json
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,8 +26,10 @@ from ...data.batching import TokenBudgetBatcher, collate, token_lengths
 from ...data.bible import BibleCorpus, BibleSplit
 from ...data.parallel import ParallelExample, english_centric
 from ...data.spm import SpmTokenizer, bible_spm
+from .compare import EVAL_SPLITS, WEIGHTS_NAME
 from .evaluate import score_directions, translate
-from ...core.fileio import write_json, write_model_weights
+from ...core.fileio import (file_sha256, is_temporary, remove_stale_temporaries, single_path_component,
+                            write_json, write_model_weights)
 from ...methods.fd import fuse_distillation_step, token_cross_entropy
 from ...core.model import PolyModel, wrap
 from ...backbones.seq2seq import PRESETS, build_translation_model
@@ -116,7 +119,7 @@ class MMTRecipe(TypedConfig):
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.output_dir) / f"{self.name}-seed{self.seed}"
+        return Path(self.output_dir) / f"{single_path_component(self.name, 'name')}-seed{self.seed}"
 
     def split(self) -> BibleSplit:
         return BibleSplit(test_books=tuple(self.test_books), valid_books=tuple(self.valid_books))
@@ -252,11 +255,14 @@ def parameter_table(model: torch.nn.Module, recipe: MMTRecipe) -> dict:
     return counts
 
 
-def train_run(recipe: MMTRecipe, resume: bool = False, data: Optional[MMTData] = None) -> Path:
-    """Train one run; writes checkpoint, log, final weights and the parameter table into its run dir."""
+def train_run(recipe: MMTRecipe, resume: bool = False, data: Optional[MMTData] = None,
+              overwrite: bool = False) -> Path:
+    """Train one run; writes checkpoint, log, final weights and the parameter table into its run dir.
+
+    A run dir that already holds a run is continued (`resume`), replaced (`overwrite`) or refused.
+    """
     run_dir = recipe.run_dir
-    if resume:
-        check_resumable(recipe, run_dir)
+    claim_run_dir(recipe, run_dir, resume, overwrite)
     data = data or prepare(recipe)
     model = build_model(recipe, data.tokenizer)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -275,11 +281,48 @@ def train_run(recipe: MMTRecipe, resume: bool = False, data: Optional[MMTData] =
           valid_fn=valid_loss_fn(recipe, data, config) if recipe.valid_every else None)
     state = PartialState()
     if state.is_main_process:  # every process holds the same weights; one writes them
-        write_model_weights(run_dir / "model.safetensors", model)
+        write_model_weights(run_dir / WEIGHTS_NAME, model)
         write_json(run_dir / "train_summary.json", {"wall_seconds": round(time.perf_counter() - started, 1),
                                                     "steps": recipe.steps, "resumed": resume})
     state.wait_for_everyone()
     return run_dir
+
+
+def claim_run_dir(recipe: MMTRecipe, run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Make `run_dir` ready for this run, before any data is prepared; never silently mix two runs in it.
+
+    Under `accelerate launch` every process decides on the same untouched folder, then one process clears it.
+    """
+    replace = run_dir_to_replace(recipe, run_dir, resume, overwrite)
+    state = PartialState()
+    state.wait_for_everyone()
+    if state.is_main_process:
+        remove_stale_temporaries(run_dir)  # what killed runs left: half-written checkpoints and weights
+        if replace:
+            shutil.rmtree(run_dir)
+    state.wait_for_everyone()
+
+
+def run_dir_to_replace(recipe: MMTRecipe, run_dir: Path, resume: bool, overwrite: bool) -> bool:
+    """Whether `run_dir` holds a run that `overwrite` replaces; refuses every other way of mixing two runs."""
+    if resume and overwrite:
+        raise ConfigError(f"--resume and --overwrite both given for {run_dir}: continue the run or replace it, not both")
+    if resume:
+        check_resumable(recipe, run_dir)
+        return False
+    entries = run_dir.iterdir() if run_dir.is_dir() else ()
+    held = sorted(entry.name for entry in entries if not is_temporary(entry.name))  # leftovers are cleaned, not kept
+    if not held:
+        return False
+    if not overwrite:
+        raise ConfigError(
+            f"{run_dir} already holds a run ({', '.join(held[:5])}{', ...' if len(held) > 5 else ''}); pass --resume "
+            "(resume=True) to continue it or --overwrite (overwrite=True) to delete it and train afresh"
+        )
+    if not (run_dir / "recipe.json").is_file():
+        raise ConfigError(f"--overwrite: {run_dir} holds {held[:5]} but no recipe.json, so it is not a polypeft run "
+                          "folder; it is left alone: remove it yourself or choose another name or output_dir")
+    return True
 
 
 def check_resumable(recipe: MMTRecipe, run_dir: Path) -> None:
@@ -307,7 +350,7 @@ def load_run(run_dir: str | Path, data: Optional[MMTData] = None) -> tuple[MMTRe
 
 def read_run_recipe(run_dir: str | Path) -> MMTRecipe:
     run_dir = Path(run_dir)
-    for needed in ("recipe.json", "model.safetensors"):
+    for needed in ("recipe.json", WEIGHTS_NAME):
         if not (run_dir / needed).exists():
             raise FileNotFoundError(f"{run_dir / needed} not found: is {run_dir} a trained `polypeft mmt` run?")
     return MMTRecipe.from_dict(json.loads((run_dir / "recipe.json").read_text()), where=str(run_dir / "recipe.json"))
@@ -324,7 +367,7 @@ def load_translation_model(run_dir: str | Path, tokenizer: Optional[SpmTokenizer
         # Runs trained before the tokenizer was kept in the run directory find it in the cache (or retrain it).
         tokenizer = SpmTokenizer(saved) if saved.exists() else prepare(recipe).tokenizer
     model = build_model(recipe, tokenizer)
-    load_model(model, str(Path(run_dir) / "model.safetensors"))
+    load_model(model, str(Path(run_dir) / WEIGHTS_NAME))
     return recipe, tokenizer, model.eval()
 
 
@@ -366,11 +409,17 @@ def eval_variants(recipe: MMTRecipe) -> dict[str, Optional[str]]:
 
 
 def evaluate_run(run_dir: str | Path, data: Optional[MMTData] = None, split: str = "test") -> dict:
-    """Beam search on the split, BLEU/chrF per direction and averages, written as JSON next to the run."""
+    """Beam search on the split, BLEU/chrF per direction and averages, written as JSON next to the run.
+
+    The JSON records the SHA-256 of the weights it scored, so a later comparison can tell it is stale.
+    """
+    if split not in EVAL_SPLITS:
+        raise ValueError(f"evaluate_run: split={split!r}; choose one of {list(EVAL_SPLITS)}")
     recipe, data, model = load_run(run_dir, data)
+    weights_sha256 = file_sha256(Path(run_dir) / WEIGHTS_NAME)
     examples = data.test if split == "test" else data.valid
     results = {"name": recipe.name, "seed": recipe.seed, "method": recipe.method, "split": split,
-               "parameters": parameter_table(model, recipe), "variants": {}}
+               "weights_sha256": weights_sha256, "parameters": parameter_table(model, recipe), "variants": {}}
     for variant, route in eval_variants(recipe).items():
         started = time.perf_counter()
         hypotheses = translate(model, data.tokenizer, examples, beam=recipe.beam,
