@@ -68,8 +68,10 @@ def main() -> None:
         for variant in runs:
             command = [sys.executable, __file__, "--variant", variant, "--layers", str(args.layers), "--hidden",
                        str(args.hidden), "--length", str(args.length), "--batch", str(args.batch)]
-            output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-            runs[variant].append(json.loads(output.strip().splitlines()[-1]))
+            child = subprocess.run(command, capture_output=True, text=True)
+            if child.returncode:
+                sys.exit(f"the {variant} step failed:\n{child.stderr[-3000:]}")
+            runs[variant].append(json.loads(child.stdout.strip().splitlines()[-1]))
     summary = {variant: {key: statistics.median(r[key] for r in results)
                          for key in ("saved_for_backward_mb", "peak_rss_mb", "step_rss_growth_mb", "step_seconds",
                                      "loss")}
