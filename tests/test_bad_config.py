@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 import polypeft as pp
+import polypeft.experiments.demo  # noqa: F401  imported before any patch, so its bindings stay the real ones
 from polypeft.cli.main import main
 from polypeft.tasks.translation.run import MMTRecipe
 
