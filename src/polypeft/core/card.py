@@ -19,7 +19,7 @@ def front_matter(poly: "PolyModel") -> str:
     # The Hub checks `language` against ISO 639 codes; other codes stay in the body only.
     iso_codes = [code for code in poly.registry.languages if re.fullmatch(r"[a-z]{2,3}", code)]
     lines = ["---", "library_name: polypeft", "tags:", "- polypeft", f"- {poly.poly_config.method}"]
-    if base:
+    if base and re.fullmatch(r"[\w.\-]+/[\w.\-]+", base):  # the Hub links Hub ids only, not local paths
         lines.append(f"base_model: {base}")
     if iso_codes:
         lines += ["language:"] + [f"- {code}" for code in iso_codes]

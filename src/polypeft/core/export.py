@@ -139,7 +139,6 @@ def write_adapter(
     poly: "PolyModel", directory: str | Path, route: tuple[int, int], base_model_name_or_path: Optional[str] = None
 ) -> Path:
     """Write one route as adapter_config.json + adapter_model.safetensors in `directory`."""
-    check_low_rank(poly)
     directory = Path(directory)
     src, tgt = (poly.registry.code_of(i) for i in route)
     metadata = {"format": "pt", "polypeft_route": f"{src}->{tgt}", "polypeft_version": __version__}

@@ -44,7 +44,8 @@ def check_not_spent(poly: "PolyModel", action: str) -> None:
 
 @contextmanager
 def adapters_disabled(poly: "PolyModel") -> Iterator[None]:
-    """The plain base layers stand in for the routed ones for the block, on the same object."""
+    """The plain base layers stand in for the routed ones for the block, on the same object (so for every
+    thread that uses the model meanwhile)."""
     check_not_spent(poly, "disable the adapters")
     if poly.merged_route is not None:
         raise LanguageError(
