@@ -13,7 +13,7 @@ import torch
 
 from .. import __version__
 from .fileio import write_json, write_safetensors
-from .inject import is_encoder_decoder
+from .anatomy import is_encoder_decoder
 from .languages import SHARED, LanguageError
 
 if TYPE_CHECKING:
