@@ -27,7 +27,7 @@ from .merge_guard import MergeSnapshot
 from .peft_conveniences import adapters_disabled, check_not_spent, refuse, trainable_parameter_counts, unload
 from .routed import RoutedLinear
 from .routing import RouteState, carry_routes_into_checkpoints, checkpointing_modules
-from .savefiles import CONFIG_NAME, WEIGHTS_NAME, check_base_class, read_weights, write_weights
+from .savefiles import CONFIG_NAME, WEIGHTS_NAME, check_base_class, read_weights, write_weights  # names kept importable here
 
 
 @dataclass(frozen=True)
