@@ -32,6 +32,9 @@ _EXPORTS = {
     ".methods.fd": ("FuseDistillationLoss", "fuse_distillation_loss", "fuse_distillation_step", "one_way_kl",
         "symmetric_kl", "token_cross_entropy"),
     ".core.model": ("ParameterCounts", "PolyModel", "wrap"),
+    ".core.export": ("ExportError",),
+    ".core.hub": ("load_config",),
+    ".core.peft_conveniences": ("UnsupportedCallError",),
     ".backbones.e5": ("PASSAGE_PREFIX", "QUERY_PREFIX", "embed", "embed_layers", "load_encoder"),
     ".backbones.seq2seq": ("build_translation_model",),
     ".tasks.classification": ("classification_model", "encode_classification", "evaluate_classification",
@@ -66,6 +69,7 @@ __all__ = ["BIBLE_VERSIONS", "BibleCorpus", "BibleSplit", "CLSRConfig", "ConfigE
     "run_recipe", "score_directions", "search_layers", "symmetric_kl", "temperature_probabilities",
     "token_classification_model", "token_cross_entropy", "token_lengths", "train_english_lora", "train_spm",
     "train_task", "translate", "win_ratio", "wrap", "write_jsonl"]
+__all__ = sorted(__all__ + ["ExportError", "UnsupportedCallError", "load_config"])
 
 
 def __getattr__(name: str):

@@ -27,6 +27,8 @@ class LoRAConfig(MethodConfig):
     method: ClassVar[str] = "lora"
     # No parameter depends on the language: runs and merges without a route (see PolyModel).
     language_agnostic: ClassVar[bool] = True
+    # A plain LoRA: saved as PEFT's adapter files, so peft.PeftModel.from_pretrained loads the save as is.
+    saves_as_peft: ClassVar[bool] = True
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
