@@ -63,3 +63,14 @@ def write_model_weights(path: str | os.PathLike, model: torch.nn.Module) -> Path
     from safetensors.torch import save_model
 
     return atomic_write(path, lambda temporary: save_model(model, temporary))
+
+
+def append_line(path: str | os.PathLike, line: str) -> Path:
+    """Append one line and push it to the disk (flush + fsync): a log a crash can at worst leave with a torn
+    last line, never with lines lost that were reported written."""
+    path = Path(path)
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(line.rstrip("\n") + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    return path
