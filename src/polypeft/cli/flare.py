@@ -13,7 +13,7 @@ from typing import Any, Optional
 import torch
 import yaml
 
-from ..methods.flare.recipe import RECIPES, TrainedRecipe, TrainSettings, run_recipe
+from ..methods.flare.recipe import RECIPES, TrainedRecipe, StageSettings, run_recipe
 from ..core.inject import replace_targets, restore_base_layers
 from ..core.fileio import write_json
 from ..methods.flare.model import FLAREConfig, FLAREError, FLAREModel
@@ -127,13 +127,13 @@ def load_models(config: dict, base_path: Optional[str] = None) -> tuple[Any, Any
     return model, tokenizer, mt_encoder, mt_tokenizer
 
 
-def settings_from(block: Optional[dict], where: str) -> TrainSettings:
+def settings_from(block: Optional[dict], where: str) -> StageSettings:
     block = dict(block or {})
-    allowed = {f.name for f in fields(TrainSettings)}
+    allowed = {f.name for f in fields(StageSettings)}
     unknown = sorted(set(block) - allowed)
     if unknown:
         raise FLAREError(f"{where}: unknown keys {unknown}; allowed keys are {sorted(allowed)}")
-    return TrainSettings(**block)
+    return StageSettings(**block)
 
 
 def train_command(args: argparse.Namespace) -> None:
