@@ -161,7 +161,8 @@ def add_decoder_inputs(batch: dict, model_config) -> dict:
 
 def make_loss_fn(recipe: MMTRecipe):
     """CE with label smoothing (plus any auxiliary loss), or the FD objective when the method uses it."""
-    one_way = recipe.method.get("name") == "ls_ffn"
+    name = recipe.method.get("name")
+    one_way = name in CONFIG_CLASSES and CONFIG_CLASSES[name].fd_one_way
     kl_weight = float(recipe.method.get("kl_weight", 1.0))
 
     def loss_fn(model, batch: dict) -> tuple[torch.Tensor, int]:
