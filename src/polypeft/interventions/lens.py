@@ -11,7 +11,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Mapping, Optional, Sequence, Union
+from typing import Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 from safetensors import safe_open
@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.fileio import atomic_write
+from ..training.loop import TrainSettings, train as training_loop
 from .lrp2 import (
     POOLINGS,
     InterventionError,
@@ -387,50 +388,52 @@ def train(
     reference_target = _reference_states(model, tokenizer, target_texts, layer, stack, pooling, batch_size, max_length).to(device)
     directions = {code: (strengths[code] * probe_result.direction(code, layer)).to(device) for code in languages}
 
-    flags = {name: parameter.requires_grad for name, parameter in model.named_parameters()}
-    was_training = model.training
-    for name, parameter in model.named_parameters():
-        parameter.requires_grad_(name in trainable)
-    optimizer = torch.optim.AdamW(list(trainable.values()), lr=lr, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(seed)
-    order: list[int] = []
     history: list[dict] = []
     w_align, w_separate, w_retain = weights
-    model.eval()
-    try:
-        for step in tqdm(range(steps), desc="LENS train", disable=not progress):
+
+    def pair_batches() -> Iterator[list[tuple[str, str, str]]]:
+        generator, order = torch.Generator().manual_seed(seed), []
+        while True:
             if len(order) < batch_size:
                 order.extend(torch.randperm(len(pairs), generator=generator).tolist())
-            chosen = [pairs[index] for index in order[:batch_size]]
+            yield [pairs[index] for index in order[:batch_size]]
             del order[:batch_size]
-            pivot_batch = tokenize(tokenizer, [pair[0] for pair in chosen], max_length, device)
-            target_batch = tokenize(tokenizer, [pair[1] for pair in chosen], max_length, device)
-            pivot_states = layer_states(model, pivot_batch, [layer], stack, pooling)[layer].float()
-            target_states = layer_states(model, target_batch, [layer], stack, pooling)[layer].float()
-            pivot_ref = reference_pivot[[pivot_index[pair[0]] for pair in chosen]]
-            target_ref = reference_target[[target_index[pair[1]] for pair in chosen]]
-            wanted_shift = torch.stack([directions[pair[2]] for pair in chosen])
 
-            align = nn.functional.mse_loss(
-                probe_result.project_agnostic(target_states, layer), probe_result.project_agnostic(pivot_states, layer)
-            )
-            separate = nn.functional.mse_loss(
-                probe_result.project_specific(target_states, layer) - probe_result.project_specific(target_ref, layer),
-                wanted_shift,
-            )
-            retain = nn.functional.mse_loss(pivot_states, pivot_ref)
-            loss = w_align * align + w_separate * separate + w_retain * retain
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            history.append({
-                "step": step, "loss": loss.item(), "align": align.item(),
-                "separate": separate.item(), "retain": retain.item(),
-            })
+    def loss_fn(model: nn.Module, chosen: list[tuple[str, str, str]]) -> tuple[torch.Tensor, int]:
+        pivot_batch = tokenize(tokenizer, [pair[0] for pair in chosen], max_length, device)
+        target_batch = tokenize(tokenizer, [pair[1] for pair in chosen], max_length, device)
+        pivot_states = layer_states(model, pivot_batch, [layer], stack, pooling)[layer].float()
+        target_states = layer_states(model, target_batch, [layer], stack, pooling)[layer].float()
+        pivot_ref = reference_pivot[[pivot_index[pair[0]] for pair in chosen]]
+        target_ref = reference_target[[target_index[pair[1]] for pair in chosen]]
+        wanted_shift = torch.stack([directions[pair[2]] for pair in chosen])
+
+        align = nn.functional.mse_loss(
+            probe_result.project_agnostic(target_states, layer), probe_result.project_agnostic(pivot_states, layer)
+        )
+        separate = nn.functional.mse_loss(
+            probe_result.project_specific(target_states, layer) - probe_result.project_specific(target_ref, layer),
+            wanted_shift,
+        )
+        retain = nn.functional.mse_loss(pivot_states, pivot_ref)
+        loss = w_align * align + w_separate * separate + w_retain * retain
+        history.append({
+            "step": len(history), "loss": loss.item(), "align": align.item(),
+            "separate": separate.item(), "retain": retain.item(),
+        })
+        return loss, len(chosen)
+
+    flags = {name: parameter.requires_grad for name, parameter in model.named_parameters()}
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name in trainable)
+    loop_settings = TrainSettings(steps=steps, lr=lr, warmup=0, schedule="constant", betas=(0.9, 0.999),
+                                  clip_norm=0.0, seed=None, progress=progress)
+    try:  # dropout stays off (train_mode=False): the targets are exact states
+        training_loop(model, pair_batches, loss_fn, loop_settings, parameters=list(trainable.values()),
+                      device_placement=False, train_mode=False, description="LENS train")
     finally:
         for name, parameter in model.named_parameters():
             parameter.requires_grad_(flags[name])
-        model.train(was_training)
     settings = {
         "top_k_layers": top_k_layers, "weights": list(weights), "steps": steps, "lr": lr,
         "batch_size": batch_size, "languages": languages, "pivot": pivot, "layer": layer,
