@@ -52,7 +52,7 @@ def make_accelerator(settings: TrainSettings, device_placement: bool = True) -> 
 
 class TrainingStep:
     """One optimiser step per call: `accumulation` micro-batches through the loss function (autocast under mixed
-    precision), the backward pass, clipping, AdamW and the schedule. The only place polypeft calls backward()."""
+    precision), the backward pass, clipping, AdamW and the schedule. The only place polypeft runs a backward pass."""
 
     def __init__(self, model: torch.nn.Module, loss_fn: LossFn, settings: TrainSettings,
                  parameters: Optional[Parameters] = None, device_placement: bool = True):
