@@ -2,6 +2,7 @@
 log line, bf16 autocast with float32 factors, the schedules, and one backward pass in the whole package."""
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import pickle
@@ -17,7 +18,7 @@ from polypeft.core.config import ConfigError
 from polypeft.training.checkpoint import CHECKPOINT_NAME, PICKLED_CHECKPOINT_NAME, load_checkpoint
 from polypeft.training.loop import BatchStreamEnded, TrainSettings, train
 from polypeft.training.schedules import constant, linear
-from tiny_models import build, randomize_added
+from tiny_models import build, random_batch, randomize_added
 
 
 def lms_model(dtype: torch.dtype = torch.float64) -> pp.PolyModel:
@@ -27,10 +28,10 @@ def lms_model(dtype: torch.dtype = torch.float64) -> pp.PolyModel:
 
 
 def batches():
-    generator = torch.Generator().manual_seed(0)
-    while True:
-        ids = torch.randint(3, 60, (4, 6), generator=generator)
-        yield {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    """Copy tasks: the decoder learns to repeat a random input, a new one each batch."""
+    for seed in itertools.count():
+        batch = random_batch("bart", 4, length=6, seed=seed)
+        yield {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": batch["input_ids"]}
 
 
 def loss_fn(model, batch):
