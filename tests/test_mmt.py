@@ -221,6 +221,19 @@ def test_cross_entropy_scores_the_shared_route_when_asked(data, tmp_path):
     assert 0 < shared < 10 and 0 < own < 10
 
 
+def test_a_recipe_trains_in_bf16_and_refuses_an_unknown_precision(data, tmp_path):
+    with pytest.raises(pp.ConfigError, match=r"MMTRecipe.mixed_precision='fp8' is not allowed; choose one of "
+                                             r"\['no', 'bf16', 'fp16'\]"):
+        recipe(tmp_path, {"name": "naive"}, mixed_precision="fp8")
+    run_dir = train_run(recipe(tmp_path, {"name": "lms", "rank": 4, "fd": True}, steps=2, mixed_precision="bf16"),
+                        data=data)
+    from safetensors.torch import load_file
+
+    weights = load_file(str(run_dir / "model.safetensors"))
+    assert weights and all(value.dtype == torch.float32 for value in weights.values())
+    assert load_checkpoint(run_dir / CHECKPOINT_NAME)["step"] == 2
+
+
 def test_validation_loss_is_logged_every_n_steps_and_at_the_end(data, tmp_path):
     run_dir = train_run(recipe(tmp_path, {"name": "naive"}, steps=7, valid_every=3), data=data)
     records = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]

@@ -18,7 +18,7 @@ import torch
 from accelerate import PartialState
 from transformers.models.marian.modeling_marian import shift_tokens_right
 
-from ...core.config import CONFIG_CLASSES, ConfigError, recipe_from_dict, recipe_from_yaml
+from ...core.config import CONFIG_CLASSES, ConfigError, check_choice, recipe_from_dict, recipe_from_yaml
 from ...data.batching import TokenBudgetBatcher, collate, token_lengths
 from ...data.bible import BibleCorpus, BibleSplit
 from ...data.parallel import ParallelExample, english_centric
@@ -29,6 +29,7 @@ from ...methods.fd import fuse_distillation_step, token_cross_entropy
 from ...core.model import PolyModel, wrap
 from ...backbones.seq2seq import build_translation_model
 from ...training.loop import TrainSettings, seed_everything, train
+from ...training.settings import MIXED_PRECISIONS
 
 FD_KEYS = ("fd", "kl_weight")
 # A run directory holds its tokenizer, so the model can be reused without the corpus (FLARE-MT).
@@ -65,6 +66,7 @@ class MMTRecipe:
     checkpoint_every: int = 200
     valid_every: int = 200
     seed: int = 0
+    mixed_precision: str = "no"  # "bf16" or "fp16": float32 weights, half-precision compute (accelerate)
     beam: int = 5
     length_penalty: float = 1.0
     eval_batch_size: int = 32
@@ -78,6 +80,7 @@ class MMTRecipe:
         name = self.method["name"]
         if name != "naive" and name not in CONFIG_CLASSES:
             raise ConfigError(f"unknown method {name!r}; choose naive or one of {sorted(CONFIG_CLASSES)}")
+        check_choice("MMTRecipe", "mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
         if self.batching not in ("homogeneous", "mixed"):
             raise ConfigError(f"batching={self.batching!r}; choose 'homogeneous' or 'mixed'")
 
@@ -254,7 +257,8 @@ def train_run(recipe: MMTRecipe, resume: bool = False, data: Optional[MMTData] =
           f"inference {params['inference_extra_language_routes']:,} (language routes) / "
           f"{params['inference_extra_shared_route']:,} (shared route; 0 once merged); base {params['base']:,}")
     settings = TrainSettings(steps=recipe.steps, lr=recipe.lr, warmup=recipe.warmup, accumulation=recipe.accumulation,
-                             checkpoint_every=recipe.checkpoint_every, valid_every=recipe.valid_every, seed=recipe.seed)
+                             checkpoint_every=recipe.checkpoint_every, valid_every=recipe.valid_every, seed=recipe.seed,
+                             mixed_precision=recipe.mixed_precision)
     config = model.config
     started = time.perf_counter()
     train(model, lambda: batch_stream(recipe, data, config), make_loss_fn(recipe), settings, run_dir, resume=resume,
