@@ -7,6 +7,7 @@ import itertools
 import json
 import random
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
@@ -17,11 +18,13 @@ from accelerate.state import AcceleratorState, PartialState
 from tqdm.auto import tqdm
 
 from ..core.fileio import append_line, write_text
-from .checkpoint import CHECKPOINT_NAME, PICKLED_CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (CHECKPOINT_NAME, PICKLED_CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint,
+                         set_rng_state)
 from .schedules import inverse_sqrt, schedule
 from .settings import TrainSettings
 
-__all__ = ["CHECKPOINT_NAME", "LossFn", "TrainSettings", "TrainingStep", "inverse_sqrt", "seed_everything", "train"]
+__all__ = ["CHECKPOINT_NAME", "BatchStreamEnded", "LossFn", "TrainSettings", "TrainingStep", "inverse_sqrt",
+           "seed_everything", "train"]
 
 LOG_NAME = "train_log.jsonl"
 # A loss function gets the (prepared) model and one batch; it returns the loss and how many items (target
@@ -231,7 +234,7 @@ def to_device(batch: Any, device: torch.device) -> Any:
     """Tensors in (nested dicts, tuples and lists of) a batch moved to `device`; everything else as it is."""
     if isinstance(batch, torch.Tensor):
         return batch.to(device)
-    if isinstance(batch, dict) or (hasattr(batch, "keys") and hasattr(batch, "items")):
+    if isinstance(batch, Mapping):  # also transformers' BatchEncoding
         return {key: to_device(value, device) for key, value in batch.items()}
     if isinstance(batch, (tuple, list)):
         return type(batch)(to_device(item, device) for item in batch)
