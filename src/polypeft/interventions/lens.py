@@ -361,8 +361,8 @@ def train(
                                   clip_norm=0.0, seed=None, progress=progress)
     try:  # dropout stays off (train_mode=False): the targets are exact states
         training_loop(model, pair_batches(pairs, batch_size, seed), objective, loop_settings,
-                      parameters=list(trainable.values()),
-                      device_placement=False, train_mode=False, description="LENS train")
+                      parameters=list(trainable.values()), device_placement=False, train_mode=False,
+                      description="LENS train")
     finally:
         for name, parameter in model.named_parameters():
             parameter.requires_grad_(flags[name])
