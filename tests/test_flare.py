@@ -15,7 +15,7 @@ from transformers import (
     MarianMTModel,
 )
 
-from polypeft.methods.flare.recipe import TrainSettings, concatenate_inputs, on_target_positions, run_recipe
+from polypeft.methods.flare.recipe import StageSettings, concatenate_inputs, on_target_positions, run_recipe
 from polypeft.methods.flare.fusion import FUSIONS, align_by_position, build_fusion
 from polypeft.methods.flare.model import FLAREConfig, FLAREError, FLAREModel
 from polypeft.methods.flare.source import block_position, source_module_name
@@ -407,7 +407,7 @@ def test_every_recipe_trains_and_predicts(recipe):
     target, source = batches()
     target["labels"] = torch.tensor([0, 2])
     english = {**source, "labels": torch.tensor([0, 2])}
-    steps = TrainSettings(steps=2, learning_rate=1e-2, progress=False)
+    steps = StageSettings(steps=2, learning_rate=1e-2, progress=False)
     trained = run_recipe(tiny_bert(), recipe, [english], [(target, source)], FLAREConfig(rank=4),
                          stage1=steps, stage2=steps, mt_encoder=tiny_mt_encoder() if recipe == "flare_mt" else None)
     untouched = tiny_bert()(**target).logits
@@ -508,7 +508,7 @@ def test_incremental_decoding_with_positional_alignment_is_refused_clearly():
 
 def test_training_without_batches_is_refused():
     with pytest.raises(FLAREError, match="no batches"):
-        run_recipe(tiny_bert(), "zero_shot", [], [], FLAREConfig(rank=2), stage1=TrainSettings(steps=1, progress=False))
+        run_recipe(tiny_bert(), "zero_shot", [], [], FLAREConfig(rank=2), stage1=StageSettings(steps=1, progress=False))
 
 
 def test_the_example_recipe_in_configs_is_valid():

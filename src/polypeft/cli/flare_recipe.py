@@ -11,7 +11,7 @@ from typing import ClassVar, Optional
 
 from ..core.config import PositiveInt, TypedConfig
 from ..methods.flare.model import FLAREConfig, FLAREError
-from ..methods.flare.recipe import RECIPES, TrainSettings
+from ..methods.flare.recipe import RECIPES, StageSettings
 from .recipes import check_input_file, check_output_dir
 
 
@@ -51,8 +51,8 @@ class FlareRecipe(TypedConfig):
     target_lang: Optional[str] = None
     flare: FLAREConfig = field(default_factory=FLAREConfig)
     stage1_lora: Optional[FLAREConfig] = None
-    stage1: TrainSettings = field(default_factory=TrainSettings)
-    stage2: TrainSettings = field(default_factory=TrainSettings)
+    stage1: StageSettings = field(default_factory=StageSettings)
+    stage2: StageSettings = field(default_factory=StageSettings)
 
     def __post_init__(self) -> None:
         super().__post_init__()

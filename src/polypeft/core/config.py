@@ -384,6 +384,8 @@ class MethodConfig(TypedConfig):
     """Fields every routed method shares: the languages and which linears to wrap."""
 
     method: ClassVar[str] = ""
+    # FD's KL: symmetric between the routes, or one-way from the language route (full-rank LS-FFN).
+    fd_one_way: ClassVar[bool] = False
     languages: Sequence[str] = ()
     target_modules: Optional[Union[str, list[str]]] = None
     shared_route: bool = False

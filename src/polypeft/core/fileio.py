@@ -179,3 +179,14 @@ def remove_stale_temporaries(directory: str | os.PathLike, patterns: Iterable[st
         if stale:
             removed.append(entry)
     return removed
+
+
+def append_line(path: str | os.PathLike, line: str) -> Path:
+    """Append one line and push it to the disk (flush + fsync): a log a crash can at worst leave with a torn
+    last line, never with lines lost that were reported written."""
+    path = Path(path)
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(line.rstrip("\n") + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    return path

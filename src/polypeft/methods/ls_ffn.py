@@ -24,6 +24,7 @@ class LSFFNConfig(MethodConfig):
     """
 
     method: ClassVar[str] = "ls_ffn"
+    fd_one_way: ClassVar[bool] = True  # a full-rank language FFN distils into the shared one, not both ways
 
 
 class LanguageSpecificLinear(RoutedLinear):

@@ -34,6 +34,7 @@ from ...methods.fd import fuse_distillation_step, token_cross_entropy
 from ...core.model import PolyModel, wrap
 from ...backbones.seq2seq import PRESETS, build_translation_model
 from ...training.loop import TrainSettings, seed_everything, train
+from ...training.settings import MIXED_PRECISIONS
 
 # Method-block keys of Fuse Distillation (the rest are the method config's own fields).
 FD_KEYS = {"fd": bool, "kl_weight": NonNegativeFloat}
@@ -71,6 +72,7 @@ class MMTRecipe(TypedConfig):
     checkpoint_every: PositiveInt = 200
     valid_every: NonNegativeInt = 200  # 0: no validation
     seed: int = 0
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # bf16/fp16: float32 weights, half-precision compute
     beam: PositiveInt = 5
     length_penalty: float = 1.0
     eval_batch_size: PositiveInt = 32
@@ -179,7 +181,8 @@ def add_decoder_inputs(batch: dict, model_config) -> dict:
 
 def make_loss_fn(recipe: MMTRecipe):
     """CE with label smoothing (plus any auxiliary loss), or the FD objective when the method uses it."""
-    one_way = recipe.method.get("name") == "ls_ffn"
+    config = recipe.method_config()
+    one_way = config is not None and config.fd_one_way
     kl_weight = float(recipe.method.get("kl_weight", 1.0))
 
     def loss_fn(model, batch: dict) -> tuple[torch.Tensor, int]:
@@ -274,7 +277,8 @@ def train_run(recipe: MMTRecipe, resume: bool = False, data: Optional[MMTData] =
           f"inference {params['inference_extra_language_routes']:,} (language routes) / "
           f"{params['inference_extra_shared_route']:,} (shared route; 0 once merged); base {params['base']:,}")
     settings = TrainSettings(steps=recipe.steps, lr=recipe.lr, warmup=recipe.warmup, accumulation=recipe.accumulation,
-                             checkpoint_every=recipe.checkpoint_every, valid_every=recipe.valid_every, seed=recipe.seed)
+                             checkpoint_every=recipe.checkpoint_every, valid_every=recipe.valid_every, seed=recipe.seed,
+                             mixed_precision=recipe.mixed_precision)
     config = model.config
     started = time.perf_counter()
     train(model, lambda: batch_stream(recipe, data, config), make_loss_fn(recipe), settings, run_dir, resume=resume,
