@@ -46,7 +46,7 @@ _EXPORTS = {
     ".tasks.tokens": ("encode_tokens", "evaluate_tokens", "read_conll", "read_tokens", "token_classification_model"),
     ".tasks.encoder_finetune": ("FinetuneSettings", "accuracy_per_language", "build_classifier", "encode_examples",
         "finetune"),
-    ".training.hf_trainer": ("DataCollatorWithRoutes", "PolySeq2SeqTrainer", "PolyTrainer"),
+    ".tasks.hf_trainer": ("DataCollatorWithRoutes", "PolySeq2SeqTrainer", "PolyTrainer"),
 }
 # Public names that differ from the name in their module.
 _ALIASES = {"FLARE_RECIPES": (".methods.flare.recipe", "RECIPES"), "SEQ2SEQ_PRESETS": (".backbones.seq2seq", "PRESETS")}
@@ -54,22 +54,22 @@ _MODULES = {"lens": ".interventions.lens"}
 _WHERE = {**{name: (module, name) for module, names in _EXPORTS.items() for name in names}, **_ALIASES}
 
 __all__ = ["BIBLE_VERSIONS", "BibleCorpus", "BibleSplit", "CLSRConfig", "ConfigError", "DEFAULT_FFN_TARGETS",
-    "DataCollatorWithRoutes", "ENGLISH_VERSIONS", "FLAREConfig", "FLAREError", "FLAREModel", "FLARE_RECIPES",
-    "FinetuneSettings", "FuseDistillationLoss", "InterventionError", "LMSConfig", "LRP2", "LSFFNConfig",
-    "LanguageError", "LanguageRegistry", "LanguageVectors", "LoRAConfig", "LoRALinear", "MethodConfig",
-    "PASSAGE_PREFIX", "ParallelExample", "ParameterCounts", "PolyModel", "PolySeq2SeqTrainer", "PolyTrainer",
-    "QUERY_PREFIX", "Routes", "SEQ2SEQ_PRESETS", "SHARED", "SpmTokenizer", "SwitchConfig", "TargetError",
-    "TaskDataError", "TaskTrainingSettings", "TemperatureSampler", "TokenBudgetBatcher", "TrainedRecipe",
-    "accuracy_per_language", "bible_spm", "bitext_retrieval", "build_classifier", "build_translation_model",
-    "classification_model", "collate", "config_from_dict", "embed", "embed_layers", "encode_classification",
-    "encode_examples", "encode_qa", "encode_tokens", "english_centric", "evaluate_classification", "evaluate_qa",
-    "evaluate_tokens", "finetune", "fuse_distillation_loss", "fuse_distillation_step", "language_vectors", "lens",
-    "load_config_file", "load_encoder", "one_way_kl", "qa_model", "read_bitext", "read_classification",
-    "read_conll", "read_parallel", "read_qa", "read_tokens", "recipe_from_yaml", "retrieval_accuracy",
-    "run_recipe", "score_directions", "search_layers", "symmetric_kl", "temperature_probabilities",
-    "token_classification_model", "token_cross_entropy", "token_lengths", "train_english_lora", "train_spm",
-    "train_task", "translate", "win_ratio", "wrap", "write_jsonl"]
-__all__ = sorted(__all__ + ["ExportError", "UnsupportedCallError", "load_config"])
+    "DataCollatorWithRoutes", "ENGLISH_VERSIONS", "ExportError", "FLAREConfig", "FLAREError", "FLAREModel",
+    "FLARE_RECIPES", "FinetuneSettings", "FuseDistillationLoss", "InterventionError", "LMSConfig", "LRP2",
+    "LSFFNConfig", "LanguageError", "LanguageRegistry", "LanguageVectors", "LoRAConfig", "LoRALinear",
+    "MethodConfig", "PASSAGE_PREFIX", "ParallelExample", "ParameterCounts", "PolyModel", "PolySeq2SeqTrainer",
+    "PolyTrainer", "QUERY_PREFIX", "Routes", "SEQ2SEQ_PRESETS", "SHARED", "SpmTokenizer", "SwitchConfig",
+    "TargetError", "TaskDataError", "TaskTrainingSettings", "TemperatureSampler", "TokenBudgetBatcher",
+    "TrainedRecipe", "UnsupportedCallError", "accuracy_per_language", "bible_spm", "bitext_retrieval",
+    "build_classifier", "build_translation_model", "classification_model", "collate", "config_from_dict", "embed",
+    "embed_layers", "encode_classification", "encode_examples", "encode_qa", "encode_tokens", "english_centric",
+    "evaluate_classification", "evaluate_qa", "evaluate_tokens", "finetune", "fuse_distillation_loss",
+    "fuse_distillation_step", "language_vectors", "lens", "load_config", "load_config_file", "load_encoder",
+    "one_way_kl", "qa_model", "read_bitext", "read_classification", "read_conll", "read_parallel", "read_qa",
+    "read_tokens", "recipe_from_yaml", "retrieval_accuracy", "run_recipe", "score_directions", "search_layers",
+    "symmetric_kl", "temperature_probabilities", "token_classification_model", "token_cross_entropy",
+    "token_lengths", "train_english_lora", "train_spm", "train_task", "translate", "win_ratio", "wrap",
+    "write_jsonl"]
 
 
 def __getattr__(name: str):

@@ -28,7 +28,7 @@ def front_matter(poly: "PolyModel") -> str:
 
 def route_lines(poly: "PolyModel") -> list[str]:
     config = poly.poly_config
-    if getattr(config, "language_agnostic", False):
+    if config.language_agnostic:
         return ["One language-agnostic route: the model runs with or without `src_lang=`/`tgt_lang=`."]
     synthesis = getattr(config, "synthesis", None)
     lines = [f"Route ids, in the order the weights store them: {poly.registry.allowed()}."]

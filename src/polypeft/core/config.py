@@ -386,6 +386,8 @@ class MethodConfig(TypedConfig):
     method: ClassVar[str] = ""
     # FD's KL: symmetric between the routes, or one-way from the language route (full-rank LS-FFN).
     fd_one_way: ClassVar[bool] = False
+    # No parameter depends on the language (LoRA, Switch): runs and merges without a route.
+    language_agnostic: ClassVar[bool] = False
     languages: Sequence[str] = ()
     target_modules: Optional[Union[str, list[str]]] = None
     shared_route: bool = False

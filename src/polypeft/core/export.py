@@ -80,14 +80,9 @@ def lora_scale(poly: "PolyModel") -> tuple[int, float]:
 
 def route_factors(layer: torch.nn.Module, route: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """(lora_A, lora_B) of one layer for one (src, tgt) route id pair."""
-    from ..methods.lms import LMSLinear
-    from ..methods.lora import LoRARouteLinear
-
-    if isinstance(layer, LMSLinear):
-        v_id, f_id = layer.factor_ids(*route)
-        return layer.lms_F[f_id], layer.lms_V[v_id]
-    if isinstance(layer, LoRARouteLinear):
-        return layer.lora_A, layer.lora_B
+    factors = layer.lora_factors(route)
+    if factors is not None:
+        return factors
     raise ExportError(f"{layer.layer_name}: a {type(layer).__name__} has no LoRA factors to export")
 
 
@@ -164,7 +159,7 @@ def route_ids(
     if single is not None:
         src_lang = tgt_lang = single
     if src_lang is None and tgt_lang is None:
-        if not getattr(poly.poly_config, "language_agnostic", False):
+        if not poly.poly_config.language_agnostic:
             raise LanguageError(
                 f"export_lora needs a route: lang=, src_lang=/tgt_lang= or route='shared'; known codes are "
                 f"{poly.registry.allowed()}"
@@ -196,7 +191,7 @@ def routes_to_export(
 ) -> list[tuple[str, tuple[int, int]]]:
     """(name, route ids) of every route: one per language (language-wise), every pair or `pairs` (pair-wise)."""
     config, registry = poly.poly_config, poly.registry
-    if getattr(config, "language_agnostic", False):
+    if config.language_agnostic:
         return [(config.method, (0, 0))]
     if pairs is not None:
         chosen = [(src, tgt) for src, tgt in pairs]

@@ -98,7 +98,7 @@ class PolyModel(nn.Module):
             if src_lang is not None or tgt_lang is not None:
                 raise LanguageError("pass either lang= or src_lang=/tgt_lang=, not both")
             src_lang = tgt_lang = lang
-        if src_lang is None and tgt_lang is None and getattr(self.poly_config, "language_agnostic", False):
+        if src_lang is None and tgt_lang is None and self.poly_config.language_agnostic:
             yield None  # LoRA, Switch: their layers never read routes
             return
         if self.merged_route is not None:
@@ -177,7 +177,7 @@ class PolyModel(nn.Module):
             if src is not None or tgt is not None:
                 raise LanguageError("pass either route= or src=/tgt=, not both")
             src = tgt = route
-        if src is None and tgt is None and getattr(self.poly_config, "language_agnostic", False):
+        if src is None and tgt is None and self.poly_config.language_agnostic:
             src = tgt = self.registry.languages[0]  # the layers ignore the route; any one will do
         if src is None and tgt is None:
             raise LanguageError(

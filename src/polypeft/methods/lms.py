@@ -95,6 +95,11 @@ class LMSLinear(RoutedLinear):
         delta = self.batched_delta(blocks, groups.src, groups.tgt)
         return delta.reshape(groups.num_groups * groups.group_size, tokens, -1).index_select(0, groups.position)
 
+    def lora_factors(self, route: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """lora_A = F[b], lora_B = V[a]: the route's delta V[a] F[b] is a LoRA with alpha = rank."""
+        v_id, f_id = self.factor_ids(*route)
+        return self.lms_F[f_id], self.lms_V[v_id]
+
     def delta_weight(self, route: tuple[int, int]) -> torch.Tensor:
         v_id, f_id = self.factor_ids(*route)
         return self.lms_V[v_id] @ self.lms_F[f_id]

@@ -79,6 +79,10 @@ class LoRARouteLinear(RoutedLinear):
         low_rank = nn.functional.linear(self.dropout(x), self.lora_A.to(x.dtype))
         return output + self.scaling * nn.functional.linear(low_rank, self.lora_B.to(x.dtype))
 
+    def lora_factors(self, route: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same factors for every route."""
+        return self.lora_A, self.lora_B
+
     def delta_weight(self, route: tuple[int, int]) -> torch.Tensor:
         """The same (out, in) update for every route."""
         return self.scaling * (self.lora_B @ self.lora_A)

@@ -12,7 +12,8 @@ from typing import Optional
 
 import torch
 
-from .example_languages import example_routes, language_from_column, route_arguments
+from ..core.example_routes import example_routes, route_arguments
+from .example_languages import language_from_column
 from ..data.lines import UTF8_BOM, read_text
 from .heads import attach_head
 from .qa_metrics import exact_match, normalize_answer, token_f1  # noqa: F401 (public names of this module)

@@ -14,7 +14,7 @@ import torch
 from ..core.config import ConfigError
 from ..methods.fd import fuse_distillation_step
 from ..training.loop import TrainSettings, train
-from .example_languages import example_routes, route_arguments, routed_model
+from ..core.example_routes import example_routes, route_arguments, routed_model
 
 # The labels each transformers head is scored against, and the output holding its logits (QA has two heads).
 HEAD_OUTPUTS = {"labels": "logits", "start_positions": "start_logits", "end_positions": "end_logits"}
