@@ -24,6 +24,14 @@ class PathNameError(ValueError):
     """A name that becomes part of a path (a run name, a split) but is not one plain file or folder name."""
 
 
+CACHE_ENV = "POLYPEFT_CACHE"
+
+
+def cache_root() -> Path:
+    """Where polypeft caches what it builds once (converted e5 weights, tokenizers): `$POLYPEFT_CACHE`, else
+    `~/.cache/polypeft`. The one place that reads the variable."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "polypeft")
+
 def single_path_component(value: Any, field: str, where: str = "recipe") -> str:
     """`value` if it names one file or folder inside its parent; anything that could leave it is refused."""
     if (not isinstance(value, str) or value in ("", ".", "..") or any(c in value for c in "/\\\0")

@@ -19,7 +19,7 @@ import sentencepiece
 import torch
 
 from .bible import BibleCorpus, BibleSplit
-from ..core.fileio import ATOMIC_TEMPORARIES, atomic_write, remove_stale_temporaries, write_json
+from ..core.fileio import ATOMIC_TEMPORARIES, atomic_write, cache_root, remove_stale_temporaries, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -37,9 +37,8 @@ def lang_tag(lang: str) -> str:
 
 
 def default_cache_dir() -> Path:
-    """`$POLYPEFT_CACHE/spm`, else `~/.cache/polypeft/spm`."""
-    root = os.environ.get("POLYPEFT_CACHE")
-    return (Path(root) if root else Path.home() / ".cache" / "polypeft") / "spm"
+    """`cache_root()/spm`: `$POLYPEFT_CACHE/spm`, else `~/.cache/polypeft/spm`."""
+    return cache_root() / "spm"
 
 
 class SpmTokenizer:
