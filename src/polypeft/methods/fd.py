@@ -74,29 +74,52 @@ class FusedOptions:
 
 class FusedDistillation(torch.autograd.Function):
     """CE of both routes and their KL in one chunked pass over the vocabulary, the gradient of the total
-    computed on the way; the per-part outputs are for logging (a gradient through them recomputes)."""
+    computed on the way; the per-part outputs are for logging (a gradient through them recomputes).
+
+    `apply(language, shared, targets, options)` takes the two routes' (tokens, vocabulary) logits; with
+    `shared=None`, `language` holds both, language rows first, as the doubled FD pass returns them, and
+    gets one gradient tensor (splitting the logits would cost a copy of them all in the backward)."""
 
     @staticmethod
-    def forward(ctx, language: torch.Tensor, shared: torch.Tensor, targets: torch.Tensor, options: FusedOptions):
+    def forward(ctx, language: torch.Tensor, shared: Optional[torch.Tensor], targets: torch.Tensor,
+                options: FusedOptions):
         ctx.set_materialize_grads(False)
+        ctx.pair = shared is None
+        # Rows of masked tokens keep a zero gradient; when every token is scored, every row is written.
+        allocate = torch.empty_like if bool((targets != options.ignore_index).all()) else torch.zeros_like
+        if ctx.pair:
+            ctx.gradients = [allocate(language)]
+            language, shared = language.split(targets.shape[0])
+            halves = ctx.gradients[0].split(targets.shape[0])
+        else:
+            ctx.gradients = halves = [allocate(language), allocate(shared)]
         with torch.no_grad():
-            parts, gradients = _fused_pass(language, shared, targets, options)
+            parts = _fused_pass(language, shared, targets, options, halves)
         ctx.save_for_backward(language, shared, targets)
-        ctx.options, ctx.gradients = options, gradients
+        ctx.options = options
         return parts
 
     @staticmethod
     def backward(ctx, grad_loss, grad_ce_language, grad_ce_shared, grad_kl):
-        language, shared, targets = ctx.saved_tensors
         if grad_ce_language is None and grad_ce_shared is None and grad_kl is None:
-            return *(_scaled(gradient, grad_loss) for gradient in ctx.gradients), None, None
-        with torch.enable_grad():  # a gradient through a logged part: the plain composition, rarely taken
-            leaves = [language.detach().requires_grad_(True), shared.detach().requires_grad_(True)]
-            parts = _composed_parts(*leaves, targets, ctx.options)
-            grads = (grad_loss, grad_ce_language, grad_ce_shared, grad_kl)
-            used = [(part, grad) for part, grad in zip(parts, grads) if grad is not None]
-            gradients = torch.autograd.grad([p for p, _ in used], leaves, [g for _, g in used], allow_unused=True)
-        return *gradients, None, None
+            gradients = [_scaled(gradient, grad_loss) for gradient in ctx.gradients]
+        else:
+            gradients = _recomputed(*ctx.saved_tensors, ctx.options, (grad_loss, grad_ce_language, grad_ce_shared,
+                                                                      grad_kl))
+            if ctx.pair:
+                gradients = [torch.cat([torch.zeros_like(half) if gradient is None else gradient
+                                        for half, gradient in zip(ctx.saved_tensors, gradients)])]
+        return (*gradients, *[None] * (4 - len(gradients)))  # none for targets, options (and an absent `shared`)
+
+
+def _recomputed(language: torch.Tensor, shared: torch.Tensor, targets: torch.Tensor, options: FusedOptions,
+                grads: tuple[Optional[torch.Tensor], ...]) -> list[Optional[torch.Tensor]]:
+    """Gradients through the logged parts, from the plain composition: rarely asked for, so not fused."""
+    with torch.enable_grad():
+        leaves = [language.detach().requires_grad_(True), shared.detach().requires_grad_(True)]
+        parts = _composed_parts(*leaves, targets, options)
+        used = [(part, grad) for part, grad in zip(parts, grads) if grad is not None]
+        return list(torch.autograd.grad([p for p, _ in used], leaves, [g for _, g in used], allow_unused=True))
 
 
 def _scaled(gradient: torch.Tensor, grad_loss: Optional[torch.Tensor]) -> torch.Tensor:
@@ -116,8 +139,10 @@ def _composed_parts(language: torch.Tensor, shared: torch.Tensor, targets: torch
     return 0.5 * (ce[0] + ce[1]) + options.kl_weight * kl, ce[0], ce[1], kl
 
 
-def _fused_pass(language_rows: torch.Tensor, shared_rows: torch.Tensor, targets: torch.Tensor, options: FusedOptions):
-    """Loss, CE_ls, CE_sh and KL (summed in float64) and the gradients of the loss for both routes' rows.
+def _fused_pass(language_rows: torch.Tensor, shared_rows: torch.Tensor, targets: torch.Tensor, options: FusedOptions,
+                gradients: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """Loss, CE_ls, CE_sh and KL (summed in float64); the gradients of the loss for both routes' rows are
+    written into `gradients` (zero-filled where tokens are masked).
 
     Per scored token, with a, b the two routes' log-probabilities, p, q their probabilities, d = a − b,
     c = 1/n and ε the smoothing: d(½CE)/dz = ½c (p − (1−ε)·onehot − ε/V); symmetric KL ½ Σ (p − q) d has
@@ -129,11 +154,12 @@ def _fused_pass(language_rows: torch.Tensor, shared_rows: torch.Tensor, targets:
     everything = bool(scored.all())
     positions = None if everything else scored.nonzero().squeeze(-1)
     tokens = count if everything else int(positions.numel())
-    gradients = [(torch.empty_like if everything else torch.zeros_like)(rows) for rows in (language_rows, shared_rows)]
     totals = torch.zeros(3, dtype=torch.float64, device=targets.device)  # CE_ls, CE_sh, KL sums
     scale, weight, smoothing = 1.0 / max(tokens, 1), options.kl_weight, options.label_smoothing
     chunk = CHUNK_ELEMENTS if language_rows.device.type == "cpu" else CHUNK_ELEMENTS_GPU
     step = max(1, chunk // max(vocabulary, 1))
+    # Per route, gradient = own · (slope · d + shift) + constant − other_weight · other (see the docstring).
+    half, constant = 0.5 * weight * scale, -0.5 * scale * smoothing / vocabulary
     for start in range(0, tokens, step):
         if everything:
             index = slice(start, min(start + step, tokens))
@@ -155,27 +181,34 @@ def _fused_pass(language_rows: torch.Tensor, shared_rows: torch.Tensor, targets:
         mean_p = torch.linalg.vecdot(p, d).unsqueeze(-1)
         if options.one_way:
             totals[2] += mean_p.sum().double()
-            grad_a = p.mul(0.5 * scale)
-            grad_b = q.mul(0.5 * scale + weight * scale).sub_(p, alpha=weight * scale)
+            terms = ((p, 0.0, 0.5 * scale, q, 0.0), (q, 0.0, 0.5 * scale + weight * scale, p, weight * scale))
         else:
             mean_q = torch.linalg.vecdot(q, d).unsqueeze(-1)
             totals[2] += 0.5 * (mean_p.sum() - mean_q.sum()).double()
-            half = 0.5 * weight * scale
-            grad_a = (d - mean_p).mul_(half).add_(0.5 * scale + half).mul_(p).sub_(q, alpha=half)
-            grad_b = (mean_q - d).mul_(half).add_(0.5 * scale + half).mul_(q).sub_(p, alpha=half)
-        for grad, gradient in zip((grad_a, grad_b), gradients):
-            grad.scatter_add_(-1, picked, torch.full_like(picked, -0.5 * scale * (1 - smoothing), dtype=grad.dtype))
-            if smoothing:
-                grad.sub_(0.5 * scale * smoothing / vocabulary)
-            if everything:
-                gradient[index].copy_(grad)
+            terms = ((p, half, 0.5 * scale + half - half * mean_p, q, half),
+                     (q, -half, 0.5 * scale + half + half * mean_q, p, half))
+        for (own, slope, shift, other, other_weight), gradient in zip(terms, gradients):
+            direct = everything and gradient.dtype == own.dtype
+            out = gradient[index] if direct else torch.empty_like(own)
+            if slope:
+                torch.add(shift, d, alpha=slope, out=out).mul_(own)
             else:
-                gradient.index_copy_(0, index, grad.to(gradient.dtype))
+                torch.mul(own, shift, out=out)
+            if other_weight:
+                out.sub_(other, alpha=other_weight)
+            if constant:
+                out.add_(constant)
+            out.scatter_add_(-1, picked, torch.full(picked.shape, -0.5 * scale * (1 - smoothing), dtype=out.dtype,
+                                                    device=out.device))
+            if everything and not direct:
+                gradient[index].copy_(out)
+            elif not everything:
+                gradient.index_copy_(0, index, out.to(gradient.dtype))
     nan = float("nan")
     means = totals / tokens if tokens else torch.tensor([nan, nan, 0.0], dtype=torch.float64, device=totals.device)
     parts = means.to(torch.promote_types(language_rows.dtype, torch.float32))
     loss = 0.5 * (parts[0] + parts[1]) + weight * parts[2]
-    return (loss, parts[0], parts[1], parts[2]), gradients
+    return loss, parts[0], parts[1], parts[2]
 
 
 @dataclass
@@ -203,17 +236,25 @@ def fuse_distillation_loss(
     vocabulary-wide work runs once, in cache-sized chunks that compute the gradient on the way
     (`FusedDistillation`), and copies no logits when no token is masked.
     """
-    vocabulary = language_logits.shape[-1]
     if shared_logits.shape != language_logits.shape:
         raise ValueError(f"fuse_distillation_loss: language logits {tuple(language_logits.shape)} and shared "
                          f"logits {tuple(shared_logits.shape)} must have the same shape")
-    targets = labels.reshape(-1).to(language_logits.device)
-    if targets.shape[0] * vocabulary != language_logits.numel():
-        raise ValueError(f"fuse_distillation_loss: labels {tuple(labels.shape)} do not match logits "
-                         f"{tuple(language_logits.shape)}: one label per row of {vocabulary} logits")
     options = FusedOptions(float(kl_weight), bool(one_way), float(label_smoothing), ignore_index)
-    loss, ce_language, ce_shared, kl = FusedDistillation.apply(
-        language_logits.reshape(-1, vocabulary), shared_logits.reshape(-1, vocabulary), targets, options)
+    return _fused_loss(language_logits, shared_logits, labels, options)
+
+
+def _fused_loss(language_logits: torch.Tensor, shared_logits: Optional[torch.Tensor], labels: torch.Tensor,
+                options: FusedOptions) -> FuseDistillationLoss:
+    """`shared_logits=None`: `language_logits` are the doubled pass's, [language routes; shared route]."""
+    vocabulary = language_logits.shape[-1]
+    targets = labels.reshape(-1).to(language_logits.device)
+    routes = 1 if shared_logits is not None else 2
+    if routes * targets.shape[0] * vocabulary != language_logits.numel():
+        raise ValueError(f"fuse_distillation_loss: labels {tuple(labels.shape)} do not match logits "
+                         f"{tuple(language_logits.shape)}: one label per row of {vocabulary} logits and route")
+    shared_rows = None if shared_logits is None else shared_logits.reshape(-1, vocabulary)
+    loss, ce_language, ce_shared, kl = FusedDistillation.apply(language_logits.reshape(-1, vocabulary), shared_rows,
+                                                               targets, options)
     return FuseDistillationLoss(loss, ce_language, ce_shared, kl)
 
 
@@ -258,5 +299,5 @@ def fuse_distillation_step(
     tgt = routes.tgt.tolist() + [shared_id] * batch_size
     doubled = {key: _doubled(value, batch_size) for key, value in model_inputs(poly, batch).items()}
     logits = model(**doubled, src_lang=torch.tensor(src), tgt_lang=torch.tensor(tgt)).logits
-    language_logits, shared_logits = logits.split(batch_size, dim=0)
-    return fuse_distillation_loss(language_logits, shared_logits, labels, kl_weight, one_way, label_smoothing)
+    options = FusedOptions(float(kl_weight), bool(one_way), float(label_smoothing), IGNORE_INDEX)
+    return _fused_loss(logits, None, labels, options)  # [language; shared] rows: one gradient tensor, no split
