@@ -94,3 +94,24 @@ def test_mismatched_shapes_are_refused_by_name():
         pp.fuse_distillation_loss(fused[0], fused[1][..., 1:], labels)
     with pytest.raises(ValueError, match=r"labels \(5, 8\)"):
         pp.fuse_distillation_loss(*fused, labels[:, 1:])
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("one_way", [False, True])
+def test_the_doubled_pass_logits_whole_give_the_same_loss_and_gradient(masked, one_way):
+    """`fuse_distillation_step` hands the [language; shared] logits over unsplit: one gradient tensor."""
+    labels, fused, plain = twins(torch.float64, masked, seed=5)
+    doubled = torch.cat([t.detach() for t in fused]).requires_grad_(True)
+    options = fd.FusedOptions(0.7, one_way, 0.1, -100)
+    got = fd._fused_loss(doubled, None, labels, options)
+    expected = reference(*plain, labels, 0.7, one_way, 0.1)
+    torch.testing.assert_close(torch.stack([got.loss, got.ce_language, got.ce_shared, got.kl]), torch.stack(expected))
+    got.loss.backward()
+    expected[0].backward()
+    torch.testing.assert_close(doubled.grad, torch.cat([t.grad for t in plain]))
+    doubled.grad = None
+    fd._fused_loss(doubled, None, labels, options).kl.backward()  # through a logged part: recomputed
+    kl_only = [t.detach().clone().requires_grad_(True) for t in plain]
+    reference(*kl_only, labels, 0.7, one_way, 0.1)[3].backward()
+    language_grad = torch.zeros_like(kl_only[0]) if kl_only[0].grad is None else kl_only[0].grad
+    torch.testing.assert_close(doubled.grad, torch.cat([language_grad, kl_only[1].grad]))
