@@ -28,6 +28,7 @@ import fd_speed  # noqa: E402
 from polypeft.core.fileio import write_json, write_text  # noqa: E402
 from polypeft.interventions.lrp2 import LRP2, LanguageVectors, model_identity  # noqa: E402
 from polypeft.tasks.translation import run as mmt  # noqa: E402
+from polypeft.tasks.translation.evaluate import score_directions, translate  # noqa: E402
 from polypeft.training.loop import TrainSettings  # noqa: E402
 
 RECIPES = ("naive", "lms_pair", "lms_lang", "lms_fd", "switch")
@@ -209,17 +210,27 @@ def calibrated_steps(recipes: dict[str, mmt.MMTRecipe], data: mmt.MMTData, sizes
             "steps": max(sizes.min_steps, min(sizes.max_steps, steps))}
 
 
-def test_cross_entropy(recipe: mmt.MMTRecipe, data: mmt.MMTData, model: torch.nn.Module) -> dict[str, float]:
-    """Teacher-forced CE on the test subset per evaluation variant, as bench/mmt_cross_entropy.py measures it."""
-    scores = {}
-    with torch.no_grad():
-        for variant, route in mmt.eval_variants(recipe).items():
-            measure = mmt.valid_loss_fn(recipe, data, model.config, examples=data.test, route=route)
-            scores[variant] = round(float(measure(model)), 4)
-    return scores
+def evaluate_on_device(run_dir: Path, data: mmt.MMTData, device: str) -> dict[str, Any]:
+    """Per evaluation variant (FD-Share and FD-LS for FD): beam search on the test subset, BLEU/chrF per
+    direction, and the teacher-forced test CE of bench/mmt_cross_entropy.py; on `device`, unlike
+    `evaluate_run`, which decodes where the weights were loaded (the CPU)."""
+    recipe, _, model = mmt.load_run(run_dir, data)
+    model.to(device).eval()
+    variants = {}
+    for variant, route in mmt.eval_variants(recipe).items():
+        started = time.perf_counter()
+        hypotheses = translate(model, data.tokenizer, data.test, beam=recipe.beam, route=route,
+                               length_penalty=recipe.length_penalty, batch_size=recipe.eval_batch_size,
+                               max_source_length=recipe.max_length, max_new_tokens=recipe.max_length)
+        with torch.no_grad():
+            cross_entropy = mmt.valid_loss_fn(recipe, data, model.config, examples=data.test, route=route)(model)
+        variants[variant] = {**score_directions(data.test, hypotheses, pivot=recipe.pivot),
+                             "test_ce": round(float(cross_entropy), 4),
+                             "eval_s": round(time.perf_counter() - started, 1)}
+    return {"parameters": mmt.parameter_table(model, recipe), "variants": variants}
 
 
-def translation_section(sizes: Sizes, out: Path, deadline: float, report: Report) -> dict[str, Any]:
+def translation_section(sizes: Sizes, out: Path, device: str, deadline: float, report: Report) -> dict[str, Any]:
     overrides = recipe_overrides(sizes, out)
     recipes = {name: mmt.MMTRecipe.from_yaml(BENCH.parent / "configs" / f"mmt_bible7_{name}.yaml", overrides)
                for name in RECIPES}
@@ -241,11 +252,7 @@ def translation_section(sizes: Sizes, out: Path, deadline: float, report: Report
         run_started = time.perf_counter()
         run_dir = mmt.train_run(recipe, data=data)
         trained_s = time.perf_counter() - run_started
-        evaluation = mmt.evaluate_run(run_dir, data)
-        model = mmt.load_run(run_dir, data)[2]
-        figures["runs"][name] = {"train_s": round(trained_s, 1), "parameters": evaluation["parameters"],
-                                 "test_ce": test_cross_entropy(recipe, data, model),
-                                 "variants": evaluation["variants"]}
+        figures["runs"][name] = {"train_s": round(trained_s, 1), **evaluate_on_device(run_dir, data, device)}
         report.record("translation", figures)
     return figures
 
@@ -294,7 +301,7 @@ def translation_markdown(figures: dict[str, Any]) -> list[str]:
         for variant, scores in run["variants"].items():
             label = name if variant == "default" else f"{name} ({variant})"
             means = scores["averages"]
-            lines.append(f"| {name} | {variant} | {run['train_s']} | {run['test_ce'][variant]} | "
+            lines.append(f"| {name} | {variant} | {run['train_s']} | {scores['test_ce']} | "
                          f"{means['bleu_all']} | {means['chrf_all']} | {means['bleu_en_xx']} | {means['bleu_xx_en']} |")
             for direction, score in scores["directions"].items():
                 directions.setdefault(direction, {})[label] = f"{score['bleu']} / {score['chrf']}"
@@ -320,7 +327,7 @@ def run_suite(out: Path, sizes: Sizes, budget_s: float, mode: str, sections: tup
     runners: dict[str, Callable[[], dict]] = {
         "fd_lrp2": lambda: fd_lrp2_section(sizes, device),
         "core_speed": lambda: core_speed_section(sizes, device, report),
-        "translation": lambda: translation_section(sizes, out, deadline, report),
+        "translation": lambda: translation_section(sizes, out, device, deadline, report),
     }
     for name in sections:
         started = time.perf_counter()

@@ -1,6 +1,6 @@
 """Losses over non-padding tokens: cross-entropy, symmetric and one-way KL, fuse distillation.
 
-The FD step runs the language-specific and the shared route as one batched pass.
+The FD step runs both routes as one batched pass, and its loss as one fused pass that writes its own gradient.
 """
 from __future__ import annotations
 
