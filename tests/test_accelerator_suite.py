@@ -22,6 +22,7 @@ def load_suite():
 
 @pytest.fixture(scope="module")
 def tiny_report(tmp_path_factory):
+    """One tiny run of every section; it reads the real Bible corpus, so the tests using it are marked slow."""
     pytest.importorskip("peft")
     out = tmp_path_factory.mktemp("suite")
     suite = load_suite()
@@ -32,6 +33,7 @@ def tiny_report(tmp_path_factory):
     return json.loads((out / "suite.json").read_text()), (out / "suite.md").read_text()
 
 
+@pytest.mark.slow
 def test_every_section_reports_its_figures_in_json(tiny_report):
     data, _ = tiny_report
     sections = data["sections"]
@@ -55,6 +57,7 @@ def test_every_section_reports_its_figures_in_json(tiny_report):
     assert translation["schedule"]["probe_seconds_per_step"] > 0 and translation["steps"] in (1, 2)
 
 
+@pytest.mark.slow
 def test_the_markdown_report_shows_every_section(tiny_report):
     data, text = tiny_report
     sections = data["sections"]
