@@ -1,7 +1,8 @@
 """Peak memory of one LMS training step with and without gradient checkpointing, each in its own process.
 
 Usage: python bench/checkpointing_memory.py [--layers 12] [--hidden 256] [--length 512] [--batch 8] [--json out.json]
-A child process runs one variant (`--variant plain|checkpointed`) and prints its peak RSS; the parent
+Two memory figures: what the forward saves for backward (exact, from autograd's saved-tensor hooks) and
+the step's peak RSS growth (what the allocator really held). A child process runs one variant (`--variant plain|checkpointed`) and prints its peak RSS; the parent
 alternates the variants over `--rounds` and reports medians, so both see the same machine state.
 """
 from __future__ import annotations
@@ -31,13 +32,21 @@ def one_step(args: argparse.Namespace) -> dict:
     poly.train()
     ids = torch.randint(3, 2000, (args.batch, args.length))
     langs = ["en", "de", "fr", "de"] * (args.batch // 4 + 1)
+    saved: dict[int, int] = {}
+
+    def pack(tensor):  # what the forward keeps for backward, each storage counted once
+        saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
-    loss = poly(input_ids=ids, labels=ids, lang=langs[: args.batch]).loss
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = poly(input_ids=ids, labels=ids, lang=langs[: args.batch]).loss
+    saved_mb = sum(saved.values()) / 2**20
     loss.backward()
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"variant": args.variant, "peak_rss_mb": peak / 1024, "step_rss_growth_mb": (peak - before) / 1024,
+    return {"variant": args.variant, "saved_for_backward_mb": saved_mb, "peak_rss_mb": peak / 1024, "step_rss_growth_mb": (peak - before) / 1024,
             "step_seconds": seconds, "loss": float(loss)}
 
 
@@ -59,12 +68,16 @@ def main() -> None:
         for variant in runs:
             command = [sys.executable, __file__, "--variant", variant, "--layers", str(args.layers), "--hidden",
                        str(args.hidden), "--length", str(args.length), "--batch", str(args.batch)]
-            output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-            runs[variant].append(json.loads(output.strip().splitlines()[-1]))
+            child = subprocess.run(command, capture_output=True, text=True)
+            if child.returncode:
+                sys.exit(f"the {variant} step failed:\n{child.stderr[-3000:]}")
+            runs[variant].append(json.loads(child.stdout.strip().splitlines()[-1]))
     summary = {variant: {key: statistics.median(r[key] for r in results)
-                         for key in ("peak_rss_mb", "step_rss_growth_mb", "step_seconds", "loss")}
+                         for key in ("saved_for_backward_mb", "peak_rss_mb", "step_rss_growth_mb", "step_seconds",
+                                     "loss")}
                for variant, results in runs.items()}
-    summary["growth_ratio"] = summary["checkpointed"]["step_rss_growth_mb"] / summary["plain"]["step_rss_growth_mb"]
+    for key in ("saved_for_backward_mb", "step_rss_growth_mb", "step_seconds"):
+        summary[f"{key}_ratio"] = summary["checkpointed"][key] / summary["plain"][key]
     summary["settings"] = {k: getattr(args, k) for k in ("layers", "hidden", "length", "batch", "rounds")}
     print(json.dumps(summary, indent=2))
     if args.json:

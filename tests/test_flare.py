@@ -15,7 +15,7 @@ from transformers import (
     MarianMTModel,
 )
 
-from polypeft.methods.flare.recipe import TrainSettings, concatenate_inputs, on_target_positions, run_recipe
+from polypeft.methods.flare.recipe import StageSettings, concatenate_inputs, on_target_positions, run_recipe
 from polypeft.methods.flare.fusion import FUSIONS, align_by_position, build_fusion
 from polypeft.methods.flare.model import FLAREConfig, FLAREError, FLAREModel
 from polypeft.methods.flare.source import block_position, source_module_name
@@ -407,7 +407,7 @@ def test_every_recipe_trains_and_predicts(recipe):
     target, source = batches()
     target["labels"] = torch.tensor([0, 2])
     english = {**source, "labels": torch.tensor([0, 2])}
-    steps = TrainSettings(steps=2, learning_rate=1e-2, progress=False)
+    steps = StageSettings(steps=2, learning_rate=1e-2, progress=False)
     trained = run_recipe(tiny_bert(), recipe, [english], [(target, source)], FLAREConfig(rank=4),
                          stage1=steps, stage2=steps, mt_encoder=tiny_mt_encoder() if recipe == "flare_mt" else None)
     untouched = tiny_bert()(**target).logits
@@ -508,15 +508,16 @@ def test_incremental_decoding_with_positional_alignment_is_refused_clearly():
 
 def test_training_without_batches_is_refused():
     with pytest.raises(FLAREError, match="no batches"):
-        run_recipe(tiny_bert(), "zero_shot", [], [], FLAREConfig(rank=2), stage1=TrainSettings(steps=1, progress=False))
+        run_recipe(tiny_bert(), "zero_shot", [], [], FLAREConfig(rank=2), stage1=StageSettings(steps=1, progress=False))
 
 
 def test_the_example_recipe_in_configs_is_valid():
     from pathlib import Path
 
-    from polypeft.cli.flare import read_yaml, settings_from
+    from polypeft.cli.flare_recipe import FlareRecipe
+    from polypeft.core.config import recipe_from_yaml
 
     path = Path(__file__).resolve().parents[1] / "configs" / "flare_example.yaml"
-    config = read_yaml(str(path))
-    assert FLAREConfig.from_dict(config["flare"], where=str(path)).fusion == "add_relu"
-    assert settings_from(config["stage2"], str(path)).steps == 300
+    config = recipe_from_yaml(FlareRecipe, str(path))  # the data files are examples: paths are not checked
+    assert config.flare.fusion == "add_relu"
+    assert config.stage2.steps == 300

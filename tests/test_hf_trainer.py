@@ -8,7 +8,7 @@ from datasets import Dataset
 from transformers import Seq2SeqTrainingArguments, Trainer, TrainingArguments
 
 import polypeft as pp
-from polypeft.training.hf_trainer import DataCollatorWithRoutes, PolySeq2SeqTrainer, PolyTrainer
+from polypeft.tasks.hf_trainer import DataCollatorWithRoutes, PolySeq2SeqTrainer, PolyTrainer
 from tiny_models import VOCAB, build
 
 LANGS = ["en", "de", "fr"]

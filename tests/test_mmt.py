@@ -11,6 +11,7 @@ import yaml
 import polypeft as pp
 from polypeft.tasks.translation.evaluate import score_directions, translate
 from polypeft.tasks.translation.run import MMTData, MMTRecipe, _rows, batch_stream, build_model, make_loss_fn, train_run
+from polypeft.training.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from toy_mmt import toy_data, toy_recipe
 
 @pytest.fixture(scope="module")
@@ -77,7 +78,7 @@ def test_resume_ends_where_an_uninterrupted_run_ends(data, tmp_path):
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
     # and the stopped run really was behind
-    c = torch.load(interrupted.run_dir / "checkpoint.pt", weights_only=False)
+    c = load_checkpoint(interrupted.run_dir / CHECKPOINT_NAME)
     assert c["step"] == 6
 
 
@@ -106,7 +107,7 @@ def test_resume_refuses_another_recipe_and_a_checkpoint_past_the_steps(data, tmp
     with pytest.raises(ValueError, match="at step 3, past the 2 steps asked for"):
         train_run(dataclasses.replace(stopped, steps=2), data=data, resume=True)
     train_run(dataclasses.replace(stopped, steps=4, checkpoint_every=2, beam=1), data=data, resume=True)
-    assert torch.load(stopped.run_dir / "checkpoint.pt", weights_only=False)["step"] == 4
+    assert load_checkpoint(stopped.run_dir / CHECKPOINT_NAME)["step"] == 4
 
 
 @pytest.mark.parametrize("method", [{"name": "naive"}, {"name": "lms", "rank": 4}, {"name": "lms", "rank": 4, "fd": True}],
@@ -220,6 +221,19 @@ def test_cross_entropy_scores_the_shared_route_when_asked(data, tmp_path):
     assert 0 < shared < 10 and 0 < own < 10
 
 
+def test_a_recipe_trains_in_bf16_and_refuses_an_unknown_precision(data, tmp_path):
+    with pytest.raises(pp.ConfigError, match=r"MMTRecipe.mixed_precision='fp8' is not allowed; choose one of "
+                                             r"\['no', 'bf16', 'fp16'\]"):
+        recipe(tmp_path, {"name": "naive"}, mixed_precision="fp8")
+    run_dir = train_run(recipe(tmp_path, {"name": "lms", "rank": 4, "fd": True}, steps=2, mixed_precision="bf16"),
+                        data=data)
+    from safetensors.torch import load_file
+
+    weights = load_file(str(run_dir / "model.safetensors"))
+    assert weights and all(value.dtype == torch.float32 for value in weights.values())
+    assert load_checkpoint(run_dir / CHECKPOINT_NAME)["step"] == 2
+
+
 def test_validation_loss_is_logged_every_n_steps_and_at_the_end(data, tmp_path):
     run_dir = train_run(recipe(tmp_path, {"name": "naive"}, steps=7, valid_every=3), data=data)
     records = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
@@ -234,6 +248,6 @@ def test_demo_refuses_a_folder_holding_another_demo_setting(tmp_path):
     stale = dataclasses.replace(demo_recipe(True, str(tmp_path)), name="lms", max_tokens=999)
     stale.run_dir.mkdir(parents=True)
     (stale.run_dir / "recipe.json").write_text(json.dumps(dataclasses.asdict(stale)), encoding="utf-8")
-    (stale.run_dir / "checkpoint.pt").write_bytes(b"")
+    (stale.run_dir / CHECKPOINT_NAME).write_bytes(b"")
     with pytest.raises(ConfigError, match=r"polypeft demo: .*lms-seed0 holds a run of another demo setting.*max_tokens"):
         run_demo(quick=True, output_dir=str(tmp_path))

@@ -1,58 +1,88 @@
 """polypeft: language-specific parameter-efficient modules for multilingual transformers.
 
-The public API lives here; everything else may change.
+The public API lives here; everything else may change. Names load on first use, so `polypeft --help` needs no torch.
 """
 __version__ = "0.1.0"
 
-from .core.config import ConfigError, LMSConfig, MethodConfig, config_from_dict, load_config_file, recipe_from_yaml
-from .data.batching import TokenBudgetBatcher, collate, token_lengths
-from .data.bible import BIBLE_VERSIONS, ENGLISH_VERSIONS, BibleCorpus, BibleSplit
-from .data.parallel import ParallelExample, english_centric, read_parallel, write_jsonl
-from .data.sampling import TemperatureSampler, temperature_probabilities
-from .data.spm import SpmTokenizer, bible_spm, train_spm
-from .tasks.translation.evaluate import score_directions, translate, win_ratio
-from .methods.flare.recipe import RECIPES as FLARE_RECIPES
-from .methods.flare.recipe import TrainedRecipe, run_recipe, train_english_lora
-from .core.anatomy import DEFAULT_FFN_TARGETS
-from .core.inject import TargetError
-from .interventions import lens
-from .interventions.capture import InterventionError
-from .interventions.lrp2 import LRP2, LanguageVectors, language_vectors
-from .interventions.search import search_layers
-from .core.languages import SHARED, LanguageError, LanguageRegistry, Routes
-from .methods.clsr import CLSRConfig
-from .methods.flare.model import FLAREConfig, FLAREError, FLAREModel
-from .methods.flare.layer import LoRALinear
-from .methods.lora import LoRAConfig
-from .methods.ls_ffn import LSFFNConfig
-from .methods.switch import SwitchConfig
-from .methods.fd import (
-    FuseDistillationLoss,
-    fuse_distillation_loss,
-    fuse_distillation_step,
-    one_way_kl,
-    symmetric_kl,
-    token_cross_entropy,
-)
-from .core.model import ParameterCounts, PolyModel, wrap
-from .backbones.e5 import PASSAGE_PREFIX, QUERY_PREFIX, embed, embed_layers, load_encoder
-from .backbones.seq2seq import PRESETS as SEQ2SEQ_PRESETS
-from .backbones.seq2seq import build_translation_model
-from .experiments.bible_eval import verse_classification, verse_retrieval
-from .tasks.classification import (classification_model, encode_classification, evaluate_classification,
-                                   read_classification)
-from .tasks.qa import encode_qa, evaluate_qa, qa_model, read_qa
-from .tasks.records import TaskDataError
-from .tasks.retrieval import bitext_retrieval, read_bitext, retrieval_accuracy
-from .tasks.task_training import TaskTrainingSettings, train_task
-from .tasks.tokens import encode_tokens, evaluate_tokens, read_conll, read_tokens, token_classification_model
-from .tasks.encoder_finetune import FinetuneSettings, accuracy_per_language, build_classifier, encode_examples, finetune
+import importlib as _importlib
 
-from .training.hf_trainer import DataCollatorWithRoutes, PolySeq2SeqTrainer, PolyTrainer
+# Where each public name lives: module -> names.
+_EXPORTS = {
+    ".core.config": ("ConfigError", "MethodConfig", "config_from_dict", "load_config_file", "recipe_from_yaml"),
+    ".methods.lms": ("LMSConfig",),
+    ".data.batching": ("TokenBudgetBatcher", "collate", "token_lengths"),
+    ".data.bible": ("BIBLE_VERSIONS", "ENGLISH_VERSIONS", "BibleCorpus", "BibleSplit"),
+    ".data.parallel": ("ParallelExample", "english_centric", "read_parallel", "write_jsonl"),
+    ".data.sampling": ("TemperatureSampler", "temperature_probabilities"),
+    ".data.spm": ("SpmTokenizer", "bible_spm", "train_spm"),
+    ".tasks.translation.evaluate": ("score_directions", "translate", "win_ratio"),
+    ".methods.flare.recipe": ("TrainedRecipe", "run_recipe", "train_english_lora"),
+    ".core.anatomy": ("DEFAULT_FFN_TARGETS",),
+    ".core.inject": ("TargetError",),
+    ".interventions.capture": ("InterventionError",),
+    ".interventions.lrp2": ("LRP2", "LanguageVectors", "language_vectors"),
+    ".interventions.search": ("search_layers",),
+    ".core.languages": ("SHARED", "LanguageError", "LanguageRegistry", "Routes"),
+    ".methods.clsr": ("CLSRConfig",),
+    ".methods.flare.model": ("FLAREConfig", "FLAREError", "FLAREModel"),
+    ".methods.flare.layer": ("LoRALinear",),
+    ".methods.lora": ("LoRAConfig",),
+    ".methods.ls_ffn": ("LSFFNConfig",),
+    ".methods.switch": ("SwitchConfig",),
+    ".methods.fd": ("FuseDistillationLoss", "fuse_distillation_loss", "fuse_distillation_step", "one_way_kl",
+        "symmetric_kl", "token_cross_entropy"),
+    ".core.model": ("ParameterCounts", "PolyModel", "wrap"),
+    ".core.export": ("ExportError",),
+    ".core.hub": ("load_config",),
+    ".core.peft_conveniences": ("UnsupportedCallError",),
+    ".backbones.e5": ("PASSAGE_PREFIX", "QUERY_PREFIX", "embed", "embed_layers", "load_encoder"),
+    ".backbones.seq2seq": ("build_translation_model",),
+    ".tasks.classification": ("classification_model", "encode_classification", "evaluate_classification",
+        "read_classification"),
+    ".tasks.qa": ("encode_qa", "evaluate_qa", "qa_model", "read_qa"),
+    ".tasks.records": ("TaskDataError",),
+    ".tasks.retrieval": ("bitext_retrieval", "read_bitext", "retrieval_accuracy"),
+    ".tasks.task_training": ("TaskTrainingSettings", "train_task"),
+    ".tasks.tokens": ("encode_tokens", "evaluate_tokens", "read_conll", "read_tokens", "token_classification_model"),
+    ".tasks.encoder_finetune": ("FinetuneSettings", "accuracy_per_language", "build_classifier", "encode_examples",
+        "finetune"),
+    ".tasks.hf_trainer": ("DataCollatorWithRoutes", "PolySeq2SeqTrainer", "PolyTrainer"),
+}
+# Public names that differ from the name in their module.
+_ALIASES = {"FLARE_RECIPES": (".methods.flare.recipe", "RECIPES"), "SEQ2SEQ_PRESETS": (".backbones.seq2seq", "PRESETS")}
+_MODULES = {"lens": ".interventions.lens"}
+_WHERE = {**{name: (module, name) for module, names in _EXPORTS.items() for name in names}, **_ALIASES}
 
-import types as _types
+__all__ = ["BIBLE_VERSIONS", "BibleCorpus", "BibleSplit", "CLSRConfig", "ConfigError", "DEFAULT_FFN_TARGETS",
+    "DataCollatorWithRoutes", "ENGLISH_VERSIONS", "ExportError", "FLAREConfig", "FLAREError", "FLAREModel",
+    "FLARE_RECIPES", "FinetuneSettings", "FuseDistillationLoss", "InterventionError", "LMSConfig", "LRP2",
+    "LSFFNConfig", "LanguageError", "LanguageRegistry", "LanguageVectors", "LoRAConfig", "LoRALinear",
+    "MethodConfig", "PASSAGE_PREFIX", "ParallelExample", "ParameterCounts", "PolyModel", "PolySeq2SeqTrainer",
+    "PolyTrainer", "QUERY_PREFIX", "Routes", "SEQ2SEQ_PRESETS", "SHARED", "SpmTokenizer", "SwitchConfig",
+    "TargetError", "TaskDataError", "TaskTrainingSettings", "TemperatureSampler", "TokenBudgetBatcher",
+    "TrainedRecipe", "UnsupportedCallError", "accuracy_per_language", "bible_spm", "bitext_retrieval",
+    "build_classifier", "build_translation_model", "classification_model", "collate", "config_from_dict", "embed",
+    "embed_layers", "encode_classification", "encode_examples", "encode_qa", "encode_tokens", "english_centric",
+    "evaluate_classification", "evaluate_qa", "evaluate_tokens", "finetune", "fuse_distillation_loss",
+    "fuse_distillation_step", "language_vectors", "lens", "load_config", "load_config_file", "load_encoder",
+    "one_way_kl", "qa_model", "read_bitext", "read_classification", "read_conll", "read_parallel", "read_qa",
+    "read_tokens", "recipe_from_yaml", "retrieval_accuracy", "run_recipe", "score_directions", "search_layers",
+    "symmetric_kl", "temperature_probabilities", "token_classification_model", "token_cross_entropy",
+    "token_lengths", "train_english_lora", "train_spm", "train_task", "translate", "win_ratio", "wrap",
+    "write_jsonl"]
 
-__all__ = sorted(
-    name for name, value in globals().items()
-    if not name.startswith("_") and (not isinstance(value, _types.ModuleType) or name == "lens")
-)
+
+def __getattr__(name: str):
+    if name in _MODULES:
+        value = _importlib.import_module(_MODULES[name], __name__)
+    elif name in _WHERE:
+        module, attribute = _WHERE[name]
+        value = getattr(_importlib.import_module(module, __name__), attribute)
+    else:
+        raise AttributeError(f"module 'polypeft' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

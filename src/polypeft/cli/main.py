@@ -10,27 +10,16 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-import yaml
-
-
-def parse_overrides(pairs: Sequence[str]) -> dict:
-    """`key=value` strings, values read as YAML (numbers, lists, mappings)."""
-    overrides = {}
-    for pair in pairs or ():
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--set expects key=value, got {pair!r}")
-        overrides[key] = yaml.safe_load(value)
-    return overrides
+from .recipes import add_recipe_arguments, check_output_dir, check_safetensors, load_recipe, user_error_message
 
 
 def _recipe(args):
     from ..tasks.translation.run import MMTRecipe
 
-    overrides = parse_overrides(args.set)
-    if getattr(args, "seed", None) is not None:
-        overrides["seed"] = args.seed
-    return MMTRecipe.from_yaml(args.config, overrides)
+    extra = {"seed": args.seed} if getattr(args, "seed", None) is not None else {}
+    recipe = load_recipe(MMTRecipe, args.config, args.set, extra)
+    check_output_dir(recipe.run_dir, "output_dir/name")
+    return recipe
 
 
 def mmt_prepare(args) -> int:
@@ -50,7 +39,7 @@ def mmt_train(args) -> int:
     from accelerate import PartialState
 
     recipe = _recipe(args)
-    run_dir = train_run(recipe, resume=args.resume)
+    run_dir = train_run(recipe, resume=args.resume, overwrite=args.overwrite)
     if not PartialState().is_main_process:  # under accelerate launch, one process writes and evaluates
         return 0
     print(f"trained: {run_dir}")
@@ -60,8 +49,10 @@ def mmt_train(args) -> int:
 
 
 def mmt_eval(args) -> int:
-    from ..tasks.translation.run import evaluate_run
+    from ..tasks.translation.run import evaluate_run, read_run_recipe
 
+    read_run_recipe(args.run)  # the run's recipe and weights are checked before any data is prepared
+    check_safetensors(Path(args.run) / "model.safetensors")
     _print_scores(evaluate_run(args.run, split=args.split))
     return 0
 
@@ -76,6 +67,7 @@ def _print_scores(results: dict) -> None:
 def mmt_compare(args) -> int:
     from ..tasks.translation.compare import load_results, write_comparison
 
+    check_output_dir(args.out, "--out")
     comparison = write_comparison(load_results(args.runs, args.split), args.baseline, args.out, pivot=args.pivot)
     print(Path(args.out, "comparison.md").read_text(encoding="utf-8"))
     print(f"plot: {Path(args.out, 'bleu_gain_vs_parameters.png')}")
@@ -85,12 +77,16 @@ def mmt_compare(args) -> int:
 def demo(args) -> int:
     from ..experiments.demo import run_demo
 
+    check_output_dir(args.output_dir, "--output-dir")
     run_demo(quick=args.quick, output_dir=args.output_dir, steps=args.steps)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
     parser = argparse.ArgumentParser(prog="polypeft", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"polypeft {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     mmt = commands.add_parser("mmt", help="multilingual translation on the Bible corpus")
@@ -98,12 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, help_text in (("prepare", mmt_prepare, "train the tokenizer, build the splits"),
                                   ("train", mmt_train, "train one run of a recipe")):
         sub = mmt_commands.add_parser(name, help=help_text)
-        sub.add_argument("config", help="YAML recipe (see configs/)")
-        sub.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override recipe keys")
+        add_recipe_arguments(sub)
         sub.add_argument("--seed", type=int)
         sub.set_defaults(func=func)
         if name == "train":
             sub.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+            sub.add_argument("--overwrite", action="store_true", help="delete the run's folder and train afresh")
             sub.add_argument("--eval", action="store_true", help="evaluate on the test book afterwards")
     evaluate = mmt_commands.add_parser("eval", help="beam search + BLEU/chrF per direction of a trained run")
     evaluate.add_argument("run", help="run directory written by `mmt train`")
@@ -134,15 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run one command. Bad input (polypeft's errors are ValueErrors that name the value and what is
-    allowed; missing files) prints that message and exits 2; POLYPEFT_TRACEBACK=1 shows the traceback."""
+    """Run one command. A user error (a bad value, file or folder; polypeft's errors name the value and what is
+    allowed) prints one message and exits 2; POLYPEFT_TRACEBACK=1 shows the traceback instead."""
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as error:
-        if os.environ.get("POLYPEFT_TRACEBACK"):
+    except Exception as error:
+        message = user_error_message(error)
+        if message is None or os.environ.get("POLYPEFT_TRACEBACK"):
             raise
-        print(f"polypeft {args.command}: error: {error}", file=sys.stderr)
+        print(f"polypeft {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

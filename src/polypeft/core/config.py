@@ -1,63 +1,371 @@
-"""Method configurations: dataclasses validated on construction, serialised as JSON.
-
-Every method registers its config class under a name so a saved directory says how to rebuild it.
+"""Typed configs: one validator over dataclass type hints checks every method config and CLI recipe,
+and one registry maps each method name to its config class and layer builder.
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
+import math
+import re
+import types
+from collections.abc import Mapping as MappingABC
+from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Optional, Sequence, Union
+from typing import Annotated, Any, Callable, ClassVar, Literal, Mapping, Optional, Sequence, Union
+from typing import get_args, get_origin, get_type_hints
 
-from .languages import SHARED
-
-CONFIG_CLASSES: dict[str, type] = {}
+SHARED_ROUTE_CODE = "shared"  # polypeft.core.languages.SHARED, repeated so this module needs no torch
 
 
 class ConfigError(ValueError):
     """A configuration value or file that polypeft cannot use."""
 
 
-def register_config(cls: type) -> type:
-    CONFIG_CLASSES[cls.method] = cls
-    return cls
+@dataclass(frozen=True)
+class Range:
+    """Bounds of a number field, used as `Annotated[int, Range(1)]`."""
+
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False
+    high_open: bool = False
+    text: str = ""
+
+    def holds(self, value: float) -> bool:
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+    def describe(self) -> str:
+        if self.text:
+            return self.text
+        if self.low is not None and self.high is not None:
+            return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"{'<' if self.high_open else '<='} {self.high:g}"
 
 
-def config_from_dict(data: dict, where: str = "config") -> "MethodConfig":
+PositiveInt = Annotated[int, Range(1, text="positive")]
+NonNegativeInt = Annotated[int, Range(0)]
+PositiveFloat = Annotated[float, Range(0, low_open=True, text="positive")]
+NonNegativeFloat = Annotated[float, Range(0)]
+Fraction = Annotated[float, Range(0, 1, high_open=True)]
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a mapping's values came from: a file (with the line of each key path) and `--set` overrides."""
+
+    name: str = ""
+    lines: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    overrides: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    prefix: str = ""
+
+    def label(self, key: str) -> str:
+        return f"{self.prefix}{key}"
+
+    def where(self, key: str = "") -> str:
+        """`file`, `file (line 3)` or `--set key=value` for the key path `key` (inner paths look outward)."""
+        path = re.sub(r"\[\d+\]", "", self.label(key)).rstrip(".")  # an item of a list is on its list's line
+        while path:
+            top = path.split(".")[0]
+            if top in self.overrides:
+                return f"--set {self.overrides[top]}"
+            if path in self.lines:
+                return f"{self.name} (line {self.lines[path]})"
+            path = path.rpartition(".")[0]
+        return self.name
+
+    def child(self, key: str) -> "Source":
+        return dataclasses.replace(self, prefix=f"{self.label(key)}.")
+
+
+def source_of(where: Union[str, Source, None]) -> Source:
+    return where if isinstance(where, Source) else Source(str(where) if where else "")
+
+
+# ----------------------------------------------------------------------------- the type checker
+
+def describe(hint: Any) -> str:
+    """What a value of type `hint` looks like, in words a YAML author reads."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is Annotated:
+        ranges = [extra.describe() for extra in hint.__metadata__ if isinstance(extra, Range)]
+        inner = describe(args[0])
+        if ranges and ranges[0] == "positive":
+            return inner.replace("an int", "a positive int").replace("a number", "a positive number")
+        return " ".join([inner, *ranges])
+    if origin in (Union, types.UnionType):
+        options = [describe(a) for a in args if a is not type(None)]
+        text = " or ".join(options)
+        return f"{text} or null" if type(None) in args else text
+    if origin is Literal:
+        return f"one of {list(args)}"
+    if origin in (list, tuple, set, SequenceABC):
+        return f"a list of {plural(describe(args[0]) if args else 'value')}"
+    if origin in (dict, MappingABC):
+        return f"a mapping of {plural(describe(args[0]))} to {plural(describe(args[1]))}"
+    if dataclasses.is_dataclass(hint):
+        return f"a mapping with keys {[f.name for f in dataclasses.fields(hint) if f.init]}"
+    return {bool: "true or false (a YAML boolean, not quoted)", int: "an int", float: "a number", str: "a string",
+            Any: "any value"}.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def plural(text: str) -> str:
+    for article in ("an ", "a "):
+        if text.startswith(article):
+            word, _, rest = text[len(article):].partition(" ")
+            return f"{word}s {rest}".strip() if word != "true" else text
+    return text
+
+
+def checked(value: Any, hint: Any, key: str, source: Source, shown: Any = None) -> Any:
+    """`value` if it fits `hint` (lists and nested dataclasses rebuilt), else a ConfigError that names it;
+    `shown` is the type the message names (the whole `Annotated` type when its inner type is checked)."""
+    origin, args = get_origin(hint), get_args(hint)
+
+    def refuse(problem: Optional[str] = None) -> ConfigError:
+        problem = problem or f"must be {describe(shown or hint)}"
+        place = source.where(key)
+        return ConfigError(f"{place + ': ' if place else ''}{source.label(key)}={value!r} {problem}")
+
+    if hint is Any:
+        return value
+    if origin is Annotated:
+        value = checked(value, args[0], key, source, shown=hint)
+        for extra in hint.__metadata__:
+            if isinstance(extra, Range) and value is not None and not extra.holds(value):
+                raise refuse()
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        shaped = []  # errors of the options shaped like the value (a mapping, a list): the one to report
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return checked(value, option, key, source)
+            except ConfigError as error:
+                if shape_of(option) is not None and isinstance(value, shape_of(option)):
+                    shaped.append(error)
+        raise shaped[0] if len(shaped) == 1 else refuse()
+    if origin is Literal:
+        if any(value == choice and type(value) is type(choice) for choice in args):
+            return value
+        raise refuse(f"is not allowed; choose one of {list(args)}")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise refuse()
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise refuse()
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return value
+        raise refuse("must be a finite number" if isinstance(value, float) else None)
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise refuse()
+    if origin in (list, tuple, SequenceABC):
+        if not isinstance(value, (list, tuple)):
+            kind = "a string" if isinstance(value, str) else type(value).__name__
+            raise refuse(f"must be {describe(hint)}, not {kind}")
+        item = args[0] if args else Any
+        items = [checked(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin in (dict, MappingABC):
+        if not isinstance(value, Mapping):
+            raise refuse()
+        key_hint, value_hint = args or (Any, Any)
+        return {checked(k, key_hint, f"{key}.{k}", source): checked(v, value_hint, f"{key}.{k}", source)
+                for k, v in value.items()}
+    if dataclasses.is_dataclass(hint):
+        if isinstance(value, hint):
+            return value
+        if isinstance(value, Mapping):
+            return build(hint, value, source.child(key))
+        raise refuse()
+    if isinstance(hint, type) and not isinstance(value, hint):
+        raise refuse()
+    return value
+
+
+def shape_of(hint: Any) -> Optional[tuple[type, ...]]:
+    """The Python types of a container hint (mapping or list), None for a scalar."""
+    origin = get_origin(hint)
+    if dataclasses.is_dataclass(hint) or origin in (dict, MappingABC):
+        return (Mapping,)
+    if origin in (list, tuple, SequenceABC):
+        return (list, tuple)
+    return shape_of(get_args(hint)[0]) if origin is Annotated else None
+
+
+def field_hints(cls: type) -> dict[str, Any]:
+    hints = get_type_hints(cls, include_extras=True)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
+
+
+def check_fields(config: Any, where: Union[str, Source, None] = None) -> None:
+    """Check (and normalise: tuples to lists, mappings to nested dataclasses) every field of `config`."""
+    source = source_of(where) if where else Source(prefix=f"{type(config).__name__}.")
+    for name, hint in field_hints(type(config)).items():
+        object.__setattr__(config, name, checked(getattr(config, name), hint, name, source))
+
+
+def build(cls: type, data: Any, where: Union[str, Source, None] = None, error_type: Optional[type] = None) -> Any:
+    """Dataclass `cls` from a mapping: unknown or missing keys and every field's type are checked before the
+    class's own cross-field checks run; every message names the file (and line) the value came from."""
+    try:
+        return _build(cls, data, source_of(where))
+    except ConfigError as error:
+        raise as_error_type(error, error_type or getattr(cls, "error_type", ConfigError)) from None
+
+
+def as_error_type(error: Exception, error_type: type) -> Exception:
+    return error if isinstance(error, error_type) else error_type(str(error))
+
+
+def _build(cls: type, data: Any, source: Source) -> Any:
+    owner = source.prefix.rstrip(".") or cls.__name__
+    place = source.where(source.prefix.rstrip("."))
+    lead = "".join(f"{part}: " for part in (place, source.prefix.rstrip(".")) if part)
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{lead}{owner} must be a mapping of keys {sorted(field_hints(cls))}, "
+                          f"got {type(data).__name__} {data!r}")
+    hints = field_hints(cls)
+    unknown = sorted(str(key) for key in set(data) - set(hints))
+    if unknown:
+        method = f" for method {cls.method!r}" if getattr(cls, "method", "") else ""
+        raise ConfigError(f"{lead}unknown keys {unknown}{method}; allowed keys are {sorted(hints)}")
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.init and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [name for name in required if name not in data]
+    if missing:
+        raise ConfigError(f"{lead}missing keys {missing} in {owner}; allowed keys are {sorted(hints)}")
+    values = {name: checked(value, hints[name], name, source) for name, value in data.items()}
+    try:
+        return cls(**values)
+    except ConfigError as error:
+        # A cross-field message starts with the key it is about: name that key's line (or --set pair).
+        first = re.match(r"[A-Za-z_]\w*", str(error))
+        where = source.where(first.group(0) if first and first.group(0) in data else source.prefix.rstrip("."))
+        if where and not str(error).startswith(source.name or where):
+            raise type(error)(f"{where}: {error}") from None
+        raise
+
+
+def recipe_from_dict(cls: type, data: Mapping[str, Any], where: Union[str, Source] = "recipe") -> Any:
+    """Build recipe dataclass `cls` from `data` through the typed checks (the CLI commands' recipes)."""
+    return build(cls, data, where)
+
+
+def read_yaml_mapping(path: Any, what: str = "recipe") -> tuple[dict[str, Any], Source]:
+    """A YAML file's top-level mapping and the line of every key path in it; bad YAML is named by line."""
+    import yaml
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{what} file {str(path)!r} does not exist") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML{yaml_error_place(error)}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of {what} keys, got {type(data).__name__}")
+    lines: dict[str, int] = {}
+    key_lines(node, "", lines)
+    return data, Source(str(path), lines)
+
+
+def yaml_error_place(error: Exception) -> str:
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error)
+    return f" (line {mark.line + 1}, column {mark.column + 1}: {problem})" if mark is not None else f" ({problem})"
+
+
+def key_lines(node: Any, prefix: str, lines: dict[str, int]) -> None:
+    for key_node, value_node in getattr(node, "value", ()) if node is not None and node.id == "mapping" else ():
+        path = f"{prefix}{key_node.value}"
+        lines[path] = key_node.start_mark.line + 1
+        key_lines(value_node, f"{path}.", lines)
+
+
+def recipe_from_yaml(cls: type, path: Any, overrides: Optional[Mapping[str, Any]] = None,
+                     override_text: Optional[Mapping[str, str]] = None) -> Any:
+    """`cls` from a YAML file's top-level mapping with `overrides` on top; each value checked, each message
+    naming the file and line (or the `--set key=value` it came from)."""
+    data, source = read_yaml_mapping(path)
+    overrides = dict(overrides or {})
+    texts = {key: (override_text or {}).get(key, f"{key}={value!r}") for key, value in overrides.items()}
+    return build(cls, {**data, **overrides}, dataclasses.replace(source, overrides=texts))
+
+
+class TypedConfig:
+    """Base of every config and recipe dataclass: each field is checked against its type on construction.
+
+    A small validator over type hints rather than pydantic: the configs stay plain dataclasses (asdict, replace
+    and ClassVar defaults keep working), messages follow the house format, and no dependency is added.
+    """
+
+    error_type: ClassVar[type] = ConfigError  # a subclass of ConfigError, for methods with their own
+
+    def __post_init__(self) -> None:
+        try:
+            check_fields(self)
+        except ConfigError as error:
+            raise as_error_type(error, self.error_type) from None
+
+
+# ----------------------------------------------------------------------------- the method registry
+
+@dataclass(frozen=True)
+class MethodEntry:
+    config_class: type
+    build_layer: Callable[..., Any]
+
+
+METHODS: dict[str, MethodEntry] = {}
+
+
+def register_method(name: str, config_class: type, layer_builder: Callable[..., Any]) -> None:
+    """Make method `name` known: its config class (saved configs say `method: name`) and the function
+    `layer_builder(config, name, linear, side, route_state, registry)` that wraps each target linear."""
+    if config_class.method != name:
+        raise ConfigError(f"register_method({name!r}): {config_class.__name__}.method is {config_class.method!r}")
+    if name in METHODS and METHODS[name].config_class is not config_class:
+        raise ConfigError(f"method {name!r} is already registered by {METHODS[name].config_class.__name__}")
+    METHODS[name] = MethodEntry(config_class, layer_builder)
+
+
+def registered_methods() -> dict[str, MethodEntry]:
+    """Every method of `polypeft.methods` (importing that package runs their register calls)."""
+    importlib.import_module("polypeft.methods")
+    return METHODS
+
+
+def method_entry(name: Any, where: str = "config") -> MethodEntry:
+    methods = registered_methods()
+    if name not in methods:
+        raise ConfigError(f"{where}: unknown method {name!r}; known methods are {sorted(methods)}")
+    return methods[name]
+
+
+def config_from_dict(data: Mapping[str, Any], where: Union[str, Source] = "config") -> "MethodConfig":
     """Rebuild a config from its JSON form; unknown methods or keys are refused by name."""
     data = dict(data)
     method = data.pop("method", None)
-    if method not in CONFIG_CLASSES:
-        raise ConfigError(f"{where}: unknown method {method!r}; known methods are {sorted(CONFIG_CLASSES)}")
-    cls = CONFIG_CLASSES[method]
-    allowed = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - allowed)
-    if unknown:
-        raise ConfigError(f"{where}: unknown keys {unknown} for method {method!r}; allowed keys are {sorted(allowed)}")
-    return cls(**data)
-
-
-def recipe_from_dict(cls: type, data: dict, where: str = "recipe"):
-    """Build dataclass `cls` from `data`, refusing unknown keys by name (recipes of the CLI commands)."""
-    allowed = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - allowed)
-    if unknown:
-        raise ConfigError(f"{where}: unknown keys {unknown}; allowed keys are {sorted(allowed)}")
-    return cls(**data)
-
-
-def recipe_from_yaml(cls: type, path, overrides: Optional[dict] = None):
-    """`recipe_from_dict` over a YAML file's top-level mapping, with command-line `overrides` on top."""
-    import yaml
-
-    source = Path(path)
-    if not source.is_file():
-        raise ConfigError(f"recipe file {str(path)!r} does not exist")
-    data = yaml.safe_load(source.read_text(encoding="utf-8")) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of recipe keys, got {type(data).__name__}")
-    return recipe_from_dict(cls, {**data, **(overrides or {})}, where=str(path))
+    return build(method_entry(method, source_of(where).where() or "config").config_class, data, where)
 
 
 def load_config_file(path: str) -> "MethodConfig":
@@ -69,32 +377,37 @@ def load_config_file(path: str) -> "MethodConfig":
     return config_from_dict(data, where=str(path))
 
 
+# ----------------------------------------------------------------------------- method configs
+
 @dataclass
-class MethodConfig:
+class MethodConfig(TypedConfig):
     """Fields every routed method shares: the languages and which linears to wrap."""
 
     method: ClassVar[str] = ""
+    # FD's KL: symmetric between the routes, or one-way from the language route (full-rank LS-FFN).
+    fd_one_way: ClassVar[bool] = False
+    # No parameter depends on the language (LoRA, Switch): runs and merges without a route.
+    language_agnostic: ClassVar[bool] = False
     languages: Sequence[str] = ()
     target_modules: Optional[Union[str, list[str]]] = None
     shared_route: bool = False
     freeze_base: bool = False
 
     def __post_init__(self) -> None:
-        self.languages = list(self.languages)
+        super().__post_init__()
+        owner = type(self).__name__
         if not self.languages:
-            raise ConfigError(f"{type(self).__name__}.languages is empty: give at least one language code")
-        for code in self.languages:
-            if not isinstance(code, str) or not code:
-                raise ConfigError(f"{type(self).__name__}.languages: {code!r} is not a non-empty string")
-        if SHARED in self.languages:
-            raise ConfigError(f"'{SHARED}' is reserved for the FD route; use shared_route=True instead")
+            raise ConfigError(f"{owner}.languages is empty: give at least one language code")
+        empty = [code for code in self.languages if not code]
+        if empty:
+            raise ConfigError(f"{owner}.languages: {empty[0]!r} is not a non-empty string")
+        if SHARED_ROUTE_CODE in self.languages:
+            raise ConfigError(f"'{SHARED_ROUTE_CODE}' is reserved for the FD route; use shared_route=True instead")
         duplicated = sorted({c for c in self.languages if self.languages.count(c) > 1})
         if duplicated:
-            raise ConfigError(f"{type(self).__name__}.languages lists {duplicated} more than once")
-        if self.target_modules is not None and not isinstance(self.target_modules, str):
-            self.target_modules = list(self.target_modules)
-            if not self.target_modules:
-                raise ConfigError("target_modules is an empty list: leave it None for the FFN defaults")
+            raise ConfigError(f"{owner}.languages lists {duplicated} more than once")
+        if self.target_modules is not None and not isinstance(self.target_modules, str) and not self.target_modules:
+            raise ConfigError("target_modules is an empty list: leave it None for the FFN defaults")
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **dataclasses.asdict(self)}
@@ -108,23 +421,3 @@ def check_choice(owner: str, name: str, value: Any, allowed: Sequence[Any]) -> N
 def check_positive(owner: str, name: str, value: Any, kind: type = int) -> None:
     if not isinstance(value, kind) or isinstance(value, bool) or value <= 0:
         raise ConfigError(f"{owner}.{name}={value!r} must be a positive {kind.__name__}")
-
-
-@register_config
-@dataclass
-class LMSConfig(MethodConfig):
-    """Language-specific Matrix Synthesis: each target linear W becomes W + V[src] F[tgt].
-
-    synthesis="pair" uses (src, tgt) everywhere; "language" uses src in the encoder, tgt in the decoder.
-    """
-
-    method: ClassVar[str] = "lms"
-    rank: int = 16
-    synthesis: str = "pair"
-    init_std: float = 0.01
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_positive("LMSConfig", "rank", self.rank)
-        check_choice("LMSConfig", "synthesis", self.synthesis, ("pair", "language"))
-        check_positive("LMSConfig", "init_std", float(self.init_std), float)

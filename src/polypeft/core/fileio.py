@@ -1,12 +1,18 @@
-"""Atomic file writes: a reader never sees half a file, and a crash never leaves one behind.
+"""Atomic file writes: a reader never sees half a file, and a killed writer's leftovers are cleaned up.
 
-Everything polypeft writes (configs, weights, checkpoints, results) goes through these.
+Everything polypeft writes (configs, weights, checkpoints, results) goes through these; so do path names.
 """
 from __future__ import annotations
 
+import fnmatch
+import hashlib
 import json
 import os
+import re
+import shutil
 import tempfile
+import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -14,14 +20,58 @@ import torch
 from safetensors.torch import save_file
 
 
+class PathNameError(ValueError):
+    """A name that becomes part of a path (a run name, a split) but is not one plain file or folder name."""
+
+
+CACHE_ENV = "POLYPEFT_CACHE"
+
+
+def cache_root() -> Path:
+    """Where polypeft caches what it builds once (converted e5 weights, tokenizers): `$POLYPEFT_CACHE`, else
+    `~/.cache/polypeft`. The one place that reads the variable."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "polypeft")
+
+def single_path_component(value: Any, field: str, where: str = "recipe") -> str:
+    """`value` if it names one file or folder inside its parent; anything that could leave it is refused."""
+    if (not isinstance(value, str) or value in ("", ".", "..") or any(c in value for c in "/\\\0")
+            or os.path.isabs(value)):
+        raise PathNameError(
+            f"{where}: {field}={value!r} must be a single file or folder name (it becomes part of a path): not empty, "
+            "not '.' or '..', no '/' or '\\', not absolute; e.g. 'lms-pair'"
+        )
+    return value
+
+
+def temporary_prefix(name: str) -> str:
+    """The prefix of a writer's temporary files: hidden, and with the writer's pid, so a later start can
+    tell a live writer's file from a killed one's (see `remove_stale_temporaries`)."""
+    return f".{name}.{os.getpid()}."
+
+
+def creation_mode() -> int:
+    """The mode `open()` gives a new file under the current umask (mkstemp's files are 0600 whatever it is)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # no way to read it without setting it elsewhere: put it straight back
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call `write(temporary_path)` then move the result over `path` in one rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    handle, temporary = tempfile.mkstemp(prefix=temporary_prefix(path.name), suffix=".tmp", dir=path.parent)
     os.close(handle)
     try:
         write(temporary)
+        os.chmod(temporary, creation_mode())
         os.replace(temporary, path)
     except BaseException:
         if os.path.exists(temporary):
@@ -63,3 +113,88 @@ def write_model_weights(path: str | os.PathLike, model: torch.nn.Module) -> Path
     from safetensors.torch import save_model
 
     return atomic_write(path, lambda temporary: save_model(model, temporary))
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes, read in blocks (weights files can be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# What atomic_write leaves when its process is killed between mkstemp and the rename.
+ATOMIC_TEMPORARIES = (".*.tmp",)
+_WRITER_PID = re.compile(r"[.-](\d+)\.[A-Za-z0-9_]+(?:\.tmp)?$")
+
+
+def process_start_time() -> float:
+    """When this process started (epoch seconds); where /proc is missing, when this module was imported."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as handle:
+            ticks = int(handle.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat", encoding="ascii") as handle:
+            boot = next(int(line.split()[1]) for line in handle if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return _IMPORTED_AT
+
+
+_IMPORTED_AT = time.time()
+
+
+def _writer_alive(name: str) -> bool:
+    found = _WRITER_PID.search(name)
+    if found is None:
+        return False
+    pid = int(found.group(1))
+    if pid == os.getpid():
+        return False  # older than this process, so not this process's file: a reused pid
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):  # no such process, or a number no pid can be
+        return False
+    except OSError:  # alive, but another user's
+        return True
+    return True
+
+
+def is_temporary(name: str, patterns: Iterable[str] = ATOMIC_TEMPORARIES) -> bool:
+    """Whether a file name is a writer's temporary (by default atomic_write's), not a finished file."""
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def remove_stale_temporaries(directory: str | os.PathLike, patterns: Iterable[str] = ATOMIC_TEMPORARIES) -> list[Path]:
+    """Delete entries of `directory` matching `patterns` that a killed run left: older than this process
+    and not held by a live writer. Returns what was removed."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    started, removed = process_start_time(), []
+    patterns = tuple(patterns)
+    for entry in directory.iterdir():
+        if not is_temporary(entry.name, patterns):
+            continue
+        try:
+            stale = entry.lstat().st_mtime < started and not _writer_alive(entry.name)
+            if stale and entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            elif stale:
+                entry.unlink()
+        except FileNotFoundError:
+            continue  # another process cleaned it first
+        if stale:
+            removed.append(entry)
+    return removed
+
+
+def append_line(path: str | os.PathLike, line: str) -> Path:
+    """Append one line and push it to the disk (flush + fsync): a log a crash can at worst leave with a torn
+    last line, never with lines lost that were reported written."""
+    path = Path(path)
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(line.rstrip("\n") + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    return path

@@ -174,7 +174,8 @@ class Routes:
                 segments[-1] = (start, i + 1, *pair)
             else:
                 segments.append((i, i + 1, *pair))
-        runs = tuple(segments) if len(segments) <= MAX_SEGMENTS else None
+        # An empty batch is one empty run, so every layer returns its usual output with no rows.
+        runs = tuple(segments or [(0, 0, 0, 0)]) if len(segments) <= MAX_SEGMENTS else None
         def as_tensor(ids: Sequence[int]) -> torch.Tensor:
             return torch.tensor(list(ids), dtype=torch.long, device=device)
 
@@ -231,6 +232,8 @@ class LanguageRegistry:
             return [self.id_of(spec, where)]
         if isinstance(spec, torch.Tensor):
             return self._check_tensor(spec, batch_size, where)
+        if isinstance(spec, (set, frozenset, dict)):
+            raise LanguageError(f"{where}={spec!r} has no order: pass a list with one code per example, in batch order")
         codes = list(spec)
         if batch_size is not None and len(codes) != batch_size:
             raise LanguageError(

@@ -4,8 +4,8 @@ It turns the user's language arguments into Routes for each forward or generate 
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
-import json
 import types
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -13,40 +13,21 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from .. import __version__
-from .config import ConfigError, MethodConfig, config_from_dict
-from .fileio import write_json, write_safetensors
+from .config import ConfigError, MethodConfig, config_from_dict, method_entry
+from .card import CARD_NAME, model_card
+from .fileio import write_json, write_text
+from .hub import read_save_config, resolve_save
 from .anatomy import side_of
 from .inject import find_targets, replace_targets, restore_base_layers
 from .languages import LanguageError, LanguageRegistry, LanguageSpec, Routes
+from .merge_guard import MergeSnapshot
+from .peft_conveniences import adapters_disabled, check_not_spent, refuse, trainable_parameter_counts, unload
 from .routed import CONV1D_METHODS, RoutedLinear, mark_moe_experts
 from .routing import RouteState, carry_routes_into_checkpoints, checkpointing_modules
-
-CONFIG_NAME = "polypeft_config.json"
-WEIGHTS_NAME = "polypeft_model.safetensors"
-
-LayerBuilder = Callable[[MethodConfig, str, nn.Linear, str, RouteState, LanguageRegistry], RoutedLinear]
-LAYER_BUILDERS: dict[str, LayerBuilder] = {}
-
-
-def register_layer_builder(method: str) -> Callable[[LayerBuilder], LayerBuilder]:
-    def register(builder: LayerBuilder) -> LayerBuilder:
-        LAYER_BUILDERS[method] = builder
-        return builder
-
-    return register
-
-
-@register_layer_builder("lms")
-def build_lms_layer(config, name, linear, side, route_state, registry):
-    from ..methods.lms import LMSLinear
-
-    return LMSLinear(
-        linear, name, side, route_state, registry.num_routes, config.rank, config.synthesis, config.init_std
-    )
+from .savefiles import CONFIG_NAME, WEIGHTS_NAME, check_base_class, read_weights, write_weights  # names kept importable here
 
 
 @dataclass(frozen=True)
@@ -70,8 +51,6 @@ class PolyModel(nn.Module):
 
     def __init__(self, base_model: nn.Module, config: MethodConfig):
         super().__init__()
-        if config.method not in LAYER_BUILDERS:
-            raise ConfigError(f"no layer builder for method {config.method!r}; known: {sorted(LAYER_BUILDERS)}")
         self.base_model = base_model
         self.poly_config = config
         self.registry = LanguageRegistry(config.languages, config.shared_route)
@@ -79,7 +58,7 @@ class PolyModel(nn.Module):
         self._checkpointing_modules = checkpointing_modules(base_model)
         # This model's forward shows the base model's arguments, so transformers.Trainer keeps their columns.
         self.forward = types.MethodType(forward_with_signature_of(base_model), self)
-        build = LAYER_BUILDERS[config.method]
+        build = method_entry(config.method, type(config).__name__).build_layer
         self.routed_layers: dict[str, RoutedLinear] = replace_targets(
             base_model,
             config.target_modules,
@@ -114,11 +93,15 @@ class PolyModel(nn.Module):
         batch_size: Optional[int] = None,
     ) -> Iterator[Routes]:
         """Routes for everything run inside the block: the base model, pipelines, generate."""
+        check_not_spent(self, "run")
+        if self.adapters_disabled:
+            yield None  # the plain base layers stand in for the routed ones (disable_adapter)
+            return
         if lang is not None:
             if src_lang is not None or tgt_lang is not None:
                 raise LanguageError("pass either lang= or src_lang=/tgt_lang=, not both")
             src_lang = tgt_lang = lang
-        if src_lang is None and tgt_lang is None and getattr(self.poly_config, "language_agnostic", False):
+        if src_lang is None and tgt_lang is None and self.poly_config.language_agnostic:
             yield None  # LoRA, Switch: their layers never read routes
             return
         if self.merged_route is not None:
@@ -200,7 +183,7 @@ class PolyModel(nn.Module):
             if src is not None or tgt is not None:
                 raise LanguageError("pass either route= or src=/tgt=, not both")
             src = tgt = route
-        if src is None and tgt is None and getattr(self.poly_config, "language_agnostic", False):
+        if src is None and tgt is None and self.poly_config.language_agnostic:
             src = tgt = self.registry.languages[0]  # the layers ignore the route; any one will do
         if src is None and tgt is None:
             raise LanguageError(
@@ -214,12 +197,17 @@ class PolyModel(nn.Module):
         pair = self._route_pair(route, src, tgt)
         if self.merged_route is not None:
             raise LanguageError(f"route {self.merged_route_codes} is already merged; call unmerge() first")
+        self.merge_snapshot = MergeSnapshot.take(self.routed_layers)
         for layer in self.routed_layers.values():
             layer.merge(pair)
 
     def unmerge(self) -> None:
-        for layer in self.routed_layers.values():
-            layer.unmerge()
+        if self.merged_route is None:
+            return
+        # Factors changed since merge (a training step, a load) must not change what unmerge subtracts.
+        with self.merge_snapshot.factors_as_merged():
+            for layer in self.routed_layers.values():
+                layer.unmerge()
 
     def merge_and_unload(
         self, route: Optional[str] = None, src: Optional[str] = None, tgt: Optional[str] = None
@@ -248,13 +236,14 @@ class PolyModel(nn.Module):
             for param_name, parameter in added_parameters(layer)
         }
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """A JSON config and a safetensors file of only the added parameters (PEFT's layout). Under FSDP every
-        rank calls it: the sharded weights are gathered whole first."""
+    def save_pretrained(self, directory: str | Path, results: Optional[dict[str, Any]] = None) -> Path:
+        """A JSON config, a safetensors file of only the added parameters (PEFT's layout) and a model card
+        (README.md) that lists `results` when given. Under FSDP every rank calls it: sharded weights are gathered."""
+        check_not_spent(self, "save")
         if self.merged_route is not None:
             raise LanguageError("unmerge() before saving: the saved base weights must stay plain")
         directory = Path(directory)
-        write_safetensors(directory / WEIGHTS_NAME, whole_tensors(self.added_state_dict()))
+        write_weights(self, directory)
         write_json(
             directory / CONFIG_NAME,
             {
@@ -263,6 +252,7 @@ class PolyModel(nn.Module):
                 "base_model": base_model_identity(self.base_model, self.routed_layers),
             },
         )
+        write_text(directory / CARD_NAME, model_card(self, results))
         return directory
 
     def load_added_state_dict(self, tensors: dict[str, torch.Tensor], where: str) -> None:
@@ -280,29 +270,72 @@ class PolyModel(nn.Module):
                 parameter.copy_(tensors[key])
 
     @classmethod
-    def from_pretrained(cls, base_model: nn.Module, directory: str | Path) -> "PolyModel":
-        """Rebuild the routed layers on `base_model` and load their weights; refuse a base that differs."""
-        directory = Path(directory)
+    def from_pretrained(
+        cls, base_model: nn.Module, name_or_path: str | Path, revision: Optional[str] = None, **hub_options: Any
+    ) -> "PolyModel":
+        """Rebuild the routed layers on `base_model` and load their weights from a save folder or a Hub repo id
+        (`revision`, `cache_dir`, `token` go to huggingface_hub); refuse a base that differs."""
+        directory = resolve_save(name_or_path, revision, **hub_options)
         config_path = directory / CONFIG_NAME
-        if not config_path.exists():
-            raise FileNotFoundError(f"{config_path} not found: is {directory} a polypeft save directory?")
-        saved = json.loads(config_path.read_text(encoding="utf-8"))
-        unknown = sorted(set(saved) - {"polypeft_version", "config", "base_model"})
-        if unknown:
-            raise ConfigError(f"{config_path}: unknown keys {unknown}; allowed: config, base_model, polypeft_version")
+        saved = read_save_config(directory)
         config = config_from_dict(saved["config"], where=str(config_path))
         check_base_fits(base_model, config, saved["base_model"], config_path)
+        check_base_class(base_model, saved["base_model"], config_path)
+        tensors, weights_path = read_weights(config, directory)
         model = cls(base_model, config)
-        model.load_added_state_dict(load_file(str(directory / WEIGHTS_NAME)), where=str(directory / WEIGHTS_NAME))
+        model.load_added_state_dict(tensors, where=str(weights_path))
         return model
 
+    # ---- PEFT's names: export, Hub, conveniences -------------------------------------------------
+    adapters_disabled = False  # set by disable_adapter() for its block
+    merge_snapshot = MergeSnapshot([])  # replaced by merge()
 
-def whole_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Sharded (FSDP2 DTensor) weights gathered whole, so a save holds every rank's rows; every rank must call
-    this together, as the gather is a collective. Plain tensors pass through."""
-    from torch.distributed.tensor import DTensor
+    def export_lora(self, directory: str | Path, src_lang: Optional[str] = None, tgt_lang: Optional[str] = None,
+                    lang: Optional[str] = None, route: Optional[str] = None, **options: Any) -> Path:
+        """One route as a PEFT LoRA adapter folder (see core/export.py)."""
+        from .export import export_lora
 
-    return {key: value.full_tensor().detach() if isinstance(value, DTensor) else value for key, value in tensors.items()}
+        return export_lora(self, directory, src_lang, tgt_lang, lang, route, **options)
+
+    def export_lora_routes(self, directory: str | Path, pairs: Optional[list[tuple[str, str]]] = None,
+                           **options: Any) -> Path:
+        """Every route as a PEFT LoRA adapter, plus routes.json with the vLLM and LoRAX command lines."""
+        from .export import export_lora_routes
+
+        return export_lora_routes(self, directory, pairs, **options)
+
+    def push_to_hub(self, repo_id: str, **options: Any) -> Any:
+        """Upload only the adapter files and the model card to the Hub repo `repo_id`."""
+        from .hub import push_to_hub
+
+        return push_to_hub(self, repo_id, **options)
+
+    def disable_adapter(self) -> contextlib.AbstractContextManager:
+        """`with model.disable_adapter():` the base model's exact outputs, on this same object."""
+        return adapters_disabled(self)
+
+    def unload(self) -> nn.Module:
+        """The original base model without routes (nothing merged); this PolyModel is spent afterwards."""
+        return unload(self)
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        return trainable_parameter_counts(self)
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = trainable_parameter_counts(self)
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    def set_adapter(self, *args: Any, **kwargs: Any) -> None:
+        raise refuse("set_adapter")
+
+    def load_adapter(self, *args: Any, **kwargs: Any) -> None:
+        raise refuse("load_adapter")
+
+    def add_adapter(self, *args: Any, **kwargs: Any) -> None:
+        raise refuse("add_adapter")
 
 
 def added_parameters(layer: nn.Module) -> list[tuple[str, nn.Parameter]]:

@@ -218,6 +218,10 @@ class RoutedLinear(LinearProxy):
         """Added parameters that belong to no language (LoRA's update, Switch experts, CLSR gates)."""
         return 0
 
+    def lora_factors(self, route: tuple[int, int]) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """(lora_A, lora_B) that make this route a LoRA (PEFT export), or None for methods that are not low-rank."""
+        return None
+
     def pop_auxiliary_loss(self) -> Optional[torch.Tensor]:
         """The extra training loss of the last forward (MoE balance, CLSR budget), consumed by the call."""
         return None

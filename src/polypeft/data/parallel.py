@@ -13,6 +13,7 @@ from typing import Collection, Iterable, Optional, Sequence
 
 from ..core.fileio import write_text
 from ..core.languages import LanguageError
+from .lines import decode_line, numbered_lines
 
 logger = logging.getLogger(__name__)
 
@@ -113,23 +114,20 @@ def _example_from_fields(
 def _read_lines(path: Path, parse_line, on_error: str) -> ParallelReadResult:
     _check_on_error(on_error)
     result = ParallelReadResult(examples=[])
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                example = parse_line(line, where, number)
-            except ParallelFormatError as problem:
-                if on_error == "raise":
-                    raise
-                result.skipped += 1
-                result.problems.append(str(problem))
-                logger.warning("skipped %s", problem)
-                continue
-            if example is not None:
-                result.examples.append(example)
+    for number, raw in numbered_lines(path):
+        where = f"{path}:{number}"
+        try:
+            line = decode_line(raw, where, ParallelFormatError)
+            example = parse_line(line, where, number) if line.strip() else None
+        except ParallelFormatError as problem:
+            if on_error == "raise":
+                raise
+            result.skipped += 1
+            result.problems.append(str(problem))
+            logger.warning("skipped %s", problem)
+            continue
+        if example is not None:
+            result.examples.append(example)
     return result
 
 

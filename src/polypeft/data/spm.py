@@ -19,7 +19,7 @@ import sentencepiece
 import torch
 
 from .bible import BibleCorpus, BibleSplit
-from ..core.fileio import atomic_write, write_json
+from ..core.fileio import ATOMIC_TEMPORARIES, atomic_write, cache_root, remove_stale_temporaries, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +27,8 @@ logger = logging.getLogger(__name__)
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 MODEL_TYPES = ("unigram", "bpe", "char", "word")
 CACHE_FORMAT = 1  # bump when training options change, so old cached models are not reused
+# A training's scratch folder (tens of MB of sentences) and half-written files, left when it is killed.
+SPM_TEMPORARIES = (".spm-train-*", *ATOMIC_TEMPORARIES)
 
 
 def lang_tag(lang: str) -> str:
@@ -35,9 +37,8 @@ def lang_tag(lang: str) -> str:
 
 
 def default_cache_dir() -> Path:
-    """`$POLYPEFT_CACHE/spm`, else `~/.cache/polypeft/spm`."""
-    root = os.environ.get("POLYPEFT_CACHE")
-    return (Path(root) if root else Path.home() / ".cache" / "polypeft") / "spm"
+    """`cache_root()/spm`: `$POLYPEFT_CACHE/spm`, else `~/.cache/polypeft/spm`."""
+    return cache_root() / "spm"
 
 
 class SpmTokenizer:
@@ -165,7 +166,9 @@ def train_spm(
         raise ValueError(f"language codes {bad_langs} cannot form a tag like '<2de>'")
     model_path = Path(model_path)
     model_path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=model_path.parent, prefix=".spm-train-") as workdir:
+    remove_stale_temporaries(model_path.parent, SPM_TEMPORARIES)
+    # The pid in the name tells a later start that this folder's writer is still alive.
+    with tempfile.TemporaryDirectory(dir=model_path.parent, prefix=f".spm-train-{os.getpid()}.") as workdir:
         corpus_file = Path(workdir) / "sentences.txt"
         count = 0
         with open(corpus_file, "w", encoding="utf-8") as handle:
@@ -226,6 +229,7 @@ def bible_spm(
         "character_coverage": character_coverage, "byte_fallback": byte_fallback, "seed": seed,
     }
     directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    remove_stale_temporaries(directory, SPM_TEMPORARIES)
     model_path = directory / f"bible-{_cache_key(settings)}.model"
     if model_path.is_file():
         return SpmTokenizer(model_path)

@@ -12,6 +12,7 @@ from typing import Optional
 from ..tasks.translation.compare import load_results, markdown, write_comparison
 from ..core.config import ConfigError
 from ..tasks.translation.run import MMTRecipe, check_resumable, evaluate_run, prepare, train_run
+from ..training.checkpoint import CHECKPOINT_NAME
 
 DEMO_METHODS = {
     "naive": {"name": "naive"},
@@ -47,7 +48,7 @@ DEFAULT_OUTPUT_DIR = "runs/demo"
 def refuse_runs_of_another_setting(recipes: list[MMTRecipe]) -> None:
     """Stop before any work when a run folder holds a demo trained with other settings (an older default)."""
     for recipe in recipes:
-        if (recipe.run_dir / "checkpoint.pt").exists() and not finished(recipe):
+        if (recipe.run_dir / CHECKPOINT_NAME).exists() and not finished(recipe):
             try:
                 check_resumable(recipe, recipe.run_dir)
             except ConfigError as error:
@@ -72,8 +73,9 @@ def run_demo(quick: bool = False, output_dir: str = DEFAULT_OUTPUT_DIR, steps: O
         run_dir = recipe.run_dir
         if finished(recipe):
             print(f"[{name}] already trained and evaluated with this recipe: {run_dir}")
-        else:  # a stopped demo continues from the run's last checkpoint
-            run_dir = train_run(recipe, resume=(run_dir / "checkpoint.pt").exists(), data=data)
+        else:  # a stopped demo continues from the run's last checkpoint; one stopped before any starts afresh
+            resume = (run_dir / CHECKPOINT_NAME).exists()
+            run_dir = train_run(recipe, resume=resume, overwrite=not resume, data=data)
             evaluate_run(run_dir, data=data)
         run_dirs.append(run_dir)
     out_dir = Path(output_dir) / "compare"

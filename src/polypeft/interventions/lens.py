@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.fileio import atomic_write
+from ..training.loop import TrainSettings, train as training_loop
 from .capture import (
     POOLINGS,
     InterventionError,
@@ -28,12 +29,10 @@ from .capture import (
     check_texts,
     find_blocks,
     iterate_pooled,
-    layer_states,
-    model_device,
     model_identity,
     resolve_stacks,
-    tokenize,
 )
+from .lens_objective import LensObjective, pair_batches, text_pairs
 
 PROBE_WEIGHTS = "lens_probe.safetensors"
 PROBE_CONFIG = "lens_probe.json"
@@ -290,28 +289,6 @@ def top_layer_parameters(model: nn.Module, stack: str, top_k_layers: int) -> dic
     return {name: parameter for name, parameter in model.named_parameters() if id(parameter) in wanted}
 
 
-def _pairs(parallel: Sequence[Mapping[str, str]], pivot: str, languages: Sequence[str]) -> list[tuple[str, str, str]]:
-    """(pivot text, target text, target language) for every target language present in each example."""
-    pairs = []
-    for index, example in enumerate(parallel):
-        if not isinstance(example, Mapping):
-            raise InterventionError(f"parallel_pairs[{index}] must be a dict language -> text, got {type(example).__name__}")
-        if not example.get(pivot):
-            raise InterventionError(
-                f"parallel_pairs[{index}] has no text for the pivot {pivot!r} (keys: {sorted(example)})"
-            )
-        pairs.extend((example[pivot], example[language], language) for language in languages if example.get(language))
-    return pairs
-
-
-def _reference_states(model, tokenizer, texts, layer, stack, pooling, batch_size, max_length) -> torch.Tensor:
-    states = [
-        pooled[layer].float()
-        for pooled in iterate_pooled(model, tokenizer, texts, [layer], stack, pooling, batch_size, max_length)
-    ]
-    return torch.cat(states)
-
-
 def train(
     model: nn.Module,
     tokenizer,
@@ -363,7 +340,7 @@ def train(
             f"LENS train: target languages {unknown} are not probed non-pivot languages; probed: "
             f"{probe_result.languages}, pivot {pivot!r}"
         )
-    pairs = _pairs(parallel_pairs, pivot, languages)
+    pairs = text_pairs(parallel_pairs, pivot, languages)
     if not pairs:
         raise InterventionError(f"LENS train: no example holds both {pivot!r} and one of {languages}")
     if not isinstance(push_strength, Mapping):
@@ -375,69 +352,27 @@ def train(
             f"trained languages are {languages}"
         )
     strengths = {code: float(push_strength[code]) for code in languages}
-    pooling = probe_result.pooling
-    device = model_device(model)
-
-    # The frozen model's states, once: this replaces the reference code's second model copy.
-    pivot_texts = sorted({pair[0] for pair in pairs})
-    target_texts = sorted({pair[1] for pair in pairs})
-    pivot_index = {text: index for index, text in enumerate(pivot_texts)}
-    target_index = {text: index for index, text in enumerate(target_texts)}
-    reference_pivot = _reference_states(model, tokenizer, pivot_texts, layer, stack, pooling, batch_size, max_length).to(device)
-    reference_target = _reference_states(model, tokenizer, target_texts, layer, stack, pooling, batch_size, max_length).to(device)
-    directions = {code: (strengths[code] * probe_result.direction(code, layer)).to(device) for code in languages}
-
+    objective = LensObjective.build(model, tokenizer, probe_result, pairs, layer, weights, strengths, batch_size,
+                                    max_length)
     flags = {name: parameter.requires_grad for name, parameter in model.named_parameters()}
-    was_training = model.training
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(name in trainable)
-    optimizer = torch.optim.AdamW(list(trainable.values()), lr=lr, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(seed)
-    order: list[int] = []
-    history: list[dict] = []
-    w_align, w_separate, w_retain = weights
-    model.eval()
-    try:
-        for step in tqdm(range(steps), desc="LENS train", disable=not progress):
-            if len(order) < batch_size:
-                order.extend(torch.randperm(len(pairs), generator=generator).tolist())
-            chosen = [pairs[index] for index in order[:batch_size]]
-            del order[:batch_size]
-            pivot_batch = tokenize(tokenizer, [pair[0] for pair in chosen], max_length, device)
-            target_batch = tokenize(tokenizer, [pair[1] for pair in chosen], max_length, device)
-            pivot_states = layer_states(model, pivot_batch, [layer], stack, pooling)[layer].float()
-            target_states = layer_states(model, target_batch, [layer], stack, pooling)[layer].float()
-            pivot_ref = reference_pivot[[pivot_index[pair[0]] for pair in chosen]]
-            target_ref = reference_target[[target_index[pair[1]] for pair in chosen]]
-            wanted_shift = torch.stack([directions[pair[2]] for pair in chosen])
-
-            align = nn.functional.mse_loss(
-                probe_result.project_agnostic(target_states, layer), probe_result.project_agnostic(pivot_states, layer)
-            )
-            separate = nn.functional.mse_loss(
-                probe_result.project_specific(target_states, layer) - probe_result.project_specific(target_ref, layer),
-                wanted_shift,
-            )
-            retain = nn.functional.mse_loss(pivot_states, pivot_ref)
-            loss = w_align * align + w_separate * separate + w_retain * retain
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            history.append({
-                "step": step, "loss": loss.item(), "align": align.item(),
-                "separate": separate.item(), "retain": retain.item(),
-            })
+    loop_settings = TrainSettings(steps=steps, lr=lr, warmup=0, schedule="constant", betas=(0.9, 0.999),
+                                  clip_norm=0.0, seed=None, progress=progress)
+    try:  # dropout stays off (train_mode=False): the targets are exact states
+        training_loop(model, pair_batches(pairs, batch_size, seed), objective, loop_settings,
+                      parameters=list(trainable.values()), device_placement=False, train_mode=False,
+                      description="LENS train")
     finally:
         for name, parameter in model.named_parameters():
             parameter.requires_grad_(flags[name])
-        model.train(was_training)
     settings = {
         "top_k_layers": top_k_layers, "weights": list(weights), "steps": steps, "lr": lr,
         "batch_size": batch_size, "languages": languages, "pivot": pivot, "layer": layer,
-        "stack": stack, "pooling": pooling, "push_strength": strengths, "seed": seed,
+        "stack": stack, "pooling": probe_result.pooling, "push_strength": strengths, "seed": seed,
         "num_pairs": len(pairs),
     }
-    return LensTrainResult(trained_parameters=sorted(trainable), history=history, settings=settings)
+    return LensTrainResult(trained_parameters=sorted(trainable), history=objective.history, settings=settings)
 
 
 def save_trained_layers(model: nn.Module, result: LensTrainResult, path: Union[str, os.PathLike]) -> Path:

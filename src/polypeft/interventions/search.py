@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core.fileio import atomic_write
+from ..core.fileio import atomic_write, single_path_component
 from .capture import InterventionError
 from .lrp2 import LRP2, LanguageVectors
 
@@ -103,7 +103,7 @@ class LayerSearchResult:
                         if not math.isnan(grid[r, c]):
                             axes.text(c, r, f"{grid[r, c]:.2f}", ha="center", va="center", fontsize=6, color="w")
             figure.tight_layout()
-            path = directory / f"{prefix}_{language}.png"
+            path = directory / single_path_component(f"{prefix}_{language}.png", "file name", "LRP2 heat map")
             atomic_write(path, lambda temporary: figure.savefig(temporary, format="png", dpi=110))
             paths.append(path)
         return paths

@@ -1,1 +1,2 @@
-"""methods."""
+"""The routed methods; importing this package registers each one (its module ends in `register_method`)."""
+from . import clsr, lms, lora, ls_ffn, switch  # noqa: F401

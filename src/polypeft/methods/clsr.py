@@ -12,9 +12,8 @@ from typing import ClassVar, Optional
 import torch
 from torch import nn
 
-from ..core.config import ConfigError, MethodConfig, check_choice, check_positive, register_config
+from ..core.config import ConfigError, MethodConfig, check_choice, check_positive, register_method
 from ..core.languages import LanguageError, LanguageRegistry, Routes
-from ..core.model import register_layer_builder
 from ..core.routing import RouteState
 from ..core.routed import RoutedLinear, added_factory, per_language
 
@@ -26,7 +25,6 @@ CLSR_DEFAULT_TARGETS = (
 LANGUAGE_WEIGHT_SHARING = ("per_stack", "per_sublayer")
 
 
-@register_config
 @dataclass
 class CLSRConfig(MethodConfig):
     """Conditional language-specific routing after every attention and FFN sublayer (defaults).
@@ -85,9 +83,9 @@ class BudgetTracker:
         """weight * |mean gate - budget| over every gate of the last training forward, then forget it."""
         if self.gate_sum is None:
             return None
-        loss = self.weight * (self.gate_sum / self.gate_count - self.budget).abs()
+        loss = self.weight * (self.gate_sum / self.gate_count - self.budget).abs() if self.gate_count else None
         self.routes, self.gate_sum, self.gate_count = None, None, 0
-        return loss
+        return loss  # None after an empty batch: no gate to hold to the budget
 
 
 class CLSRLinear(RoutedLinear):
@@ -196,7 +194,6 @@ class _CLSRBuild:
 _BUILDS: "weakref.WeakKeyDictionary[RouteState, _CLSRBuild]" = weakref.WeakKeyDictionary()
 
 
-@register_layer_builder("clsr")
 def build_clsr_layer(
     config: CLSRConfig, name: str, linear: nn.Linear, side: str, route_state: RouteState, registry: LanguageRegistry
 ) -> CLSRLinear:
@@ -213,3 +210,6 @@ def build_clsr_layer(
     layer = CLSRLinear(linear, name, side, route_state, registry, config, owner, build.budget)
     build.owners.setdefault(side, weakref.ref(layer))
     return layer
+
+
+register_method("clsr", CLSRConfig, build_clsr_layer)

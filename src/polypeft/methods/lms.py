@@ -5,12 +5,29 @@ and use bmm, so no full (out x in) delta is ever built per example.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
 import torch
 from torch import nn
 
-from ..core.languages import RouteGroups, Routes
+from ..core.config import MethodConfig, PositiveFloat, PositiveInt, register_method
+from ..core.languages import LanguageRegistry, RouteGroups, Routes
 from ..core.routing import RouteState
 from ..core.routed import RoutedLinear, added_factory, check_rank, language_key, layer_shape, side_language
+
+
+@dataclass
+class LMSConfig(MethodConfig):
+    """Language-specific Matrix Synthesis: each target linear W becomes W + V[src] F[tgt].
+
+    synthesis="pair" uses (src, tgt) everywhere; "language" uses src in the encoder, tgt in the decoder.
+    """
+
+    method: ClassVar[str] = "lms"
+    rank: PositiveInt = 16
+    synthesis: Literal["pair", "language"] = "pair"
+    init_std: PositiveFloat = 0.01
 
 
 class LMSLinear(RoutedLinear):
@@ -83,6 +100,11 @@ class LMSLinear(RoutedLinear):
         delta = self.batched_delta(blocks, groups.src, groups.tgt)
         return delta.reshape(groups.num_groups * groups.group_size, tokens, -1).index_select(0, groups.position)
 
+    def lora_factors(self, route: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """lora_A = F[b], lora_B = V[a]: the route's delta V[a] F[b] is a LoRA with alpha = rank."""
+        v_id, f_id = self.factor_ids(*route)
+        return self.lms_F[f_id], self.lms_V[v_id]
+
     def delta_weight(self, route: tuple[int, int]) -> torch.Tensor:
         v_id, f_id = self.factor_ids(*route)
         return self.lms_V[v_id] @ self.lms_F[f_id]
@@ -90,3 +112,12 @@ class LMSLinear(RoutedLinear):
     def route_parameter_count(self, num_routes: int = 1) -> int:
         rank = self.lms_V.shape[-1]
         return num_routes * rank * (self.out_features + self.in_features)
+
+
+def build_lms_layer(config: LMSConfig, name: str, linear: nn.Linear, side: str, route_state: RouteState,
+                    registry: LanguageRegistry) -> LMSLinear:
+    return LMSLinear(linear, name, side, route_state, registry.num_routes, config.rank, config.synthesis,
+                     config.init_std)
+
+
+register_method("lms", LMSConfig, build_lms_layer)

@@ -11,14 +11,12 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..core.config import ConfigError, MethodConfig, check_positive, register_config
+from ..core.config import ConfigError, MethodConfig, check_positive, register_method
 from ..core.languages import LanguageRegistry
-from ..core.model import register_layer_builder
 from ..core.routing import RouteState
 from ..core.routed import RoutedLinear, added_factory, check_rank, layer_shape
 
 
-@register_config
 @dataclass
 class LoRAConfig(MethodConfig):
     """`y = W x + b + (alpha / rank) B A x` on every target (FFN linears by default), for all languages alike.
@@ -29,6 +27,8 @@ class LoRAConfig(MethodConfig):
     method: ClassVar[str] = "lora"
     # No parameter depends on the language: runs and merges without a route (see PolyModel).
     language_agnostic: ClassVar[bool] = True
+    # A plain LoRA: saved as PEFT's adapter files, so peft.PeftModel.from_pretrained loads the save as is.
+    saves_as_peft: ClassVar[bool] = True
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
@@ -79,6 +79,10 @@ class LoRARouteLinear(RoutedLinear):
         low_rank = nn.functional.linear(self.dropout(x), self.lora_A.to(x.dtype))
         return output + self.scaling * nn.functional.linear(low_rank, self.lora_B.to(x.dtype))
 
+    def lora_factors(self, route: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same factors for every route."""
+        return self.lora_A, self.lora_B
+
     def delta_weight(self, route: tuple[int, int]) -> torch.Tensor:
         """The same (out, in) update for every route."""
         return self.scaling * (self.lora_B @ self.lora_A)
@@ -91,8 +95,10 @@ class LoRARouteLinear(RoutedLinear):
         return self.lora_A.numel() + self.lora_B.numel()
 
 
-@register_layer_builder("lora")
 def build_lora_route_layer(
     config: LoRAConfig, name: str, linear: nn.Linear, side: str, route_state: RouteState, registry: LanguageRegistry
 ) -> LoRARouteLinear:
     return LoRARouteLinear(linear, name, side, route_state, config.rank, config.alpha, config.dropout)
+
+
+register_method("lora", LoRAConfig, build_lora_route_layer)

@@ -10,14 +10,12 @@ from typing import ClassVar, Optional
 import torch
 from torch import nn
 
-from ..core.config import MethodConfig, register_config
+from ..core.config import MethodConfig, register_method
 from ..core.languages import LanguageRegistry, Routes
-from ..core.model import register_layer_builder
 from ..core.routing import RouteState
 from ..core.routed import RoutedLinear, per_language, require_float_weight, side_language
 
 
-@register_config
 @dataclass
 class LSFFNConfig(MethodConfig):
     """One full copy of each FFN linear per language (encoder: src, decoder: tgt), initialised from the base.
@@ -26,6 +24,7 @@ class LSFFNConfig(MethodConfig):
     """
 
     method: ClassVar[str] = "ls_ffn"
+    fd_one_way: ClassVar[bool] = True  # a full-rank language FFN distils into the shared one, not both ways
 
 
 class LanguageSpecificLinear(RoutedLinear):
@@ -122,8 +121,10 @@ class LanguageSpecificLinear(RoutedLinear):
         return 0
 
 
-@register_layer_builder("ls_ffn")
 def build_language_specific_layer(
     config: LSFFNConfig, name: str, linear: nn.Linear, side: str, route_state: RouteState, registry: LanguageRegistry
 ) -> LanguageSpecificLinear:
     return LanguageSpecificLinear(linear, name, side, route_state, registry)
+
+
+register_method("ls_ffn", LSFFNConfig, build_language_specific_layer)

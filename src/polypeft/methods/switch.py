@@ -13,9 +13,8 @@ import torch
 from torch import nn
 
 from ..core.anatomy import block_of, closes_ffn
-from ..core.config import ConfigError, MethodConfig, check_positive, register_config
+from ..core.config import ConfigError, MethodConfig, check_positive, register_method
 from ..core.languages import LanguageError, LanguageRegistry, Routes
-from ..core.model import register_layer_builder
 from ..core.routing import RouteState
 from ..core.routed import RoutedLinear, require_float_weight
 
@@ -35,11 +34,11 @@ class RowGroups:
     def apply(self, rows: torch.Tensor, compute: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """`compute(group, rows_of_group)` for each non-empty group, results back in the original order."""
         chunks = torch.split(rows.index_select(0, self.order), self.sizes)
-        parts = [compute(group, chunk) for group, chunk in enumerate(chunks) if chunk.shape[0]]
+        # An empty batch still runs group 0 once, on no rows, so the output keeps its width.
+        parts = [compute(group, chunk) for group, chunk in enumerate(chunks) if chunk.shape[0]] or [compute(0, rows)]
         return torch.cat(parts, dim=0).index_select(0, self.inverse)
 
 
-@register_config
 @dataclass
 class SwitchConfig(MethodConfig):
     """Top-1 experts on the FFN of layers every, 2*every, ... (1-based, per stack: GShard's/Switch's
@@ -172,7 +171,7 @@ class ExpertLinear(RoutedLinear):
             one_hot = nn.functional.one_hot(expert_ids, self.num_experts)
             position_in_expert = (one_hot.cumsum(dim=0) * one_hot).sum(dim=-1) - 1
             gate = gate * (position_in_expert < capacity).to(gate.dtype)
-        if self.training and torch.is_grad_enabled():
+        if self.training and torch.is_grad_enabled() and rows.shape[0]:  # no tokens, nothing to balance
             token_fraction = torch.bincount(expert_ids, minlength=self.num_experts).to(compute_dtype) / rows.shape[0]
             mean_probability = probabilities.mean(dim=0)
             # Only the last forward's term is kept, so an unread loss never holds old graphs alive.
@@ -234,7 +233,6 @@ def ffn_position(name: str) -> tuple[str, int, str]:
 _FFN_STATES: "weakref.WeakKeyDictionary[RouteState, dict[str, SwitchFFNState]]" = weakref.WeakKeyDictionary()
 
 
-@register_layer_builder("switch")
 def build_switch_layer(
     config: SwitchConfig, name: str, linear: nn.Linear, side: str, route_state: RouteState, registry: LanguageRegistry
 ) -> RoutedLinear:
@@ -244,3 +242,6 @@ def build_switch_layer(
     states = _FFN_STATES.setdefault(route_state, {})
     ffn_state = states.setdefault(ffn_key, SwitchFFNState(ffn_key))
     return ExpertLinear(linear, name, side, route_state, ffn_state, config, closes_ffn(name))
+
+
+register_method("switch", SwitchConfig, build_switch_layer)

@@ -10,17 +10,22 @@ from typing import Optional
 
 import torch
 
-from .example_languages import example_routes, language_from_column, route_arguments
+from ..core.example_routes import example_routes, route_arguments
+from .example_languages import language_from_column
 from .heads import attach_head
 from .records import Source, read_records
 
 
 @dataclass(frozen=True)
 class ClassificationExample:
+    """`label` is an id into the label names of the read that made the example; `label_name` is the
+    label itself, which is what evaluation compares, so splits read separately still agree."""
+
     text: str
     label: int
     text_pair: Optional[str] = None
     lang: Optional[str] = None
+    label_name: Optional[str] = None
 
 
 @dataclass
@@ -35,6 +40,13 @@ def _label_names_of(source: Source, column: str) -> Optional[list[str]]:
     return list(feature.names) if feature is not None and hasattr(feature, "names") else None
 
 
+def _sorted_labels(labels: set[str]) -> list[str]:
+    # Integer labels ("0", "2", "10") in numeric order, so ids follow them; names alphabetically.
+    if all(label.lstrip("-").isdigit() for label in labels):
+        return sorted(labels, key=lambda label: (int(label), label))
+    return sorted(labels)
+
+
 def read_classification(source: Source, text_column: str = "text", label_column: str = "label",
                         text_pair_column: Optional[str] = None, label_names: Optional[Sequence[str]] = None,
                         file_format: Optional[str] = None, language: Optional[str] = None,
@@ -42,7 +54,9 @@ def read_classification(source: Source, text_column: str = "text", label_column:
     """Read `(text[, text_pair], label)` rows from a JSONL/JSON/TSV file or a `datasets.Dataset`.
 
     Labels may be names or integer ids. With `label_names` (or a `ClassLabel` column) a label outside
-    the set is an error naming its file and line; otherwise the set is the sorted labels seen.
+    the set is an error naming its file and line; otherwise the set is the labels seen, sorted
+    (numerically when they are all integers). Each example keeps its label's name: pass the training
+    split's `label_names` when reading the other splits, or evaluate by name (`evaluate_classification`).
     An example's language is `language` (the whole source) or its row's `language_column`.
     """
     if language is not None and language_column is not None:
@@ -53,7 +67,7 @@ def read_classification(source: Source, text_column: str = "text", label_column:
     records = read_records(source, required, file_format=file_format)
     names = list(label_names) if label_names is not None else _label_names_of(source, label_column)
     if names is None:
-        names = sorted({str(r.data[label_column]) for r in records})
+        names = _sorted_labels({str(r.data[label_column]) for r in records})
     index = {name: i for i, name in enumerate(names)}
     examples = []
     for record in records:
@@ -72,7 +86,7 @@ def read_classification(source: Source, text_column: str = "text", label_column:
             raise record.fail(f"label {raw!r} is not in the label set {names}")
         pair = record.data[text_pair_column] if text_pair_column else None
         lang = language_from_column(record, language_column) if language_column else language
-        examples.append(ClassificationExample(text, label, pair, lang))
+        examples.append(ClassificationExample(text, label, pair, lang, names[label]))
     return ClassificationData(examples, names)
 
 
@@ -131,6 +145,26 @@ def predict_classification(model: torch.nn.Module, tokenizer, examples: Sequence
 def evaluate_classification(model: torch.nn.Module, tokenizer, examples: Sequence[ClassificationExample],
                             batch_size: int = 32, max_length: int = 128, prefix: str = "",
                             route: Optional[str] = None) -> dict[str, float]:
-    """`{"accuracy": ...}` of the model on the examples (`route` as in `predict_classification`)."""
+    """`{"accuracy": ...}` of the model on the examples (`route` as in `predict_classification`).
+
+    Predictions and gold labels are compared by name (the model's `id2label` against each example's
+    `label_name`), so a test split read on its own, whose ids may differ, is scored right.
+    """
     predictions = predict_classification(model, tokenizer, examples, batch_size, max_length, prefix, route)
-    return {"accuracy": accuracy(predictions, [e.label for e in examples])}
+    model_names = model_label_names(model)
+    if model_names is None or any(e.label_name is None for e in examples):
+        return {"accuracy": accuracy(predictions, [e.label for e in examples])}
+    unknown = sorted({e.label_name for e in examples} - set(model_names))
+    if unknown:
+        raise ValueError(f"examples have labels {unknown} that the model's head does not know; its labels are "
+                         f"{model_names} (read the split with label_names= of the training split)")
+    return {"accuracy": accuracy(predictions, [model_names.index(e.label_name) for e in examples])}
+
+
+def model_label_names(model: torch.nn.Module) -> Optional[list[str]]:
+    """The head's label names in id order, or None where the config holds only transformers' LABEL_i defaults."""
+    id2label = getattr(getattr(model, "config", None), "id2label", None) or {}
+    names = [str(id2label[i]) for i in sorted(id2label, key=int)]
+    if not names or names == [f"LABEL_{i}" for i in range(len(names))]:
+        return None
+    return names

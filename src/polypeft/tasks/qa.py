@@ -4,10 +4,7 @@ Long contexts are cut into overlapping windows; answers are read back through th
 """
 from __future__ import annotations
 
-import collections
 import json
-import re
-import string
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,8 +12,11 @@ from typing import Optional
 
 import torch
 
-from .example_languages import example_routes, language_from_column, route_arguments
+from ..core.example_routes import example_routes, route_arguments
+from .example_languages import language_from_column
+from ..data.lines import UTF8_BOM, read_text
 from .heads import attach_head
+from .qa_metrics import exact_match, normalize_answer, token_f1  # noqa: F401 (public names of this module)
 from .records import Record, Source, TaskDataError, is_path, read_records
 
 
@@ -52,7 +52,13 @@ def _answers_of(raw, where: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
                             f"{{'text': [...], 'answer_start': [...]}}, got {raw!r}")
     if len(texts) != len(starts):
         raise TaskDataError(f"{where}: {len(texts)} answer texts but {len(starts)} answer_start values")
-    return tuple(texts), tuple(int(s) for s in starts)
+    for text, start in zip(texts, starts):
+        if not isinstance(text, str):
+            raise TaskDataError(f"{where}: answer text {text!r} must be a string")
+        if isinstance(start, bool) or not isinstance(start, int):
+            raise TaskDataError(f"{where}: answer_start {start!r} of answer {text!r} must be an integer "
+                                "character offset into the context")
+    return tuple(texts), tuple(starts)
 
 
 def _example(qid, question, context, raw_answers, where: str, lang: Optional[str] = None) -> QAExample:
@@ -72,19 +78,31 @@ def _line_of(text: str, needle: str, default: int) -> int:
     return text.count("\n", 0, position) + 1 if position >= 0 else default
 
 
+def _objects(container: dict, key: str, location: str, path: Path) -> list[dict]:
+    """`container[key]` (absent: empty) as a list of JSON objects, else an error at `location.key`."""
+    items = container.get(key, [])
+    if not isinstance(items, list):
+        raise TaskDataError(f"{path} {location}{key}: expected a list of objects, got {type(items).__name__} {items!r}")
+    for index, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise TaskDataError(f"{path} {location}{key}[{index}]: expected a JSON object, got "
+                                f"{type(item).__name__} {item!r}")
+    return items
+
+
 def _read_squad_file(path: Path, language: Optional[str]) -> list[QAExample]:
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, TaskDataError)
     try:
         document = json.loads(text)
     except json.JSONDecodeError as error:
         raise TaskDataError(f"{path} line {error.lineno}: not valid JSON ({error.msg})") from None
-    if not isinstance(document, dict) or not isinstance(document.get("data"), list):
+    if not isinstance(document, dict) or "data" not in document:
         raise TaskDataError(f"{path}: a SQuAD/TyDiQA file is {{'data': [{{'paragraphs': [...]}}]}}; "
                             f"top level has {sorted(document) if isinstance(document, dict) else type(document).__name__}")
     examples = []
-    for a, article in enumerate(document["data"]):
-        for p, paragraph in enumerate(article.get("paragraphs", [])):
-            for q, qa in enumerate(paragraph.get("qas", [])):
+    for a, article in enumerate(_objects(document, "data", "", path)):
+        for p, paragraph in enumerate(_objects(article, "paragraphs", f"data[{a}].", path)):
+            for q, qa in enumerate(_objects(paragraph, "qas", f"data[{a}].paragraphs[{p}].", path)):
                 location = f"data[{a}].paragraphs[{p}].qas[{q}]"
                 missing = [k for k in ("id", "question", "answers") if k not in qa]
                 if missing or "context" not in paragraph:
@@ -109,9 +127,9 @@ def read_qa(source: Source, file_format: Optional[str] = None, language: Optiona
         raise ValueError(f"read_qa got language={language!r} and language_column={language_column!r}; "
                          "pass one code for the whole source or a column, not both")
     if is_path(source) and (file_format or Path(source).suffix.lstrip(".").lower()) == "json":
-        with open(source, encoding="utf-8") as handle:
-            head = handle.read(4096).lstrip()
-        if head.startswith("{"):
+        with open(source, "rb") as handle:
+            head = handle.read(4096).removeprefix(UTF8_BOM).lstrip()
+        if head.startswith(b"{"):
             if language_column is not None:
                 raise ValueError(f"language_column={language_column!r} applies to flat rows, not the SQuAD-nested "
                                  f"file {source}; pass language= or rely on TyDiQA id prefixes")
@@ -218,31 +236,9 @@ def predict_qa(model: torch.nn.Module, tokenizer, examples: Sequence[QAExample],
     return {e.id: best.get(i, (0.0, ""))[1] for i, e in enumerate(examples)}
 
 
-def normalize_answer(text: str) -> str:
-    """SQuAD's normalisation: lower case, no punctuation, no English articles, single spaces."""
-    text = text.lower()
-    text = "".join(ch for ch in text if ch not in set(string.punctuation))
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
-    return " ".join(text.split())
-
-
-def exact_match(prediction: str, gold: str) -> float:
-    return float(normalize_answer(prediction) == normalize_answer(gold))
-
-
-def token_f1(prediction: str, gold: str) -> float:
-    predicted, expected = normalize_answer(prediction).split(), normalize_answer(gold).split()
-    if not predicted or not expected:
-        return float(predicted == expected)
-    common = sum((collections.Counter(predicted) & collections.Counter(expected)).values())
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(predicted), common / len(expected)
-    return 2 * precision * recall / (precision + recall)
-
-
 def squad_scores(predictions: dict[str, str], examples: Sequence[QAExample]) -> dict[str, float]:
-    """SQuAD exact match and F1 in percent, each the best over an example's gold answers."""
+    """Exact match and F1 in percent, each the best over an example's gold answers, with answers
+    normalised for the example's language (MLQA-style; English rules where it has none)."""
     if not examples:
         raise ValueError("squad_scores needs at least one example")
     missing = [e.id for e in examples if e.id not in predictions]
@@ -251,8 +247,8 @@ def squad_scores(predictions: dict[str, str], examples: Sequence[QAExample]) -> 
     em = f1 = 0.0
     for example in examples:
         golds = example.answers or ("",)
-        em += max(exact_match(predictions[example.id], g) for g in golds)
-        f1 += max(token_f1(predictions[example.id], g) for g in golds)
+        em += max(exact_match(predictions[example.id], g, example.lang) for g in golds)
+        f1 += max(token_f1(predictions[example.id], g, example.lang) for g in golds)
     return {"exact_match": 100 * em / len(examples), "f1": 100 * f1 / len(examples)}
 
 

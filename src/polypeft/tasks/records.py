@@ -4,13 +4,14 @@ Task readers share it so that every bad row is reported by file and line (or dat
 """
 from __future__ import annotations
 
-import csv
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
+
+from ..data.lines import decode_line, numbered_lines, read_text
 
 Source = Union[str, os.PathLike, Iterable[dict]]
 
@@ -84,21 +85,21 @@ def read_records(source: Source, required: Sequence[str] = (), file_format: Opti
 
 
 def _read_jsonl(path: Path) -> Iterator[Record]:
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise TaskDataError(f"{path} line {number}: not valid JSON ({error.msg})") from None
-            if not isinstance(row, dict):
-                raise TaskDataError(f"{path} line {number}: expected a JSON object, got {type(row).__name__}")
-            yield Record(row, str(path), number)
+    for number, raw in numbered_lines(path):
+        line = decode_line(raw, f"{path} line {number}", TaskDataError)
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise TaskDataError(f"{path} line {number}: not valid JSON ({error.msg})") from None
+        if not isinstance(row, dict):
+            raise TaskDataError(f"{path} line {number}: expected a JSON object, got {type(row).__name__}")
+        yield Record(row, str(path), number)
 
 
 def _read_json(path: Path) -> Iterator[Record]:
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, TaskDataError)
     try:
         rows = json.loads(text)
     except json.JSONDecodeError as error:
@@ -139,16 +140,16 @@ def _object_start_lines(text: str) -> list[int]:
 
 
 def _read_tsv(path: Path, columns: Optional[Sequence[str]]) -> Iterator[Record]:
-    with open(path, encoding="utf-8", newline="") as handle:
-        reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = list(columns) if columns else None
-        for number, fields in enumerate(reader, start=1):
-            if not fields or all(not f.strip() for f in fields):
-                continue
-            if header is None:
-                header = fields
-                continue
-            if len(fields) != len(header):
-                raise TaskDataError(f"{path} line {number}: {len(fields)} tab-separated fields, expected "
-                                    f"{len(header)} ({header})")
-            yield Record(dict(zip(header, fields)), str(path), number)
+    # No quoting: a field is whatever lies between tabs, a bare '\r' included (only '\n' ends a line).
+    header = list(columns) if columns else None
+    for number, raw in numbered_lines(path):
+        fields = decode_line(raw, f"{path} line {number}", TaskDataError).split("\t")
+        if all(not f.strip() for f in fields):
+            continue
+        if header is None:
+            header = fields
+            continue
+        if len(fields) != len(header):
+            raise TaskDataError(f"{path} line {number}: {len(fields)} tab-separated fields, expected "
+                                f"{len(header)} ({header})")
+        yield Record(dict(zip(header, fields)), str(path), number)

@@ -11,7 +11,7 @@ import torch
 
 from ..core.languages import LanguageError
 from ..backbones.e5 import embed_layers
-from .example_languages import routed_model
+from ..core.example_routes import routed_model
 from .records import Source, read_records
 
 

@@ -1,19 +1,20 @@
 """Training any encoder task head (token tags, QA spans, sequence labels): plain, with LMS, or LMS+FD.
 
-One compact loop over pre-encoded inputs; every row keeps its own language's route.
+A loss function and a seeded batch stream for the training loop; every row keeps its own language's route.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Optional
+from types import SimpleNamespace
+from typing import Any, Optional
 
 import torch
 
 from ..core.config import ConfigError
-from ..core.languages import SHARED
-from ..methods.fd import fuse_distillation_loss
-from .example_languages import example_routes, route_arguments, routed_model
+from ..methods.fd import fuse_distillation_step
+from ..training.loop import TrainSettings, train
+from ..core.example_routes import example_routes, route_arguments, routed_model
 
 # The labels each transformers head is scored against, and the output holding its logits (QA has two heads).
 HEAD_OUTPUTS = {"labels": "logits", "start_positions": "start_logits", "end_positions": "end_logits"}
@@ -75,30 +76,37 @@ def _batch(inputs: Mapping[str, torch.Tensor], index: list[int], device: torch.d
     return {key: value.to(device) for key, value in batch.items()}
 
 
+class HeadLogits:
+    """A task model seen through one `logits` tensor, every labelled head's logits stacked on axis 1 (QA: start
+    and end), so `fuse_distillation_step` scores all heads in one pass. `.module` is the PolyModel that routes."""
+
+    def __init__(self, model: torch.nn.Module, heads: Sequence[str]):
+        self.model, self.module, self.heads = model, routed_model(model), list(heads)
+
+    def __call__(self, **inputs: Any) -> SimpleNamespace:
+        output = self.model(**inputs)
+        return SimpleNamespace(logits=torch.stack([getattr(output, HEAD_OUTPUTS[h]) for h in self.heads], 1))
+
+
 def fuse_distillation_heads(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], langs: Sequence[str],
                             kl_weight: float) -> torch.Tensor:
-    """FD over every head the batch has labels for, averaged: one pass over the batch twice, routes
-    [each row's language; shared], and `fuse_distillation_loss` on each head's two halves."""
-    size = len(langs)
-    labels = {name: batch[name] for name in HEAD_OUTPUTS if name in batch}
-    doubled = {key: torch.cat([value, value]) for key, value in batch.items() if key not in labels}
-    output = model(**doubled, lang=list(langs) + [SHARED] * size)
-    losses = []
-    for name, target in labels.items():
-        language_logits, shared_logits = getattr(output, HEAD_OUTPUTS[name]).split(size)
-        losses.append(fuse_distillation_loss(language_logits, shared_logits, target, kl_weight).loss)
-    return sum(losses) / len(losses)
+    """FD over every head the batch has labels for: one pass over the batch twice, routes [each row's language;
+    shared], and the FD loss over every head's scored positions."""
+    heads = [name for name in HEAD_OUTPUTS if name in batch]
+    inputs = {key: value for key, value in batch.items() if key not in HEAD_OUTPUTS}
+    labels = torch.stack([batch[name] for name in heads], 1)
+    return fuse_distillation_step(HeadLogits(model, heads), inputs, list(langs), list(langs), kl_weight,
+                                  labels=labels).loss
 
 
-def _optimizer(model: torch.nn.Module, settings: TaskTrainingSettings) -> torch.optim.AdamW:
+def parameter_groups(model: torch.nn.Module, lr: float, route_lr: Optional[float]) -> list[dict[str, Any]]:
+    """AdamW groups: the LMS routes at `route_lr` (default `lr`), every other trainable parameter at `lr`."""
     poly = routed_model(model)
     route_ids = {id(p) for p in poly.added_state_dict().values()} if poly is not None else set()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    if not trainable:
-        raise ValueError(f"{type(model).__name__} has no trainable parameters")
-    groups = [{"params": [p for p in trainable if id(p) not in route_ids], "lr": settings.lr},
-              {"params": [p for p in trainable if id(p) in route_ids], "lr": settings.route_lr or settings.lr}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
+    groups = [{"params": [p for p in trainable if id(p) not in route_ids], "lr": lr},
+              {"params": [p for p in trainable if id(p) in route_ids], "lr": route_lr or lr}]
+    return [g for g in groups if g["params"]]
 
 
 def train_task(model: torch.nn.Module, inputs: Mapping[str, torch.Tensor],
@@ -110,8 +118,6 @@ def train_task(model: torch.nn.Module, inputs: Mapping[str, torch.Tensor],
     `languages` each row's language (QA: its window's example's). A plain or LMS model trains on its head's
     own loss; a PolyModel with a shared route trains with fuse distillation on every head.
     """
-    from tqdm.auto import tqdm
-
     settings = settings or TaskTrainingSettings()
     rows = _row_count(inputs)
     languages = [None] * rows if languages is None else list(languages)
@@ -120,34 +126,28 @@ def train_task(model: torch.nn.Module, inputs: Mapping[str, torch.Tensor],
     routes = example_routes(model, languages)
     poly = routed_model(model)
     distill = poly is not None and poly.registry.shared_route
-    optimizer = _optimizer(model, settings)
-    warmup, total = max(1, settings.warmup), settings.steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min((step + 1) / warmup, max(0.0, (total - step) / max(1, total - warmup))))
-    generator = torch.Generator().manual_seed(settings.seed)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.train()
-    order: list[int] = []
-    losses: list[float] = []
-    name = "lms+fd" if distill else "lms" if poly is not None else "plain"
-    bar = tqdm(range(settings.steps), desc=f"train {name}", disable=not progress)
-    for _ in bar:
-        while len(order) < settings.batch_size:  # a fresh seeded permutation each pass over the data
-            order += torch.randperm(rows, generator=generator).tolist()
-        index, order = order[:settings.batch_size], order[settings.batch_size:]
-        batch = _batch(inputs, index, device)
+    groups = parameter_groups(model, settings.lr, settings.route_lr)
+    if not groups:
+        raise ValueError(f"{type(model).__name__} has no trainable parameters")
+
+    def batches() -> Iterator[list[int]]:
+        generator, order = torch.Generator().manual_seed(settings.seed), []
+        while True:
+            while len(order) < settings.batch_size:  # a fresh seeded permutation each pass over the data
+                order += torch.randperm(rows, generator=generator).tolist()
+            yield order[:settings.batch_size]
+            order = order[settings.batch_size:]
+
+    def loss_fn(model: torch.nn.Module, index: list[int]) -> tuple[torch.Tensor, int]:
+        batch = _batch(inputs, index, next(model.parameters()).device)
         if distill:
-            loss = fuse_distillation_heads(model, batch, [routes[i] for i in index], settings.kl_weight)
-        else:
-            loss = model(**batch, **route_arguments(routes, index)).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
-                                       settings.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        losses.append(float(loss.detach()))
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    model.train(was_training)
-    return losses
+            return fuse_distillation_heads(model, batch, [routes[i] for i in index], settings.kl_weight), len(index)
+        return model(**batch, **route_arguments(routes, index)).loss, len(index)
+
+    name = "lms+fd" if distill else "lms" if poly is not None else "plain"
+    loop_settings = TrainSettings(steps=settings.steps, lr=settings.lr, warmup=settings.warmup, schedule="linear",
+                                  betas=(0.9, 0.999), clip_norm=settings.max_grad_norm, seed=None, progress=progress,
+                                  log_every=1)
+    result = train(model, batches, loss_fn, loop_settings, parameters=groups, device_placement=False,
+                   description=f"train {name}")
+    return [record["loss"] for record in result["history"]]

@@ -13,7 +13,9 @@ from typing import Optional
 
 import torch
 
-from .example_languages import example_routes, language_from_column, route_arguments
+from ..data.lines import decode_line, numbered_lines
+from ..core.example_routes import example_routes, route_arguments
+from .example_languages import language_from_column
 from .heads import attach_head
 from .records import Source, TaskDataError, is_path, read_records
 
@@ -56,28 +58,27 @@ def read_conll(path: str | os.PathLike, label_names: Sequence[str] = WIKIANN_LAB
     index = {n: i for i, n in enumerate(names)}
     sentences, tokens, tags = [], [], []
     prefix: Optional[str] = None
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            line = line.rstrip("\n").rstrip("\r")
-            if not line.strip() or line.startswith("-DOCSTART-"):
-                if tokens:
-                    sentences.append(TaggedSentence(tokens, tags, language or prefix))
-                    tokens, tags, prefix = [], [], None
-                continue
-            fields = line.split("\t")
-            if len(fields) < 2:
-                raise TaskDataError(f"{path} line {number}: expected 'token<TAB>tag', got {line!r}")
-            token = fields[0]
-            found = _LANGUAGE_PREFIX.match(token) if strip_language_prefix else None
-            if found:
-                if language is None and prefix is not None and found.group(1) != prefix:
-                    raise TaskDataError(f"{path} line {number}: token {token!r} has language prefix "
-                                        f"{found.group(1)!r} but its sentence began in {prefix!r}; "
-                                        "one sentence is one language (or pass language=)")
-                prefix = prefix or found.group(1)
-                token = token[found.end():]
-            tokens.append(token)
-            tags.append(_tag_id(fields[-1].strip(), names, index, f"{path} line {number}"))
+    for number, raw in numbered_lines(path):
+        line = decode_line(raw, f"{path} line {number}", TaskDataError)
+        if not line.strip() or line.startswith("-DOCSTART-"):
+            if tokens:
+                sentences.append(TaggedSentence(tokens, tags, language or prefix))
+                tokens, tags, prefix = [], [], None
+            continue
+        fields = line.split("\t")
+        if len(fields) < 2:
+            raise TaskDataError(f"{path} line {number}: expected 'token<TAB>tag', got {line!r}")
+        token = fields[0]
+        found = _LANGUAGE_PREFIX.match(token) if strip_language_prefix else None
+        if found:
+            if language is None and prefix is not None and found.group(1) != prefix:
+                raise TaskDataError(f"{path} line {number}: token {token!r} has language prefix "
+                                    f"{found.group(1)!r} but its sentence began in {prefix!r}; "
+                                    "one sentence is one language (or pass language=)")
+            prefix = prefix or found.group(1)
+            token = token[found.end():]
+        tokens.append(token)
+        tags.append(_tag_id(fields[-1].strip(), names, index, f"{path} line {number}"))
     if tokens:
         sentences.append(TaggedSentence(tokens, tags, language or prefix))
     return TokenData(sentences, names)

@@ -1,50 +1,37 @@
-"""One training loop for every method: accelerate, Adam, inverse-sqrt warm-up, accumulation, resume.
-
-A checkpoint holds model, optimiser, schedule, step and RNG states, so a resumed run ends where an
-uninterrupted run of the same seed ends.
+"""The one training loop: every polypeft trainer (translation, FLARE's stages, task heads, the encoder
+fine-tune, LENS) hands it a loss function and a batch stream; with a run folder it logs, checkpoints, resumes.
 """
 from __future__ import annotations
 
 import itertools
 import json
-import math
 import random
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, PartialState
 from tqdm.auto import tqdm
 
-from ..core.fileio import write_text, write_torch
+from ..core.fileio import append_line, write_text
+from .checkpoint import (CHECKPOINT_NAME, PICKLED_CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint,
+                         set_rng_state)
+from .schedules import inverse_sqrt, schedule
+from .settings import TrainSettings
 
-CHECKPOINT_NAME = "checkpoint.pt"
+__all__ = ["CHECKPOINT_NAME", "BatchStreamEnded", "LossFn", "TrainSettings", "TrainingStep", "inverse_sqrt",
+           "seed_everything", "train"]
 
-
-@dataclass
-class TrainSettings:
-    """The optimisation recipe (defaults: the LMS paper's transformer recipe)."""
-
-    steps: int = 1000
-    lr: float = 5e-4
-    warmup: int = 200
-    betas: tuple[float, float] = (0.9, 0.98)
-    weight_decay: float = 0.0
-    accumulation: int = 1
-    clip_norm: float = 1.0
-    checkpoint_every: int = 200
-    valid_every: int = 0
-    log_every: int = 10
-    seed: int = 0
-
-
-def inverse_sqrt(warmup: int) -> Callable[[int], float]:
-    """Linear warm-up to the peak, then decay with 1/sqrt(step) (the fairseq schedule)."""
-    warmup = max(1, warmup)
-    return lambda step: min((step + 1) / warmup, math.sqrt(warmup / (step + 1)))
+LOG_NAME = "train_log.jsonl"
+# A loss function gets the (prepared) model and one batch; it returns the loss and how many items (target
+# tokens, rows) the batch scored, for the throughput log.
+LossFn = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, int]]
+# Trainable parameters, or AdamW parameter groups (dicts with "params" and their own "lr").
+Parameters = Sequence[Any]
 
 
 def seed_everything(seed: int) -> None:
@@ -53,129 +40,202 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():  # dropout on a GPU draws from the CUDA generators
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def make_accelerator(settings: TrainSettings, device_placement: bool = True) -> Accelerator:
+    """An accelerator with the settings' accumulation and precision."""
+    options = dict(gradient_accumulation_steps=settings.accumulation, mixed_precision=settings.mixed_precision,
+                   device_placement=device_placement)
+    try:
+        return Accelerator(**options)
+    except ValueError:  # accelerate holds one precision per process; one process may train runs of several in turn
+        if PartialState().num_processes > 1:
+            raise
+        AcceleratorState._reset_state()
+        return Accelerator(**options)
 
 
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+class TrainingStep:
+    """One optimiser step per call: `accumulation` micro-batches through the loss function (autocast under mixed
+    precision), the backward pass, clipping, AdamW and the schedule. The only place polypeft runs a backward pass."""
 
+    def __init__(self, model: torch.nn.Module, loss_fn: LossFn, settings: TrainSettings,
+                 parameters: Optional[Parameters] = None, device_placement: bool = True):
+        self.settings, self.loss_fn = settings, loss_fn
+        self.accelerator = make_accelerator(settings, device_placement)
+        parameters = list(parameters) if parameters is not None else [p for p in model.parameters() if p.requires_grad]
+        self.trainable = [p for g in parameters for p in (g["params"] if isinstance(g, dict) else [g])]
+        if not self.trainable:
+            raise ValueError(f"{type(model).__name__} has no trainable parameters: nothing to train")
+        optimizer = torch.optim.AdamW(parameters, lr=settings.lr, betas=settings.betas,
+                                      weight_decay=settings.weight_decay)
+        # The schedule counts optimiser steps, so it stays outside prepare(): accelerate's wrapper would step
+        # it once per process, running warm-up and decay num_processes times too fast.
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, schedule(settings.schedule, settings.warmup, settings.steps))
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.optimizer.zero_grad(set_to_none=True)  # gradients left on the model by an earlier run do not count
 
-def _truncate_log(log_path: Path, last_step: int) -> None:
-    """Drop log lines past the checkpoint a run resumes from: those steps run again and log again."""
-    if not log_path.exists():
-        return
-    kept = [line for line in log_path.read_text(encoding="utf-8").splitlines(keepends=True)
-            if line.strip() and json.loads(line)["step"] <= last_step]
-    write_text(log_path, "".join(kept))
+    def __call__(self, micro_batches: Iterable[Any]) -> tuple[float, int]:
+        """Train on the micro-batches of one optimiser step; their mean loss and the items they scored."""
+        accelerator, step_loss, items = self.accelerator, 0.0, 0
+        device = self.trainable[0].device
+        for batch in micro_batches:
+            with accelerator.accumulate(self.model):
+                with accelerator.autocast():
+                    loss, count = self.loss_fn(self.model, to_device(batch, device))
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and self.settings.clip_norm:
+                    accelerator.clip_grad_norm_(self.trainable, self.settings.clip_norm)
+                self.optimizer.step()
+                if accelerator.sync_gradients:
+                    self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            step_loss += float(loss.detach()) / self.settings.accumulation
+            items += count
+        return step_loss, items
 
+    @property
+    def unwrapped(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.model)
 
-LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, int]]
+    def state(self, step: int, history: list[dict]) -> dict[str, Any]:
+        return {"step": step, "history": history, "model": self.unwrapped.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "rng": rng_state()}
+
+    def resume(self, run_dir: Path) -> tuple[int, list[dict]]:
+        """Load the run's checkpoint; the step it was written at and the history up to there."""
+        path = run_dir / CHECKPOINT_NAME
+        if not path.exists():
+            old = run_dir / PICKLED_CHECKPOINT_NAME
+            hint = (f"; {old} is a pickled checkpoint of an older polypeft, never loaded since a pickle can run "
+                    "code: train the run again") if old.exists() else ""
+            raise FileNotFoundError(f"--resume: no checkpoint at {path}{hint}")
+        state = load_checkpoint(path)
+        if state["step"] > self.settings.steps:
+            raise ValueError(
+                f"--resume: the checkpoint {path} is at step {state['step']}, past the {self.settings.steps} "
+                f"steps asked for; ask for at least {state['step']} steps, or train a new run elsewhere"
+            )
+        self.unwrapped.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        return state["step"], state["history"]
+
+    def release(self) -> torch.nn.Module:
+        """The model as it was handed in: without the autocast wrapper mixed precision put on its forward."""
+        return self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)
 
 
 def train(
     model: torch.nn.Module,
-    batches: Callable[[], Iterator[dict]],
+    batches: Callable[[], Iterator[Any]],
     loss_fn: LossFn,
     settings: TrainSettings,
-    run_dir: str | Path,
+    run_dir: Optional[str | Path] = None,
     resume: bool = False,
     valid_fn: Optional[Callable[[torch.nn.Module], float]] = None,
-    accelerator: Optional[Accelerator] = None,
+    parameters: Optional[Parameters] = None,
+    device_placement: bool = True,
+    train_mode: bool = True,
+    description: str = "training",
 ) -> dict:
-    """Train for `settings.steps` optimiser steps; `loss_fn` returns (loss, target tokens) for a batch.
+    """Train for `settings.steps` optimiser steps; returns {"steps", "history"} (one record per step).
 
-    `batches()` must give the same stream each call (seeded); on resume the consumed part is skipped.
+    `batches()` must give the same stream each call (seeded); on resume the consumed part is skipped. With
+    `run_dir` None nothing is written (in-memory training). `parameters` default to those requiring grad;
+    `device_placement` False leaves the model where it is (batches follow it); `train_mode` False keeps dropout off.
     """
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    accelerator = accelerator or Accelerator(gradient_accumulation_steps=settings.accumulation)
-    seed_everything(settings.seed)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(trainable, lr=settings.lr, betas=settings.betas, weight_decay=settings.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, inverse_sqrt(settings.warmup))
-    start_step, history = 0, []
-    checkpoint_path = run_dir / CHECKPOINT_NAME
+    if settings.seed is not None:
+        seed_everything(settings.seed)
+    run_dir = None if run_dir is None else Path(run_dir)
+    if run_dir is None and resume:
+        raise ValueError("resume=True needs the run_dir holding the checkpoint")
+    step = TrainingStep(model, loss_fn, settings, parameters, device_placement)
+    accelerator, start_step, history = step.accelerator, 0, []
     if resume:
-        if not checkpoint_path.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint_path}")
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-        if state["step"] > settings.steps:
-            raise ValueError(
-                f"--resume: the checkpoint {checkpoint_path} is at step {state['step']}, past the {settings.steps} "
-                f"steps asked for; ask for at least {state['step']} steps, or train a new run elsewhere"
-            )
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_step, history = state["step"], state["history"]
-        _set_rng_state(state["rng"])
-    # The schedule counts optimiser steps, so it stays outside prepare(): accelerate's wrapper would step
-    # it once per process, running warm-up and decay num_processes times too fast.
-    prepared, optimizer = accelerator.prepare(model, optimizer)
-    world, rank = accelerator.num_processes, accelerator.process_index
+        start_step, history = step.resume(run_dir)
+    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     # Every process walks the same seeded stream and keeps its own share of it.
     stream = itertools.islice(batches(), start_step * settings.accumulation * world, None)
     stream = (b for i, b in enumerate(stream) if i % world == rank)
-    progress = tqdm(range(start_step, settings.steps), initial=start_step, total=settings.steps,
-                    desc="training", disable=not accelerator.is_local_main_process)
-    log_path = run_dir / "train_log.jsonl"
-    if resume and accelerator.is_main_process:
-        _truncate_log(log_path, start_step)
-    window_tokens, window_start = 0, time.perf_counter()
-    prepared.train()
-    for step in progress:
-        step_loss = 0.0
-        for _ in range(settings.accumulation):
-            batch = next(stream)
-            with accelerator.accumulate(prepared):
-                loss, tokens = loss_fn(prepared, _to_device(batch, accelerator.device))
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and settings.clip_norm:
-                    accelerator.clip_grad_norm_(trainable, settings.clip_norm)
-                optimizer.step()
-                if accelerator.sync_gradients:
-                    scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            step_loss += float(loss.detach()) / settings.accumulation
-            window_tokens += tokens
-        record = {"step": step + 1, "loss": round(step_loss, 4), "lr": scheduler.get_last_lr()[0]}
-        if (step + 1) % settings.log_every == 0 or step + 1 == settings.steps:
-            elapsed = time.perf_counter() - window_start
-            record["tokens_per_s"] = round(window_tokens / max(elapsed, 1e-9), 1)
-            window_tokens, window_start = 0, time.perf_counter()
-            progress.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-        if valid_fn and settings.valid_every and ((step + 1) % settings.valid_every == 0 or step + 1 == settings.steps):
-            prepared.eval()
-            with torch.no_grad():
-                record["valid_loss"] = round(float(valid_fn(prepared)), 4)
-            prepared.train()
-            progress.write(f"step {step + 1}: valid loss {record['valid_loss']}")
-        history.append(record)
-        if accelerator.is_main_process:
-            with open(log_path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record) + "\n")
-        if (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps:
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                write_torch(checkpoint_path, {
-                    "model": accelerator.unwrap_model(prepared).state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "step": step + 1,
-                    "history": history,
-                    "rng": _rng_state(),
-                })
-    prepared.eval()
+    log_path = None if run_dir is None else run_dir / LOG_NAME
+    if log_path is not None and main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            truncate_log(log_path, start_step)
+    progress = tqdm(range(start_step, settings.steps), initial=start_step, total=settings.steps, desc=description,
+                    disable=not (settings.progress and accelerator.is_local_main_process))
+    window_items, window_start = 0, time.perf_counter()
+    was_training = model.training
+    step.model.train(train_mode)
+    try:
+        for index in progress:
+            loss, items = step(micro_batches(stream, settings, index))
+            window_items += items
+            record = {"step": index + 1, "loss": loss, "lr": step.scheduler.get_last_lr()[0]}
+            last = index + 1 == settings.steps
+            if (index + 1) % settings.log_every == 0 or last:
+                record["tokens_per_s"] = round(window_items / max(time.perf_counter() - window_start, 1e-9), 1)
+                window_items, window_start = 0, time.perf_counter()
+                progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if valid_fn and settings.valid_every and ((index + 1) % settings.valid_every == 0 or last):
+                step.model.eval()
+                with torch.no_grad():
+                    record["valid_loss"] = round(float(valid_fn(step.model)), 4)
+                step.model.train(train_mode)
+                progress.write(f"step {index + 1}: valid loss {record['valid_loss']}")
+            history.append(record)
+            if log_path is not None and main:
+                append_line(log_path, json.dumps(record))
+            if run_dir is not None and ((index + 1) % settings.checkpoint_every == 0 or last):
+                accelerator.wait_for_everyone()
+                if main:
+                    save_checkpoint(run_dir / CHECKPOINT_NAME, step.state(index + 1, history))
+    finally:
+        step.release().train(was_training)
     return {"steps": settings.steps, "history": history}
 
 
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+def micro_batches(stream: Iterator[Any], settings: TrainSettings, index: int) -> list[Any]:
+    """The next optimiser step's micro-batches; a stream that runs dry is named, not a bare StopIteration."""
+    taken = list(itertools.islice(stream, settings.accumulation))
+    if len(taken) < settings.accumulation:
+        raise BatchStreamEnded(f"the batch stream ended at optimiser step {index + 1} of {settings.steps} "
+                               f"(it needs {settings.accumulation} batches a step); give a stream that does not end")
+    return taken
+
+
+class BatchStreamEnded(ValueError):
+    """The batches ran out before the steps asked for."""
+
+
+def truncate_log(log_path: Path, last_step: int) -> None:
+    """Drop log lines past the checkpoint a run resumes from: those steps run again and log again.
+
+    A torn last line (the machine lost power mid-append) is dropped too; a damaged line before it is named."""
+    if not log_path.exists():
+        return
+    lines = [line for line in log_path.read_text(encoding="utf-8").splitlines(keepends=True) if line.strip()]
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            if number == len(lines):
+                break
+            raise ValueError(f"--resume: {log_path} line {number} is not JSON ({error}); only the last line may "
+                             "be torn by a crash: remove or repair that line") from None
+        if record["step"] <= last_step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    write_text(log_path, "".join(kept))
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Tensors in (nested dicts, tuples and lists of) a batch moved to `device`; everything else as it is."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):  # also transformers' BatchEncoding
+        return {key: to_device(value, device) for key, value in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(item, device) for item in batch)
+    return batch

@@ -15,6 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ...core.config import (ConfigError, Fraction, PositiveFloat, PositiveInt, Source, TypedConfig, build,
+                            source_of)
 from ...core.fileio import atomic_write, write_json
 from ...core.modes import evaluation_mode
 from ...core.inject import find_targets, replace_targets, restore_base_layers
@@ -30,12 +32,12 @@ CONFIG_FILE = "flare_config.json"
 WEIGHTS_FILE = "flare_adapter.safetensors"
 
 
-class FLAREError(ValueError):
+class FLAREError(ConfigError):
     """A FLARE configuration, batch or saved adapter that cannot be used."""
 
 
 @dataclass
-class FLAREConfig:
+class FLAREConfig(TypedConfig):
     """LoRA with FLARE's bottleneck fusion.
 
     fusion=None is plain LoRA (FLARE's stage 1 and the LoRA baselines). alignment defaults to
@@ -44,29 +46,23 @@ class FLAREConfig:
     """
 
     method: ClassVar[str] = "flare"
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
+    error_type: ClassVar[type] = FLAREError
+    rank: PositiveInt = 8
+    alpha: PositiveFloat = 16.0
+    dropout: Fraction = 0.0
     target_modules: Optional[Union[str, list[str]]] = None
     fusion: Optional[str] = "add_relu"
     source_layer_offset: int = 1
     source: str = "model"
     alignment: Optional[str] = None
-    mt_hidden_size: Optional[int] = None
+    mt_hidden_size: Optional[PositiveInt] = None
     train_modules: Optional[list[str]] = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         owner = "FLAREConfig"
-        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
-            raise FLAREError(f"{owner}.rank={self.rank!r} must be a positive int")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
-            raise FLAREError(f"{owner}.alpha={self.alpha!r} must be a positive number")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
-            raise FLAREError(f"{owner}.dropout={self.dropout!r} must be a number in [0, 1)")
         if self.fusion is not None and self.fusion not in FUSIONS:
             raise FLAREError(f"{owner}.fusion={self.fusion!r} is not allowed; choose one of {list(FUSIONS)} or None")
-        if not isinstance(self.source_layer_offset, int) or isinstance(self.source_layer_offset, bool):
-            raise FLAREError(f"{owner}.source_layer_offset={self.source_layer_offset!r} must be an int (paper: 1)")
         if self.source not in SOURCES:
             raise FLAREError(f"{owner}.source={self.source!r} is not allowed; choose one of {list(SOURCES)}")
         if self.alignment is None:
@@ -76,31 +72,19 @@ class FLAREConfig:
         if self.fusion == "cross_attention" and self.alignment != "attention":
             raise FLAREError(f"{owner}: fusion='cross_attention' aligns by attention; alignment={self.alignment!r} "
                              "is not allowed with it (leave alignment unset)")
-        if self.mt_hidden_size is not None and (not isinstance(self.mt_hidden_size, int) or self.mt_hidden_size <= 0):
-            raise FLAREError(f"{owner}.mt_hidden_size={self.mt_hidden_size!r} must be a positive int or None")
-        if self.target_modules is not None and not isinstance(self.target_modules, str):
-            self.target_modules = list(self.target_modules)
-            if not self.target_modules:
-                raise FLAREError(f"{owner}.target_modules is an empty list; leave it None for the FFN defaults")
-        if self.train_modules is not None:
-            if isinstance(self.train_modules, str):
-                raise FLAREError(f"{owner}.train_modules={self.train_modules!r} must be a list of module names")
-            self.train_modules = list(self.train_modules)
+        if self.target_modules is not None and not isinstance(self.target_modules, str) and not self.target_modules:
+            raise FLAREError(f"{owner}.target_modules is an empty list; leave it None for the FFN defaults")
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **dataclasses.asdict(self)}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], where: str = "FLARE config") -> "FLAREConfig":
+    def from_dict(cls, data: Mapping[str, Any], where: Union[str, Source] = "FLARE config") -> "FLAREConfig":
         data = dict(data)
         method = data.pop("method", cls.method)
         if method != cls.method:
-            raise FLAREError(f"{where}: method={method!r}, expected {cls.method!r}")
-        allowed = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - allowed)
-        if unknown:
-            raise FLAREError(f"{where}: unknown keys {unknown}; allowed keys are {sorted(allowed)}")
-        return cls(**data)
+            raise FLAREError(f"{source_of(where).where() or where}: method={method!r}, expected {cls.method!r}")
+        return build(cls, data, where)
 
 
 def batch_size_of(batch: Mapping[str, Any], what: str) -> int:

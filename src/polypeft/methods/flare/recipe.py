@@ -5,14 +5,14 @@ Zero-shot, LoRA translate-train, input-level fusion, FLARE and FLARE-MT are opti
 from __future__ import annotations
 
 import itertools
-import random
 from dataclasses import dataclass, replace
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from ...training.loop import BatchStreamEnded, TrainSettings, train
+from ...training.settings import check_bool, check_integer, check_number
 from .model import FLAREConfig, FLAREError, FLAREModel
 
 RECIPES = ("zero_shot", "translate_train", "input_fusion", "flare", "flare_mt")
@@ -21,8 +21,8 @@ ParallelBatch = tuple[Batch, Batch]  # (target-language batch, its English paral
 
 
 @dataclass
-class TrainSettings:
-    """One stage's optimisation: AdamW for `steps` steps over the batches (cycled)."""
+class StageSettings:
+    """One stage's optimisation: AdamW at a constant `learning_rate` for `steps` steps over the batches (cycled)."""
 
     steps: int = 100
     learning_rate: float = 1e-3
@@ -32,15 +32,18 @@ class TrainSettings:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if not isinstance(self.steps, int) or self.steps < 0:
-            raise FLAREError(f"TrainSettings.steps={self.steps!r} must be an int >= 0")
-        if not self.learning_rate > 0:
-            raise FLAREError(f"TrainSettings.learning_rate={self.learning_rate!r} must be > 0")
+        check_integer("StageSettings", "steps", self.steps, 0, FLAREError)
+        check_number("StageSettings", "learning_rate", self.learning_rate, 0, strict=True, error=FLAREError)
+        check_number("StageSettings", "weight_decay", self.weight_decay, 0, strict=False, error=FLAREError)
+        check_number("StageSettings", "max_grad_norm", self.max_grad_norm, 0, strict=False, error=FLAREError)
+        check_integer("StageSettings", "seed", self.seed, 0, FLAREError)
+        check_bool("StageSettings", "progress", self.progress, FLAREError)
 
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
+    def loop_settings(self) -> TrainSettings:
+        """The training loop's settings for this stage (no warm-up, no decay: the FLARE paper's recipe)."""
+        return TrainSettings(steps=self.steps, lr=self.learning_rate, warmup=0, schedule="constant",
+                             betas=(0.9, 0.999), weight_decay=self.weight_decay, clip_norm=self.max_grad_norm,
+                             seed=self.seed, progress=self.progress)
 
 
 # -- input-level fusion baseline ------------------------------------------------------------------
@@ -128,33 +131,24 @@ def on_target_positions(values: torch.Tensor, target_positions: torch.Tensor) ->
 
 # -- training -------------------------------------------------------------------------------------
 
-def train_steps(model: nn.Module, parameters: list[nn.Parameter], batches: Iterable[Any], settings: TrainSettings,
-                loss_of: Any, description: str) -> list[float]:
-    """A plain AdamW loop over `settings.steps` batches; returns the loss of each step."""
+def train_steps(model: nn.Module, parameters: list[nn.Parameter], batches: Iterable[Any], settings: StageSettings,
+                loss_of: Callable[[Any], torch.Tensor], description: str) -> list[float]:
+    """`settings.steps` steps of the training loop over the batches (cycled); returns the loss of each step."""
     if settings.steps == 0:
         return []
     if not parameters:
         raise FLAREError(f"{description}: nothing to train (no trainable parameters)")
-    seed_everything(settings.seed)
-    optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay)
-    model.train()
-    losses = []
-    for _, batch in zip(tqdm(range(settings.steps), desc=description, disable=not settings.progress),
-                        itertools.cycle(batches)):
-        loss = loss_of(batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, settings.max_grad_norm)
-        optimizer.step()
-        losses.append(loss.item())
-    if not losses:
-        raise FLAREError(f"{description}: no batches to train on ({settings.steps} steps asked for)")
+    try:
+        result = train(model, lambda: itertools.cycle(batches), lambda _, batch: (loss_of(batch), 1),
+                       settings.loop_settings(), parameters=parameters, device_placement=False, description=description)
+    except BatchStreamEnded:
+        raise FLAREError(f"{description}: no batches to train on ({settings.steps} steps asked for)") from None
     model.eval()
-    return losses
+    return [record["loss"] for record in result["history"]]
 
 
 def train_english_lora(base_model: nn.Module, english_batches: Iterable[Batch], config: FLAREConfig,
-                       settings: TrainSettings) -> nn.Module:
+                       settings: StageSettings) -> nn.Module:
     """Stage 1: a plain LoRA (plus the task head) on the English task, merged into the base."""
     lora = FLAREModel(base_model, replace(config, fusion=None, alignment=None))
     train_steps(lora, lora.trainable_parameters(), english_batches, settings,
@@ -195,8 +189,8 @@ def run_recipe(
     parallel_batches: Iterable[ParallelBatch],
     stage1_config: FLAREConfig,
     stage2_config: Optional[FLAREConfig] = None,
-    stage1: Optional[TrainSettings] = None,
-    stage2: Optional[TrainSettings] = None,
+    stage1: Optional[StageSettings] = None,
+    stage2: Optional[StageSettings] = None,
     mt_encoder: Optional[nn.Module] = None,
     pad_token_id: int = 0,
     skip_stage1: bool = False,
@@ -208,7 +202,7 @@ def run_recipe(
     """
     if recipe not in RECIPES:
         raise FLAREError(f"recipe={recipe!r} is not allowed; choose one of {list(RECIPES)}")
-    stage1, stage2 = stage1 or TrainSettings(), stage2 or TrainSettings()
+    stage1, stage2 = stage1 or StageSettings(), stage2 or StageSettings()
     merged = base_model if skip_stage1 else train_english_lora(base_model, english_batches, stage1_config, stage1)
     if recipe == "zero_shot":
         return TrainedRecipe(recipe, merged, pad_token_id)

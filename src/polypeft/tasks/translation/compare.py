@@ -11,11 +11,21 @@ from statistics import mean, pstdev
 from typing import Sequence
 
 from .evaluate import win_ratio
-from ...core.fileio import write_json, write_text
+from ...core.fileio import file_sha256, write_json, write_text
+
+# A run directory's weights, beside the eval_<split>.json files that score them (run.py writes both).
+WEIGHTS_NAME = "model.safetensors"
+EVAL_SPLITS = ("test", "valid")
+
+
+class StaleEvaluationError(ValueError):
+    """An evaluation file that does not score the weights now in its run directory."""
 
 
 def load_results(paths: Sequence[str | Path], split: str = "test") -> list[dict]:
     """The evaluation JSON of each run directory (or of each JSON file given directly)."""
+    if split not in EVAL_SPLITS:
+        raise ValueError(f"load_results: split={split!r}; choose one of {list(EVAL_SPLITS)}")
     results = []
     for path in paths:
         path = Path(path)
@@ -29,8 +39,26 @@ def load_results(paths: Sequence[str | Path], split: str = "test") -> list[dict]
                              "directories or their eval_<split>.json files") from error
         if not isinstance(result, dict) or "variants" not in result:
             raise ValueError(f"{file} is not an evaluation written by `polypeft mmt eval`: it has no 'variants'")
+        check_current(file, result)
         results.append(result)
     return results
+
+
+def check_current(file: Path, result: dict) -> None:
+    """Refuse an evaluation whose run directory now holds other weights than the ones it scored.
+
+    A JSON file away from any run (no weights beside it) is taken as it is: there is nothing to check.
+    """
+    weights = file.parent / WEIGHTS_NAME
+    if not weights.is_file():
+        return
+    scored = result.get("weights_sha256")
+    if scored is None:
+        raise StaleEvaluationError(f"{file} does not record which weights it scored (written before evaluations "
+                                   f"did): run `polypeft mmt eval {file.parent}` again")
+    if scored != file_sha256(weights):
+        raise StaleEvaluationError(f"{file} scored other weights than {weights} holds now (the run was trained "
+                                   f"again since): run `polypeft mmt eval {file.parent}` again")
 
 
 def run_label(result: dict, variant: str) -> str:

@@ -9,28 +9,35 @@ import dataclasses
 import functools
 import json
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Literal, Optional
 
 import torch
 from accelerate import PartialState
 from transformers.models.marian.modeling_marian import shift_tokens_right
 
-from ...core.config import CONFIG_CLASSES, ConfigError, recipe_from_dict, recipe_from_yaml
+from ...core.config import (ConfigError, Fraction, MethodConfig, NonNegativeFloat, NonNegativeInt, PositiveFloat,
+                            PositiveInt, Source, TypedConfig, build, checked, recipe_from_dict, recipe_from_yaml,
+                            registered_methods)
 from ...data.batching import TokenBudgetBatcher, collate, token_lengths
 from ...data.bible import BibleCorpus, BibleSplit
 from ...data.parallel import ParallelExample, english_centric
 from ...data.spm import SpmTokenizer, bible_spm
+from .compare import EVAL_SPLITS, WEIGHTS_NAME
 from .evaluate import score_directions, translate
-from ...core.fileio import write_json, write_model_weights
+from ...core.fileio import (file_sha256, is_temporary, remove_stale_temporaries, single_path_component,
+                            write_json, write_model_weights)
 from ...methods.fd import fuse_distillation_step, token_cross_entropy
 from ...core.model import PolyModel, wrap
-from ...backbones.seq2seq import build_translation_model
+from ...backbones.seq2seq import PRESETS, build_translation_model
 from ...training.loop import TrainSettings, seed_everything, train
+from ...training.settings import MIXED_PRECISIONS
 
-FD_KEYS = ("fd", "kl_weight")
+# Method-block keys of Fuse Distillation (the rest are the method config's own fields).
+FD_KEYS = {"fd": bool, "kl_weight": NonNegativeFloat}
 # A run directory holds its tokenizer, so the model can be reused without the corpus (FLARE-MT).
 TOKENIZER_NAME = "spm.model"
 # What a resumed run may change: how long it trains, how often it saves and validates, how it is scored.
@@ -38,48 +45,67 @@ RESUMABLE_KEYS = ("steps", "checkpoint_every", "valid_every", "beam", "length_pe
 
 
 @dataclass
-class MMTRecipe:
+class MMTRecipe(TypedConfig):
     """Everything one translation run needs; unknown keys in a YAML file are refused by name."""
 
     name: str = "run"
     languages: list[str] = field(default_factory=lambda: ["en", "fr", "es", "de", "ru", "ar", "ko"])
     pivot: str = "en"
     preset: str = "tiny"
-    vocab_size: int = 8000
-    spm_max_sentences: Optional[int] = None
+    vocab_size: PositiveInt = 8000
+    spm_max_sentences: Optional[PositiveInt] = None
     test_books: list[int] = field(default_factory=lambda: [43])
     valid_books: list[int] = field(default_factory=lambda: [49])
-    max_train_verses: Optional[int] = None
-    max_eval_verses: Optional[int] = None
+    max_train_verses: Optional[PositiveInt] = None
+    max_eval_verses: Optional[PositiveInt] = None
     method: dict[str, Any] = field(default_factory=lambda: {"name": "naive"})
-    batching: str = "homogeneous"
-    max_tokens: int = 4096
-    temperature: float = 5.0
-    max_length: int = 160
-    dropout: float = 0.1
-    label_smoothing: float = 0.1
-    steps: int = 1000
-    lr: float = 5e-4
-    warmup: int = 200
-    accumulation: int = 1
-    checkpoint_every: int = 200
-    valid_every: int = 200
+    batching: Literal["homogeneous", "mixed"] = "homogeneous"
+    max_tokens: PositiveInt = 4096
+    temperature: PositiveFloat = 5.0
+    max_length: PositiveInt = 160
+    dropout: Fraction = 0.1
+    label_smoothing: Fraction = 0.1
+    steps: PositiveInt = 1000
+    lr: PositiveFloat = 5e-4
+    warmup: NonNegativeInt = 200
+    accumulation: PositiveInt = 1
+    checkpoint_every: PositiveInt = 200
+    valid_every: NonNegativeInt = 200  # 0: no validation
     seed: int = 0
-    beam: int = 5
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # bf16/fp16: float32 weights, half-precision compute
+    beam: PositiveInt = 5
     length_penalty: float = 1.0
-    eval_batch_size: int = 32
+    eval_batch_size: PositiveInt = 32
     output_dir: str = "runs"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.pivot not in self.languages:
             raise ConfigError(f"pivot {self.pivot!r} is not among languages {self.languages}")
+        if self.preset not in PRESETS:
+            raise ConfigError(f"preset={self.preset!r} is not allowed; choose one of {sorted(PRESETS)}")
+        self.method_config()  # the method block is checked now, before any data is prepared
+
+    def method_config(self) -> Optional[MethodConfig]:
+        """The method block as its typed config (None for the naive baseline), every key checked."""
+        known = sorted(registered_methods())
         if "name" not in self.method:
-            raise ConfigError(f"method {self.method!r} has no 'name'; choose naive or one of {sorted(CONFIG_CLASSES)}")
+            raise ConfigError(f"method={self.method!r} has no 'name'; choose naive or one of {known}")
+        source = Source(prefix="method.")
+        fd = {key: checked(self.method[key], hint, key, source) for key, hint in FD_KEYS.items() if key in self.method}
+        fields = {key: value for key, value in self.method.items() if key not in FD_KEYS and key != "name"}
         name = self.method["name"]
-        if name != "naive" and name not in CONFIG_CLASSES:
-            raise ConfigError(f"unknown method {name!r}; choose naive or one of {sorted(CONFIG_CLASSES)}")
-        if self.batching not in ("homogeneous", "mixed"):
-            raise ConfigError(f"batching={self.batching!r}; choose 'homogeneous' or 'mixed'")
+        if name == "naive":
+            if fields or fd:
+                raise ConfigError(f"method: naive takes no other keys; got {sorted([*fields, *fd])}")
+            return None
+        if name not in known:
+            raise ConfigError(f"method.name: unknown method {name!r}; choose naive or one of {known}")
+        if "languages" in fields:
+            raise ConfigError("method.languages: a method block takes the recipe's languages; remove the key")
+        if fd.get("fd", False):
+            fields["shared_route"] = True
+        return build(registered_methods()[name].config_class, {**fields, "languages": self.languages}, source)
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "recipe") -> "MMTRecipe":
@@ -95,7 +121,7 @@ class MMTRecipe:
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.output_dir) / f"{self.name}-seed{self.seed}"
+        return Path(self.output_dir) / f"{single_path_component(self.name, 'name')}-seed{self.seed}"
 
     def split(self) -> BibleSplit:
         return BibleSplit(test_books=tuple(self.test_books), valid_books=tuple(self.valid_books))
@@ -140,15 +166,9 @@ def build_model(recipe: MMTRecipe, tokenizer: SpmTokenizer) -> torch.nn.Module:
     seed_everything(recipe.seed)
     model = build_translation_model(recipe.preset, tokenizer.vocab_size, tokenizer.pad_id, tokenizer.eos_id,
                                     tokenizer.decoder_start_id, dropout=recipe.dropout)
-    method = dict(recipe.method)
-    name = method.pop("name")
-    for key in FD_KEYS:
-        method.pop(key, None)
-    if name == "naive":
+    config = recipe.method_config()
+    if config is None:
         return model
-    if recipe.uses_fd:
-        method["shared_route"] = True
-    config = CONFIG_CLASSES[name](languages=recipe.languages, **method)
     return wrap(model, config)
 
 
@@ -161,7 +181,8 @@ def add_decoder_inputs(batch: dict, model_config) -> dict:
 
 def make_loss_fn(recipe: MMTRecipe):
     """CE with label smoothing (plus any auxiliary loss), or the FD objective when the method uses it."""
-    one_way = recipe.method.get("name") == "ls_ffn"
+    config = recipe.method_config()
+    one_way = config is not None and config.fd_one_way
     kl_weight = float(recipe.method.get("kl_weight", 1.0))
 
     def loss_fn(model, batch: dict) -> tuple[torch.Tensor, int]:
@@ -237,11 +258,14 @@ def parameter_table(model: torch.nn.Module, recipe: MMTRecipe) -> dict:
     return counts
 
 
-def train_run(recipe: MMTRecipe, resume: bool = False, data: Optional[MMTData] = None) -> Path:
-    """Train one run; writes checkpoint, log, final weights and the parameter table into its run dir."""
+def train_run(recipe: MMTRecipe, resume: bool = False, data: Optional[MMTData] = None,
+              overwrite: bool = False) -> Path:
+    """Train one run; writes checkpoint, log, final weights and the parameter table into its run dir.
+
+    A run dir that already holds a run is continued (`resume`), replaced (`overwrite`) or refused.
+    """
     run_dir = recipe.run_dir
-    if resume:
-        check_resumable(recipe, run_dir)
+    claim_run_dir(recipe, run_dir, resume, overwrite)
     data = data or prepare(recipe)
     model = build_model(recipe, data.tokenizer)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -253,18 +277,56 @@ def train_run(recipe: MMTRecipe, resume: bool = False, data: Optional[MMTData] =
           f"inference {params['inference_extra_language_routes']:,} (language routes) / "
           f"{params['inference_extra_shared_route']:,} (shared route; 0 once merged); base {params['base']:,}")
     settings = TrainSettings(steps=recipe.steps, lr=recipe.lr, warmup=recipe.warmup, accumulation=recipe.accumulation,
-                             checkpoint_every=recipe.checkpoint_every, valid_every=recipe.valid_every, seed=recipe.seed)
+                             checkpoint_every=recipe.checkpoint_every, valid_every=recipe.valid_every, seed=recipe.seed,
+                             mixed_precision=recipe.mixed_precision)
     config = model.config
     started = time.perf_counter()
     train(model, lambda: batch_stream(recipe, data, config), make_loss_fn(recipe), settings, run_dir, resume=resume,
           valid_fn=valid_loss_fn(recipe, data, config) if recipe.valid_every else None)
     state = PartialState()
     if state.is_main_process:  # every process holds the same weights; one writes them
-        write_model_weights(run_dir / "model.safetensors", model)
+        write_model_weights(run_dir / WEIGHTS_NAME, model)
         write_json(run_dir / "train_summary.json", {"wall_seconds": round(time.perf_counter() - started, 1),
                                                     "steps": recipe.steps, "resumed": resume})
     state.wait_for_everyone()
     return run_dir
+
+
+def claim_run_dir(recipe: MMTRecipe, run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Make `run_dir` ready for this run, before any data is prepared; never silently mix two runs in it.
+
+    Under `accelerate launch` every process decides on the same untouched folder, then one process clears it.
+    """
+    replace = run_dir_to_replace(recipe, run_dir, resume, overwrite)
+    state = PartialState()
+    state.wait_for_everyone()
+    if state.is_main_process:
+        remove_stale_temporaries(run_dir)  # what killed runs left: half-written checkpoints and weights
+        if replace:
+            shutil.rmtree(run_dir)
+    state.wait_for_everyone()
+
+
+def run_dir_to_replace(recipe: MMTRecipe, run_dir: Path, resume: bool, overwrite: bool) -> bool:
+    """Whether `run_dir` holds a run that `overwrite` replaces; refuses every other way of mixing two runs."""
+    if resume and overwrite:
+        raise ConfigError(f"--resume and --overwrite both given for {run_dir}: continue the run or replace it, not both")
+    if resume:
+        check_resumable(recipe, run_dir)
+        return False
+    entries = run_dir.iterdir() if run_dir.is_dir() else ()
+    held = sorted(entry.name for entry in entries if not is_temporary(entry.name))  # leftovers are cleaned, not kept
+    if not held:
+        return False
+    if not overwrite:
+        raise ConfigError(
+            f"{run_dir} already holds a run ({', '.join(held[:5])}{', ...' if len(held) > 5 else ''}); pass --resume "
+            "(resume=True) to continue it or --overwrite (overwrite=True) to delete it and train afresh"
+        )
+    if not (run_dir / "recipe.json").is_file():
+        raise ConfigError(f"--overwrite: {run_dir} holds {held[:5]} but no recipe.json, so it is not a polypeft run "
+                          "folder; it is left alone: remove it yourself or choose another name or output_dir")
+    return True
 
 
 def check_resumable(recipe: MMTRecipe, run_dir: Path) -> None:
@@ -292,7 +354,7 @@ def load_run(run_dir: str | Path, data: Optional[MMTData] = None) -> tuple[MMTRe
 
 def read_run_recipe(run_dir: str | Path) -> MMTRecipe:
     run_dir = Path(run_dir)
-    for needed in ("recipe.json", "model.safetensors"):
+    for needed in ("recipe.json", WEIGHTS_NAME):
         if not (run_dir / needed).exists():
             raise FileNotFoundError(f"{run_dir / needed} not found: is {run_dir} a trained `polypeft mmt` run?")
     return MMTRecipe.from_dict(json.loads((run_dir / "recipe.json").read_text()), where=str(run_dir / "recipe.json"))
@@ -309,7 +371,7 @@ def load_translation_model(run_dir: str | Path, tokenizer: Optional[SpmTokenizer
         # Runs trained before the tokenizer was kept in the run directory find it in the cache (or retrain it).
         tokenizer = SpmTokenizer(saved) if saved.exists() else prepare(recipe).tokenizer
     model = build_model(recipe, tokenizer)
-    load_model(model, str(Path(run_dir) / "model.safetensors"))
+    load_model(model, str(Path(run_dir) / WEIGHTS_NAME))
     return recipe, tokenizer, model.eval()
 
 
@@ -351,11 +413,17 @@ def eval_variants(recipe: MMTRecipe) -> dict[str, Optional[str]]:
 
 
 def evaluate_run(run_dir: str | Path, data: Optional[MMTData] = None, split: str = "test") -> dict:
-    """Beam search on the split, BLEU/chrF per direction and averages, written as JSON next to the run."""
+    """Beam search on the split, BLEU/chrF per direction and averages, written as JSON next to the run.
+
+    The JSON records the SHA-256 of the weights it scored, so a later comparison can tell it is stale.
+    """
+    if split not in EVAL_SPLITS:
+        raise ValueError(f"evaluate_run: split={split!r}; choose one of {list(EVAL_SPLITS)}")
     recipe, data, model = load_run(run_dir, data)
+    weights_sha256 = file_sha256(Path(run_dir) / WEIGHTS_NAME)
     examples = data.test if split == "test" else data.valid
     results = {"name": recipe.name, "seed": recipe.seed, "method": recipe.method, "split": split,
-               "parameters": parameter_table(model, recipe), "variants": {}}
+               "weights_sha256": weights_sha256, "parameters": parameter_table(model, recipe), "variants": {}}
     for variant, route in eval_variants(recipe).items():
         started = time.perf_counter()
         hypotheses = translate(model, data.tokenizer, examples, beam=recipe.beam,

@@ -6,11 +6,12 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
-from safetensors.torch import load_file
 from transformers import Seq2SeqTrainer, Trainer, default_data_collator
 
 from ..core.languages import LanguageError
+from ..core.export import ADAPTER_WEIGHTS_NAME
 from ..core.model import WEIGHTS_NAME, PolyModel
+from ..core.savefiles import read_weights
 from ..methods.fd import fuse_distillation_step
 
 ROUTE_COLUMNS = ("src_lang", "tgt_lang", "lang")
@@ -87,9 +88,10 @@ class RoutedTrainerMixin:
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Optional[torch.nn.Module] = None) -> None:
         poly = unwrap(model or self.model)
         weights = Path(resume_from_checkpoint) / WEIGHTS_NAME
-        if not weights.is_file():
+        if not weights.is_file() and not (weights.parent / ADAPTER_WEIGHTS_NAME).is_file():
             raise FileNotFoundError(f"{weights} not found: {resume_from_checkpoint} is not a polypeft checkpoint")
-        poly.load_added_state_dict(load_file(str(weights)), where=str(weights))
+        tensors, weights = read_weights(poly.poly_config, weights.parent)  # the LoRA baseline saves PEFT's files
+        poly.load_added_state_dict(tensors, where=str(weights))
 
     def _load_best_model(self) -> None:
         self._load_from_checkpoint(self.state.best_model_checkpoint)

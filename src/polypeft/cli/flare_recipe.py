@@ -1,0 +1,86 @@
+"""The typed YAML recipe of `polypeft flare train|eval`: model, data, the two FLARE configs and stage settings.
+
+Kept apart from the command module so that `polypeft --help` never imports torch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import ClassVar, Optional
+
+from ..core.config import PositiveInt, TypedConfig
+from ..methods.flare.model import FLAREConfig, FLAREError
+from ..methods.flare.recipe import RECIPES, StageSettings
+from .recipes import check_input_file, check_output_dir
+
+
+@dataclass
+class FlareModelBlock(TypedConfig):
+    """`model:` the sequence classifier to adapt (a from_pretrained name or folder)."""
+
+    error_type: ClassVar[type] = FLAREError
+    name_or_path: str
+    num_labels: PositiveInt = 2
+    tokenizer: Optional[str] = None
+
+
+@dataclass
+class FlareDataBlock(TypedConfig):
+    """`data:` JSONL files of English and target-language examples, and how they are batched."""
+
+    error_type: ClassVar[type] = FLAREError
+    english_train: Optional[str] = None
+    target_train: Optional[str] = None
+    eval: Optional[str] = None
+    batch_size: PositiveInt = 16
+    max_length: PositiveInt = 128
+    prefix: str = ""
+
+
+@dataclass
+class FlareRecipe(TypedConfig):
+    """A FLARE run: stage 1 (English LoRA, merged) and the recipe's stage 2; `stage1_lora` defaults to `flare`."""
+
+    error_type: ClassVar[type] = FLAREError
+    model: FlareModelBlock
+    data: FlareDataBlock
+    output_dir: str
+    recipe: str = "flare"
+    mt_model: Optional[str] = None
+    target_lang: Optional[str] = None
+    flare: FLAREConfig = field(default_factory=FLAREConfig)
+    stage1_lora: Optional[FLAREConfig] = None
+    stage1: StageSettings = field(default_factory=StageSettings)
+    stage2: StageSettings = field(default_factory=StageSettings)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.recipe not in RECIPES:
+            raise FLAREError(f"recipe={self.recipe!r} is not allowed; choose one of {list(RECIPES)}")
+        if self.recipe == "flare_mt" and self.mt_model is None:
+            raise FLAREError("recipe 'flare_mt' needs mt_model: <encoder-decoder name or folder, or the "
+                             "directory of a `polypeft mmt` run>")
+        if self.recipe == "flare_mt" and is_polypeft_run(self.mt_model) and self.target_lang is None:
+            raise FLAREError(f"mt_model {self.mt_model!r} is a polypeft translation run; say which language its "
+                             "encoder should read English for, with target_lang: <code>")
+
+    @property
+    def stage1_config(self) -> FLAREConfig:
+        return self.stage1_lora if self.stage1_lora is not None else dataclasses.replace(self.flare)
+
+    def check_paths(self) -> None:
+        for key in ("english_train", "target_train", "eval"):
+            if getattr(self.data, key) is not None:
+                check_input_file(getattr(self.data, key), f"data.{key}")
+        check_output_dir(self.output_dir, "output_dir")
+
+    def data_file(self, key: str) -> str:
+        path = getattr(self.data, key)
+        if path is None:
+            raise FLAREError(f"data.{key} is missing: give a JSONL file")
+        return path
+
+
+def is_polypeft_run(path: Optional[str]) -> bool:
+    return path is not None and os.path.isfile(os.path.join(str(path), "recipe.json"))

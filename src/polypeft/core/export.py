@@ -1,0 +1,263 @@
+"""PEFT-format export: each polypeft route written as a LoRA adapter that peft, vLLM and LoRAX load.
+
+An LMS route (src, tgt) is the LoRA `lora_A = F[tgt]`, `lora_B = V[src]` with `lora_alpha = r`.
+"""
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional, Sequence
+
+import torch
+
+from .. import __version__
+from .fileio import write_json, write_safetensors
+from .anatomy import is_encoder_decoder
+from .languages import SHARED, LanguageError
+
+if TYPE_CHECKING:
+    from .model import PolyModel
+
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+INDEX_NAME = "routes.json"
+PEFT_PREFIX = "base_model.model."
+# The ranks vLLM accepts for --max-lora-rank; a route's rank is rounded up to the next one.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+NOT_LOW_RANK = {
+    "switch": "its experts are full-rank FFN copies chosen per token, not a low-rank update per language",
+    "clsr": "its language routes are full-rank (d x d) weights mixed in by a gate",
+    "ls_ffn": "its language routes are full-rank copies of each FFN linear",
+}
+
+# Base model class name endings -> PEFT task_type (decides which PeftModel subclass wraps the base).
+TASK_TYPES = (
+    ("ForCausalLM", "CAUSAL_LM"),
+    ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
+    ("MTModel", "SEQ_2_SEQ_LM"),
+    ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"),
+    ("ForSequenceClassification", "SEQ_CLS"),
+    ("ForTokenClassification", "TOKEN_CLS"),
+    ("ForQuestionAnswering", "QUESTION_ANS"),
+)
+
+
+class ExportError(ValueError):
+    """A model or route that cannot be written as a PEFT LoRA adapter."""
+
+
+def peft_key(module_name: str, factor: str) -> str:
+    """PEFT's saved name of a LoRA factor (`lora_A` or `lora_B`) of module `module_name`."""
+    return f"{PEFT_PREFIX}{module_name}.{factor}.weight"
+
+
+def task_type_of(base_model: torch.nn.Module) -> str:
+    name = type(base_model).__name__
+    for ending, task_type in TASK_TYPES:
+        if name.endswith(ending):
+            return task_type
+    return "SEQ_2_SEQ_LM" if is_encoder_decoder(base_model) else "FEATURE_EXTRACTION"
+
+
+def check_low_rank(poly: "PolyModel") -> None:
+    method = poly.poly_config.method
+    if method in NOT_LOW_RANK:
+        raise ExportError(
+            f"method {method!r} cannot be exported as a LoRA adapter: {NOT_LOW_RANK[method]}. Only LMS and "
+            "LoRA routes are low-rank; serve one route of this model with merge_and_unload(src=..., tgt=...)"
+        )
+    if not poly.routed_layers:
+        raise ExportError("this PolyModel was spent by merge_and_unload() or unload(): it has no routes to export")
+
+
+def lora_scale(poly: "PolyModel") -> tuple[int, float]:
+    """(r, lora_alpha): LMS adds V F unscaled, so alpha = r; the LoRA baseline keeps its own alpha."""
+    config = poly.poly_config
+    return config.rank, float(getattr(config, "alpha", config.rank))
+
+
+def route_factors(layer: torch.nn.Module, route: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lora_A, lora_B) of one layer for one (src, tgt) route id pair."""
+    factors = layer.lora_factors(route)
+    if factors is not None:
+        return factors
+    raise ExportError(f"{layer.layer_name}: a {type(layer).__name__} has no LoRA factors to export")
+
+
+def short_target_names(poly: "PolyModel") -> list[str]:
+    """PEFT's target_modules: last name parts when they select exactly the routed layers, else full names."""
+    routed = set(poly.routed_layers)
+    endings = sorted({name.rsplit(".", 1)[-1] for name in routed})
+    selected = {name for name, _ in poly.base_model.named_modules() if name.rsplit(".", 1)[-1] in endings}
+    return endings if selected == routed else sorted(routed)
+
+
+def adapter_config(poly: "PolyModel", base_model_name_or_path: Optional[str] = None) -> dict:
+    """The adapter_config.json PEFT, vLLM and LoRAX read for these routed layers."""
+    rank, alpha = lora_scale(poly)
+    name = base_model_name_or_path or getattr(getattr(poly.base_model, "config", None), "_name_or_path", None)
+    return {
+        "peft_type": "LORA",
+        "task_type": task_type_of(poly.base_model),
+        "base_model_name_or_path": name or None,
+        "revision": None,
+        "r": rank,
+        "lora_alpha": alpha,
+        "lora_dropout": float(getattr(poly.poly_config, "dropout", 0.0)),
+        "target_modules": short_target_names(poly),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+
+
+def peft_tensors(poly: "PolyModel", route: tuple[int, int]) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for name, layer in poly.routed_layers.items():
+        lora_a, lora_b = route_factors(layer, route)
+        tensors[peft_key(name, "lora_A")] = lora_a
+        tensors[peft_key(name, "lora_B")] = lora_b
+    return tensors
+
+
+def write_adapter(
+    poly: "PolyModel", directory: str | Path, route: tuple[int, int], base_model_name_or_path: Optional[str] = None
+) -> Path:
+    """Write one route as adapter_config.json + adapter_model.safetensors in `directory`."""
+    directory = Path(directory)
+    src, tgt = (poly.registry.code_of(i) for i in route)
+    metadata = {"format": "pt", "polypeft_route": f"{src}->{tgt}", "polypeft_version": __version__}
+    write_safetensors(directory / ADAPTER_WEIGHTS_NAME, peft_tensors(poly, route), metadata=metadata)
+    write_json(directory / ADAPTER_CONFIG_NAME, adapter_config(poly, base_model_name_or_path))
+    return directory
+
+
+def route_ids(
+    poly: "PolyModel",
+    src_lang: Optional[str] = None,
+    tgt_lang: Optional[str] = None,
+    lang: Optional[str] = None,
+    route: Optional[str] = None,
+) -> tuple[int, int]:
+    """One checked (src, tgt) id pair from exactly one of src_lang/tgt_lang, lang= or route=."""
+    given = [name for name, value in (("lang", lang), ("route", route)) if value is not None]
+    if src_lang is not None or tgt_lang is not None:
+        given.append("src_lang/tgt_lang")
+    if len(given) > 1:
+        raise LanguageError(f"pass one of src_lang=/tgt_lang=, lang= or route=, not {' and '.join(given)}")
+    single = lang if lang is not None else route
+    if single is not None:
+        src_lang = tgt_lang = single
+    if src_lang is None and tgt_lang is None:
+        if not poly.poly_config.language_agnostic:
+            raise LanguageError(
+                f"export_lora needs a route: lang=, src_lang=/tgt_lang= or route='shared'; known codes are "
+                f"{poly.registry.allowed()}"
+            )
+        src_lang = tgt_lang = poly.registry.languages[0]  # the layers ignore the route
+    for where, value in (("src_lang", src_lang), ("tgt_lang", tgt_lang)):
+        if value is not None and not isinstance(value, str):
+            raise LanguageError(f"export_lora {where}={value!r}: one route is exported at a time; give one code")
+    routes = poly.registry.routes(src_lang, tgt_lang)
+    return int(routes.src[0]), int(routes.tgt[0])
+
+
+def export_lora(
+    poly: "PolyModel",
+    directory: str | Path,
+    src_lang: Optional[str] = None,
+    tgt_lang: Optional[str] = None,
+    lang: Optional[str] = None,
+    route: Optional[str] = None,
+    base_model_name_or_path: Optional[str] = None,
+) -> Path:
+    """One route as a PEFT LoRA adapter; `peft.PeftModel.from_pretrained(base, directory)` runs it."""
+    check_low_rank(poly)
+    return write_adapter(poly, directory, route_ids(poly, src_lang, tgt_lang, lang, route), base_model_name_or_path)
+
+
+def routes_to_export(
+    poly: "PolyModel", pairs: Optional[Sequence[tuple[str, str]]] = None
+) -> list[tuple[str, tuple[int, int]]]:
+    """(name, route ids) of every route: one per language (language-wise), every pair or `pairs` (pair-wise)."""
+    config, registry = poly.poly_config, poly.registry
+    if config.language_agnostic:
+        return [(config.method, (0, 0))]
+    if pairs is not None:
+        chosen = [(src, tgt) for src, tgt in pairs]
+    elif getattr(config, "synthesis", "pair") == "language":
+        chosen = [(code, code) for code in registry.languages]
+    else:
+        chosen = [(src, tgt) for src in registry.languages for tgt in registry.languages]
+    if registry.shared_route and (SHARED, SHARED) not in chosen:
+        chosen.append((SHARED, SHARED))
+    named = []
+    for src, tgt in chosen:
+        name = src if src == tgt else f"{src}-{tgt}"
+        if not re.fullmatch(r"[\w.\-]+", name):
+            raise ExportError(f"route {src}->{tgt} gives the adapter name {name!r}, which is not a safe folder name")
+        named.append((name, route_ids(poly, src, tgt)))
+    names = [name for name, _ in named]
+    duplicated = sorted({name for name in names if names.count(name) > 1})
+    if duplicated:
+        raise ExportError(f"pairs={list(pairs or [])} name the routes {duplicated} more than once")
+    return named
+
+
+def serving_commands(base: str, adapters: dict[str, Path], rank: int) -> dict[str, str]:
+    """The vLLM and LoRAX command lines that serve every adapter of `adapters` on `base`."""
+    vllm_rank = next((allowed for allowed in VLLM_LORA_RANKS if allowed >= rank), rank)
+    modules = " ".join(shlex.quote(f"{name}={path}") for name, path in adapters.items())
+    vllm = (f"vllm serve {shlex.quote(base)} --enable-lora --lora-modules {modules} "
+            f"--max-lora-rank {vllm_rank} --max-loras {len(adapters)}")
+    root = Path(next(iter(adapters.values()))).parent
+    lorax = (f"docker run --gpus all --shm-size 1g -p 8080:80 -v {shlex.quote(str(root))}:/data/routes "
+             f"ghcr.io/predibase/lorax:main --model-id {shlex.quote(base)}")
+    first = next(iter(adapters))
+    request = ("curl 127.0.0.1:8080/generate -X POST -H 'Content-Type: application/json' -d "
+               + shlex.quote('{"inputs": "...", "parameters": {"adapter_id": "/data/routes/%s", '
+                             '"adapter_source": "local"}}' % first))
+    return {"vllm": vllm, "lorax": lorax, "lorax_request": request}
+
+
+def export_lora_routes(
+    poly: "PolyModel",
+    directory: str | Path,
+    pairs: Optional[Sequence[tuple[str, str]]] = None,
+    base_model_name_or_path: Optional[str] = None,
+) -> Path:
+    """Every route as its own adapter folder, plus routes.json: the index and the serving command lines."""
+    check_low_rank(poly)
+    directory = Path(directory).resolve()
+    base = base_model_name_or_path or adapter_config(poly)["base_model_name_or_path"] or "<base model>"
+    adapters, entries = {}, []
+    for name, route in routes_to_export(poly, pairs):
+        write_adapter(poly, directory / name, route, base_model_name_or_path)
+        adapters[name] = directory / name
+        src, tgt = (poly.registry.code_of(i) for i in route)
+        entries.append({"name": name, "path": name, "src_lang": src, "tgt_lang": tgt})
+    rank, alpha = lora_scale(poly)
+    index = {
+        "polypeft_version": __version__,
+        "method": poly.poly_config.method,
+        "synthesis": getattr(poly.poly_config, "synthesis", None),
+        "base_model": base,
+        "base_class": type(poly.base_model).__name__,
+        # Without freeze_base the routes were trained together with the base weights: serve those.
+        "base_weights_trained": not poly.poly_config.freeze_base,
+        "r": rank,
+        "lora_alpha": alpha,
+        "routes": entries,
+        "commands": serving_commands(base, adapters, rank),
+    }
+    return write_json(directory / INDEX_NAME, index)

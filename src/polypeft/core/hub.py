@@ -1,0 +1,99 @@
+"""Hugging Face Hub ids for polypeft saves: download a save by repo id, push one without base weights.
+
+A local folder always wins over a Hub id of the same spelling; downloads go through huggingface_hub.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+from .card import CARD_NAME
+from .config import ConfigError, MethodConfig, config_from_dict, load_config_file
+from .export import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
+from .savefiles import CONFIG_NAME, WEIGHTS_NAME
+
+if TYPE_CHECKING:
+    from .model import PolyModel
+
+SAVE_FILES = (CONFIG_NAME, WEIGHTS_NAME, ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, CARD_NAME)
+
+
+def hub_errors() -> tuple[type, ...]:
+    from huggingface_hub import errors
+
+    return (errors.HfHubHTTPError, errors.LocalEntryNotFoundError, errors.EntryNotFoundError, errors.HFValidationError)
+
+
+def is_repo_id(name_or_path: str) -> bool:
+    parts = str(name_or_path).split("/")
+    return len(parts) in (1, 2) and all(parts) and not str(name_or_path).startswith((".", "~"))
+
+
+def resolve_save(name_or_path: str | Path, revision: Optional[str] = None, **download_options: Any) -> Path:
+    """A local save folder as is, or the folder of a Hub repo's save files after download (or from cache)."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    if not is_repo_id(str(name_or_path)):
+        raise FileNotFoundError(f"{name_or_path} is neither a save folder nor a Hub repo id like 'org/name'")
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(str(name_or_path), revision=revision, allow_patterns=list(SAVE_FILES),
+                                   **download_options)
+    except hub_errors() as error:
+        raise FileNotFoundError(
+            f"no polypeft save at {name_or_path!r} (revision {revision or 'main'}): not a local folder, and the "
+            f"Hub gave {type(error).__name__}: {error}"
+        ) from None
+    return Path(folder)
+
+
+def read_save_config(directory: Path) -> dict[str, Any]:
+    """The saved polypeft_config.json, with its keys checked."""
+    config_path = directory / CONFIG_NAME
+    if not config_path.exists():
+        raise FileNotFoundError(f"{config_path} not found: is {directory} a polypeft save directory?")
+    try:
+        saved = json.loads(config_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{config_path}: not valid JSON ({error})") from None
+    unknown = sorted(set(saved) - {"polypeft_version", "config", "base_model"})
+    if unknown:
+        raise ConfigError(f"{config_path}: unknown keys {unknown}; allowed: config, base_model, polypeft_version")
+    return saved
+
+
+def load_config(name_or_path: str | Path, revision: Optional[str] = None, **download_options: Any) -> MethodConfig:
+    """The method config of a save folder, a Hub repo id, or a config JSON file."""
+    path = Path(name_or_path)
+    if path.is_file():
+        data = json.loads(path.read_text(encoding="utf-8")) if path.name == CONFIG_NAME else None
+        if isinstance(data, dict) and "config" in data:
+            return config_from_dict(data["config"], where=str(path))
+        return load_config_file(str(path))
+    directory = resolve_save(name_or_path, revision, **download_options)
+    return config_from_dict(read_save_config(directory)["config"], where=str(directory / CONFIG_NAME))
+
+
+def push_to_hub(
+    poly: "PolyModel",
+    repo_id: str,
+    private: Optional[bool] = None,
+    token: Optional[str] = None,
+    revision: Optional[str] = None,
+    commit_message: str = "Upload polypeft routes",
+    results: Optional[dict[str, Any]] = None,
+) -> Any:
+    """Upload the adapter files and the model card only (never the base weights); returns the commit info."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    with tempfile.TemporaryDirectory() as folder:
+        poly.save_pretrained(folder, results=results)
+        files = sorted(p.name for p in Path(folder).iterdir() if p.name in SAVE_FILES)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        return api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision,
+                                 commit_message=commit_message, allow_patterns=files)

@@ -1,0 +1,81 @@
+"""PEFT's everyday calls on a PolyModel, under PEFT's names where the meaning is the same.
+
+Calls that would mean something else here raise an error saying what to do instead.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Iterator
+
+from torch import nn
+
+from .inject import get_parent, restore_base_layers
+from .languages import LanguageError
+
+if TYPE_CHECKING:
+    from .model import PolyModel
+
+
+class UnsupportedCallError(TypeError):
+    """A PEFT or transformers adapter call that PolyModel answers differently."""
+
+
+INSTEAD = {
+    "set_adapter": "a PolyModel routes per call, not per active adapter: pass src_lang=/tgt_lang= (or lang=) to "
+                   "forward/generate, or run inside `with model.routes(...)`",
+    "load_adapter": "load a polypeft save with pp.PolyModel.from_pretrained(base_model, folder_or_repo_id); "
+                    "for one exported route as a PEFT adapter use peft.PeftModel.from_pretrained",
+    "add_adapter": "every language route already lives in this PolyModel; to add languages build a new config "
+                   "listing them (pp.wrap(base_model, config)) and train",
+}
+
+
+def refuse(call: str) -> UnsupportedCallError:
+    return UnsupportedCallError(f"PolyModel.{call}() is not supported: {INSTEAD[call]}")
+
+
+def check_not_spent(poly: "PolyModel", action: str) -> None:
+    if not poly.routed_layers:
+        raise LanguageError(
+            f"cannot {action}: this PolyModel was spent by merge_and_unload() or unload(), which gave its base "
+            "model back; use the returned model, or build a new PolyModel (pp.wrap or PolyModel.from_pretrained)"
+        )
+
+
+@contextmanager
+def adapters_disabled(poly: "PolyModel") -> Iterator[None]:
+    """The plain base layers stand in for the routed ones for the block, on the same object (so for every
+    thread that uses the model meanwhile)."""
+    check_not_spent(poly, "disable the adapters")
+    if poly.merged_route is not None:
+        raise LanguageError(
+            f"route {poly.merged_route_codes} is merged into the base weights, so the base model's outputs are "
+            "not available; call unmerge() before disable_adapter()"
+        )
+    if poly.adapters_disabled:
+        yield
+        return
+    restore_base_layers(poly.base_model, poly.routed_layers)
+    poly.adapters_disabled = True
+    try:
+        yield
+    finally:
+        for name, layer in poly.routed_layers.items():
+            parent, child = get_parent(poly.base_model, name)
+            setattr(parent, child, layer)
+        poly.adapters_disabled = False
+
+
+def unload(poly: "PolyModel") -> nn.Module:
+    """The base model with its original layers and weights (any merged route taken out first)."""
+    check_not_spent(poly, "unload")
+    poly.unmerge()
+    restore_base_layers(poly.base_model, poly.routed_layers)
+    poly.routed_layers = {}
+    return poly.base_model
+
+
+def trainable_parameter_counts(poly: "PolyModel") -> tuple[int, int]:
+    """(trainable, all) parameters, as PEFT's get_nb_trainable_parameters counts them."""
+    parameters = list(poly.parameters())
+    return sum(p.numel() for p in parameters if p.requires_grad), sum(p.numel() for p in parameters)
