@@ -93,6 +93,15 @@ def test_gpt2_save_and_load_are_exact(tmp_path, config):
                        output_of(poly, batch, src_lang=SRC, tgt_lang=TGT))
 
 
+def test_gpt2_lora_save_loads_in_peft_with_equal_outputs(tmp_path):
+    peft = pytest.importorskip("peft")
+    poly = routed_gpt2(pp.LoRAConfig(languages=LANGS, rank=2))
+    batch = batch_of(poly.base_model, 2)
+    poly.save_pretrained(tmp_path)
+    loaded = peft.PeftModel.from_pretrained(gpt2(), str(tmp_path))  # peft transposes for Conv1D itself
+    torch.testing.assert_close(loaded(**batch).logits, poly(**batch).logits)
+
+
 # ---- MoE experts: the router reorders token rows -----------------------------------------------------
 @pytest.mark.parametrize("model_type", sorted(MOE_SIZES))
 def test_moe_expert_linears_run_one_route_and_refuse_a_mixed_batch_by_name(model_type):
