@@ -105,7 +105,7 @@ def run(base: MMTRecipe, methods: dict, folder: Path) -> PartResult:
 def rows_of(comparison: dict, cross_entropy: dict[str, float], seconds: dict[str, float], base: MMTRecipe) -> list[Row]:
     """A test-CE row and a chrF row for each method against naive."""
     directions = len(base.languages) - 1
-    task = f"translation en<->{','.join(l for l in base.languages if l != base.pivot)} ({2 * directions} directions)"
+    task = f"translation en<->{'/'.join(l for l in base.languages if l != base.pivot)} ({2 * directions} directions)"
     chrf = {label: row["averages"]["chrf_all"]["mean"] for label, row in comparison["rows"].items()}
     rows = []
     for label, (ce_gain, ce_text, chrf_gain, chrf_text) in FULL_BENCH.items():

@@ -5,6 +5,7 @@ A reader sees each gain beside the full benchmark's figure, and whether the two 
 from __future__ import annotations
 
 import platform
+import textwrap
 from pathlib import Path
 from typing import Sequence
 
@@ -60,7 +61,7 @@ def plot(results: Sequence[PartResult], path: Path, title: str) -> Path:
     FigureCanvasAgg(figure)
     axes_list = figure.subplots(len(panels), 1, gridspec_kw={"height_ratios": heights}, squeeze=False)[:, 0]
     for axes, (name, members) in zip(axes_list, panels.items()):
-        labels = [f"{row.method}: {row.task.split(',')[0]} ({row.metric})" for row in members]
+        labels = [f"{row.method}: {row.task.split(', ')[0]} ({row.metric})" for row in members]
         gains = [row.gain for row in members]
         colours = ["tab:green" if gain > 0 else "tab:red" for gain in gains]
         positions = list(range(len(members)))[::-1]
@@ -70,9 +71,11 @@ def plot(results: Sequence[PartResult], path: Path, title: str) -> Path:
         axes.set_xlabel(f"gain over baseline, {name}", fontsize=9)
         limit = max(abs(gain) for gain in gains) or 1.0
         axes.set_xlim(-1.35 * limit, 1.35 * limit)
+        digits = 3 if "cross-entropy" in name else 1
         for position, gain in zip(positions, gains):
-            axes.text(gain, position, f" {gain:+.2f} ", va="center", ha="left" if gain >= 0 else "right", fontsize=8)
-    figure.suptitle(title, fontsize=10)
+            axes.text(gain, position, f" {gain:+.{digits}f} ", va="center", ha="left" if gain >= 0 else "right",
+                      fontsize=8)
+    figure.suptitle("\n".join(textwrap.wrap(title, 110)), fontsize=10)
     figure.tight_layout()
     return atomic_write(path, lambda temporary: figure.savefig(temporary, format="png", dpi=110))
 
