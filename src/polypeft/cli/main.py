@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "flare, mmt (default: all)")
     demo_parser.add_argument("--quick", action="store_true", help="a smoke run (<= 2 min; its figures mean nothing)")
     demo_parser.add_argument("--output-dir", default="runs/demo")
-    demo_parser.add_argument("--steps", type=int, help="translation training steps per method (default 150; --quick: 8)")
+    demo_parser.add_argument("--steps", type=int, help="translation training steps per method (default 100; --quick: 8)")
     demo_parser.set_defaults(func=demo)
 
     from .encoder import add_cli as add_encoder

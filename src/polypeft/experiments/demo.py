@@ -27,7 +27,7 @@ def demo_recipe(quick: bool, output_dir: str) -> MMTRecipe:
                          max_eval_verses=6, steps=8, warmup=4, checkpoint_every=4, max_tokens=1024, beam=2, max_length=48,
                          output_dir=output_dir)
     return MMTRecipe(languages=["en", "fr", "es", "de"], vocab_size=4000, spm_max_sentences=15000,
-                     max_train_verses=None, max_eval_verses=30, steps=150, warmup=50, lr=1e-3, max_tokens=2000,
+                     max_train_verses=None, max_eval_verses=30, steps=100, warmup=30, lr=1e-3, max_tokens=2000,
                      checkpoint_every=50, valid_every=0, beam=2, max_length=64, output_dir=output_dir)
 
 
