@@ -188,22 +188,6 @@ def test_cli_trains_evaluates_and_compares_on_the_bible(tmp_path):
     assert set(result["variants"]["fd_share"]["directions"]) == {"en-de", "de-en"}
 
 
-@pytest.mark.slow
-def test_demo_runs_in_reduced_mode(tmp_path, capsys):
-    from polypeft.cli.main import main
-
-    assert main(["demo", "--quick", "--steps", "6", "--output-dir", str(tmp_path)]) == 0
-    printed = capsys.readouterr().out
-    assert "6 steps per method" in printed
-    assert "| lms_fd (fd-share) |" in printed and "| naive |" in printed
-    comparison = json.loads((tmp_path / "compare" / "comparison.json").read_text())
-    assert set(comparison["rows"]) == {"naive", "lms", "lms_fd (fd-share)", "lms_fd (fd-ls)"}
-    assert (tmp_path / "compare" / "bleu_gain_vs_parameters.png").exists()
-    # Run again: finished runs of the same recipe are reused, not retrained.
-    assert main(["demo", "--quick", "--steps", "6", "--output-dir", str(tmp_path)]) == 0
-    assert capsys.readouterr().out.count("already trained and evaluated") == 3
-
-
 def test_cross_entropy_scores_the_shared_route_when_asked(data, tmp_path):
     from polypeft.tasks.translation.run import load_run, valid_loss_fn
 
@@ -239,15 +223,3 @@ def test_validation_loss_is_logged_every_n_steps_and_at_the_end(data, tmp_path):
     records = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "valid_loss" in r] == [3, 6, 7]
     assert all(0 < r["valid_loss"] < 10 for r in records if "valid_loss" in r)
-
-
-def test_demo_refuses_a_folder_holding_another_demo_setting(tmp_path):
-    from polypeft.core.config import ConfigError
-    from polypeft.experiments.demo import demo_recipe, run_demo
-
-    stale = dataclasses.replace(demo_recipe(True, str(tmp_path)), name="lms", max_tokens=999)
-    stale.run_dir.mkdir(parents=True)
-    (stale.run_dir / "recipe.json").write_text(json.dumps(dataclasses.asdict(stale)), encoding="utf-8")
-    (stale.run_dir / CHECKPOINT_NAME).write_bytes(b"")
-    with pytest.raises(ConfigError, match=r"polypeft demo: .*lms-seed0 holds a run of another demo setting.*max_tokens"):
-        run_demo(quick=True, output_dir=str(tmp_path))

@@ -78,7 +78,7 @@ def demo(args) -> int:
     from ..experiments.demo import run_demo
 
     check_output_dir(args.output_dir, "--output-dir")
-    run_demo(quick=args.quick, output_dir=args.output_dir, steps=args.steps)
+    run_demo(args.parts, quick=args.quick, output_dir=args.output_dir, steps=args.steps)
     return 0
 
 
@@ -113,10 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     comparison.add_argument("--pivot", default="en", help="the hub language of the en->xx / xx->en averages")
     comparison.set_defaults(func=mmt_compare)
 
-    demo_parser = commands.add_parser("demo", help="naive vs LMS vs LMS+FD on 4 Bible languages, a few minutes")
-    demo_parser.add_argument("--quick", action="store_true", help="a reduced run (tests, smoke checks)")
+    demo_parser = commands.add_parser("demo", help="every method against its baseline on the Bible corpus, minutes")
+    demo_parser.add_argument("parts", nargs="*", metavar="PART", help="run only these parts, from lrp2, lens, lms, "
+                             "flare, mmt (default: all)")
+    demo_parser.add_argument("--quick", action="store_true", help="a smoke run (<= 2 min; its figures mean nothing)")
     demo_parser.add_argument("--output-dir", default="runs/demo")
-    demo_parser.add_argument("--steps", type=int, help="training steps per method (default 300; --quick: 8)")
+    demo_parser.add_argument("--steps", type=int, help="translation training steps per method (default 100; --quick: 8)")
     demo_parser.set_defaults(func=demo)
 
     from .encoder import add_cli as add_encoder

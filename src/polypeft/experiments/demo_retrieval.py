@@ -1,0 +1,137 @@
+"""The demo's verse-retrieval task (xx->en on John, e5-small), shared by its LRP2 and LENS parts.
+
+Both parts score against the same plain-encoder baseline, so its embeddings are computed once and cached on disk.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..backbones.e5 import QUERY_PREFIX, embed
+from ..core.fileio import write_torch
+from .demo_store import settings_key
+
+TEST_BOOK = 43  # John: never used to choose anything
+VALID_BOOKS = [45, 46, 47, 48, 49]  # Romans to Ephesians, RESULTS §5 "The issue's protocol"
+
+
+@dataclass(frozen=True)
+class RetrievalSettings:
+    """Sizes of the retrieval task; the held-out books choose, John scores."""
+
+    languages: tuple[str, ...] = ("fr", "ar", "ko")
+    test_verses: int = 150  # John verses, spread over the book: the queries in each language and the candidates
+    valid_books: tuple[int, ...] = tuple(VALID_BOOKS)
+    valid_candidates: int = 200  # English verses of the valid books, spread
+    valid_queries: int = 40  # per language, among those verses
+    train_sentences: int = 64  # per language, from the other books: language vectors (LRP2), probe (LENS)
+    max_length: int = 64
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if TEST_BOOK in self.valid_books:
+            raise ValueError(f"RetrievalSettings.valid_books={list(self.valid_books)} holds John ({TEST_BOOK}), "
+                             "the test book; choose other books")
+        for name in ("test_verses", "valid_candidates", "valid_queries", "train_sentences", "max_length"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"RetrievalSettings.{name}={getattr(self, name)}; must be positive")
+        if self.valid_queries > self.valid_candidates:
+            raise ValueError(f"RetrievalSettings.valid_queries={self.valid_queries} exceeds valid_candidates="
+                             f"{self.valid_candidates}; the queries are drawn among the candidates")
+
+    def as_dict(self) -> dict:
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
+
+
+def spread(items: list, count: int) -> list:
+    """`count` items evenly spread over the list (a fixed, seed-free subset)."""
+    if count >= len(items):
+        return list(items)
+    step = len(items) / count
+    return [items[int(index * step)] for index in range(count)]
+
+
+@dataclass
+class RetrievalSet:
+    """English candidates and, per language, query texts with the index of their English verse."""
+
+    candidates: list[str]
+    queries: dict[str, tuple[list[str], list[int]]] = field(default_factory=dict)
+
+
+def retrieval_set(corpus, languages: list[str], books: list[int], candidates: int, queries: int) -> RetrievalSet:
+    english = corpus.verses("en", books)
+    verses = {language: corpus.verses(language, books) for language in languages}
+    keys = spread([key for key in english if all(key in verses[language] for language in languages)], candidates)
+    chosen = spread(list(range(len(keys))), queries)
+    result = RetrievalSet([english[key] for key in keys])
+    for language in languages:
+        result.queries[language] = ([verses[language][keys[i]] for i in chosen], chosen)
+    return result
+
+
+def test_set(corpus, settings: RetrievalSettings) -> RetrievalSet:
+    """John: every chosen verse is a query in each language and a candidate in English; KJV is 'en->en'."""
+    languages = list(settings.languages)
+    found = retrieval_set(corpus, [*languages, "kjv"], [TEST_BOOK], settings.test_verses, settings.test_verses)
+    found.queries["en"] = found.queries.pop("kjv")
+    return found
+
+
+def valid_set(corpus, settings: RetrievalSettings) -> RetrievalSet:
+    return retrieval_set(corpus, list(settings.languages), list(settings.valid_books), settings.valid_candidates,
+                         settings.valid_queries)
+
+
+def training_rows(corpus, settings: RetrievalSettings, count: int) -> list[dict]:
+    """`count` parallel verses (en and every language; dicts language -> text), spread over the books that
+    are neither test nor valid."""
+    held_out = {TEST_BOOK, *settings.valid_books}
+    rows = [row for row in corpus.parallel(["en", *settings.languages])
+            if int(row["ref"].split(":")[0]) not in held_out]
+    return spread(rows, count)
+
+
+def training_texts(corpus, settings: RetrievalSettings) -> dict[str, list[str]]:
+    """`train_sentences` parallel verses per language (with English), prefixed for e5."""
+    rows = training_rows(corpus, settings, settings.train_sentences)
+    return {language: [QUERY_PREFIX + row[language] for row in rows] for language in ["en", *settings.languages]}
+
+
+def encode(model, tokenizer, texts: list[str], settings: RetrievalSettings) -> torch.Tensor:
+    return embed(model, tokenizer, texts, prefix=QUERY_PREFIX, batch_size=settings.batch_size,
+                 max_length=settings.max_length, progress=len(texts) > 4 * settings.batch_size)
+
+
+def accuracy_at_1(queries: torch.Tensor, candidates: torch.Tensor, gold: list[int]) -> float:
+    """Accuracy@1 in %: the query's nearest candidate by cosine is its own verse."""
+    best = (queries @ candidates.T).argmax(1)
+    return 100.0 * float((best == torch.tensor(gold)).float().mean())
+
+
+def plain_embeddings(model, tokenizer, test: RetrievalSet, settings: RetrievalSettings,
+                     cache_dir: Optional[Path]) -> dict[str, torch.Tensor]:
+    """The plain encoder's embeddings of the John candidates ("candidates") and of each language's queries,
+    cached under `cache_dir` by the settings, so the LRP2 and LENS parts compute them once."""
+    path = None if cache_dir is None else Path(cache_dir) / f"retrieval-plain-{settings_key(settings.as_dict())}.pt"
+    if path is not None and path.exists():
+        return torch.load(path)
+    embedded = {"candidates": encode(model, tokenizer, test.candidates, settings)}
+    for language, (texts, _) in test.queries.items():
+        embedded[language] = encode(model, tokenizer, texts, settings)
+    if path is not None:
+        write_torch(path, embedded)
+    return embedded
+
+
+def scores(embedded: dict[str, torch.Tensor], test: RetrievalSet) -> dict[str, float]:
+    """Accuracy@1 per language from embeddings keyed like `plain_embeddings`."""
+    return {language: accuracy_at_1(embedded[language], embedded["candidates"], gold)
+            for language, (_, gold) in test.queries.items()}
+
+
+def mean_over(values: dict[str, float], languages) -> float:
+    return sum(values[language] for language in languages) / len(languages)

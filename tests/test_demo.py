@@ -1,0 +1,113 @@
+"""`polypeft demo`: the quick run end to end on the real assets, reuse of finished parts, and its guards.
+
+The quick run's figures mean nothing; these tests check that every part runs, reports and is reused.
+"""
+from __future__ import annotations
+
+from polypeft.training.checkpoint import CHECKPOINT_NAME
+
+import dataclasses
+import json
+
+import pytest
+
+from polypeft.experiments.demo_store import PartResult, Row, finished_result, run_part, settings_key
+
+
+def test_a_part_is_stored_under_its_settings_and_reused_only_with_the_same_ones(tmp_path):
+    calls = []
+
+    def compute(folder):
+        calls.append(folder)
+        return PartResult("toy", {}, [Row("M", "task", "acc", "base", 1.0, 3.0)], ["a note"])
+
+    first = run_part(tmp_path, "toy", {"steps": 2}, compute)
+    again = run_part(tmp_path, "toy", {"steps": 2}, compute)
+    other = run_part(tmp_path, "toy", {"steps": 3}, compute)
+    assert len(calls) == 2, "the same settings must reuse the stored result"
+    assert again.reused and not first.reused and not other.reused
+    assert again.rows[0].gain == pytest.approx(2.0) and again.notes == ["a note"]
+    assert calls[0].name == f"toy-{settings_key({'steps': 2})}" != calls[1].name
+    assert finished_result(tmp_path, "toy", {"steps": 4}) is None
+
+
+def test_gain_is_positive_when_the_method_is_better_whatever_the_metric_direction():
+    assert Row("M", "t", "acc", "b", 50.0, 52.0).gain == pytest.approx(2.0)
+    assert Row("M", "t", "CE", "b", 5.0, 4.5, higher_is_better=False).gain == pytest.approx(0.5)
+
+
+def test_an_unknown_part_is_refused_by_name(tmp_path, capsys):
+    from polypeft.cli.main import main
+
+    assert main(["demo", "lora", "--output-dir", str(tmp_path)]) == 2
+    message = capsys.readouterr().err
+    assert "'lora'" in message and "lrp2" in message and "mmt" in message
+
+
+@pytest.mark.slow
+def test_quick_demo_runs_every_part_end_to_end_and_reuses_them(tmp_path, capsys):
+    from polypeft.cli.main import main
+
+    assert main(["demo", "--quick", "--output-dir", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "NOT meaningful" in printed
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    methods = {row["method"] for row in summary["rows"]}
+    assert {"LRP2 (LIRP)", "LENS (pull, s=-1)", "LMS (language routes)", "LMS+FD, FD-Share", "LMS+FD, FD-LS",
+            "FLARE add_relu", "LMS pair-wise"} <= methods
+    for row in summary["rows"]:
+        assert all(isinstance(row[key], float) for key in ("baseline", "with_method", "gain", "seconds")), row
+    table = (tmp_path / "summary.md").read_text()
+    assert table.count("\n| ") == len(summary["rows"]) + 1  # the header and one line per row
+    assert "mixed-language batch = per-example routes: max |logit diff|" in table
+    assert "merged into a plain model: forward time" in table
+    assert (tmp_path / "summary.png").stat().st_size > 5000
+    lms = next(part for part in summary["parts"] if part["part"] == "lms")
+    assert lms["details"]["mixed_batch_max_abs_diff"] < 1e-4
+    assert lms["details"]["merged_speed"]["max_abs_diff_to_shared_route"] < 1e-4
+    stored = {part: (tmp_path / f"{part}-{settings_key(entry['settings'])}" / "result.json").stat().st_mtime_ns
+              for entry in summary["parts"] for part in [entry["part"]]}
+    # Run again: every part is reused, nothing recomputed.
+    assert main(["demo", "--quick", "--output-dir", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.count("finished earlier with these settings, reused") == 5
+    for part, mtime in stored.items():
+        assert (tmp_path / f"{part}-{settings_key(next(e['settings'] for e in summary['parts'] if e['part'] == part))}"
+                / "result.json").stat().st_mtime_ns == mtime
+    assert all(part["reused"] for part in json.loads((tmp_path / "summary.json").read_text())["parts"])
+
+
+@pytest.mark.slow
+def test_demo_translation_part_runs_in_reduced_mode(tmp_path, capsys):
+    from polypeft.cli.main import main
+    from polypeft.experiments import demo_mmt
+    from polypeft.experiments.demo import DEMO_METHODS, demo_recipe
+    from polypeft.experiments.demo_store import part_dir
+
+    assert main(["demo", "mmt", "--quick", "--steps", "6", "--output-dir", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "6 steps per method" in printed
+    assert "| lms_fd (fd-share) |" in printed and "| naive |" in printed
+    base = dataclasses.replace(demo_recipe(True, ""), steps=6)
+    folder = part_dir(tmp_path, "mmt", demo_mmt.settings(base, DEMO_METHODS))
+    comparison = json.loads((folder / "compare" / "comparison.json").read_text())
+    assert set(comparison["rows"]) == {"naive", "lms", "lms_fd (fd-share)", "lms_fd (fd-ls)"}
+    assert (folder / "compare" / "bleu_gain_vs_parameters.png").exists()
+    # A stopped demo's finished runs are reused, not retrained, even when the part's result is gone.
+    (folder / "result.json").unlink()
+    assert main(["demo", "mmt", "--quick", "--steps", "6", "--output-dir", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.count("already trained and evaluated") == 3
+
+
+def test_demo_refuses_a_folder_holding_another_demo_setting(tmp_path):
+    from polypeft.core.config import ConfigError
+    from polypeft.experiments import demo_mmt
+    from polypeft.experiments.demo import DEMO_METHODS, demo_recipe, run_demo
+    from polypeft.experiments.demo_store import part_dir
+
+    folder = part_dir(tmp_path, "mmt", demo_mmt.settings(demo_recipe(True, ""), DEMO_METHODS))
+    stale = dataclasses.replace(demo_recipe(True, str(folder)), name="lms", max_tokens=999)
+    stale.run_dir.mkdir(parents=True)
+    (stale.run_dir / "recipe.json").write_text(json.dumps(dataclasses.asdict(stale)), encoding="utf-8")
+    (stale.run_dir / CHECKPOINT_NAME).write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"polypeft demo: .*lms-seed0 holds a run of another demo setting.*max_tokens"):
+        run_demo(quick=True, output_dir=str(tmp_path))
