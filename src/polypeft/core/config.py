@@ -99,7 +99,8 @@ def describe(hint: Any) -> str:
             return inner.replace("an int", "a positive int").replace("a number", "a positive number")
         return " ".join([inner, *ranges])
     if origin in (Union, types.UnionType):
-        options = [describe(a) for a in args if a is not type(None)]
+        # Sorted: typing caches equal Unions, so the order of `args` depends on which was spelled first.
+        options = sorted(describe(a) for a in args if a is not type(None))
         text = " or ".join(options)
         return f"{text} or null" if type(None) in args else text
     if origin is Literal:
@@ -340,7 +341,7 @@ METHODS: dict[str, MethodEntry] = {}
 
 def register_method(name: str, config_class: type, layer_builder: Callable[..., Any]) -> None:
     """Make method `name` known: its config class (saved configs say `method: name`) and the function
-    `layer_builder(config, name, linear, side, route_state, registry)` that wraps each target linear."""
+    `layer_builder(config, site)` that wraps the target linear at `site` (a `core.routed.LayerSite`)."""
     if config_class.method != name:
         raise ConfigError(f"register_method({name!r}): {config_class.__name__}.method is {config_class.method!r}")
     if name in METHODS and METHODS[name].config_class is not config_class:

@@ -25,7 +25,7 @@ from .inject import find_targets, replace_targets, restore_base_layers
 from .languages import LanguageError, LanguageRegistry, LanguageSpec, Routes
 from .merge_guard import MergeSnapshot
 from .peft_conveniences import adapters_disabled, check_not_spent, refuse, trainable_parameter_counts, unload
-from .routed import CONV1D_METHODS, RoutedLinear, mark_moe_experts
+from .routed import CONV1D_METHODS, LayerSite, RoutedLinear, mark_moe_experts
 from .routing import RouteState, carry_routes_into_checkpoints, checkpointing_modules
 from .savefiles import CONFIG_NAME, WEIGHTS_NAME, check_base_class, read_weights, write_weights  # names kept importable here
 
@@ -59,10 +59,12 @@ class PolyModel(nn.Module):
         # This model's forward shows the base model's arguments, so transformers.Trainer keeps their columns.
         self.forward = types.MethodType(forward_with_signature_of(base_model), self)
         build = method_entry(config.method, type(config).__name__).build_layer
+        shared: dict = {}  # what one method's layers of this model share while they are built
         self.routed_layers: dict[str, RoutedLinear] = replace_targets(
             base_model,
             config.target_modules,
-            lambda name, linear: build(config, name, linear, side_of(base_model, name), self.route_state, self.registry),
+            lambda name, linear: build(config, LayerSite(linear, name, side_of(base_model, name), self.route_state,
+                                                         self.registry, shared)),
             accept_conv1d=config.method in CONV1D_METHODS,
         )
         mark_moe_experts(base_model, self.routed_layers)

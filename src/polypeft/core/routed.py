@@ -4,6 +4,7 @@ Subclasses say how a route changes the output (`routed_delta`) and the weight (`
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -12,8 +13,21 @@ from transformers.pytorch_utils import Conv1D
 
 from .anatomy import in_moe_expert
 from .config import ConfigError
-from .languages import LanguageError, Routes
+from .languages import LanguageError, LanguageRegistry, Routes
 from .routing import RouteState
+
+
+@dataclass
+class LayerSite:
+    """Where a routed layer goes: the linear it wraps, its name and side, and what the model's layers share
+    (the routes of the call in flight, the languages, and `shared`: one method's per-model build state)."""
+
+    base_layer: nn.Module
+    name: str
+    side: str
+    route_state: RouteState
+    registry: LanguageRegistry
+    shared: dict = field(default_factory=dict)
 
 
 class LinearProxy(nn.Module):
@@ -121,13 +135,13 @@ def mark_moe_experts(model: nn.Module, layers: dict[str, "RoutedLinear"]) -> Non
 class RoutedLinear(LinearProxy):
     """Keeps the base linear intact as `base_layer`, so merge, unmerge and unload are exact."""
 
-    def __init__(self, base_layer: nn.Linear, name: str, side: str, route_state: RouteState):
+    def __init__(self, site: "LayerSite"):
         super().__init__()
-        self.base_layer = base_layer
-        self.layer_name = name
-        self.side = side
+        self.base_layer = site.base_layer
+        self.layer_name = site.name
+        self.side = site.side
         # A plain attribute, not a submodule: the state is shared by every layer of the model.
-        self.__dict__["route_state"] = route_state
+        self.__dict__["route_state"] = site.route_state
         self.merged_route: Optional[tuple[int, int]] = None
         # Inside an MoE expert (set from the anatomy table by `mark_moe_experts`): rows are not examples.
         self.in_moe_expert = False

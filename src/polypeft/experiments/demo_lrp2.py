@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from ..interventions.lrp2 import LRP2, language_vectors, lrp2_scorer, search_layers
+from ..interventions.lrp2 import LRP2, language_vectors
+from ..interventions.search import lrp2_scorer, search_layers
 from . import demo_retrieval as retrieval
 from .demo_store import PartResult, Row
 

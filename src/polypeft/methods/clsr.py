@@ -13,9 +13,8 @@ import torch
 from torch import nn
 
 from ..core.config import ConfigError, MethodConfig, check_choice, check_positive, register_method
-from ..core.languages import LanguageError, LanguageRegistry, Routes
-from ..core.routing import RouteState
-from ..core.routed import RoutedLinear, added_factory, per_language
+from ..core.languages import LanguageError, Routes
+from ..core.routed import LayerSite, RoutedLinear, added_factory, per_language
 
 # The output linear of every attention and FFN sublayer: BART/Marian, BERT, T5, Llama/Qwen.
 CLSR_DEFAULT_TARGETS = (
@@ -91,18 +90,10 @@ class BudgetTracker:
 class CLSRLinear(RoutedLinear):
     """A sublayer's output linear followed by CLSR's gated mix of a shared and a language projection."""
 
-    def __init__(
-        self,
-        base_layer: nn.Linear,
-        name: str,
-        side: str,
-        route_state: RouteState,
-        registry: LanguageRegistry,
-        config: CLSRConfig,
-        language_owner: Optional["CLSRLinear"],
-        budget: BudgetTracker,
-    ):
-        super().__init__(base_layer, name, side, route_state)
+    def __init__(self, site: LayerSite, config: CLSRConfig, language_owner: Optional["CLSRLinear"],
+                 budget: BudgetTracker):
+        super().__init__(site)
+        base_layer, name, registry = site.base_layer, site.name, site.registry
         width = base_layer.out_features
         factory = added_factory(base_layer, name, keep_base_dtype=True)  # it projects the sublayer's output
         identity = torch.eye(width, **factory)
@@ -190,16 +181,12 @@ class _CLSRBuild:
     owners: dict  # side -> weak reference to the layer owning that stack's W_lang (no cycle to the key)
 
 
-# The shared pieces of each model being built: its budget tracker and the W_lang owner per stack.
-_BUILDS: "weakref.WeakKeyDictionary[RouteState, _CLSRBuild]" = weakref.WeakKeyDictionary()
-
-
-def build_clsr_layer(
-    config: CLSRConfig, name: str, linear: nn.Linear, side: str, route_state: RouteState, registry: LanguageRegistry
-) -> CLSRLinear:
-    build = _BUILDS.get(route_state)
+def build_clsr_layer(config: CLSRConfig, site: LayerSite) -> CLSRLinear:
+    # The model's shared pieces: its budget tracker and the W_lang owner per stack, kept in the site's `shared`.
+    build = site.shared.get("clsr")
     if build is None:
-        build = _BUILDS[route_state] = _CLSRBuild(BudgetTracker(float(config.budget), float(config.budget_weight)), {})
+        build = site.shared["clsr"] = _CLSRBuild(BudgetTracker(float(config.budget), float(config.budget_weight)), {})
+    name, linear, side = site.name, site.base_layer, site.side
     owner_ref = build.owners.get(side) if config.language_weights == "per_stack" else None
     owner = owner_ref() if owner_ref is not None else None
     if owner is not None and owner.out_features != linear.out_features:
@@ -207,7 +194,7 @@ def build_clsr_layer(
             f"clsr: {name} outputs {linear.out_features} features but the {side}'s shared W_lang is "
             f"{owner.out_features} x {owner.out_features}; use language_weights='per_sublayer'"
         )
-    layer = CLSRLinear(linear, name, side, route_state, registry, config, owner, build.budget)
+    layer = CLSRLinear(site, config, owner, build.budget)
     build.owners.setdefault(side, weakref.ref(layer))
     return layer
 

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from ..core.config import MethodConfig, PositiveFloat, PositiveInt, register_method
-from ..core.languages import LanguageRegistry, RouteGroups, Routes
-from ..core.routing import RouteState
-from ..core.routed import RoutedLinear, added_factory, check_rank, language_key, layer_shape, side_language
+from ..core.languages import RouteGroups, Routes
+from ..core.routed import (LayerSite, RoutedLinear, added_factory, check_rank, language_key, layer_shape,
+                           side_language)
 
 
 @dataclass
@@ -33,18 +33,9 @@ class LMSConfig(MethodConfig):
 class LMSLinear(RoutedLinear):
     """`y = W x + b + V[a] (F[b] x)`; (a, b) = (src, tgt) pair-wise, or the side's language twice."""
 
-    def __init__(
-        self,
-        base_layer: nn.Linear,
-        name: str,
-        side: str,
-        route_state: RouteState,
-        num_routes: int,
-        rank: int,
-        synthesis: str,
-        init_std: float,
-    ):
-        super().__init__(base_layer, name, side, route_state)
+    def __init__(self, site: LayerSite, rank: int, synthesis: str, init_std: float):
+        super().__init__(site)
+        base_layer, name, num_routes = site.base_layer, site.name, site.registry.num_routes
         out_features, in_features = layer_shape(base_layer)
         check_rank("LMS", rank, base_layer, name)
         self.synthesis = synthesis
@@ -114,10 +105,8 @@ class LMSLinear(RoutedLinear):
         return num_routes * rank * (self.out_features + self.in_features)
 
 
-def build_lms_layer(config: LMSConfig, name: str, linear: nn.Linear, side: str, route_state: RouteState,
-                    registry: LanguageRegistry) -> LMSLinear:
-    return LMSLinear(linear, name, side, route_state, registry.num_routes, config.rank, config.synthesis,
-                     config.init_std)
+def build_lms_layer(config: LMSConfig, site: LayerSite) -> LMSLinear:
+    return LMSLinear(site, config.rank, config.synthesis, config.init_std)
 
 
 register_method("lms", LMSConfig, build_lms_layer)

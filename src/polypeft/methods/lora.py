@@ -12,9 +12,7 @@ import torch
 from torch import nn
 
 from ..core.config import ConfigError, MethodConfig, check_positive, register_method
-from ..core.languages import LanguageRegistry
-from ..core.routing import RouteState
-from ..core.routed import RoutedLinear, added_factory, check_rank, layer_shape
+from ..core.routed import LayerSite, RoutedLinear, added_factory, check_rank, layer_shape
 
 
 @dataclass
@@ -50,17 +48,9 @@ class LoRAConfig(MethodConfig):
 class LoRARouteLinear(RoutedLinear):
     """A base linear plus one low-rank update B·A shared by every language; B starts at zero."""
 
-    def __init__(
-        self,
-        base_layer: nn.Linear,
-        name: str,
-        side: str,
-        route_state: RouteState,
-        rank: int,
-        alpha: float,
-        dropout: float,
-    ):
-        super().__init__(base_layer, name, side, route_state)
+    def __init__(self, site: LayerSite, rank: int, alpha: float, dropout: float):
+        super().__init__(site)
+        base_layer, name = site.base_layer, site.name
         out_features, in_features = layer_shape(base_layer)
         check_rank("LoRA", rank, base_layer, name)
         factory = added_factory(base_layer, name)
@@ -95,10 +85,8 @@ class LoRARouteLinear(RoutedLinear):
         return self.lora_A.numel() + self.lora_B.numel()
 
 
-def build_lora_route_layer(
-    config: LoRAConfig, name: str, linear: nn.Linear, side: str, route_state: RouteState, registry: LanguageRegistry
-) -> LoRARouteLinear:
-    return LoRARouteLinear(linear, name, side, route_state, config.rank, config.alpha, config.dropout)
+def build_lora_route_layer(config: LoRAConfig, site: LayerSite) -> LoRARouteLinear:
+    return LoRARouteLinear(site, config.rank, config.alpha, config.dropout)
 
 
 register_method("lora", LoRAConfig, build_lora_route_layer)

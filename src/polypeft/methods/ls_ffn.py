@@ -11,9 +11,8 @@ import torch
 from torch import nn
 
 from ..core.config import MethodConfig, register_method
-from ..core.languages import LanguageRegistry, Routes
-from ..core.routing import RouteState
-from ..core.routed import RoutedLinear, per_language, require_float_weight, side_language
+from ..core.languages import Routes
+from ..core.routed import LayerSite, RoutedLinear, per_language, require_float_weight, side_language
 
 
 @dataclass
@@ -33,10 +32,9 @@ class LanguageSpecificLinear(RoutedLinear):
     Without a shared route nothing reads the base linear: it is frozen and not counted as added.
     """
 
-    def __init__(
-        self, base_layer: nn.Linear, name: str, side: str, route_state: RouteState, registry: LanguageRegistry
-    ):
-        super().__init__(base_layer, name, side, route_state)
+    def __init__(self, site: LayerSite):
+        super().__init__(site)
+        base_layer, name, registry = site.base_layer, site.name, site.registry
         require_float_weight("ls_ffn", base_layer, name)
         num_languages = len(registry.languages)
         self.shared_id: Optional[int] = registry.shared_id if registry.shared_route else None
@@ -121,10 +119,8 @@ class LanguageSpecificLinear(RoutedLinear):
         return 0
 
 
-def build_language_specific_layer(
-    config: LSFFNConfig, name: str, linear: nn.Linear, side: str, route_state: RouteState, registry: LanguageRegistry
-) -> LanguageSpecificLinear:
-    return LanguageSpecificLinear(linear, name, side, route_state, registry)
+def build_language_specific_layer(config: LSFFNConfig, site: LayerSite) -> LanguageSpecificLinear:
+    return LanguageSpecificLinear(site)
 
 
 register_method("ls_ffn", LSFFNConfig, build_language_specific_layer)

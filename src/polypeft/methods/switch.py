@@ -5,7 +5,6 @@ Built from linear wrappers: the FFN's input linear routes each token, its output
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass
 from typing import Callable, ClassVar, Optional
 
@@ -14,9 +13,8 @@ from torch import nn
 
 from ..core.anatomy import block_of, closes_ffn
 from ..core.config import ConfigError, MethodConfig, check_positive, register_method
-from ..core.languages import LanguageError, LanguageRegistry, Routes
-from ..core.routing import RouteState
-from ..core.routed import RoutedLinear, require_float_weight
+from ..core.languages import LanguageError, Routes
+from ..core.routed import LayerSite, RoutedLinear, require_float_weight
 
 # Small router weights: every expert starts with nearly equal probability.
 ROUTER_INIT_STD = 0.02
@@ -99,17 +97,9 @@ class ExpertLinear(RoutedLinear):
     Expert 0 is the base linear itself, so the layer adds num_experts - 1 copies and no weight lies idle.
     """
 
-    def __init__(
-        self,
-        base_layer: nn.Linear,
-        name: str,
-        side: str,
-        route_state: RouteState,
-        ffn_state: SwitchFFNState,
-        config: SwitchConfig,
-        closes_ffn: bool,
-    ):
-        super().__init__(base_layer, name, side, route_state)
+    def __init__(self, site: LayerSite, ffn_state: SwitchFFNState, config: SwitchConfig, closes_ffn: bool):
+        super().__init__(site)
+        base_layer, name = site.base_layer, site.name
         require_float_weight("switch", base_layer, name)
         self.__dict__["ffn_state"] = ffn_state
         self.closes_ffn = closes_ffn
@@ -229,19 +219,14 @@ def ffn_position(name: str) -> tuple[str, int, str]:
     return position.blocks, position.index, block
 
 
-# The FFN states of each model being built, found again by the FFN's other linears.
-_FFN_STATES: "weakref.WeakKeyDictionary[RouteState, dict[str, SwitchFFNState]]" = weakref.WeakKeyDictionary()
-
-
-def build_switch_layer(
-    config: SwitchConfig, name: str, linear: nn.Linear, side: str, route_state: RouteState, registry: LanguageRegistry
-) -> RoutedLinear:
-    _, layer_index, ffn_key = ffn_position(name)
+def build_switch_layer(config: SwitchConfig, site: LayerSite) -> RoutedLinear:
+    _, layer_index, ffn_key = ffn_position(site.name)
     if (layer_index + 1) % config.every:
-        return DenseLinear(linear, name, side, route_state)
-    states = _FFN_STATES.setdefault(route_state, {})
+        return DenseLinear(site)
+    # The model's FFN states, found again by each FFN's other linears.
+    states = site.shared.setdefault("switch_ffn_states", {})
     ffn_state = states.setdefault(ffn_key, SwitchFFNState(ffn_key))
-    return ExpertLinear(linear, name, side, route_state, ffn_state, config, closes_ffn(name))
+    return ExpertLinear(site, ffn_state, config, closes_ffn(site.name))
 
 
 register_method("switch", SwitchConfig, build_switch_layer)
