@@ -340,7 +340,7 @@ def test_cli_commands_run_from_yaml(tokenizer, tmp_path):
     config["lens"]["push_strength"] = "far"
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     arguments = parser.parse_args(["lens", "train", str(tmp_path / "config.yaml")])
-    with pytest.raises(InterventionError, match="lens.push_strength='far' must be a number"):
+    with pytest.raises(InterventionError, match="lens.push_strength='far' must be a mapping of strings to numbers or a number"):
         arguments.func(arguments)
 
 

@@ -311,32 +311,30 @@ def _command(function):
     return run
 
 
-def add_lrp2_cli(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser("lrp2", help="LRP2 language vectors and per-language layer search")
-    commands = parser.add_subparsers(dest="lrp2_command", required=True)
-    for name, function, text in (
-        ("vectors", run_vectors, "compute and save language vectors"),
-        ("search", run_search, "score LIRP/LSRP layers on retrieval, write JSON and heat maps"),
-    ):
-        command = commands.add_parser(name, help=text, epilog=f"example config:\n{EXAMPLE_CONFIG}",
-                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_command_group(subparsers, name: str, text: str, commands: tuple) -> argparse.ArgumentParser:
+    """`polypeft NAME COMMAND CONFIG.yaml [--set ...]` for each (command, function, help) in `commands`."""
+    parser = subparsers.add_parser(name, help=text)
+    group = parser.add_subparsers(dest=f"{name}_command", required=True)
+    for command_name, function, command_text in commands:
+        command = group.add_parser(command_name, help=command_text, epilog=f"example config:\n{EXAMPLE_CONFIG}",
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
         add_recipe_arguments(command, "YAML config file")
         command.set_defaults(func=_command(function))
     return parser
+
+
+def add_lrp2_cli(subparsers) -> argparse.ArgumentParser:
+    return add_command_group(subparsers, "lrp2", "LRP2 language vectors and per-language layer search", (
+        ("vectors", run_vectors, "compute and save language vectors"),
+        ("search", run_search, "score LIRP/LSRP layers on retrieval, write JSON and heat maps"),
+    ))
 
 
 def add_lens_cli(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser("lens", help="LENS subspace probe and top-layer training")
-    commands = parser.add_subparsers(dest="lens_command", required=True)
-    for name, function, text in (
+    return add_command_group(subparsers, "lens", "LENS subspace probe and top-layer training", (
         ("probe", run_lens_probe, "probe language subspaces, save them and a plot"),
         ("train", run_lens_train, "train the top layers with the LENS losses"),
-    ):
-        command = commands.add_parser(name, help=text, epilog=f"example config:\n{EXAMPLE_CONFIG}",
-                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-        add_recipe_arguments(command, "YAML config file")
-        command.set_defaults(func=_command(function))
-    return parser
+    ))
 
 
 def add_cli(subparsers) -> None:

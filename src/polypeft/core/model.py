@@ -27,7 +27,8 @@ from .merge_guard import MergeSnapshot
 from .peft_conveniences import adapters_disabled, check_not_spent, refuse, trainable_parameter_counts, unload
 from .routed import CONV1D_METHODS, LayerSite, RoutedLinear, mark_moe_experts
 from .routing import RouteState, carry_routes_into_checkpoints, checkpointing_modules
-from .savefiles import CONFIG_NAME, WEIGHTS_NAME, check_base_class, read_weights, write_weights  # names kept importable here
+from .savefiles import (CONFIG_NAME, WEIGHTS_NAME, check_base_class, copy_matching, read_weights,  # names kept
+                        write_weights)  # importable here
 
 
 @dataclass(frozen=True)
@@ -259,17 +260,7 @@ class PolyModel(nn.Module):
 
     def load_added_state_dict(self, tensors: dict[str, torch.Tensor], where: str) -> None:
         """Copy saved added weights into this model; every name and shape must match (`where` names the file)."""
-        expected = self.added_state_dict()
-        missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-        if missing or unexpected:
-            raise ConfigError(f"{where}: missing tensors {missing[:5]}, unexpected {unexpected[:5]}")
-        with torch.no_grad():
-            for key, parameter in expected.items():
-                if parameter.shape != tensors[key].shape:
-                    raise ConfigError(
-                        f"{where}: {key} has shape {tuple(tensors[key].shape)}, the model expects {tuple(parameter.shape)}"
-                    )
-                parameter.copy_(tensors[key])
+        copy_matching(self.added_state_dict(), tensors, where)
 
     @classmethod
     def from_pretrained(

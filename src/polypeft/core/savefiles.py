@@ -107,3 +107,18 @@ def check_base_class(base_model: nn.Module, saved: dict[str, Any], where: Path) 
             f"{where} was saved for a {saved_class} ({saved.get('name_or_path')}) but is being loaded into a "
             f"{type(base_model).__name__}; load it into the {saved_class} it was trained on"
         )
+
+
+def copy_matching(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], where: str,
+                  error: type[Exception] = ConfigError) -> None:
+    """Copy saved tensors into a model's own (`expected`): names and shapes must match, else `error` names
+    `where`, the missing and unexpected names or the first differing shape."""
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise error(f"{where}: missing tensors {missing[:5]}, unexpected {unexpected[:5]}")
+    with torch.no_grad():
+        for key, parameter in expected.items():
+            if parameter.shape != tensors[key].shape:
+                raise error(f"{where}: {key} has shape {tuple(tensors[key].shape)}, the model expects "
+                            f"{tuple(parameter.shape)}")
+            parameter.copy_(tensors[key].to(parameter.dtype))

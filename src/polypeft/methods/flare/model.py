@@ -19,6 +19,7 @@ from ...core.config import (ConfigError, Fraction, PositiveFloat, PositiveInt, S
                             source_of)
 from ...core.fileio import atomic_write, write_json
 from ...core.modes import evaluation_mode
+from ...core.savefiles import copy_matching
 from ...core.inject import find_targets, replace_targets, restore_base_layers
 from .fusion import ALIGNMENTS, FUSIONS, build_fusion
 from .source import MTSourceProjection, SourceCapture, encoder_hidden_size, source_module_name
@@ -281,13 +282,5 @@ class FLAREModel(nn.Module):
             )
         model = cls(base_model, config, mt_encoder=mt_encoder)
         saved = load_file(os.path.join(path, WEIGHTS_FILE))
-        expected = model.adapter_state_dict()
-        missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
-        if missing or unexpected:
-            raise FLAREError(f"{path}: weights do not fit; missing {missing[:5]}, unexpected {unexpected[:5]}")
-        with torch.no_grad():
-            for key, value in expected.items():
-                if value.shape != saved[key].shape:
-                    raise FLAREError(f"{path}: {key} has shape {tuple(saved[key].shape)}, model needs {tuple(value.shape)}")
-                value.copy_(saved[key].to(value.dtype))
+        copy_matching(model.adapter_state_dict(), saved, f"{path}: weights do not fit", error=FLAREError)
         return model
