@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 import polypeft as pp
-import polypeft.experiments.demo  # noqa: F401  imported before any patch, so its bindings stay the real ones
+import polypeft.experiments.demo  # noqa: F401  imported before any patch, so their bindings stay the real ones
+import polypeft.experiments.demo_mmt  # noqa: F401
 from polypeft.cli.main import main
 from polypeft.tasks.translation.run import MMTRecipe
 
