@@ -11,18 +11,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ...core.anatomy import default_targets
 from ...core.config import ConfigError
 from ...methods.lms import LMSConfig
 from ...core.model import PolyModel, wrap
 from ..classification import classification_model
 from .examples import PassThroughEmbeddings, encoder_body
 from .settings import FinetuneSettings
-
-
-def ffn_targets(num_layers: int, first_layer: int = 0) -> str:
-    """A target regex for both FFN linears of BERT-style layers `first_layer`..`num_layers - 1`."""
-    layers = "|".join(str(i) for i in range(first_layer, num_layers))
-    return rf".*\.layer\.({layers})\.(intermediate\.dense|output\.dense)"
 
 
 @dataclass
@@ -57,7 +52,7 @@ def build_classifier(encoder: nn.Module, label_names: Sequence[str], languages: 
             raise ConfigError("LMS needs at least one trained layer; lower frozen_layers")
         config = LMSConfig(languages=list(languages), rank=settings.rank, synthesis="language",
                            shared_route=settings.method == "lms_fd", init_std=settings.init_std,
-                           target_modules=ffn_targets(num_layers, settings.frozen_layers))
+                           target_modules=default_targets(model, layers=range(settings.frozen_layers, num_layers)))
         model = wrap(model, config)
         counts = model.parameter_counts().as_dict()
     else:
