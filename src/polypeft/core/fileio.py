@@ -104,10 +104,6 @@ def write_safetensors(
     return atomic_write(path, lambda temporary: save_file(contiguous, temporary, metadata=metadata))
 
 
-def write_torch(path: str | os.PathLike, obj: Any) -> Path:
-    return atomic_write(path, lambda temporary: torch.save(obj, temporary))
-
-
 def write_model_weights(path: str | os.PathLike, model: torch.nn.Module) -> Path:
     """A whole model's weights; tied tensors (shared embeddings) are stored once."""
     from safetensors.torch import save_model

@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors.torch import load_file
 
 from ..backbones.e5 import QUERY_PREFIX, embed
-from ..core.fileio import write_torch
+from ..core.fileio import write_safetensors
 from .demo_store import settings_key
 
 TEST_BOOK = 43  # John: never used to choose anything
@@ -116,14 +117,15 @@ def plain_embeddings(model, tokenizer, test: RetrievalSet, settings: RetrievalSe
                      cache_dir: Optional[Path]) -> dict[str, torch.Tensor]:
     """The plain encoder's embeddings of the John candidates ("candidates") and of each language's queries,
     cached under `cache_dir` by the settings, so the LRP2 and LENS parts compute them once."""
-    path = None if cache_dir is None else Path(cache_dir) / f"retrieval-plain-{settings_key(settings.as_dict())}.pt"
+    name = f"retrieval-plain-{settings_key(settings.as_dict())}.safetensors"
+    path = None if cache_dir is None else Path(cache_dir) / name
     if path is not None and path.exists():
-        return torch.load(path)
+        return load_file(str(path))  # tensors only: nothing in a cache file can run code
     embedded = {"candidates": encode(model, tokenizer, test.candidates, settings)}
     for language, (texts, _) in test.queries.items():
         embedded[language] = encode(model, tokenizer, texts, settings)
     if path is not None:
-        write_torch(path, embedded)
+        write_safetensors(path, embedded)
     return embedded
 
 
