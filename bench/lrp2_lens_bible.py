@@ -197,7 +197,7 @@ def run_lrp2(report, model, tokenizer, corpus, languages, valid_books, vectors, 
                            [int(layer) for layer in args.search_layers.split(",")], pairs=args.pairs, lirp_only=True)
     report["timings_s"]["layer_search"] = time.perf_counter() - clock
     search.save_json(Path(args.out).with_name("lrp2_layer_search.json"))
-    search.plot_heatmaps(args.figures, prefix="lrp2_heatmap")
+    search.plot_heatmaps(args.figures, prefix="lrp2_heatmap", metric="xx->en retrieval accuracy@1 (valid books)")
     chosen = {language: (search.best(language)["lirp_layer"], search.best(language)["lsrp_layer"])
               for language in languages}
     report["lrp2_search"] = search.to_dict()

@@ -246,7 +246,7 @@ def run_search(recipe: InterventionRecipe) -> None:
         pairs=search.pairs, lirp_only=search.lirp_only,
     )
     result.save_json(output_dir / "lrp2_search.json")
-    result.plot_heatmaps(output_dir, prefix="lrp2_heatmap")
+    result.plot_heatmaps(output_dir, prefix="lrp2_heatmap", metric="retrieval accuracy@1 (valid rows)")
     print(json.dumps(result.best_per_language(), indent=2))
 
 

@@ -98,7 +98,8 @@ def run(base: MMTRecipe, methods: dict, folder: Path) -> PartResult:
             cross_entropy[name if variant == "default" else f"{name} ({variant.replace('_', '-')})"] = value
         run_dirs.append(run_dir)
         seconds[name] = time.perf_counter() - started
-    comparison = write_comparison(load_results(run_dirs), "naive", folder / "compare", pivot=base.pivot)
+    title = f"Bible corpus, {'/'.join(base.languages)}, tiny model, {base.steps} steps per run (polypeft demo)"
+    comparison = write_comparison(load_results(run_dirs), "naive", folder / "compare", pivot=base.pivot, title=title)
     print(markdown(comparison, base.pivot))
     return PartResult("mmt", {}, rows_of(comparison, cross_entropy, seconds, base), [BLEU_WHY],
                       {"test_cross_entropy": cross_entropy, "seconds": seconds, "comparison": comparison})

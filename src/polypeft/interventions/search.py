@@ -67,8 +67,10 @@ class LayerSearchResult:
         text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
         return atomic_write(path, lambda temporary: Path(temporary).write_text(text + "\n", encoding="utf-8"))
 
-    def plot_heatmaps(self, directory: Union[str, os.PathLike], prefix: str = "lrp2_heatmap") -> list[Path]:
-        """One PNG per language: rows LIRP layer i, columns LSRP layer j plus a LIRP-only column."""
+    def plot_heatmaps(self, directory: Union[str, os.PathLike], prefix: str = "lrp2_heatmap",
+                      metric: str = "score") -> list[Path]:
+        """One PNG per language: rows LIRP layer i, columns LSRP layer j plus a LIRP-only column, coloured by
+        `metric`; a search over LIRP alone (one column) is drawn as bars against the no-LRP2 baseline instead."""
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
@@ -86,18 +88,27 @@ class LayerSearchResult:
             figure = Figure(figsize=(max(4.8, 1.6 + 0.6 * len(columns)), max(3.4, 1.4 + 0.45 * len(lirp_layers))))
             FigureCanvasAgg(figure)
             axes = figure.add_subplot()
-            image = axes.imshow(grid.numpy(), cmap="viridis", aspect="auto")
-            figure.colorbar(image, ax=axes)
-            axes.set_xticks(range(len(columns)), [("none" if c is None else str(c)) for c in columns])
-            axes.set_yticks(range(len(lirp_layers)), [str(layer) for layer in lirp_layers])
-            axes.set_xlabel("LSRP layer j (none = LIRP only)")
-            axes.set_ylabel("LIRP layer i")
+            if len(columns) == 1:  # LIRP alone: bars show the differences a one-column colour grid hides
+                axes.bar(range(len(lirp_layers)), grid[:, 0].numpy(), color="tab:blue")
+                if language in self.baseline:
+                    axes.axhline(self.baseline[language], color="grey", linestyle="--", label="without LRP2")
+                    axes.legend(fontsize=8)
+                axes.set_xticks(range(len(lirp_layers)), [str(layer) for layer in lirp_layers])
+                axes.set_xlabel("LIRP layer i (LIRP only)")
+                axes.set_ylabel(metric)
+            else:
+                image = axes.imshow(grid.numpy(), cmap="viridis", aspect="auto")
+                figure.colorbar(image, ax=axes, label=metric)
+                axes.set_xticks(range(len(columns)), [("none" if c is None else str(c)) for c in columns])
+                axes.set_yticks(range(len(lirp_layers)), [str(layer) for layer in lirp_layers])
+                axes.set_xlabel("LSRP layer j (none = LIRP only)")
+                axes.set_ylabel("LIRP layer i")
             best = self.best(language)
             title = f"LRP2 {language}: best i={best['lirp_layer']}, j={best['lsrp_layer']}"
             if language in self.baseline:
-                title += f"\nscore {best['score']:.3f} vs {self.baseline[language]:.3f} without"
+                title += f"\n{metric} {best['score']:.3f} vs {self.baseline[language]:.3f} without"
             axes.set_title(title, fontsize=9)
-            if grid.numel() <= 400:
+            if grid.numel() <= 400 and len(columns) > 1:
                 for r in range(grid.shape[0]):
                     for c in range(grid.shape[1]):
                         if not math.isnan(grid[r, c]):

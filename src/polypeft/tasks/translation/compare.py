@@ -8,7 +8,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 from statistics import mean, pstdev
-from typing import Sequence
+from typing import Optional, Sequence
 
 from .evaluate import win_ratio
 from ...core.fileio import file_sha256, write_json, write_text
@@ -140,22 +140,34 @@ def markdown(comparison: dict, pivot: str = "en") -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_gain_vs_parameters(comparison: dict, path: str | Path) -> Path:
-    """BLEU gain over the baseline against extra inference parameters, one point per run."""
+def plot_gain_vs_parameters(comparison: dict, path: str | Path, title: Optional[str] = None) -> Path:
+    """BLEU gain over the baseline against extra inference parameters, one point per run with its spread over
+    seeds; the title names the directions and seeds (and whatever `title` adds: dataset, steps)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(6, 4))
-    for label, row in comparison["rows"].items():
+    rows = comparison["rows"]
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    right_half = max((row["inference_extra"] for row in rows.values()), default=0) / 2
+    for index, (label, row) in enumerate(rows.items()):
         extra = row["inference_extra"] / 1e6
-        axes.scatter(extra, row["bleu_gain"], s=40)
-        axes.annotate(label, (extra, row["bleu_gain"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        spread = row["averages"]["bleu_all"]["std"]
+        axes.errorbar(extra, row["bleu_gain"], yerr=spread, fmt="o", capsize=3)
+        # Labels on alternating sides of their point and inward from the edges, so none overlaps or is cut.
+        leftward = row["inference_extra"] > right_half
+        offset = (-6 if leftward else 6, 8 if index % 2 else -12)
+        axes.annotate(label, (extra, row["bleu_gain"]), textcoords="offset points", xytext=offset, fontsize=8,
+                      ha="right" if leftward else "left")
     axes.axhline(0, color="grey", linewidth=0.8)
+    axes.margins(x=0.15, y=0.2)
     axes.set_xlabel("extra inference parameters (millions)")
-    axes.set_ylabel(f"BLEU gain over {comparison['baseline']}")
-    axes.set_title("Quality gain against parameter cost")
+    axes.set_ylabel(f"BLEU gain over {comparison['baseline']} (mean ± std over seeds)")
+    directions = sorted({d for row in rows.values() for d in row["bleu_per_direction"]})
+    seeds = sorted({len(row["seeds"]) for row in rows.values()})
+    heading = f"BLEU gain against parameter cost: {len(directions)} directions, {'/'.join(map(str, seeds))} seed(s)"
+    axes.set_title(heading + (f"\n{title}" if title else ""), fontsize=10)
     figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -166,10 +178,11 @@ def plot_gain_vs_parameters(comparison: dict, path: str | Path) -> Path:
     return path
 
 
-def write_comparison(results: Sequence[dict], baseline: str, out_dir: str | Path, pivot: str = "en") -> dict:
+def write_comparison(results: Sequence[dict], baseline: str, out_dir: str | Path, pivot: str = "en",
+                     title: Optional[str] = None) -> dict:
     comparison = compare(results, baseline)
     out_dir = Path(out_dir)
     write_json(out_dir / "comparison.json", comparison)
     write_text(out_dir / "comparison.md", markdown(comparison, pivot))
-    plot_gain_vs_parameters(comparison, out_dir / "bleu_gain_vs_parameters.png")
+    plot_gain_vs_parameters(comparison, out_dir / "bleu_gain_vs_parameters.png", title)
     return comparison
