@@ -203,3 +203,11 @@ def test_the_save_folder_has_a_model_card(tmp_path):
                  "languages: en, de, fr", "['en', 'de', 'fr', 'shared']", "Pair-wise",
                  f"| language_specific | {counts.language_specific:,} |", "| chrf | 41.2 |", '"de-en": 40.0'):
         assert text in card, text
+
+
+@pytest.mark.parametrize("code", ["..", "."])
+def test_a_language_code_cannot_name_a_folder_outside_the_export(code, tmp_path):
+    poly = pp.wrap(build("llama"), pp.LMSConfig(languages=["en", code], rank=4, synthesis="language"))
+    with pytest.raises(pp.ExportError, match="not a safe folder name"):
+        poly.export_lora_routes(tmp_path / "routes")
+    assert not (tmp_path / "adapter_model.safetensors").exists() and not (tmp_path / "routes").exists()

@@ -78,3 +78,11 @@ def build_meta():
     config = tf.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
                             num_key_value_heads=2, vocab_size=64)
     return tf.LlamaForCausalLM(config)
+
+
+def test_a_save_from_a_4bit_base_loads_onto_the_full_precision_base(saved_llama, tmp_path):
+    """The saved base identity records each layer's (out, in), not the packed 4-bit weight's shape."""
+    poly = pp.wrap(quantized(saved_llama, 4), pp.LMSConfig(languages=LANGS, rank=4, freeze_base=True))
+    poly.save_pretrained(tmp_path)
+    restored = pp.PolyModel.from_pretrained(build("llama").float(), tmp_path)
+    assert set(restored.added_state_dict()) == set(poly.added_state_dict())

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 if TYPE_CHECKING:
@@ -19,7 +20,8 @@ def front_matter(poly: "PolyModel") -> str:
     # The Hub checks `language` against ISO 639 codes; other codes stay in the body only.
     iso_codes = [code for code in poly.registry.languages if re.fullmatch(r"[a-z]{2,3}", code)]
     lines = ["---", "library_name: polypeft", "tags:", "- polypeft", f"- {poly.poly_config.method}"]
-    if base and re.fullmatch(r"[\w.\-]+/[\w.\-]+", base):  # the Hub links Hub ids only, not local paths
+    is_hub_id = base and re.fullmatch(r"[\w.\-]+/[\w.\-]+", base) and not Path(base).exists()
+    if is_hub_id:  # the Hub links Hub ids only, not local paths
         lines.append(f"base_model: {base}")
     if iso_codes:
         lines += ["language:"] + [f"- {code}" for code in iso_codes]

@@ -204,7 +204,7 @@ def routes_to_export(
     named = []
     for src, tgt in chosen:
         name = src if src == tgt else f"{src}-{tgt}"
-        if not re.fullmatch(r"[\w.\-]+", name):
+        if not re.fullmatch(r"[\w.\-]+", name) or name in (".", ".."):
             raise ExportError(f"route {src}->{tgt} gives the adapter name {name!r}, which is not a safe folder name")
         named.append((name, route_ids(poly, src, tgt)))
     names = [name for name, _ in named]

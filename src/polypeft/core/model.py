@@ -25,7 +25,7 @@ from .inject import find_targets, replace_targets, restore_base_layers
 from .languages import LanguageError, LanguageRegistry, LanguageSpec, Routes
 from .merge_guard import MergeSnapshot
 from .peft_conveniences import adapters_disabled, check_not_spent, refuse, trainable_parameter_counts, unload
-from .routed import CONV1D_METHODS, LayerSite, RoutedLinear, mark_moe_experts
+from .routed import CONV1D_METHODS, LayerSite, RoutedLinear, layer_shape, mark_moe_experts
 from .routing import RouteState, carry_routes_into_checkpoints, checkpointing_modules
 from .savefiles import (CONFIG_NAME, WEIGHTS_NAME, check_base_class, copy_matching, read_weights,  # names kept
                         write_weights)  # importable here
@@ -240,7 +240,8 @@ class PolyModel(nn.Module):
         }
 
     def save_pretrained(self, directory: str | Path, results: Optional[dict[str, Any]] = None) -> Path:
-        """A JSON config, a safetensors file of only the added parameters (PEFT's layout) and a model card
+        """A JSON config, a safetensors file of only the added parameters (PEFT's own files for the LoRA baseline)
+        and a model card
         (README.md) that lists `results` when given. Under FSDP every rank calls it: sharded weights are gathered."""
         check_not_spent(self, "save")
         if self.merged_route is not None:
@@ -375,14 +376,15 @@ def base_model_identity(base_model: nn.Module, layers: dict[str, nn.Module]) -> 
     return {
         "class": type(base_model).__name__,
         "name_or_path": getattr(config, "_name_or_path", None) or None,
-        "targets": {name: list(layer.base_layer.weight.shape) for name, layer in layers.items()},
+        # The layer's own (out, in): a quantized weight is packed, so its shape would not match an unquantized base.
+        "targets": {name: list(layer_shape(layer.base_layer)) for name, layer in layers.items()},
     }
 
 
 def check_base_fits(base_model: nn.Module, config: MethodConfig, saved: dict, where: Path) -> None:
     """Refuse, naming every difference, a base model whose target names or shapes differ from the saved one."""
     targets = find_targets(base_model, config.target_modules, accept_conv1d=config.method in CONV1D_METHODS)
-    found = {name: list(linear.weight.shape) for name, linear in targets}
+    found = {name: list(layer_shape(linear)) for name, linear in targets}
     expected = saved.get("targets", {})
     missing = sorted(set(expected) - set(found))
     extra = sorted(set(found) - set(expected))

@@ -84,7 +84,10 @@ def finished_result(output_dir: str | Path, part: str, settings: dict) -> Option
         return None
     if data.get("settings") != json.loads(json.dumps(settings, default=str)):
         return None
-    return PartResult.from_dict(data)
+    try:
+        return PartResult.from_dict(data)
+    except (TypeError, KeyError):  # written by an older demo: computed again
+        return None
 
 
 def run_part(output_dir: str | Path, part: str, settings: dict, compute: Callable[[Path], PartResult]) -> PartResult:

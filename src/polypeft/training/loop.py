@@ -86,8 +86,8 @@ class TrainingStep:
                 if accelerator.sync_gradients and self.settings.clip_norm:
                     accelerator.clip_grad_norm_(self.trainable, self.settings.clip_norm)
                 self.optimizer.step()
-                if accelerator.sync_gradients:
-                    self.scheduler.step()
+                if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
+                    self.scheduler.step()  # fp16: a step the gradient scaler skipped does not advance the schedule
                 self.optimizer.zero_grad(set_to_none=True)
             step_loss += float(loss.detach()) / self.settings.accumulation
             items += count

@@ -11,7 +11,7 @@ from statistics import mean, pstdev
 from typing import Optional, Sequence
 
 from .evaluate import win_ratio
-from ...core.fileio import file_sha256, write_json, write_text
+from ...core.fileio import atomic_write, file_sha256, write_json, write_text
 
 # A run directory's weights, beside the eval_<split>.json files that score them (run.py writes both).
 WEIGHTS_NAME = "model.safetensors"
@@ -169,13 +169,10 @@ def plot_gain_vs_parameters(comparison: dict, path: str | Path, title: Optional[
     heading = f"BLEU gain against parameter cost: {len(directions)} directions, {'/'.join(map(str, seeds))} seed(s)"
     axes.set_title(heading + (f"\n{title}" if title else ""), fontsize=10)
     figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(temporary, dpi=120)
-    plt.close(figure)
-    temporary.replace(path)
-    return path
+    try:
+        return atomic_write(path, lambda temporary: figure.savefig(temporary, format="png", dpi=120))
+    finally:
+        plt.close(figure)
 
 
 def write_comparison(results: Sequence[dict], baseline: str, out_dir: str | Path, pivot: str = "en",
