@@ -73,7 +73,8 @@ def training_step(model, batch, **routes):
 
 def bench_training(args) -> dict:
     plain = build_base(args.device)
-    poly = pp.wrap(build_base(args.device), pp.LMSConfig(languages=LANGS, rank=16, shared_route=True))
+    poly = pp.wrap(build_base(args.device), pp.LMSConfig(languages=LANGS, rank=16, shared_route=True,
+                                                             freeze_base=False))  # as measured: base trains too
     batch = make_batch(args.batch, args.length, args.device)
     src, tgt = mixed_pairs(args.batch)
     seconds = interleaved(

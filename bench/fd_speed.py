@@ -73,7 +73,7 @@ def translation_steps(batch: dict[str, torch.Tensor], vocabulary: int, device: s
     torch.manual_seed(0)
     naive = build_translation_model("tiny", vocabulary, pad_id=1, eos_id=2, decoder_start_id=3).to(device).train()
     config = pp.LMSConfig(languages=LANGUAGES, rank=8, synthesis="pair", shared_route=True,
-                          target_modules=ATTENTION_AND_FFN)
+                          target_modules=ATTENTION_AND_FFN, freeze_base=False)  # trains like naive
     lms = pp.wrap(copy.deepcopy(naive), config).train()
     size = batch["labels"].shape[0]
     src = [LANGUAGES[1 + i % (len(LANGUAGES) - 1)] for i in range(size)]

@@ -123,7 +123,7 @@ def test_one_registry_knows_every_method():
 @pytest.mark.parametrize("changes, message", [
     ({"method": {"name": "lms", "fd": "no"}}, "method.fd='no' must be true or false (a YAML boolean, not quoted)"),
     ({"method": {"name": "lms", "rnak": 8}},
-     "method: unknown keys ['rnak'] for method 'lms'; allowed keys are ['freeze_base', 'init_std', 'languages'"),
+     "method: unknown keys ['rnak'] for method 'lms'; allowed keys are ['freeze_base', 'init_std', 'keep_base_dtype', 'languages'"),
     ({"method": {"name": "lms", "freeze_base": "false"}}, "method.freeze_base='false' must be true or false"),
     ({"method": {"name": "lms", "init_std": float("inf")}}, "method.init_std=inf must be a finite number"),
     ({"method": {"name": "lmz"}}, "method.name: unknown method 'lmz'; choose naive or one of ['clsr', 'lms'"),

@@ -141,7 +141,7 @@ def test_switch_without_init_noise_is_the_gated_base_ffn():
 @pytest.mark.parametrize("method", METHODS)
 def test_a_few_steps_lower_the_loss_including_auxiliary_terms(method, kind):
     torch.manual_seed(0)
-    poly = make(method, kind, randomize=False)
+    poly = make(method, kind, randomize=False, freeze_base=False)  # the papers' setting: trained from scratch
     poly.eval()
     for layer in poly.routed_layers.values():  # training-mode routed layers, no dropout noise elsewhere
         layer.train()
@@ -418,3 +418,25 @@ def test_beam_search_with_mixed_routes_equals_per_example(method):
     for i in range(len(src)):
         alone = poly.generate(**{k: v[i : i + 1] for k, v in batch.items()}, src_lang=src[i], tgt_lang=tgt[i], **settings)
         assert torch.equal(mixed[i, : alone.shape[1]], alone[0]), i
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_by_default_only_the_added_weights_train_and_the_base_stays_as_it_was(method):
+    poly = make(method, "bart", randomize=False)
+    added = {id(p) for p in poly.route_parameters()}
+    trainable = [p for p in poly.parameters() if p.requires_grad]
+    assert trainable and all(id(p) in added for p in trainable)
+    frozen_before = {name: p.detach().clone() for name, p in poly.named_parameters() if id(p) not in added}
+    optimizer = torch.optim.Adam(trainable, lr=5e-2)
+    batch = seq2seq_batch("bart")
+    losses = []
+    for _ in range(6):
+        loss = poly(**batch, src_lang=["de", "fr", "de", "en"], tgt_lang="en").loss + poly.auxiliary_loss()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0], losses
+    for name, parameter in poly.named_parameters():
+        if name in frozen_before:
+            assert torch.equal(parameter, frozen_before[name]), name

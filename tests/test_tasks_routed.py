@@ -38,7 +38,9 @@ def tiny_encoder():
 
 
 def lms(model, shared_route=False):
-    return pp.wrap(model, pp.LMSConfig(languages=LANGUAGES, rank=2, synthesis="language", shared_route=shared_route))
+    # The whole encoder trains with its routes here (a tiny random encoder has nothing to keep frozen).
+    return pp.wrap(model, pp.LMSConfig(languages=LANGUAGES, rank=2, synthesis="language", shared_route=shared_route,
+                                       freeze_base=False))
 
 
 # ---------------------------------------------------------------------------------------------- the three tasks

@@ -22,7 +22,7 @@ from tiny_models import build, random_batch, randomize_added
 
 
 def lms_model(dtype: torch.dtype = torch.float64) -> pp.PolyModel:
-    poly = pp.wrap(build("bart").to(dtype), pp.LMSConfig(languages=["en", "de"], rank=4))
+    poly = pp.wrap(build("bart").to(dtype), pp.LMSConfig(languages=["en", "de"], rank=4, freeze_base=False))
     randomize_added(poly, scale=0.1)
     return poly
 

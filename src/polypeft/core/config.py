@@ -392,7 +392,12 @@ class MethodConfig(TypedConfig):
     languages: Sequence[str] = ()
     target_modules: Optional[Union[str, list[str]]] = None
     shared_route: bool = False
-    freeze_base: bool = False
+    # peft's default: only the routes (and `modules_to_save`) train; recipes that train from scratch say False.
+    freeze_base: bool = True
+    # Base modules trained and saved with the routes, by full name or last parts (task heads: ["classifier"]).
+    modules_to_save: Optional[list[str]] = None
+    # Added weights on a bf16/fp16 base are float32 (small updates survive); True keeps the base's dtype.
+    keep_base_dtype: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -409,6 +414,9 @@ class MethodConfig(TypedConfig):
             raise ConfigError(f"{owner}.languages lists {duplicated} more than once")
         if self.target_modules is not None and not isinstance(self.target_modules, str) and not self.target_modules:
             raise ConfigError("target_modules is an empty list: leave it None for the FFN defaults")
+        if self.modules_to_save is not None and not all(isinstance(n, str) and n for n in self.modules_to_save):
+            raise ConfigError(f"{owner}.modules_to_save={self.modules_to_save!r}: give module names (non-empty "
+                              "strings), e.g. ['classifier']")
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **dataclasses.asdict(self)}

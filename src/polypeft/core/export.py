@@ -15,6 +15,7 @@ from .. import __version__
 from .fileio import write_json, write_safetensors
 from .anatomy import is_encoder_decoder
 from .languages import SHARED, LanguageError
+from .trainable import saved_module_tensors
 
 if TYPE_CHECKING:
     from .model import PolyModel
@@ -23,6 +24,7 @@ ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 INDEX_NAME = "routes.json"
 PEFT_PREFIX = "base_model.model."
+LORA_FACTORS = ("lora_A", "lora_B")
 # The ranks vLLM accepts for --max-lora-rank; a route's rank is rounded up to the next one.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -109,7 +111,7 @@ def adapter_config(poly: "PolyModel", base_model_name_or_path: Optional[str] = N
         "target_modules": short_target_names(poly),
         "bias": "none",
         "fan_in_fan_out": False,
-        "modules_to_save": None,
+        "modules_to_save": sorted(poly.saved_modules) or None,
         "init_lora_weights": True,
         "inference_mode": True,
         "use_rslora": False,
@@ -127,6 +129,8 @@ def peft_tensors(poly: "PolyModel", route: tuple[int, int]) -> dict[str, torch.T
         lora_a, lora_b = route_factors(layer, route)
         tensors[peft_key(name, "lora_A")] = lora_a
         tensors[peft_key(name, "lora_B")] = lora_b
+    for name, tensor in saved_module_tensors(poly.saved_modules).items():  # trained heads go with every route
+        tensors[PEFT_PREFIX + name] = tensor.detach()
     return tensors
 
 

@@ -27,8 +27,12 @@ from .merge_guard import MergeSnapshot
 from .peft_conveniences import adapters_disabled, check_not_spent, refuse, trainable_parameter_counts, unload
 from .routed import CONV1D_METHODS, LayerSite, RoutedLinear, layer_shape, mark_moe_experts
 from .routing import RouteState, carry_routes_into_checkpoints, checkpointing_modules
-from .savefiles import (CONFIG_NAME, WEIGHTS_NAME, check_base_class, copy_matching, read_weights,  # names kept
-                        write_weights)  # importable here
+from .tied_weights import drop_tied_aliases_on_save
+from .trainable import freeze_all_but, resolve_modules_to_save, saved_module_tensors, warn_if_head_frozen
+from .savefiles import (CONFIG_NAME, WEIGHTS_NAME, check_base_class, copy_matching, read_safetensors,  # names
+                        read_weights, write_weights)  # kept importable here
+
+TRAINER_WEIGHTS_NAME = "model.safetensors"  # what transformers.Trainer writes for a model it does not know
 
 
 @dataclass(frozen=True)
@@ -65,14 +69,17 @@ class PolyModel(nn.Module):
             base_model,
             config.target_modules,
             lambda name, linear: build(config, LayerSite(linear, name, side_of(base_model, name), self.route_state,
-                                                         self.registry, shared)),
+                                                         self.registry, shared, config.keep_base_dtype)),
             accept_conv1d=config.method in CONV1D_METHODS,
         )
         mark_moe_experts(base_model, self.routed_layers)
+        self.saved_modules = resolve_modules_to_save(base_model, config.modules_to_save, self.routed_layers)
         if config.freeze_base:
-            added = {id(p) for layer in self.routed_layers.values() for _, p in added_parameters(layer)}
-            for parameter in base_model.parameters():
-                parameter.requires_grad_(id(parameter) in added)
+            freeze_all_but(base_model, [*self.route_parameters(), *(p for m in self.saved_modules.values()
+                                                                   for p in m.parameters())])
+            warn_if_head_frozen(base_model, self.saved_modules)
+        # A plain transformers.Trainer saves state_dict() with safetensors, which refuses tied (shared) tensors.
+        drop_tied_aliases_on_save(self)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -232,12 +239,18 @@ class PolyModel(nn.Module):
             )
 
     # ---- save and load -------------------------------------------------------------------------
+    def route_parameters(self) -> list[nn.Parameter]:
+        """The parameters the routed layers add (not the base linears they wrap)."""
+        return [p for layer in self.routed_layers.values() for _, p in added_parameters(layer)]
+
     def added_state_dict(self) -> dict[str, torch.Tensor]:
-        return {
+        """What a save holds: the routed layers' added parameters and the `modules_to_save` (heads)."""
+        routes = {
             f"{name}.{param_name}": parameter
             for name, layer in self.routed_layers.items()
             for param_name, parameter in added_parameters(layer)
         }
+        return {**routes, **saved_module_tensors(self.saved_modules)}
 
     def save_pretrained(self, directory: str | Path, results: Optional[dict[str, Any]] = None) -> Path:
         """A JSON config, a safetensors file of only the added parameters (PEFT's own files for the LoRA baseline)
@@ -265,12 +278,16 @@ class PolyModel(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, base_model: nn.Module, name_or_path: str | Path, revision: Optional[str] = None, **hub_options: Any
+        cls, base_model: nn.Module, name_or_path: str | Path, revision: Optional[str] = None,
+        config: Optional[MethodConfig] = None, **hub_options: Any
     ) -> "PolyModel":
         """Rebuild the routed layers on `base_model` and load their weights from a save folder or a Hub repo id
-        (`revision`, `cache_dir`, `token` go to huggingface_hub); refuse a base that differs."""
+        (`revision`, `cache_dir`, `token` go to huggingface_hub); refuse a base that differs. A plain
+        transformers.Trainer checkpoint (the whole model's state, no polypeft config) loads with `config=`."""
         directory = resolve_save(name_or_path, revision, **hub_options)
         config_path = directory / CONFIG_NAME
+        if not config_path.is_file() and (directory / TRAINER_WEIGHTS_NAME).is_file():
+            return cls.from_trainer_checkpoint(base_model, directory, config)
         saved = read_save_config(directory)
         config = config_from_dict(saved["config"], where=str(config_path))
         check_base_fits(base_model, config, saved["base_model"], config_path)
@@ -278,6 +295,23 @@ class PolyModel(nn.Module):
         tensors, weights_path = read_weights(config, directory)
         model = cls(base_model, config)
         model.load_added_state_dict(tensors, where=str(weights_path))
+        return model
+
+    @classmethod
+    def from_trainer_checkpoint(cls, base_model: nn.Module, directory: Path,
+                                config: Optional[MethodConfig]) -> "PolyModel":
+        """A checkpoint a plain transformers.Trainer wrote: the whole PolyModel's state dict, every name checked."""
+        path = directory / TRAINER_WEIGHTS_NAME
+        if config is None:
+            raise ConfigError(f"{directory} is a transformers.Trainer checkpoint ({TRAINER_WEIGHTS_NAME}, no "
+                              f"{CONFIG_NAME}): pass config= (the config the model was wrapped with), or train with "
+                              "pp.PolyTrainer, whose checkpoints hold their config")
+        model = cls(base_model, config)
+        tensors, _ = read_safetensors(path)
+        result = model.load_state_dict(tensors, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise ConfigError(f"{path} does not fit this model wrapped with {type(config).__name__}: missing "
+                              f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
         return model
 
     # ---- PEFT's names: export, Hub, conveniences -------------------------------------------------

@@ -28,6 +28,7 @@ class LayerSite:
     route_state: RouteState
     registry: LanguageRegistry
     shared: dict = field(default_factory=dict)
+    keep_base_dtype: bool = False  # added weights in the base's half dtype instead of float32
 
 
 class LinearProxy(nn.Module):

@@ -14,7 +14,7 @@ from torch import nn
 
 from .. import __version__
 from .config import ConfigError, MethodConfig
-from .export import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, PEFT_PREFIX, adapter_config
+from .export import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, LORA_FACTORS, PEFT_PREFIX, adapter_config
 from .fileio import write_json, write_safetensors
 from .languages import LanguageError
 
@@ -55,7 +55,9 @@ def write_weights(poly: "PolyModel", directory: Path) -> Path:
     if not saves_as_peft(poly.poly_config):
         return write_safetensors(directory / WEIGHTS_NAME, tensors, metadata=weights_metadata(poly))
     write_json(directory / ADAPTER_CONFIG_NAME, adapter_config(poly))
-    renamed = {f"{PEFT_PREFIX}{name}.weight": tensor for name, tensor in tensors.items()}
+    routes = {f"{name}.{factor}" for name in poly.routed_layers for factor in LORA_FACTORS}
+    # PEFT's names: a factor is `<module>.lora_A.weight`; a module to save keeps its own tensor names.
+    renamed = {f"{PEFT_PREFIX}{name}{'.weight' if name in routes else ''}": tensor for name, tensor in tensors.items()}
     return write_safetensors(directory / ADAPTER_WEIGHTS_NAME, renamed, metadata=weights_metadata(poly))
 
 
@@ -76,14 +78,20 @@ def read_weights(config: MethodConfig, directory: Path) -> tuple[dict[str, torch
     peft_path = directory / ADAPTER_WEIGHTS_NAME
     if saves_as_peft(config) and peft_path.is_file():
         tensors, metadata = read_safetensors(peft_path)
-        tensors = {key[len(PEFT_PREFIX):-len(".weight")]: tensor for key, tensor in tensors.items()
-                   if key.startswith(PEFT_PREFIX) and key.endswith(".weight")}
+        tensors = {peft_to_polypeft_name(key[len(PEFT_PREFIX):]): tensor for key, tensor in tensors.items()
+                   if key.startswith(PEFT_PREFIX)}
         path = peft_path
     else:  # every other method, and LoRA saves from before the PEFT layout
         path = directory / WEIGHTS_NAME
         tensors, metadata = read_safetensors(path)
     check_language_order(metadata, config, path)
     return tensors, path
+
+
+def peft_to_polypeft_name(name: str) -> str:
+    """`<module>.lora_A.weight` is the factor `<module>.lora_A`; other names (modules to save) stay as they are."""
+    stem = name[:-len(".weight")] if name.endswith(".weight") else name
+    return stem if stem.rsplit(".", 1)[-1] in LORA_FACTORS else name
 
 
 def check_language_order(metadata: dict[str, str], config: MethodConfig, path: Path) -> None:

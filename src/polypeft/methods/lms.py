@@ -39,7 +39,7 @@ class LMSLinear(RoutedLinear):
         out_features, in_features = layer_shape(base_layer)
         check_rank("LMS", rank, base_layer, name)
         self.synthesis = synthesis
-        factory = added_factory(base_layer, name)
+        factory = added_factory(base_layer, name, site.keep_base_dtype)
         # V starts random and F at zero, so the wrapped model starts exactly at the base model.
         self.lms_V = nn.Parameter(torch.randn(num_routes, out_features, rank, **factory) * init_std)
         self.lms_F = nn.Parameter(torch.zeros(num_routes, rank, in_features, **factory))

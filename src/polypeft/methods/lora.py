@@ -19,7 +19,7 @@ from ..core.routed import LayerSite, RoutedLinear, added_factory, check_rank, la
 class LoRAConfig(MethodConfig):
     """`y = W x + b + (alpha / rank) B A x` on every target (FFN linears by default), for all languages alike.
 
-    The base is frozen by default, as in LoRA; `languages` only name what the model is used on.
+    `languages` only name what the model is used on; the base is frozen (every method's default).
     """
 
     method: ClassVar[str] = "lora"
@@ -30,7 +30,6 @@ class LoRAConfig(MethodConfig):
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
-    freeze_base: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -53,7 +52,7 @@ class LoRARouteLinear(RoutedLinear):
         base_layer, name = site.base_layer, site.name
         out_features, in_features = layer_shape(base_layer)
         check_rank("LoRA", rank, base_layer, name)
-        factory = added_factory(base_layer, name)
+        factory = added_factory(base_layer, name, site.keep_base_dtype)
         self.scaling = float(alpha) / rank
         self.lora_A = nn.Parameter(torch.empty(rank, in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank, **factory))

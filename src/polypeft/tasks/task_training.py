@@ -102,7 +102,7 @@ def fuse_distillation_heads(model: torch.nn.Module, batch: Mapping[str, torch.Te
 def parameter_groups(model: torch.nn.Module, lr: float, route_lr: Optional[float]) -> list[dict[str, Any]]:
     """AdamW groups: the LMS routes at `route_lr` (default `lr`), every other trainable parameter at `lr`."""
     poly = routed_model(model)
-    route_ids = {id(p) for p in poly.added_state_dict().values()} if poly is not None else set()
+    route_ids = {id(p) for p in poly.route_parameters()} if poly is not None else set()
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in trainable if id(p) not in route_ids], "lr": lr},
               {"params": [p for p in trainable if id(p) in route_ids], "lr": route_lr or lr}]

@@ -51,7 +51,7 @@ def build_classifier(encoder: nn.Module, label_names: Sequence[str], languages: 
         if settings.frozen_layers == num_layers:
             raise ConfigError("LMS needs at least one trained layer; lower frozen_layers")
         config = LMSConfig(languages=list(languages), rank=settings.rank, synthesis="language",
-                           shared_route=settings.method == "lms_fd", init_std=settings.init_std,
+                           shared_route=settings.method == "lms_fd", init_std=settings.init_std, freeze_base=False,
                            target_modules=default_targets(model, layers=range(settings.frozen_layers, num_layers)))
         model = wrap(model, config)
         counts = model.parameter_counts().as_dict()

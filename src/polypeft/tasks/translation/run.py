@@ -105,6 +105,7 @@ class MMTRecipe(TypedConfig):
             raise ConfigError("method.languages: a method block takes the recipe's languages; remove the key")
         if fd.get("fd", False):
             fields["shared_route"] = True
+        fields.setdefault("freeze_base", False)  # the presets train from scratch: the base trains with the routes
         return build(registered_methods()[name].config_class, {**fields, "languages": self.languages}, source)
 
     @classmethod
