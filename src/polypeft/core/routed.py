@@ -117,9 +117,14 @@ def language_key(side: str) -> str:
 
 
 def per_language(rows: torch.Tensor, routes: Routes, side: str,
-                 run: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+                 run: Callable[[int, torch.Tensor], torch.Tensor], num_routes: int) -> torch.Tensor:
     """`run(language, rows_of_that_language)` over a batch, language chosen by the side's rule: the one
     dispatch every language-wise layer (LS-FFN, CLSR) shares, by runs of equal routes or by groups."""
+    if torch.compiler.is_compiling():
+        # Every route over every row, each row keeping its own: the graph reads only the id tensors (host-side
+        # runs would become guards and recompile per route mix), at num_routes times the compute.
+        every = torch.stack([run(route, rows) for route in range(num_routes)])
+        return every[side_language(routes.src, routes.tgt, side), torch.arange(rows.shape[0], device=rows.device)]
     if routes.segments is not None:
         parts = [run(side_language(s, t, side), rows[start:stop]) for start, stop, s, t in routes.segments]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
@@ -144,6 +149,7 @@ class RoutedLinear(LinearProxy):
         # A plain attribute, not a submodule: the state is shared by every layer of the model.
         self.__dict__["route_state"] = site.route_state
         self.merged_route: Optional[tuple[int, int]] = None
+        self.num_routes = site.registry.num_routes  # languages, plus the FD shared route when there is one
         # Inside an MoE expert (set from the anatomy table by `mark_moe_experts`): rows are not examples.
         self.in_moe_expert = False
 

@@ -133,7 +133,7 @@ class CLSRLinear(RoutedLinear):
         return nn.functional.linear(z, self.language_owner.language_weight[language].to(z.dtype))
 
     def language_path(self, z: torch.Tensor, routes: Routes) -> torch.Tensor:
-        return per_language(z, routes, self.side, self.language_projection)
+        return per_language(z, routes, self.side, self.language_projection, self.num_routes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.base_layer(x)

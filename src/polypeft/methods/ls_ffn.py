@@ -62,7 +62,7 @@ class LanguageSpecificLinear(RoutedLinear):
         return self.language_forward(x, routes)
 
     def language_forward(self, x: torch.Tensor, routes: Routes) -> torch.Tensor:
-        return per_language(x, routes, self.side, self.run_language)
+        return per_language(x, routes, self.side, self.run_language, self.num_routes)
 
     def routed_delta(self, x: torch.Tensor, routes: Routes) -> torch.Tensor:
         return self.language_forward(x, routes) - self.base_layer(x)
