@@ -64,4 +64,9 @@ def build_translation_model(
         share_encoder_decoder_embeddings=True,
         tie_word_embeddings=True,
     )
-    return tf.MarianMTModel(config)
+    model = tf.MarianMTModel(config)
+    # Marian's loss is a plain mean that ignores `num_items_in_batch`; without this, transformers' Trainer takes its
+    # `**kwargs` for token-count normalisation and under gradient accumulation sums the micro-batch means instead
+    # of averaging them: the loss and gradient come out `accumulation` times too large (bench/trainer_vs_loop.py).
+    model.accepts_loss_kwargs = False
+    return model

@@ -2,19 +2,50 @@
 Trainers that save and resume only what polypeft adds (and can train FD), so checkpoints load anywhere."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
-from transformers import Seq2SeqTrainer, Trainer, default_data_collator
+from transformers import Seq2SeqTrainer, Trainer, TrainingArguments, default_data_collator
 
 from ..core.languages import LanguageError
 from ..core.export import ADAPTER_WEIGHTS_NAME
 from ..core.model import WEIGHTS_NAME, PolyModel
 from ..core.savefiles import read_weights
 from ..methods.fd import fuse_distillation_step
+from ..training.schedules import schedule
+from ..training.settings import TrainSettings
 
 ROUTE_COLUMNS = ("src_lang", "tgt_lang", "lang")
+# transformers' nearest schedule to each of the loop's; they differ by one step, so pass `loop_schedule` for the same.
+NEAREST_HF_SCHEDULE = {"linear": "linear", "constant": "constant_with_warmup", "inverse_sqrt": "inverse_sqrt"}
+
+
+def trainer_arguments(settings: TrainSettings, output_dir: str, **changes: Any) -> TrainingArguments:
+    """TrainingArguments holding the loop's recipe: steps, accumulation, AdamW (torch's, unfused: lr, betas,
+    eps 1e-8, weight decay), clipping, precision, seed; `changes` (any TrainingArguments field) win.
+
+    Give the PolyTrainer `loop_schedule=settings` too: transformers' warm-up starts at a rate of 0, the loop's at
+    lr/warmup, so only that makes the rates, and with them the loss curves, the same (bench/trainer_vs_loop.py).
+    Still differing: the Trainer leaves biases and LayerNorm weights out of weight decay; the loop decays every
+    parameter it is given (hand it parameter groups to match), and under accumulation the Trainer weights
+    micro-batches by their label tokens where the loop averages their mean losses.
+    """
+    if not isinstance(settings, TrainSettings):
+        raise TypeError(f"settings must be a polypeft TrainSettings, got {type(settings).__name__}")
+    values = dict(output_dir=output_dir, max_steps=settings.steps, learning_rate=settings.lr,
+                  lr_scheduler_type=NEAREST_HF_SCHEDULE[settings.schedule], warmup_steps=settings.warmup,
+                  adam_beta1=settings.betas[0], adam_beta2=settings.betas[1], adam_epsilon=1e-8, optim="adamw_torch",
+                  weight_decay=settings.weight_decay, gradient_accumulation_steps=settings.accumulation,
+                  max_grad_norm=settings.clip_norm, bf16=settings.mixed_precision == "bf16",
+                  fp16=settings.mixed_precision == "fp16", seed=42 if settings.seed is None else settings.seed,
+                  per_device_train_batch_size=1, train_sampling_strategy="sequential", logging_steps=settings.log_every,
+                  save_strategy="no", report_to=[], disable_tqdm=not settings.progress, dataloader_pin_memory=False)
+    unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(TrainingArguments)})
+    if unknown:
+        raise TypeError(f"trainer_arguments: {unknown} are not TrainingArguments fields")
+    return TrainingArguments(**{**values, **changes})
 
 
 class DataCollatorWithRoutes:
@@ -58,14 +89,26 @@ def unwrap(model: torch.nn.Module) -> PolyModel:
 
 class RoutedTrainerMixin:
     """What a Trainer needs to train a PolyModel: adapter-only checkpoints that `PolyModel.from_pretrained`
-    and `resume_from_checkpoint` read, and optionally the FD objective (`fd=True`) in `compute_loss`."""
+    and `resume_from_checkpoint` read, optionally the FD objective (`fd=True`) in `compute_loss`, and
+    optionally the loop's learning-rate schedule (`loop_schedule=TrainSettings(...)`, see `trainer_arguments`)."""
 
     def __init__(self, *args: Any, fd: bool = False, kl_weight: float = 1.0, one_way_kl: bool = False,
-                 **kwargs: Any):
+                 loop_schedule: Optional[TrainSettings] = None, **kwargs: Any):
         if not isinstance(fd, bool) or not isinstance(one_way_kl, bool):
             raise TypeError(f"fd={fd!r} and one_way_kl={one_way_kl!r} must be True or False")
+        if loop_schedule is not None and not isinstance(loop_schedule, TrainSettings):
+            raise TypeError(f"loop_schedule must be a polypeft TrainSettings or None, got {type(loop_schedule).__name__}")
         self.fd, self.kl_weight, self.one_way_kl = fd, float(kl_weight), one_way_kl
+        self.loop_schedule = loop_schedule
         super().__init__(*args, **kwargs)
+
+    def create_scheduler(self, num_training_steps: int, optimizer: Optional[torch.optim.Optimizer] = None):
+        if self.loop_schedule is None or self.lr_scheduler is not None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        settings = self.loop_schedule
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer or self.optimizer, schedule(settings.schedule, settings.warmup, num_training_steps))
+        return self.lr_scheduler
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not (self.fd and model.training):
