@@ -136,3 +136,15 @@ def test_a_plain_trainer_saves_a_tied_model_and_its_checkpoint_loads_with_the_co
         with torch.no_grad():
             torch.testing.assert_close(reloaded(**batch, src_lang="de", tgt_lang="fr").logits,
                                        poly(**batch, src_lang="de", tgt_lang="fr").logits)
+
+
+def test_an_exported_route_carries_the_trained_head_for_peft(tmp_path):
+    peft = pytest.importorskip("peft")
+    poly = pp.wrap(classifier(), pp.LMSConfig(languages=LANGS, rank=4, synthesis="language",
+                                              modules_to_save=["classifier"]))
+    train_a_little(poly)
+    poly.export_lora(tmp_path / "de", lang="de")
+    served = peft.PeftModel.from_pretrained(classifier(head_seed=1), str(tmp_path / "de")).eval()
+    ids = torch.randint(3, VOCAB, (2, 7), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(served(input_ids=ids).logits, poly(input_ids=ids, lang="de").logits)
