@@ -55,7 +55,7 @@ def test_jsonl_reads_and_reports_bad_json_with_file_and_line(tmp_path):
         json.dumps(["not", "an", "object"]),
         json.dumps({"src_lang": "en", "tgt_lang": "de", "src": "x", "tgt": 5}),
     ])
-    with pytest.raises(ParallelFormatError, match=rf"{path}:3: invalid JSON"):
+    with pytest.raises(ParallelFormatError, match=rf"{path}:3: not valid JSON"):
         read_jsonl(path)
     result = read_jsonl(path, on_error="skip")
     assert result.examples == [ParallelExample("en", "ko", "a\ttab is fine here", "하나", "43:1:1")]

@@ -4,6 +4,7 @@ Every reader goes through here so that invalid UTF-8 is reported by file and lin
 """
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,3 +43,14 @@ def read_text(path: str | os.PathLike, error: type[Exception] = ValueError) -> s
         column = problem.start - (data.rfind(b"\n", 0, problem.start) + 1) + 1
         raise error(f"{path} line {line}: not valid UTF-8 (byte 0x{data[problem.start]:02x} at column {column}); "
                     "save the file as UTF-8") from None
+
+
+def json_object(line: str, where: str, error: type[Exception] = ValueError) -> dict:
+    """One line of a JSONL file as a JSON object; anything else is `error` naming `where` (file and line)."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as problem:
+        raise error(f"{where}: not valid JSON ({problem.msg} at column {problem.colno})") from None
+    if not isinstance(row, dict):
+        raise error(f"{where}: expected a JSON object, got {type(row).__name__}")
+    return row

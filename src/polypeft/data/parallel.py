@@ -13,7 +13,7 @@ from typing import Collection, Iterable, Optional, Sequence
 
 from ..core.fileio import write_text
 from ..core.languages import LanguageError
-from .lines import decode_line, numbered_lines
+from .lines import decode_line, json_object, numbered_lines
 
 logger = logging.getLogger(__name__)
 
@@ -170,12 +170,7 @@ def read_jsonl(
     path = Path(path)
 
     def parse(line: str, where: str, number: int) -> ParallelExample:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ParallelFormatError(f"{where}: invalid JSON ({error.msg} at column {error.colno})") from None
-        if not isinstance(record, dict):
-            raise ParallelFormatError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        record = json_object(line, where, ParallelFormatError)
         missing = [key for key in JSONL_KEYS if key not in record]
         if missing:
             raise ParallelFormatError(f"{where}: missing keys {missing}; each line needs {list(JSONL_KEYS)}")

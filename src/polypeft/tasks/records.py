@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from ..data.lines import decode_line, numbered_lines, read_text
+from ..data.lines import decode_line, json_object, numbered_lines, read_text
 
 Source = Union[str, os.PathLike, Iterable[dict]]
 
@@ -89,13 +89,7 @@ def _read_jsonl(path: Path) -> Iterator[Record]:
         line = decode_line(raw, f"{path} line {number}", TaskDataError)
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise TaskDataError(f"{path} line {number}: not valid JSON ({error.msg})") from None
-        if not isinstance(row, dict):
-            raise TaskDataError(f"{path} line {number}: expected a JSON object, got {type(row).__name__}")
-        yield Record(row, str(path), number)
+        yield Record(json_object(line, f"{path} line {number}", TaskDataError), str(path), number)
 
 
 def _read_json(path: Path) -> Iterator[Record]:
