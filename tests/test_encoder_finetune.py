@@ -122,6 +122,10 @@ def test_bad_settings_are_refused_by_name():
         ef.FinetuneSettings(method="adapter")
     with pytest.raises(ConfigError, match="FinetuneSettings.rank=0"):
         ef.FinetuneSettings(rank=0)
+    with pytest.raises(ConfigError, match=r"FinetuneSettings.freeze_embeddings='false' must be true or false"):
+        ef.FinetuneSettings(freeze_embeddings="false")  # a quoted "false" would have frozen them
+    with pytest.raises(ConfigError, match=r"FinetuneSettings.kl_weight='1' must be a number >= 0"):
+        ef.FinetuneSettings(kl_weight="1")
     with pytest.raises(ConfigError, match=r"train_languages \['xx'\] are not in languages"):
         ef.ExperimentSpec(LANGS, ["xx"])
     with pytest.raises(ConfigError, match="frozen_layers=5 but the encoder has 2 layers"):
