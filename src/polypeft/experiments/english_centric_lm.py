@@ -270,6 +270,6 @@ def plot_results(results: dict, path: str | Path) -> Path:
     fidelity_axes.set_ylabel("continuations in the prompt's language (%)")
     fidelity_axes.set_ylim(0, 105)
     fidelity_axes.set_title("language fidelity of greedy continuations (mean of seeds)", fontsize=8)
-    fidelity_axes.legend(fontsize=7, loc="lower right")
+    fidelity_axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(0.29, 0.55))  # over the low es/de bars
     figure.tight_layout()
     return atomic_write(path, lambda temporary: figure.savefig(temporary, format="png", dpi=110))
