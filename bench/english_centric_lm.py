@@ -53,6 +53,8 @@ def main() -> None:
                         help="LENS learning rates to choose from on the valid books, comma-separated")
     parser.add_argument("--lens-steps", type=int, default=EnglishCentricExperiment.lens_steps)
     parser.add_argument("--quick", action="store_true", help="a tiny LM and tiny samples: checks the pipeline in ~1 min")
+    parser.add_argument("--rerun", help="measure only these parts again (comma-separated: base, lens, lrp2) and keep "
+                                        "the others from OUT/results.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
     settings = EnglishCentricExperiment(lens_lrs=tuple(float(lr) for lr in args.lens_lrs.split(",")),
@@ -62,7 +64,7 @@ def main() -> None:
                                        identifier_verses=200, lens_pairs=20, lens_steps=3, lrp2_sentences=20,
                                        lrp2_valid_verses=10)
     out = Path(args.out)
-    results = run_english_centric_lm(settings, out_dir=out)
+    results = run_english_centric_lm(settings, out_dir=out, rerun=args.rerun.split(",") if args.rerun else None)
     results["machine"] = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                           "torch": torch.__version__, "note": "2-core CPU shared with other jobs"}
     write_json(out / "results.json", results)

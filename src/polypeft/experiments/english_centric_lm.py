@@ -4,6 +4,7 @@ per language by held-out perplexity and by how often greedy continuations of tar
 from __future__ import annotations
 
 import copy
+import json
 import math
 import random
 import time
@@ -22,7 +23,7 @@ from ..interventions import lens
 from ..interventions.lrp2 import LRP2, language_vectors
 from ..interventions.search import lrp2_scorer, search_layers
 from ..tasks.language_id import LanguageIdentifier, bible_language_identifier, identification_accuracy
-from ..tasks.language_model import build_english_centric_lm, continue_prompts, mean_token_nll
+from ..tasks.language_model import build_english_centric_lm, continue_prompts, mean_token_nll, text_nll
 
 __all__ = ["EnglishCentricExperiment", "measure", "plot_results", "prompt_of", "run_english_centric_lm"]
 
@@ -133,7 +134,8 @@ def lrp2_variant(model: nn.Module, tokenizer: CausalLmTokenizer, train_rows: lis
     vectors = language_vectors(model, {code: [row[code] for row in rows] for code in languages}, tokenizer,
                                pooling="mean", progress=False)
     targets = [code for code in languages if code != "en"]
-    evaluate = lambda language, hooks: mean_token_nll(model, tokenizer, valid_texts[language])  # noqa: E731
+    # Per-verse NLLs: the search keeps a pair only if it beats no LRP2 by more than the validation noise.
+    evaluate = lambda language, hooks: text_nll(model, tokenizer, valid_texts[language])  # noqa: E731
     layers = list(range(settings.lm.num_layers + 1))
     search = search_layers(lrp2_scorer(model, vectors, evaluate), targets, layers[:-1], layers[1:], pairs=True,
                            lirp_only=False, higher_is_better=False, progress=settings.progress)
@@ -141,22 +143,45 @@ def lrp2_variant(model: nn.Module, tokenizer: CausalLmTokenizer, train_rows: lis
 
     @contextmanager
     def hooks(language: str):
-        if language not in best:  # English is the pivot: LRP2 leaves it as it is
+        if language not in best or best[language]["lirp_layer"] is None:  # English (the pivot), or refused
             yield None
             return
         with LRP2(model, vectors, best[language]["lirp_layer"], best[language]["lsrp_layer"]) as lrp2:
             lrp2.set_languages(language)
             yield lrp2
 
-    summary = {code: {"lirp_layer": row["lirp_layer"], "lsrp_layer": row["lsrp_layer"],
-                      "valid_nll": round(row["score"], 4), "valid_nll_without": round(row["baseline"], 4)}
+    summary = {code: {"lirp_layer": row["lirp_layer"], "lsrp_layer": row["lsrp_layer"], "decision": row["decision"],
+                      "valid_nll": round(row["score"], 4), "valid_nll_without": round(row["baseline"], 4),
+                      "best_cell": row.get("best_cell")}
                for code, row in best.items()}
     return hooks, summary
 
 
+PARTS = ("base", "lens", "lrp2")
+
+
+def earlier_parts(out_dir: Optional[str | Path], rerun: Optional[Sequence[str]]) -> dict:
+    """The parts of an earlier results.json to keep when only `rerun` is measured again (None: measure all)."""
+    if rerun is None:
+        return {}
+    unknown = sorted(set(rerun) - set(PARTS))
+    if unknown:
+        raise ValueError(f"rerun={list(rerun)}: unknown parts {unknown}; choose from {list(PARTS)}")
+    path = Path(out_dir or ".") / "results.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"rerun={list(rerun)} keeps the other parts of {path}, which does not exist")
+    earlier = json.loads(path.read_text(encoding="utf-8"))
+    keep = [part for part in PARTS if part not in rerun]
+    return {key: value for key, value in earlier.items()
+            if key == "timings_seconds" or any(key == part or key.startswith(part + "_") for part in keep)}
+
+
 def run_english_centric_lm(settings: EnglishCentricExperiment = EnglishCentricExperiment(),
-                           out_dir: Optional[str | Path] = None, cache_dir: Optional[str | Path] = None) -> dict:
-    """Build (or load) the LM, then measure it plain, with LENS (each push sign, each seed) and with LRP2."""
+                           out_dir: Optional[str | Path] = None, cache_dir: Optional[str | Path] = None,
+                           rerun: Optional[Sequence[str]] = None) -> dict:
+    """Build (or load) the LM, then measure it plain, with LENS (each push sign, each seed) and with LRP2;
+    `rerun` measures only those parts again and keeps the rest of out_dir's results.json."""
+    kept = earlier_parts(out_dir, rerun)
     started = time.perf_counter()
     corpus = BibleCorpus()
     languages = list(settings.lm.languages)
@@ -185,11 +210,14 @@ def run_english_centric_lm(settings: EnglishCentricExperiment = EnglishCentricEx
         timings[name] = round(time.perf_counter() - tick, 1)
         return value
 
-    results: dict = {"settings": asdict(settings), "build": build, "identifier_accuracy": identifier_accuracy}
-    results["base"] = timed("base", lambda: measure(base, tokenizer, identifier, eval_texts, prompts, settings.new_tokens))
-    lens_lr, results["lens_lr_choice"] = timed("lens_lr_choice", lambda: choose_lens_lr(
-        base, tokenizer, train_rows, valid_texts, settings))
-    for push in settings.lens_push_strengths:
+    results: dict = {"settings": asdict(settings), "build": build, "identifier_accuracy": identifier_accuracy, **kept}
+    if "base" not in kept:
+        results["base"] = timed("base", lambda: measure(base, tokenizer, identifier, eval_texts, prompts,
+                                                        settings.new_tokens))
+    if "lens_lr_choice" not in kept:
+        lens_lr, results["lens_lr_choice"] = timed("lens_lr_choice", lambda: choose_lens_lr(
+            base, tokenizer, train_rows, valid_texts, settings))
+    for push in settings.lens_push_strengths if "lens_lr_choice" not in kept else ():
         per_seed = {}
         for seed in settings.seeds:
             def run_lens(seed: int = seed) -> dict:
@@ -198,14 +226,16 @@ def run_english_centric_lm(settings: EnglishCentricExperiment = EnglishCentricEx
             per_seed[str(seed)] = timed(f"lens_push{push:+g}_seed{seed}", run_lens)
         results[f"lens_push{push:+g}"] = {"seeds": per_seed, "mean": mean_over_seeds(list(per_seed.values()))}
     per_seed = {}
-    for seed in settings.seeds:
+    for seed in settings.seeds if "lrp2" not in kept else ():
         def run_lrp2(seed: int = seed) -> dict:
             hooks, summary = lrp2_variant(base, tokenizer, train_rows, valid_texts, settings, seed)
             return {**measure(base, tokenizer, identifier, eval_texts, prompts, settings.new_tokens, hooks),
                     "layers": summary}
         per_seed[str(seed)] = timed(f"lrp2_seed{seed}", run_lrp2)
-    results["lrp2"] = {"seeds": per_seed, "mean": mean_over_seeds(list(per_seed.values()))}
-    results["timings_seconds"] = {**timings, "total": round(time.perf_counter() - started, 1)}
+    if "lrp2" not in kept:
+        results["lrp2"] = {"seeds": per_seed, "mean": mean_over_seeds(list(per_seed.values()))}
+    results["timings_seconds"] = {**kept.get("timings_seconds", {}), **timings,
+                                  "total": round(time.perf_counter() - started, 1)}
     results["goals"] = goals(results, languages)
     if out_dir is not None:
         out_dir = Path(out_dir)

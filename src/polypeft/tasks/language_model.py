@@ -89,10 +89,10 @@ def token_shares(verses: dict[str, list[list[int]]], weights: dict[str, float]) 
     return {code: round(weights[code] * mean_length[code] / total, 4) for code in weights}
 
 
-def mean_token_nll(model: torch.nn.Module, tokenizer: CausalLmTokenizer, texts: Sequence[str],
-                   batch_size: int = 32, max_length: int = 128) -> float:
-    """Mean negative log-likelihood per predicted token (every piece after bos, and the closing eos)."""
-    total, count = 0.0, 0
+def token_losses(model: torch.nn.Module, tokenizer: CausalLmTokenizer, texts: Sequence[str],
+                 batch_size: int = 32, max_length: int = 128) -> list[torch.Tensor]:
+    """Each text's negative log-likelihood per predicted token (every piece after bos, and the closing eos)."""
+    per_text: list[torch.Tensor] = []
     device = next(model.parameters()).device
     with evaluation_mode(model):
         for start in range(0, len(texts), batch_size):
@@ -107,9 +107,21 @@ def mean_token_nll(model: torch.nn.Module, tokenizer: CausalLmTokenizer, texts: 
             targets = ids[:, 1:].to(device)
             losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, reduction="none")
             keep = mask[:, 1:].to(device).bool()
-            total += float(losses[keep].sum())
-            count += int(keep.sum())
-    return total / max(1, count)
+            per_text.extend(losses[index][keep[index]].cpu() for index in range(len(rows)))
+    return per_text
+
+
+def mean_token_nll(model: torch.nn.Module, tokenizer: CausalLmTokenizer, texts: Sequence[str],
+                   batch_size: int = 32, max_length: int = 128) -> float:
+    """Mean negative log-likelihood per predicted token over all texts (what perplexity exponentiates)."""
+    losses = token_losses(model, tokenizer, texts, batch_size, max_length)
+    return float(sum(float(loss.sum()) for loss in losses)) / max(1, sum(loss.numel() for loss in losses))
+
+
+def text_nll(model: torch.nn.Module, tokenizer: CausalLmTokenizer, texts: Sequence[str],
+             batch_size: int = 32, max_length: int = 128) -> torch.Tensor:
+    """Each text's mean token NLL: per-example scores, so a layer search can tell a gain from noise."""
+    return torch.stack([loss.mean() for loss in token_losses(model, tokenizer, texts, batch_size, max_length)])
 
 
 def perplexity(model: torch.nn.Module, tokenizer: CausalLmTokenizer, texts: Sequence[str], batch_size: int = 32) -> float:
