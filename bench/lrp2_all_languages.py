@@ -70,11 +70,17 @@ def numbers(text: str) -> list[int]:
     return [int(item) for item in text.split(",") if item]
 
 
-def run_key(args) -> str:
-    """Outcome files are kept per settings that change them, so a resumed run never mixes two settings."""
-    keys = ("valid_queries", "test_queries", "layers", "lsrp_layers", "both_layers", "pool", "vector_sizes",
-            "vector_seeds", "default_vectors", "max_length", "candidate_limit")
-    return hashlib.sha256(json.dumps({key: getattr(args, key) for key in keys}).encode()).hexdigest()[:10]
+def run_key(args, split: str = "test") -> str:
+    """Outcome files are kept per settings that change them, so a resumed run never mixes two settings (the
+    valid outcomes do not depend on the test's or the curve's settings, so a larger test reuses them)."""
+    keys = ["valid_queries", "layers", "lsrp_layers", "both_layers", "pool", "default_vectors", "max_length",
+            "candidate_limit"]
+    if split == "test":
+        keys += ["test_queries", "vector_sizes", "vector_seeds"]
+    settings = {key: getattr(args, key) for key in keys}
+    if split != "test":
+        settings["default_seed"] = numbers(args.vector_seeds)[0]
+    return hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:10]
 
 
 def vector_pool(runner, corpus, languages, args, cache: Path) -> dict[str, torch.Tensor]:
@@ -165,7 +171,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     languages = args.languages.split(",")
     out, key = Path(args.out), run_key(args)
-    cache = Path(args.cache) / key
+    pool_settings = json.dumps([args.pool, args.max_length, languages])
+    cache = Path(args.cache) / hashlib.sha256(pool_settings.encode()).hexdigest()[:10]
     corpus = BibleCorpus()
     model, tokenizer = load_encoder("e5-small")
     runner = BlockRunner(model, tokenizer, args.max_length, PREFIX)
@@ -188,7 +195,7 @@ def main() -> None:
         candidates = None
         outcomes[split] = {}
         for language in languages:
-            path = out / "outcomes" / key / f"{split}_{language}.safetensors"
+            path = out / "outcomes" / run_key(args, split) / f"{split}_{language}.safetensors"
             if path.exists():
                 outcomes[split][language] = load_file(str(path))
                 continue
