@@ -162,7 +162,9 @@ def plot_all(report: dict, outcomes: dict, languages: list[str], args, out: Path
     axes.set_ylabel("John acc@1 gain over plain e5 (points)")
     axes.set_title("LRP2 per language, layers chosen on books 45-49 (error bars: robust, bootstrap p10-p90)",
                    fontsize=9)
-    axes.legend(fontsize=7)
+    low, high = axes.get_ylim()
+    axes.set_ylim(low, high + 0.3 * (high - low))  # room for the legend above the bars
+    axes.legend(fontsize=7, ncol=2, loc="upper center")
     save(fig, out / "gains_per_language.png")
     points = report["curve"]["points"]
     if points:
