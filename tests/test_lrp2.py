@@ -332,6 +332,8 @@ def test_cli_commands_run_from_yaml(tokenizer, tmp_path):
         assert arguments.func(arguments) == 0
     search = json.loads((tmp_path / "run" / "lrp2_search.json").read_text())
     assert set(search["best"]) == {"fr", "de"}
+    # three validation rows cannot tell a layer from noise: the CLI search refuses LRP2 and says why
+    assert search["best"]["fr"]["decision"] == "no LRP2" and "too small" in search["best"]["fr"]["reason"]
     assert (tmp_path / "run" / "lrp2_heatmap_fr.png").is_file()
     assert (tmp_path / "run" / "probe" / "lens_probe.safetensors").is_file()
     assert (tmp_path / "run" / "lens_layers.safetensors").is_file()

@@ -235,9 +235,10 @@ def run_search(recipe: InterventionRecipe) -> None:
     candidates = sentence_embeddings(model, tokenizer, valid[pivot], recipe, stack)
     gold = torch.arange(len(valid[pivot]))
 
-    def evaluate(language: str, lrp2) -> float:
+    def evaluate(language: str, lrp2) -> "torch.Tensor":
+        # per-row 0/1 outcomes: the search keeps a layer only if it beats the baseline by more than the noise
         queries = sentence_embeddings(model, tokenizer, valid[language], recipe, stack)
-        return float(((queries @ candidates.T).argmax(1) == gold).float().mean())
+        return ((queries @ candidates.T).argmax(1) == gold).float()
 
     search = recipe.search
     result = search_layers(

@@ -26,8 +26,8 @@ class RetrievalSettings:
     languages: tuple[str, ...] = ("fr", "ar", "ko")
     test_verses: int = 150  # John verses, spread over the book: the queries in each language and the candidates
     valid_books: tuple[int, ...] = tuple(VALID_BOOKS)
-    valid_candidates: int = 200  # English verses of the valid books, spread
-    valid_queries: int = 40  # per language, among those verses
+    valid_candidates: int = 400  # English verses of the valid books, spread
+    valid_queries: int = 200  # per language, among those verses: enough for the LRP2 search to tell layers apart
     train_sentences: int = 64  # per language, from the other books: language vectors (LRP2), probe (LENS)
     max_length: int = 64
     batch_size: int = 32

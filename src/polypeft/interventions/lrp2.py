@@ -55,6 +55,17 @@ class LanguageVectors:
             raise InterventionError(f"no language vector at layer {layer}; computed layers are {self.layers}")
         return self.means[stack][language][self.layers.index(layer)]
 
+    def with_mean_language(self, name: str = "mean") -> "LanguageVectors":
+        """A copy with one more language `name`, the average of every language's vector (beyond the paper).
+
+        As LRP2's pivot it moves every language, the old pivot included, toward the common mean: both sides shift."""
+        if name in self.languages:
+            raise InterventionError(f"with_mean_language: {name!r} is already a language here ({self.languages})")
+        means = {stack: {**by_language, name: torch.stack(list(by_language.values())).mean(0)}
+                 for stack, by_language in self.means.items()}
+        counts = {**self.num_sentences, name: sum(self.num_sentences.values())}
+        return LanguageVectors(means, list(self.layers), self.pooling, dict(self.identity), counts)
+
     def check_model(self, model: nn.Module, where: str = "language vectors") -> None:
         check_identity(self.identity, model, "these language vectors", where)
 

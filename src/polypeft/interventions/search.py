@@ -1,14 +1,15 @@
-"""The LRP2 layer search: score every (LIRP layer, LSRP layer) pair per language and keep the best.
+"""The LRP2 layer search: score every (LIRP layer, LSRP layer) pair per language; keep the best only if it beats noise.
 
-Results go to JSON and to one heat map per language.
+Results go to JSON and to one heat map per language; a language whose best cell is inside the noise gets no LRP2.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import NormalDist
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -19,36 +20,118 @@ from ..core.fileio import atomic_write, single_path_component
 from .capture import InterventionError
 from .lrp2 import LRP2, LanguageVectors
 
-ScoreFn = Callable[[str, Optional[int], Optional[int]], float]
+# A score function returns one number, or one score per validation example (e.g. a 0/1 tensor for
+# accuracy@1): only per-example scores let the search tell a gain from noise.
+Score = Union[float, torch.Tensor, Sequence[float]]
+ScoreFn = Callable[[str, Optional[int], Optional[int]], Score]
+Cell = tuple[str, Optional[int], Optional[int]]
+
+# The refusal rule. A cell is kept only if its mean paired gain over the baseline exceeds z standard
+# errors, z one-sided at family-wise level DEFAULT_ALPHA over the cells searched for that language
+# (Bonferroni: the best of many noisy cells looks better than it is). Below MIN_VALIDATION_EXAMPLES
+# paired examples the standard error itself is too rough to trust, and LRP2 is not free (a wrong layer
+# costs points, RESULTS section 5), so the default there is the model as it is: no LRP2.
+DEFAULT_ALPHA = 0.05
+MIN_VALIDATION_EXAMPLES = 50
+
+
+def bonferroni_z(cells: int, alpha: float = DEFAULT_ALPHA) -> float:
+    """One-sided z at level alpha / cells: 1.64 for one cell, 2.64 for 12, 3.2 for 78."""
+    if cells < 1 or not 0.0 < alpha < 1.0:
+        raise InterventionError(f"bonferroni_z: cells={cells} must be >= 1 and alpha={alpha} in (0, 1)")
+    return NormalDist().inv_cdf(1.0 - alpha / cells)
+
+
+def per_example(score: Score, where: str) -> Optional[torch.Tensor]:
+    """A score function's per-example scores as a float64 vector, or None for a single number."""
+    if isinstance(score, (int, float)):
+        return None
+    values = torch.as_tensor(score, dtype=torch.float64).flatten()
+    if values.numel() == 0:
+        raise InterventionError(f"{where}: the score function returned no per-example scores")
+    return values
 
 
 @dataclass
 class LayerSearchResult:
-    """Scores of every (language, lirp_layer, lsrp_layer) tried; lsrp_layer None is LIRP only."""
+    """Scores of every (language, lirp_layer, lsrp_layer) tried; lsrp_layer None is LIRP only.
+
+    `outcomes` holds the per-example scores behind each row and baseline (when the score function gave
+    them), keyed (language, lirp_layer, lsrp_layer) with (language, None, None) the baseline. `z` None
+    means `bonferroni_z` over the cells a choice compares.
+    """
 
     rows: list[dict]
     baseline: dict[str, float]
     higher_is_better: bool = True
+    outcomes: dict[Cell, torch.Tensor] = field(default_factory=dict)
+    alpha: float = DEFAULT_ALPHA
+    z: Optional[float] = None
+    min_examples: int = MIN_VALIDATION_EXAMPLES
 
     @property
     def languages(self) -> list[str]:
         return sorted({row["language"] for row in self.rows})
 
-    def best(self, language: str, lirp_only: bool = False) -> dict:
-        """The best row of one language (optionally among LIRP-only rows), with its gain over no LRP2."""
+    def _rows(self, language: str, lirp_only: bool) -> list[dict]:
         rows = [
             row for row in self.rows
             if row["language"] == language and (not lirp_only or row["lsrp_layer"] is None)
         ]
         if not rows:
             raise InterventionError(f"no search results for language {language!r}; searched {self.languages}")
+        return rows
+
+    def best_cell(self, language: str, lirp_only: bool = False) -> dict:
+        """The top-scoring row (optionally among LIRP-only rows) with its gain over no LRP2, noise unchecked."""
         sign = 1.0 if self.higher_is_better else -1.0
-        chosen = max(rows, key=lambda row: sign * row["score"])
-        result = dict(chosen)
+        chosen = dict(max(self._rows(language, lirp_only), key=lambda row: sign * row["score"]))
         if language in self.baseline:
-            result["baseline"] = self.baseline[language]
-            result["gain"] = chosen["score"] - self.baseline[language]
-        return result
+            chosen["baseline"] = self.baseline[language]
+            chosen["gain"] = chosen["score"] - self.baseline[language]
+        return chosen
+
+    def best(self, language: str, lirp_only: bool = False) -> dict:
+        """The chosen row: the best cell if it beats the baseline by more than the noise, else the baseline
+        row (lirp_layer None: no LRP2). `decision` and `reason` say which, `best_cell` keeps the top cell."""
+        cell = self.best_cell(language, lirp_only)
+        if language not in self.baseline:
+            return {**cell, "decision": "lrp2", "reason": "no baseline scored: top cell kept unchecked"}
+        cells = len(self._rows(language, lirp_only))
+        z = self.z if self.z is not None else bonferroni_z(cells, self.alpha)
+        sign = 1.0 if self.higher_is_better else -1.0
+        improvement = sign * cell["gain"]
+        check = {"cells": cells, "z": z, "se": None, "threshold": None, "examples": None}
+        top = self.outcomes.get((language, cell["lirp_layer"], cell["lsrp_layer"]))
+        base = self.outcomes.get((language, None, None))
+        if top is None or base is None:
+            keep = improvement > 0
+            reason = ("scores without per-example outcomes: no noise estimate, the top cell is kept when it "
+                      "beats the baseline at all")
+        else:
+            if top.numel() != base.numel():
+                raise InterventionError(
+                    f"LRP2 search {language!r}: {top.numel()} outcomes for the cell but {base.numel()} for the "
+                    f"baseline; paired outcomes need the same validation examples"
+                )
+            differences = sign * (top - base)
+            examples = differences.numel()
+            check["examples"] = examples
+            if examples < self.min_examples:
+                keep = False
+                reason = (f"validation too small ({examples} < {self.min_examples} examples) to tell a layer "
+                          f"from noise: no LRP2")
+            else:
+                se = float(differences.std(unbiased=True) / math.sqrt(examples))
+                check["se"], check["threshold"] = se, z * se
+                keep = improvement > 0 and improvement > z * se
+                reason = (f"gain {improvement:+.4f} {'>' if keep else '<='} z*SE = {z:.2f}*{se:.4f} "
+                          f"({examples} paired examples, {cells} cells)")
+        if keep:
+            return {**cell, **check, "decision": "lrp2", "reason": reason, "best_cell": _cell_summary(cell)}
+        return {"language": language, "lirp_layer": None, "lsrp_layer": None, "score": self.baseline[language],
+                "baseline": self.baseline[language], "gain": 0.0, **check, "decision": "no LRP2",
+                "reason": reason, "best_cell": _cell_summary(cell)}
 
     def best_per_language(self, lirp_only: bool = False) -> dict[str, dict]:
         return {language: self.best(language, lirp_only) for language in self.languages}
@@ -56,6 +139,8 @@ class LayerSearchResult:
     def to_dict(self) -> dict:
         return {
             "higher_is_better": self.higher_is_better,
+            "rule": {"alpha": self.alpha, "z": self.z if self.z is not None else "bonferroni over the cells",
+                     "min_examples": self.min_examples},
             "baseline": self.baseline,
             "best": self.best_per_language(),
             "best_lirp_only": self.best_per_language(lirp_only=True)
@@ -92,6 +177,11 @@ class LayerSearchResult:
                 axes.bar(range(len(lirp_layers)), grid[:, 0].numpy(), color="tab:blue")
                 if language in self.baseline:
                     axes.axhline(self.baseline[language], color="grey", linestyle="--", label="without LRP2")
+                    threshold = self.best(language).get("threshold")
+                    if threshold is not None:  # a bar must clear this line to be used
+                        sign = 1.0 if self.higher_is_better else -1.0
+                        axes.axhline(self.baseline[language] + sign * threshold, color="tab:red", linestyle=":",
+                                     label="without + noise (z*SE)")
                     axes.legend(fontsize=8)
                 axes.set_xticks(range(len(lirp_layers)), [str(layer) for layer in lirp_layers])
                 axes.set_xlabel("LIRP layer i (LIRP only)")
@@ -103,10 +193,7 @@ class LayerSearchResult:
                 axes.set_yticks(range(len(lirp_layers)), [str(layer) for layer in lirp_layers])
                 axes.set_xlabel("LSRP layer j (none = LIRP only)")
                 axes.set_ylabel("LIRP layer i")
-            best = self.best(language)
-            title = f"LRP2 {language}: best i={best['lirp_layer']}, j={best['lsrp_layer']}"
-            if language in self.baseline:
-                title += f"\n{metric} {best['score']:.3f} vs {self.baseline[language]:.3f} without"
+            title = heatmap_title(self.best(language), language, metric)
             axes.set_title(title, fontsize=9)
             if grid.numel() <= 400 and len(columns) > 1:
                 for r in range(grid.shape[0]):
@@ -130,12 +217,17 @@ def search_layers(
     baseline: bool = True,
     higher_is_better: bool = True,
     progress: bool = True,
+    alpha: float = DEFAULT_ALPHA,
+    z: Optional[float] = None,
+    min_examples: int = MIN_VALIDATION_EXAMPLES,
 ) -> LayerSearchResult:
     """Score `score_fn(language, i, j)` over the grid and keep the best per language.
 
     The grid is every (i, j) with i from `candidate_layers`, j from `candidate_lsrp_layers`
     (default the same) and j > i when `pairs`, plus (i, None) for LIRP only when `lirp_only`;
     `baseline` also scores (None, None), the model without LRP2. `lrp2_scorer` builds a score_fn.
+    A score_fn returning per-example scores (a 0/1 tensor for accuracy@1) lets `best` refuse a top cell
+    inside the noise (see DEFAULT_ALPHA); one returning a float keeps any top cell above the baseline.
     """
     if not languages:
         raise InterventionError("search_layers: no languages given")
@@ -156,22 +248,33 @@ def search_layers(
         )
     rows: list[dict] = []
     baselines: dict[str, float] = {}
+    outcomes: dict[Cell, torch.Tensor] = {}
+
+    def scored(language: str, i: Optional[int], j: Optional[int]) -> float:
+        score = score_fn(language, i, j)
+        values = per_example(score, f"LRP2 search {language!r} at ({i}, {j})")
+        if values is None:
+            return float(score)  # type: ignore[arg-type]
+        outcomes[(language, i, j)] = values
+        return float(values.mean())
+
     total = len(languages) * (len(grid) + (1 if baseline else 0))
     with tqdm(total=total, desc="LRP2 layer search", disable=not progress) as bar:
         for language in languages:
             if baseline:
-                baselines[language] = float(score_fn(language, None, None))
+                baselines[language] = scored(language, None, None)
                 bar.update(1)
             for i, j in grid:
-                rows.append({"language": language, "lirp_layer": i, "lsrp_layer": j, "score": float(score_fn(language, i, j))})
+                rows.append({"language": language, "lirp_layer": i, "lsrp_layer": j, "score": scored(language, i, j)})
                 bar.update(1)
-    return LayerSearchResult(rows=rows, baseline=baselines, higher_is_better=higher_is_better)
+    return LayerSearchResult(rows=rows, baseline=baselines, higher_is_better=higher_is_better, outcomes=outcomes,
+                             alpha=alpha, z=z, min_examples=min_examples)
 
 
 def lrp2_scorer(
     model: nn.Module,
     vectors: LanguageVectors,
-    evaluate: Callable[[str, Optional[LRP2]], float],
+    evaluate: Callable[[str, Optional[LRP2]], Score],
     pivot: str = "en",
     stack: Optional[str] = None,
 ) -> ScoreFn:
@@ -181,7 +284,7 @@ def lrp2_scorer(
     text (retrieval candidates) calls `lrp2.set_languages(pivot)` around those batches.
     """
 
-    def score(language: str, lirp_layer: Optional[int], lsrp_layer: Optional[int]) -> float:
+    def score(language: str, lirp_layer: Optional[int], lsrp_layer: Optional[int]) -> Score:
         if lirp_layer is None:
             return evaluate(language, None)
         with LRP2(model, vectors, lirp_layer, lsrp_layer, pivot=pivot, stack=stack) as lrp2:
@@ -189,3 +292,20 @@ def lrp2_scorer(
             return evaluate(language, lrp2)
 
     return score
+
+
+def _cell_summary(row: dict) -> dict:
+    return {key: row[key] for key in ("lirp_layer", "lsrp_layer", "score", "gain") if key in row}
+
+
+def heatmap_title(best: dict, language: str, metric: str) -> str:
+    """A heat map's title: the chosen cell, or "no LRP2" with the top cell that did not clear the noise."""
+    if best.get("decision") == "no LRP2":
+        top = best["best_cell"]
+        noise = f" <= {best['threshold']:.3f} noise" if best.get("threshold") is not None else ""
+        return (f"LRP2 {language}: no LRP2 (top cell i={top['lirp_layer']}, j={top['lsrp_layer']}: "
+                f"{top['gain']:+.3f}{noise})\n{metric} {best['baseline']:.3f} without")
+    title = f"LRP2 {language}: chosen i={best['lirp_layer']}, j={best['lsrp_layer']}"
+    if "baseline" in best:
+        title += f"\n{metric} {best['score']:.3f} vs {best['baseline']:.3f} without"
+    return title

@@ -1,0 +1,7 @@
+#!/bin/bash
+# The runs reported in SECTION.md: grid and vector pool cut to fit the shared 2-core CPU (load 5-8); the script's
+# defaults are the full-size run. First 100 John queries per language (-> john100/, moved there by hand), then
+# every John verse (-> here); the second reuses the first's validation outcomes and vector pool.
+cd "$(dirname "$0")/../.." || exit 1
+COMMON="--threads 2 --layers 4,8,12 --lsrp-layers 12 --both-layers 12 --pool 200 --vector-sizes 50,100,200 --default-vectors 200"
+OMP_NUM_THREADS=2 PYTHONPATH=src /work/main/.venv/bin/python bench/lrp2_all_languages.py $COMMON --test-queries ${1:-0} --out bench/lrp2_all
