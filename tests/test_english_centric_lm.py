@@ -2,6 +2,8 @@
 LENS/LRP2 on a decoder-only Llama: the paper's push sign moves a language along its own direction."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -154,3 +156,18 @@ def test_lrp2_on_a_llama_shifts_generation_the_same_with_and_without_the_cache()
     assert torch.equal(cached, uncached)
     assert not torch.allclose(shifted_logits, model(**prompt).logits)  # the hooks changed the forward pass
     assert torch.equal(model.generate(**prompt, max_new_tokens=5, do_sample=False, pad_token_id=0), plain)
+
+
+def test_a_rerun_keeps_the_other_parts_of_the_earlier_results(tmp_path):
+    from polypeft.experiments.english_centric_lm import earlier_parts
+
+    earlier = {"base": {"perplexity": 1}, "lens_lr_choice": {}, "lens_push+1": {"seeds": {}}, "lrp2": {"seeds": {}},
+               "timings_seconds": {"base": 1.0}, "goals": {}}
+    (tmp_path / "results.json").write_text(json.dumps(earlier))
+    kept = earlier_parts(tmp_path, ["lrp2"])
+    assert sorted(kept) == ["base", "lens_lr_choice", "lens_push+1", "timings_seconds"]
+    assert earlier_parts(tmp_path, None) == {}
+    with pytest.raises(ValueError, match=r"unknown parts \['lsrp'\]"):
+        earlier_parts(tmp_path, ["lsrp"])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        earlier_parts(tmp_path / "elsewhere", ["lrp2"])
