@@ -190,7 +190,7 @@ def plot_all(report: dict, outcomes: dict, languages: list[str], args, out: Path
 
 
 def markdown(report: dict, languages: list[str]) -> str:
-    """The per-language table of SECTION.md: John acc@1 of the plain encoder and each variant's gain (points)."""
+    """The per-language table of RESULTS §5 (issue 19): John acc@1 of the plain encoder and each variant's gain (points)."""
     table, spread = report["table"], report["bootstrap"]["per_language"]["robust"]
     cell = lambda c: "none" if c[0] is None else (f"{c[0]}" if c[1] is None else f"{c[0]}+{c[1]}")  # noqa: E731
     lines = ["| language | plain | LIRP argmax (old) | LIRP+LSRP argmax | both sides argmax [beyond paper] | "

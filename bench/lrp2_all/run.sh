@@ -1,5 +1,5 @@
 #!/bin/bash
-# The runs reported in SECTION.md: grid and vector pool cut to fit the shared 2-core CPU (load 5-8); the script's
+# The runs reported in bench/RESULTS.md §5 ("Issue 19: LRP2 on all 11 languages"): grid and vector pool cut to fit the shared 2-core CPU (load 5-8); the script's
 # defaults are the full-size run. First 100 John queries per language (-> john100/, moved there by hand), then
 # every John verse (-> here); the second reuses the first's validation outcomes and vector pool.
 cd "$(dirname "$0")/../.." || exit 1
