@@ -161,13 +161,16 @@ def test_lrp2_on_a_llama_shifts_generation_the_same_with_and_without_the_cache()
 def test_a_rerun_keeps_the_other_parts_of_the_earlier_results(tmp_path):
     from polypeft.experiments.english_centric_lm import earlier_parts
 
+    settings = {"seeds": (0, 1), "progress": True}
     earlier = {"base": {"perplexity": 1}, "lens_lr_choice": {}, "lens_push+1": {"seeds": {}}, "lrp2": {"seeds": {}},
-               "timings_seconds": {"base": 1.0}, "goals": {}}
+               "timings_seconds": {"base": 1.0}, "goals": {}, "settings": {"seeds": [0, 1], "progress": False}}
     (tmp_path / "results.json").write_text(json.dumps(earlier))
-    kept = earlier_parts(tmp_path, ["lrp2"])
+    kept = earlier_parts(tmp_path, ["lrp2"], settings)
     assert sorted(kept) == ["base", "lens_lr_choice", "lens_push+1", "timings_seconds"]
-    assert earlier_parts(tmp_path, None) == {}
+    assert earlier_parts(tmp_path, None, settings) == {}
     with pytest.raises(ValueError, match=r"unknown parts \['lsrp'\]"):
-        earlier_parts(tmp_path, ["lsrp"])
+        earlier_parts(tmp_path, ["lsrp"], settings)
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        earlier_parts(tmp_path / "elsewhere", ["lrp2"])
+        earlier_parts(tmp_path / "elsewhere", ["lrp2"], settings)
+    with pytest.raises(ValueError, match=r"other settings \(\['seeds'\]\)"):
+        earlier_parts(tmp_path, ["lrp2"], {"seeds": (0,), "progress": True})

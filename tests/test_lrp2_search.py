@@ -76,6 +76,10 @@ def test_float_scores_keep_a_top_cell_only_above_the_baseline():
     result = search_layers(score, ["fr", "de"], candidate_layers=[1, 2], pairs=False, progress=False)
     assert result.best("fr")["lirp_layer"] is None and result.best("fr")["se"] is None
     assert result.best("de")["lirp_layer"] == 1 and result.best("de")["decision"] == "lrp2"
+    # A 0-d tensor (acc.mean() without float()) is a number too, not one example.
+    as_tensor = search_layers(lambda *cell: torch.tensor(score(*cell)), ["de"], candidate_layers=[1, 2], pairs=False,
+                              progress=False)
+    assert as_tensor.best("de")["lirp_layer"] == 1 and as_tensor.best("de")["examples"] is None
 
 
 def test_unpaired_outcomes_are_refused():

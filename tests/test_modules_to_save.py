@@ -84,8 +84,17 @@ def test_lora_with_a_head_saves_peft_files_that_peft_loads(tmp_path):
 def test_modules_to_save_names_are_checked():
     with pytest.raises(pp.ConfigError, match=r"no module .* is named 'head'.*'classifier'"):
         pp.wrap(classifier(), pp.LMSConfig(languages=LANGS, rank=4, modules_to_save=["head"]))
-    with pytest.raises(pp.ConfigError, match=r"'bert.encoder' holds routed layers"):
+    with pytest.raises(pp.ConfigError, match=r"'bert.encoder' holds or sits in routed layers"):
         pp.wrap(classifier(), pp.LMSConfig(languages=LANGS, rank=4, modules_to_save=["encoder"]))
+    with pytest.raises(pp.ConfigError, match=r"'bert.encoder.layer.0.output.dense.base_layer' holds or sits in routed layers"):
+        pp.wrap(classifier(), pp.LMSConfig(languages=LANGS, rank=4, modules_to_save=["layer.0.output.dense.base_layer"]))
+
+
+def test_a_polypeft_save_refuses_another_config(tmp_path):
+    poly = pp.wrap(classifier(), pp.LMSConfig(languages=LANGS, rank=4, modules_to_save=["classifier"]))
+    poly.save_pretrained(tmp_path / "save")
+    with pytest.raises(pp.ConfigError, match="config= differs from the one saved"):
+        pp.PolyModel.from_pretrained(classifier(), tmp_path / "save", config=pp.LMSConfig(languages=LANGS, rank=8))
 
 
 @pytest.mark.parametrize("keep", [False, True])

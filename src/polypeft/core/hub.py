@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from .card import CARD_NAME
 from .config import ConfigError, MethodConfig, config_from_dict, load_config_file
 from .export import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
-from .savefiles import CONFIG_NAME, WEIGHTS_NAME
+from .savefiles import CONFIG_NAME, TRAINER_WEIGHTS_NAME, WEIGHTS_NAME
 
 if TYPE_CHECKING:
     from .model import PolyModel
@@ -41,8 +41,8 @@ def resolve_save(name_or_path: str | Path, revision: Optional[str] = None, **dow
     from huggingface_hub import snapshot_download
 
     try:
-        folder = snapshot_download(str(name_or_path), revision=revision, allow_patterns=list(SAVE_FILES),
-                                   **download_options)
+        files = [*SAVE_FILES, TRAINER_WEIGHTS_NAME]  # a plain Trainer's checkpoint too (loaded with config=)
+        folder = snapshot_download(str(name_or_path), revision=revision, allow_patterns=files, **download_options)
     except hub_errors() as error:
         raise FileNotFoundError(
             f"no polypeft save at {name_or_path!r} (revision {revision or 'main'}): not a local folder, and the "

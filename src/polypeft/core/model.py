@@ -29,10 +29,8 @@ from .routed import CONV1D_METHODS, LayerSite, RoutedLinear, layer_shape, mark_m
 from .routing import RouteState, carry_routes_into_checkpoints, checkpointing_modules
 from .tied_weights import drop_tied_aliases_on_save
 from .trainable import freeze_all_but, resolve_modules_to_save, saved_module_tensors, warn_if_head_frozen
-from .savefiles import (CONFIG_NAME, WEIGHTS_NAME, check_base_class, copy_matching, read_safetensors,  # names
-                        read_weights, write_weights)  # kept importable here
-
-TRAINER_WEIGHTS_NAME = "model.safetensors"  # what transformers.Trainer writes for a model it does not know
+from .savefiles import (CONFIG_NAME, TRAINER_WEIGHTS_NAME, WEIGHTS_NAME, check_base_class, copy_matching,  # names
+                        read_safetensors, read_weights, write_weights)  # kept importable here
 
 
 @dataclass(frozen=True)
@@ -289,7 +287,11 @@ class PolyModel(nn.Module):
         if not config_path.is_file() and (directory / TRAINER_WEIGHTS_NAME).is_file():
             return cls.from_trainer_checkpoint(base_model, directory, config)
         saved = read_save_config(directory)
-        config = config_from_dict(saved["config"], where=str(config_path))
+        saved_config = config_from_dict(saved["config"], where=str(config_path))
+        if config is not None and config.to_dict() != saved_config.to_dict():
+            raise ConfigError(f"config= differs from the one saved in {config_path} ({saved_config}); a polypeft save "
+                              "carries its own config: leave config= out")
+        config = saved_config
         check_base_fits(base_model, config, saved["base_model"], config_path)
         check_base_class(base_model, saved["base_model"], config_path)
         tensors, weights_path = read_weights(config, directory)

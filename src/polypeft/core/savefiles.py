@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 CONFIG_NAME = "polypeft_config.json"
 WEIGHTS_NAME = "polypeft_model.safetensors"
+TRAINER_WEIGHTS_NAME = "model.safetensors"  # what transformers.Trainer writes for a model it does not know
 LANGUAGES_KEY = "polypeft_languages"
 BASE_CLASS_KEY = "polypeft_base_class"
 

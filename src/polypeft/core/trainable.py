@@ -38,10 +38,11 @@ def resolve_modules_to_save(base_model: nn.Module, wanted: Optional[Sequence[str
             raise ConfigError(f"modules_to_save: no module of this {type(base_model).__name__} is named {entry!r}; "
                               f"its top-level modules are {children}")
         for name in outermost:
-            inside = [layer for layer in routed if layer == name or layer.startswith(name + ".")]
+            inside = [layer for layer in routed
+                      if layer == name or layer.startswith(name + ".") or name.startswith(layer + ".")]
             if inside:
-                raise ConfigError(f"modules_to_save: {name!r} holds routed layers ({inside[:3]}); name a module "
-                                  "outside target_modules")
+                raise ConfigError(f"modules_to_save: {name!r} holds or sits in routed layers ({inside[:3]}); name a "
+                                  "module outside target_modules")
             found[name] = modules[name]
     return found
 

@@ -160,8 +160,9 @@ def lrp2_variant(model: nn.Module, tokenizer: CausalLmTokenizer, train_rows: lis
 PARTS = ("base", "lens", "lrp2")
 
 
-def earlier_parts(out_dir: Optional[str | Path], rerun: Optional[Sequence[str]]) -> dict:
-    """The parts of an earlier results.json to keep when only `rerun` is measured again (None: measure all)."""
+def earlier_parts(out_dir: Optional[str | Path], rerun: Optional[Sequence[str]], settings: dict) -> dict:
+    """The parts of an earlier results.json to keep when only `rerun` is measured again (None: measure all);
+    refused when they were measured with other settings (`progress` aside)."""
     if rerun is None:
         return {}
     unknown = sorted(set(rerun) - set(PARTS))
@@ -171,6 +172,12 @@ def earlier_parts(out_dir: Optional[str | Path], rerun: Optional[Sequence[str]])
     if not path.is_file():
         raise FileNotFoundError(f"rerun={list(rerun)} keeps the other parts of {path}, which does not exist")
     earlier = json.loads(path.read_text(encoding="utf-8"))
+    now = {k: v for k, v in json.loads(json.dumps(settings)).items() if k != "progress"}
+    before = {k: v for k, v in earlier.get("settings", {}).items() if k != "progress"}
+    if now != before:
+        changed = sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k))
+        raise ValueError(f"rerun={list(rerun)}: {path} was measured with other settings ({changed}); "
+                         "measure every part again (no --rerun)")
     keep = [part for part in PARTS if part not in rerun]
     return {key: value for key, value in earlier.items()
             if key == "timings_seconds" or any(key == part or key.startswith(part + "_") for part in keep)}
@@ -181,7 +188,7 @@ def run_english_centric_lm(settings: EnglishCentricExperiment = EnglishCentricEx
                            rerun: Optional[Sequence[str]] = None) -> dict:
     """Build (or load) the LM, then measure it plain, with LENS (each push sign, each seed) and with LRP2;
     `rerun` measures only those parts again and keeps the rest of out_dir's results.json."""
-    kept = earlier_parts(out_dir, rerun)
+    kept = earlier_parts(out_dir, rerun, asdict(settings))
     started = time.perf_counter()
     corpus = BibleCorpus()
     languages = list(settings.lm.languages)

@@ -44,9 +44,10 @@ def bonferroni_z(cells: int, alpha: float = DEFAULT_ALPHA) -> float:
 
 def per_example(score: Score, where: str) -> Optional[torch.Tensor]:
     """A score function's per-example scores as a float64 vector, or None for a single number."""
-    if isinstance(score, (int, float)):
+    values = torch.as_tensor(score, dtype=torch.float64)
+    if values.dim() == 0:  # a number (int, float, 0-d tensor, numpy scalar): no noise estimate
         return None
-    values = torch.as_tensor(score, dtype=torch.float64).flatten()
+    values = values.flatten()
     if values.numel() == 0:
         raise InterventionError(f"{where}: the score function returned no per-example scores")
     return values

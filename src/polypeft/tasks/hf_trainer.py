@@ -26,7 +26,9 @@ def trainer_arguments(settings: TrainSettings, output_dir: str, **changes: Any) 
     """TrainingArguments holding the loop's recipe: steps, accumulation, AdamW (torch's, unfused: lr, betas,
     eps 1e-8, weight decay), clipping, precision, seed; `changes` (any TrainingArguments field) win.
 
-    Give the PolyTrainer `loop_schedule=settings` too: transformers' warm-up starts at a rate of 0, the loop's at
+    It also sets a batch of one item (the loop's batches are the dataset's items) and sequential sampling
+    (no shuffling), so both sides see the same batches; pass `changes` for ordinary training.
+    Give the PolyTrainer `loop_schedule=settings` too (it replaces `lr_scheduler_type` and `warmup_steps`): transformers' warm-up starts at a rate of 0, the loop's at
     lr/warmup, so only that makes the rates, and with them the loss curves, the same (bench/trainer_vs_loop.py).
     Still differing: the Trainer leaves biases and LayerNorm weights out of weight decay; the loop decays every
     parameter it is given (hand it parameter groups to match), and under accumulation the Trainer weights
@@ -108,6 +110,7 @@ class RoutedTrainerMixin:
         settings = self.loop_schedule
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer or self.optimizer, schedule(settings.schedule, settings.warmup, num_training_steps))
+        self._created_lr_scheduler = True  # so a second train() builds it anew for its own step count
         return self.lr_scheduler
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
