@@ -82,6 +82,8 @@ def test_mixture_weights_give_the_asked_token_shares():
     weights = mixture_weights(TINY_LM, verses)
     assert weights["en"] / weights["fr"] == pytest.approx(0.9 / 0.1 * 2)
     assert language_model.token_shares(verses, weights) == {"en": 0.9, "fr": 0.1}
+    with pytest.raises(ValueError, match=r"no training verses for languages \['fr'\]"):
+        mixture_weights(TINY_LM, {"en": verses["en"], "fr": []})
 
 
 def test_causal_lm_tokenizer_pads_on_the_side_asked_and_starts_with_bos(tmp_path):
@@ -107,6 +109,9 @@ def test_language_identifier_labels_and_round_trips(tmp_path):
     assert identifier.predict(" 12, !") == "none"
     loaded = LanguageIdentifier.load(identifier.save(tmp_path / "lid.json"))
     assert loaded.scores("das haus") == pytest.approx(identifier.scores("das haus"))
+    assert identification_accuracy(identifier, {"en": ["the word"], "de": ["das wort"]})["mean"] == 1.0
+    with pytest.raises(ValueError, match=r"no texts for languages \['de'\]"):
+        identification_accuracy(identifier, {"en": ["the word"], "de": []})
 
 
 @pytest.mark.slow

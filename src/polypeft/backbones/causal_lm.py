@@ -172,6 +172,10 @@ def training_verses(settings: CausalLmSettings, tokenizer: CausalLmTokenizer, pa
 
 def mixture_weights(settings: CausalLmSettings, verses: dict[str, list[list[int]]]) -> dict[str, float]:
     """Probability of drawing a verse of each language, so that the token shares are the settings' ones."""
+    missing = [code for code in settings.languages if not verses.get(code)]
+    if missing:
+        raise ValueError(f"no training verses for languages {missing} in books {sorted(settings.split.books('train'))[:5]}"
+                         "...: choose languages the corpus has there")
     others = (1 - settings.english_share) / (len(settings.languages) - 1)
     shares = {code: settings.english_share if code == "en" else others for code in settings.languages}
     mean_length = {code: sum(map(len, rows)) / max(1, len(rows)) for code, rows in verses.items()}

@@ -60,6 +60,8 @@ def prompt_of(verse: str) -> str:
 
 
 def evenly_spaced(rows: Sequence[dict], count: int) -> list[dict]:
+    if count < 1 or not rows:
+        raise ValueError(f"evenly_spaced: {count} of {len(rows)} rows; need count >= 1 and at least one row")
     step = max(1, len(rows) // count)
     return list(rows[::step])[:count]
 

@@ -115,6 +115,9 @@ def identification_accuracy(identifier: LanguageIdentifier, texts_by_language: M
                             max_chars: Optional[int] = None) -> dict[str, float]:
     """Share of texts labelled with their own language, per language and `"mean"`; `max_chars` cuts each text
     first (continuations are short)."""
+    empty = sorted(code for code, texts in texts_by_language.items() if not texts)
+    if empty or not texts_by_language:
+        raise ValueError(f"identification_accuracy: no texts for languages {empty or 'at all'}; give at least one each")
     accuracy = {}
     for code, texts in texts_by_language.items():
         cut = [text[:max_chars] if max_chars else text for text in texts]
