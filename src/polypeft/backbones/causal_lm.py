@@ -14,7 +14,7 @@ import torch
 import transformers as tf
 from safetensors.torch import load_model
 
-from ..core.config import ConfigError
+from ..core.config import ConfigError, NonNegativeInt, PositiveFloat, PositiveInt, TypedConfig
 from ..core.fileio import cache_root, write_json, write_model_weights
 from ..data.bible import BIBLE_VERSIONS, BibleCorpus, BibleSplit
 from ..data.spm import SpmTokenizer, bible_spm
@@ -28,7 +28,7 @@ WEIGHTS_NAME, CONFIG_NAME, BUILD_NAME = "model.safetensors", "config.json", "bui
 
 
 @dataclass(frozen=True)
-class CausalLmSettings:
+class CausalLmSettings(TypedConfig):
     """Everything that shapes the model: languages and their token shares, tokenizer, size, optimisation.
 
     `english_share` of the training tokens is English and the rest is split evenly over the other languages,
@@ -38,27 +38,25 @@ class CausalLmSettings:
 
     languages: tuple[str, ...] = ("en", "fr", "es", "de", "ru", "ar", "ko")
     english_share: float = 0.9
-    vocab_size: int = 4000
-    spm_sentences: int = 4000  # verses per language the tokenizer is trained on (every language weighs the same)
-    hidden_size: int = 256
-    num_layers: int = 4
-    num_heads: int = 4
-    intermediate_size: int = 688
-    seq_len: int = 128
-    batch_size: int = 16
-    steps: int = 700
-    lr: float = 2e-3
-    warmup: int = 50
-    checkpoint_every: int = 100
-    max_verses: Optional[int] = None  # per language (tests); None: every training verse
+    vocab_size: PositiveInt = 4000
+    spm_sentences: PositiveInt = 4000  # verses per language the tokenizer is trained on (every language weighs the same)
+    hidden_size: PositiveInt = 256
+    num_layers: PositiveInt = 4
+    num_heads: PositiveInt = 4
+    intermediate_size: PositiveInt = 688
+    seq_len: PositiveInt = 128
+    batch_size: PositiveInt = 16
+    steps: PositiveInt = 700
+    lr: PositiveFloat = 2e-3
+    warmup: NonNegativeInt = 50
+    checkpoint_every: PositiveInt = 100
+    max_verses: Optional[PositiveInt] = None  # per language (tests); None: every training verse
     seed: int = 0
     test_books: tuple[int, ...] = (43,)  # John
     valid_books: tuple[int, ...] = (45, 46, 47, 48, 49)  # Romans .. Ephesians: layer choices are made here
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "languages", tuple(self.languages))
-        object.__setattr__(self, "test_books", tuple(self.test_books))
-        object.__setattr__(self, "valid_books", tuple(self.valid_books))
+        super().__post_init__()  # every field's type (tuples stay tuples)
         unknown = [code for code in self.languages if code not in BIBLE_VERSIONS]
         if unknown:
             raise ConfigError(f"CausalLmSettings.languages has {unknown}; allowed: {sorted(BIBLE_VERSIONS)}")

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..backbones.causal_lm import CausalLmSettings, CausalLmTokenizer
+from ..core.config import PositiveInt, TypedConfig
 from ..core.fileio import atomic_write, write_json
 from ..data.bible import BibleCorpus
 from ..interventions import lens
@@ -32,24 +33,24 @@ LanguageContext = Callable[[str], ContextManager]
 
 
 @dataclass(frozen=True)
-class EnglishCentricExperiment:
+class EnglishCentricExperiment(TypedConfig):
     """What is measured and how much of it. Test verses come from John (never trained on), layer choices from
     the valid books 45-49, LENS pairs and LRP2 vectors from training books."""
 
     lm: CausalLmSettings = field(default_factory=CausalLmSettings)
-    eval_verses: int = 400  # John verses per language for perplexity (evenly spaced)
-    prompts: int = 120  # John verses per language whose start is continued
-    new_tokens: int = 24
-    identifier_verses: int = 2000  # per language, from the training books
+    eval_verses: PositiveInt = 400  # John verses per language for perplexity (evenly spaced)
+    prompts: PositiveInt = 120  # John verses per language whose start is continued
+    new_tokens: PositiveInt = 24
+    identifier_verses: PositiveInt = 2000  # per language, from the training books
     seeds: tuple[int, ...] = (0, 1)
-    lens_pairs: int = 300  # parallel training verses: the probe and the training pairs
-    lens_top_layers: int = 2
-    lens_steps: int = 150
+    lens_pairs: PositiveInt = 300  # parallel training verses: the probe and the training pairs
+    lens_top_layers: PositiveInt = 2
+    lens_steps: PositiveInt = 150
     lens_lrs: tuple[float, ...] = (1e-5, 3e-5, 1e-4)  # chosen on the valid books (paper's sign, first seed)
-    lens_batch_size: int = 8
+    lens_batch_size: PositiveInt = 8
     lens_push_strengths: tuple[float, ...] = (1.0, -1.0)  # +1: the paper's sign; -1: reversed
-    lrp2_sentences: int = 300  # training verses per language for the language vectors
-    lrp2_valid_verses: int = 120  # valid-book verses per language that choose LRP2's layers
+    lrp2_sentences: PositiveInt = 300  # training verses per language for the language vectors
+    lrp2_valid_verses: PositiveInt = 120  # valid-book verses per language that choose LRP2's layers
     progress: bool = True
 
 
