@@ -23,7 +23,8 @@ sys.path.insert(0, str(BENCH))  # the sibling benchmarks are scripts, not a pack
 
 from lrp2_all_engine import BlockRunner, batches, cell_embeddings  # noqa: E402
 from lrp2_all_report import analyse, markdown, plot_all  # noqa: E402
-from lrp2_lens_bible import PREFIX, TEST_BOOK, correct_at_1, retrieval_set, spread  # noqa: E402
+from lrp2_lens_bible import PREFIX, TEST_BOOK, retrieval_set, spread  # noqa: E402
+from polypeft.tasks.retrieval import correct_at_1  # noqa: E402
 
 from polypeft.backbones.e5 import load_encoder  # noqa: E402
 from polypeft.core.fileio import write_json, write_safetensors  # noqa: E402

@@ -23,6 +23,7 @@ from polypeft.interventions import lens
 from polypeft.interventions.lrp2 import LRP2, language_vectors
 from polypeft.interventions.search import lrp2_scorer, search_layers
 from polypeft.backbones.e5 import embed, load_encoder
+from polypeft.tasks.retrieval import correct_at_1
 
 TEST_BOOK = 43
 PREFIX = "query: "  # e5's prefix for symmetric tasks; used on both sides and for the language vectors
@@ -34,11 +35,6 @@ def spread(items: list, count: int) -> list:
         return list(items)
     step = len(items) / count
     return [items[int(index * step)] for index in range(count)]
-
-
-def correct_at_1(queries: torch.Tensor, candidates: torch.Tensor, gold: list[int]) -> torch.Tensor:
-    """1.0 where a query's nearest candidate is its own verse, else 0.0 (per-query outcomes for the search)."""
-    return ((queries @ candidates.T).argmax(1) == torch.tensor(gold)).float()
 
 
 def accuracy_at_1(queries: torch.Tensor, candidates: torch.Tensor, gold: list[int]) -> float:

@@ -215,6 +215,7 @@ def run_search(recipe: InterventionRecipe) -> None:
     from ..interventions.capture import resolve_stacks
     from ..interventions.lrp2 import LanguageVectors, language_vectors
     from ..interventions.search import lrp2_scorer, search_layers
+    from ..tasks.retrieval import correct_at_1
 
     output_dir = recipe.output("lrp2")
     vectors_path = output_dir / "language_vectors.safetensors"
@@ -238,7 +239,7 @@ def run_search(recipe: InterventionRecipe) -> None:
     def evaluate(language: str, lrp2) -> "torch.Tensor":
         # per-row 0/1 outcomes: the search keeps a layer only if it beats the baseline by more than the noise
         queries = sentence_embeddings(model, tokenizer, valid[language], recipe, stack)
-        return ((queries @ candidates.T).argmax(1) == gold).float()
+        return correct_at_1(queries, candidates, gold)
 
     search = recipe.search
     result = search_layers(

@@ -12,6 +12,7 @@ import torch
 
 from ..interventions.lrp2 import LRP2, language_vectors
 from ..interventions.search import lrp2_scorer, search_layers
+from ..tasks.retrieval import correct_at_1
 from . import demo_retrieval as retrieval
 from .demo_store import PartResult, Row
 
@@ -33,8 +34,8 @@ def choose_layers(model, tokenizer, corpus, vectors, config: retrieval.Retrieval
 
     def evaluate(language: str, lrp2: Optional[LRP2]) -> torch.Tensor:
         texts, gold = valid.queries[language]
-        nearest = (retrieval.encode(model, tokenizer, texts, config) @ candidates.T).argmax(1)
-        return (nearest == torch.tensor(gold)).float()  # per query, so the search can measure the noise
+        # per query, so the search can measure the noise
+        return correct_at_1(retrieval.encode(model, tokenizer, texts, config), candidates, gold)
 
     search = search_layers(lrp2_scorer(model, vectors, evaluate), list(config.languages), candidate_layers,
                            pairs=False, lirp_only=True, baseline=True)

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from ..backbones.e5 import QUERY_PREFIX, embed
 from ..core.fileio import write_safetensors
+from ..tasks.retrieval import correct_at_1
 from .demo_store import settings_key
 
 TEST_BOOK = 43  # John: never used to choose anything
@@ -109,8 +110,7 @@ def encode(model, tokenizer, texts: list[str], settings: RetrievalSettings) -> t
 
 def accuracy_at_1(queries: torch.Tensor, candidates: torch.Tensor, gold: list[int]) -> float:
     """Accuracy@1 in %: the query's nearest candidate by cosine is its own verse."""
-    best = (queries @ candidates.T).argmax(1)
-    return 100.0 * float((best == torch.tensor(gold)).float().mean())
+    return 100.0 * float(correct_at_1(queries, candidates, gold).mean())
 
 
 def plain_embeddings(model, tokenizer, test: RetrievalSet, settings: RetrievalSettings,

@@ -28,6 +28,14 @@ def read_bitext(source: Source, source_column: str = "source", target_column: st
     return sources, targets
 
 
+def correct_at_1(queries: torch.Tensor, candidates: torch.Tensor,
+                 gold: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """1.0 where a query's nearest candidate (dot product of normalised embeddings) is its gold one, else 0.0:
+    per-query outcomes, which an accuracy averages and the LRP2 layer search pairs to measure its noise."""
+    nearest = (queries @ candidates.T).argmax(1)
+    return (nearest == torch.as_tensor(gold, device=nearest.device)).float()
+
+
 def retrieval_accuracy(source_embeddings: torch.Tensor, target_embeddings: torch.Tensor) -> float:
     """Fraction of rows i whose nearest target (cosine) is target i."""
     if source_embeddings.shape != target_embeddings.shape:
