@@ -22,7 +22,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))  # the sibling benchmarks are scripts, not a package
 
 from lrp2_all_engine import BlockRunner, batches, cell_embeddings  # noqa: E402
-from lrp2_all_report import analyse, markdown, plot_all  # noqa: E402
+from lrp2_all_report import analyse, markdown, plot_all, test_cells  # noqa: E402
 from lrp2_lens_bible import PREFIX, TEST_BOOK, retrieval_set, spread  # noqa: E402
 from polypeft.tasks.retrieval import correct_at_1  # noqa: E402
 
@@ -59,6 +59,8 @@ def arguments() -> argparse.Namespace:
                         "against the LRP2 hooks (0: skip)")
     parser.add_argument("--out", default="bench/lrp2_all")
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "polypeft" / "lrp2_all"))
+    parser.add_argument("--test-all-cells", action="store_true", help="score every cell on the test book, "
+                        "not only those a choice rule (or a bootstrap resample) picks")
     parser.add_argument("--tiny", action="store_true", help="pipeline check: 2 languages, small sets")
     args = parser.parse_args()
     if args.tiny:
@@ -78,6 +80,8 @@ def run_key(args, split: str = "test") -> str:
             "candidate_limit"]
     if split == "test":
         keys += ["test_queries", "vector_sizes", "vector_seeds"]
+        if not args.test_all_cells:  # the cells scored depend on the bootstrap's resamples
+            keys += ["test_all_cells", "resamples", "resample_seeds"]
     settings = {key: getattr(args, key) for key in keys}
     if split != "test":
         settings["default_seed"] = numbers(args.vector_seeds)[0]
@@ -134,11 +138,10 @@ def plans(vectors: LanguageVectors, language: str, args, curve=None):
     return plan
 
 
-def candidate_embeddings(runner, texts, vectors, args) -> dict[str, torch.Tensor]:
+def candidate_embeddings(runner, texts, vectors, layers: list[int], args) -> dict[str, torch.Tensor]:
     """English candidates: plain, and shifted toward the mean of all languages for each both-sides layer."""
     both = vectors.with_mean_language(MEAN)
-    plan = {"base": None, **{f"both:{i}": ((i, both.vector(MEAN, i) - both.vector("en", i)),)
-                             for i in numbers(args.both_layers)}}
+    plan = {"base": None, **{f"both:{i}": ((i, both.vector(MEAN, i) - both.vector("en", i)),) for i in layers}}
     with tqdm(total=len(texts), desc="English candidates") as bar:
         return cell_embeddings(runner, texts, plan, args.batch_size, bar)
 
@@ -195,20 +198,25 @@ def main() -> None:
             print("runner vs LRP2 hooks:", report["runner_check_max_abs_diff"])
         candidates = None
         outcomes[split] = {}
+        needed = None if split == "valid" or args.test_all_cells else test_cells(outcomes["valid"], languages, args)
         for language in languages:
             path = out / "outcomes" / run_key(args, split) / f"{split}_{language}.safetensors"
             if path.exists():
                 outcomes[split][language] = load_file(str(path))
                 continue
-            candidates = candidates or candidate_embeddings(runner, english, vectors, args)
+            both_layers = numbers(args.both_layers) if needed is None else sorted(
+                {int(name.split(":")[1]) for cells in needed.values() for name in cells if name.startswith("both:")})
+            candidates = candidates or candidate_embeddings(runner, english, vectors, both_layers, args)
             curve = None
             if split == "test":  # the vector-size curve at the LIRP layer the valid books chose (argmax)
                 valid = outcomes["valid"][language]
                 layer = max(numbers(args.layers), key=lambda i: (float(valid[f"lirp:{i}"].float().mean()), -i))
                 curve = {size_seed: (layer, other) for size_seed, other in sets.items()}
             texts, gold = queries[language]
-            found = outcomes_of(runner, texts, gold, plans(vectors, language, args, curve), candidates, args,
-                                f"{split} {language}")
+            plan = plans(vectors, language, args, curve)
+            if needed is not None:
+                plan = {name: cell for name, cell in plan.items() if name in needed[language] or name.startswith("curve:")}
+            found = outcomes_of(runner, texts, gold, plan, candidates, args, f"{split} {language}")
             write_safetensors(path, found)
             outcomes[split][language] = found
         timings[f"{split}_s"] = time.perf_counter() - clock

@@ -54,27 +54,49 @@ def summary(values: list[float]) -> dict:
             "max": ordered[-1], "negative_share": sum(v < 0 for v in values) / len(values)}
 
 
+def resampled_choices(valid: dict, languages: list[str], args) -> list[dict]:
+    """Each bootstrap resample of the valid queries (per language) and the LIRP-alone rows it chooses:
+    a list of {language: (robust row, argmax row)}, in the seeded order `bootstrap` reads."""
+    choices = []
+    for seed in numbers(args.resample_seeds):
+        generator = torch.Generator().manual_seed(seed)
+        for _ in range(args.resamples):
+            index = {language: torch.randint(len(valid[language]["base"]), (len(valid[language]["base"]),),
+                                             generator=generator) for language in languages}
+            result = search(valid, languages, "lirp", args, index)
+            choices.append({language: (result.best(language), result.best_cell(language)) for language in languages})
+    return choices
+
+
+def test_cells(valid: dict, languages: list[str], args) -> dict[str, set[str]]:
+    """Per language, the cells whose John outcomes the analysis reads: the plain model, every variant's robust
+    and argmax choice and every bootstrap choice. Only these need scoring on the test book."""
+    needed = {language: {"base"} for language in languages}
+    for variant in VARIANTS:
+        result = search(valid, languages, variant, args)
+        for language in languages:
+            for row in (result.best(language), result.best_cell(language)):
+                needed[language].add(cell_name(variant, row["lirp_layer"], row["lsrp_layer"]))
+    for resample in resampled_choices(valid, languages, args):
+        for language, rows in resample.items():
+            needed[language].update(cell_name("lirp", row["lirp_layer"], row["lsrp_layer"]) for row in rows)
+    return needed
+
+
 def bootstrap(outcomes: dict, languages: list[str], args) -> dict:
     """Resample each language's valid queries, redo the LIRP-alone choice (robust and argmax), read John's gain."""
     gains = {rule: {language: [] for language in languages} for rule in ("robust", "argmax")}
     refused = {language: 0 for language in languages}
     means = {"robust": [], "argmax": []}
-    for seed in numbers(args.resample_seeds):
-        generator = torch.Generator().manual_seed(seed)
-        for _ in range(args.resamples):
-            index = {language: torch.randint(len(outcomes["valid"][language]["base"]),
-                                             (len(outcomes["valid"][language]["base"]),), generator=generator)
-                     for language in languages}
-            result = search(outcomes["valid"], languages, "lirp", args, index)
-            for language in languages:
-                robust = result.best(language)
-                refused[language] += robust["lirp_layer"] is None
-                gains["robust"][language].append(test_gain(outcomes["test"][language], "lirp", robust))
-                gains["argmax"][language].append(
-                    test_gain(outcomes["test"][language], "lirp", result.best_cell(language)))
-            for rule in means:
-                means[rule].append(sum(gains[rule][language][-1] for language in languages) / len(languages))
-    total = args.resamples * len(numbers(args.resample_seeds))
+    choices = resampled_choices(outcomes["valid"], languages, args)
+    for resample in choices:
+        for language, (robust, top) in resample.items():
+            refused[language] += robust["lirp_layer"] is None
+            gains["robust"][language].append(test_gain(outcomes["test"][language], "lirp", robust))
+            gains["argmax"][language].append(test_gain(outcomes["test"][language], "lirp", top))
+        for rule in means:
+            means[rule].append(sum(gains[rule][language][-1] for language in languages) / len(languages))
+    total = len(choices)
     return {"resamples": total,
             "per_language": {rule: {language: summary(values) for language, values in by_language.items()}
                              for rule, by_language in gains.items()},
