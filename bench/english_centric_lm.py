@@ -3,7 +3,7 @@
 Builds (or loads from the cache) the LM, then measures it per language: John perplexity and the fidelity of
 greedy continuations, plain, with LENS (paper's sign and reversed, two seeds) and with LRP2 (two seeds).
 Usage: OMP_NUM_THREADS=1 python bench/english_centric_lm.py [--out bench/english_centric_lm] [--lens-lrs 1e-5,3e-5,1e-4]
-       [--lens-steps 150] [--quick]
+       [--lens-steps 150] [--languages en,fr,...] [--quick]
 """
 from __future__ import annotations
 
@@ -52,12 +52,15 @@ def main() -> None:
     parser.add_argument("--lens-lrs", default=",".join(map(str, EnglishCentricExperiment.lens_lrs)),
                         help="LENS learning rates to choose from on the valid books, comma-separated")
     parser.add_argument("--lens-steps", type=int, default=EnglishCentricExperiment.lens_steps)
+    parser.add_argument("--languages", default=",".join(CausalLmSettings.languages),
+                        help="the LM's languages, 'en' first among them (another list builds and caches another LM)")
     parser.add_argument("--quick", action="store_true", help="a tiny LM and tiny samples: checks the pipeline in ~1 min")
     parser.add_argument("--rerun", help="measure only these parts again (comma-separated: base, lens, lrp2) and keep "
                                         "the others from OUT/results.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    settings = EnglishCentricExperiment(lens_lrs=tuple(float(lr) for lr in args.lens_lrs.split(",")),
+    settings = EnglishCentricExperiment(lm=CausalLmSettings(languages=tuple(args.languages.split(","))),
+                                        lens_lrs=tuple(float(lr) for lr in args.lens_lrs.split(",")),
                                         lens_steps=args.lens_steps)
     if args.quick:
         settings = dataclasses.replace(settings, lm=QUICK_LM, eval_verses=10, prompts=6, new_tokens=6,
