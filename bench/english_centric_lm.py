@@ -3,7 +3,7 @@
 Builds (or loads from the cache) the LM, then measures it per language: John perplexity and the fidelity of
 greedy continuations, plain, with LENS (paper's sign and reversed, two seeds) and with LRP2 (two seeds).
 Usage: OMP_NUM_THREADS=1 python bench/english_centric_lm.py [--out bench/english_centric_lm] [--lens-lrs 1e-5,3e-5,1e-4]
-       [--lens-steps 150] [--languages en,fr,...] [--quick]
+       [--lens-weights '1,1,1;1,0.3,1'] [--lens-steps 150] [--languages en,fr,...] [--quick]
 """
 from __future__ import annotations
 
@@ -51,6 +51,8 @@ def main() -> None:
     parser.add_argument("--out", default="bench/english_centric_lm")
     parser.add_argument("--lens-lrs", default=",".join(map(str, EnglishCentricExperiment.lens_lrs)),
                         help="LENS learning rates to choose from on the valid books, comma-separated")
+    parser.add_argument("--lens-weights", default="1,1,1",
+                        help="(align,separate,retain) LENS loss weights to choose from with the rate, ';'-separated")
     parser.add_argument("--lens-steps", type=int, default=EnglishCentricExperiment.lens_steps)
     parser.add_argument("--languages", default=",".join(CausalLmSettings.languages),
                         help="the LM's languages, 'en' first among them (another list builds and caches another LM)")
@@ -61,6 +63,8 @@ def main() -> None:
     torch.set_num_threads(1)
     settings = EnglishCentricExperiment(lm=CausalLmSettings(languages=tuple(args.languages.split(","))),
                                         lens_lrs=tuple(float(lr) for lr in args.lens_lrs.split(",")),
+                                        lens_weights=tuple(tuple(float(w) for w in item.split(","))
+                                                           for item in args.lens_weights.split(";")),
                                         lens_steps=args.lens_steps)
     if args.quick:
         settings = dataclasses.replace(settings, lm=QUICK_LM, eval_verses=10, prompts=6, new_tokens=6,

@@ -179,3 +179,44 @@ def test_a_rerun_keeps_the_other_parts_of_the_earlier_results(tmp_path):
         earlier_parts(tmp_path / "elsewhere", ["lrp2"], settings)
     with pytest.raises(ValueError, match=r"other settings \(\['seeds'\]\)"):
         earlier_parts(tmp_path, ["lrp2"], {"seeds": (0,), "progress": True})
+    # a part measured again may change its own settings, never those of a kept part
+    lens_changed = {**settings, "lens_weights": ((1.0, 0.3, 1.0),)}
+    assert sorted(earlier_parts(tmp_path, ["lens"], lens_changed)) == ["base", "lrp2", "timings_seconds"]
+    with pytest.raises(ValueError, match=r"other settings \(\['lens_weights'\]\)"):
+        earlier_parts(tmp_path, ["lrp2"], lens_changed)
+
+
+def test_lens_rate_and_weights_are_chosen_together_on_the_valid_books(monkeypatch):
+    import polypeft.experiments.english_centric_lm as experiment
+
+    trained = []
+
+    def fake_lens(base, tokenizer, rows, settings, push, seed, lr, weights):
+        trained.append((push, lr, weights))
+        return (lr, weights), {}
+
+    math_log = {"en": 3.0, "fr": 5.0}  # the base model's valid NLL per language
+    nll = {(1e-5, (1.0, 1.0, 1.0)): {"en": 3.0, "fr": 4.9},
+           (3e-5, (1.0, 1.0, 1.0)): {"en": 3.2, "fr": 4.0},  # best target, but English > 1 % worse: not allowed
+           (1e-5, (1.0, 0.3, 1.0)): {"en": 3.0, "fr": 4.8},
+           (3e-5, (1.0, 0.3, 1.0)): {"en": 3.005, "fr": 4.5}}
+    monkeypatch.setattr(experiment, "lens_variant", fake_lens)
+    monkeypatch.setattr(experiment, "mean_token_nll",
+                        lambda model, tokenizer, texts: (math_log if model == "base" else nll[model])[texts[0]])
+    settings = experiment.EnglishCentricExperiment(lens_lrs=(1e-5, 3e-5), lens_weights=((1.0, 1.0, 1.0), (1.0, 0.3, 1.0)))
+    chosen, summary = experiment.choose_lens_setting("base", None, [], {"en": ["en"], "fr": ["fr"]}, settings)
+    assert chosen == (3e-5, (1.0, 0.3, 1.0))
+    assert summary["chosen_weights"] == [1.0, 0.3, 1.0] and len(summary["valid_perplexity_by_lr"]) == 4
+    assert sorted(trained) == sorted((1.0, lr, w) for lr, w in nll)  # the paper's sign, every candidate once
+
+
+@pytest.mark.parametrize("weights, message", [(((1.0, 1.0),), "three non-negative"),
+                                              (((1.0, -0.5, 1.0),), "three non-negative"),
+                                              ((("1", "1", "1"),), "must be a number")])
+def test_lens_weights_are_checked_by_name(weights, message):
+    from polypeft.core.config import ConfigError
+    from polypeft.experiments.english_centric_lm import EnglishCentricExperiment
+
+    with pytest.raises(ConfigError, match=rf"lens_weights.*{message}|{message}.*") as error:
+        EnglishCentricExperiment(lens_weights=weights)
+    assert "lens_weights" in str(error.value)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..backbones.causal_lm import CausalLmSettings, CausalLmTokenizer
-from ..core.config import PositiveInt, TypedConfig
+from ..core.config import ConfigError, PositiveInt, TypedConfig
 from ..core.fileio import atomic_write, write_json
 from ..data.bible import BibleCorpus
 from ..interventions import lens
@@ -47,11 +47,20 @@ class EnglishCentricExperiment(TypedConfig):
     lens_top_layers: PositiveInt = 2
     lens_steps: PositiveInt = 150
     lens_lrs: tuple[float, ...] = (1e-5, 3e-5, 1e-4)  # chosen on the valid books (paper's sign, first seed)
+    # (align, separate, retain) loss weights, chosen with the learning rate; the paper's are 1, 1, 1
+    lens_weights: tuple[tuple[float, ...], ...] = ((1.0, 1.0, 1.0),)
     lens_batch_size: PositiveInt = 8
     lens_push_strengths: tuple[float, ...] = (1.0, -1.0)  # +1: the paper's sign; -1: reversed
     lrp2_sentences: PositiveInt = 300  # training verses per language for the language vectors
     lrp2_valid_verses: PositiveInt = 120  # valid-book verses per language that choose LRP2's layers
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for weights in self.lens_weights:
+            if len(weights) != 3 or any(weight < 0 for weight in weights):
+                raise ConfigError(f"EnglishCentricExperiment.lens_weights has {list(weights)}; each must be three "
+                                  "non-negative numbers (align, separate, retain)")
 
 
 def prompt_of(verse: str) -> str:
@@ -95,7 +104,8 @@ def mean_over_seeds(per_seed: Sequence[dict]) -> dict:
 
 
 def lens_variant(base: nn.Module, tokenizer: CausalLmTokenizer, train_rows: list[dict], settings: EnglishCentricExperiment,
-                 push: float, seed: int, lr: float) -> tuple[nn.Module, dict]:
+                 push: float, seed: int, lr: float, weights: Sequence[float] = (1.0, 1.0, 1.0)
+                 ) -> tuple[nn.Module, dict]:
     """A copy of the base model with its top layers trained by LENS on a seeded sample of parallel verses."""
     languages = list(settings.lm.languages)
     rows = random.Random(f"lens/{seed}").sample(train_rows, settings.lens_pairs)
@@ -104,28 +114,37 @@ def lens_variant(base: nn.Module, tokenizer: CausalLmTokenizer, train_rows: list
                        pivot="en", progress=False)
     result = lens.train(model, tokenizer, rows, probe, top_k_layers=settings.lens_top_layers, steps=settings.lens_steps,
                         lr=lr, batch_size=settings.lens_batch_size, push_strength=push, seed=seed,
-                        progress=settings.progress)
+                        weights=tuple(weights), progress=settings.progress)
     first, last = result.history[0], result.history[-1]
-    return model.eval(), {"first_step": first, "last_step": last, "pooling": probe.pooling, "lr": lr}
+    return model.eval(), {"first_step": first, "last_step": last, "pooling": probe.pooling, "lr": lr,
+                          "weights": list(weights)}
 
 
-def choose_lens_lr(base: nn.Module, tokenizer: CausalLmTokenizer, train_rows: list[dict],
-                   valid_texts: dict[str, list[str]], settings: EnglishCentricExperiment) -> tuple[float, dict]:
-    """The learning rate, among `lens_lrs`, whose LENS model (paper's sign, first seed) has the lowest mean
-    non-English valid-book perplexity while English stays within 1 % of the base; the smallest rate if none does."""
+def choose_lens_setting(base: nn.Module, tokenizer: CausalLmTokenizer, train_rows: list[dict],
+                        valid_texts: dict[str, list[str]], settings: EnglishCentricExperiment
+                        ) -> tuple[tuple[float, tuple[float, ...]], dict]:
+    """The (learning rate, loss weights), among `lens_lrs` x `lens_weights`, whose LENS model (paper's sign, first
+    seed) has the lowest mean non-English valid-book perplexity while English stays within 1 % of the base;
+    the smallest rate with the first weights if none does."""
     def valid_perplexity(model: nn.Module) -> dict[str, float]:
         return {code: round(math.exp(mean_token_nll(model, tokenizer, texts)), 3) for code, texts in valid_texts.items()}
 
+    def name(candidate: tuple[float, tuple[float, ...]]) -> str:  # the lr alone when the weights are not searched
+        lr, weights = candidate
+        return str(lr) if len(settings.lens_weights) == 1 else f"lr={lr} weights={','.join(map(str, weights))}"
+
     base_perplexity = valid_perplexity(base)
+    candidates = [(lr, tuple(weights)) for weights in settings.lens_weights for lr in settings.lens_lrs]
     tried = {}
-    for lr in settings.lens_lrs:
-        model, _ = lens_variant(base, tokenizer, train_rows, settings, 1.0, settings.seeds[0], lr)
-        tried[str(lr)] = valid_perplexity(model)
+    for lr, weights in candidates:
+        model, _ = lens_variant(base, tokenizer, train_rows, settings, 1.0, settings.seeds[0], lr, weights)
+        tried[name((lr, weights))] = valid_perplexity(model)
     targets = [code for code in valid_texts if code != "en"]
-    within = [lr for lr in settings.lens_lrs if tried[str(lr)]["en"] <= 1.01 * base_perplexity["en"]]
-    mean_target = lambda lr: sum(tried[str(lr)][code] for code in targets) / len(targets)  # noqa: E731
-    chosen = min(within, key=mean_target) if within else min(settings.lens_lrs)
-    return chosen, {"chosen": chosen, "base_valid_perplexity": base_perplexity, "valid_perplexity_by_lr": tried}
+    within = [c for c in candidates if tried[name(c)]["en"] <= 1.01 * base_perplexity["en"]]
+    mean_target = lambda c: sum(tried[name(c)][code] for code in targets) / len(targets)  # noqa: E731
+    chosen = min(within, key=mean_target) if within else (min(settings.lens_lrs), tuple(settings.lens_weights[0]))
+    return chosen, {"chosen": chosen[0], "chosen_weights": list(chosen[1]), "base_valid_perplexity": base_perplexity,
+                    "valid_perplexity_by_lr": tried}
 
 
 def lrp2_variant(model: nn.Module, tokenizer: CausalLmTokenizer, train_rows: list[dict], valid_texts: dict[str, list[str]],
@@ -165,7 +184,8 @@ PARTS = ("base", "lens", "lrp2")
 
 def earlier_parts(out_dir: Optional[str | Path], rerun: Optional[Sequence[str]], settings: dict) -> dict:
     """The parts of an earlier results.json to keep when only `rerun` is measured again (None: measure all);
-    refused when they were measured with other settings (`progress` aside)."""
+    refused when they were measured with other settings (`progress` aside, and the `lens_*`/`lrp2_*` settings
+    of a part that is measured again, which the kept parts do not depend on)."""
     if rerun is None:
         return {}
     unknown = sorted(set(rerun) - set(PARTS))
@@ -175,8 +195,9 @@ def earlier_parts(out_dir: Optional[str | Path], rerun: Optional[Sequence[str]],
     if not path.is_file():
         raise FileNotFoundError(f"rerun={list(rerun)} keeps the other parts of {path}, which does not exist")
     earlier = json.loads(path.read_text(encoding="utf-8"))
-    now = {k: v for k, v in json.loads(json.dumps(settings)).items() if k != "progress"}
-    before = {k: v for k, v in earlier.get("settings", {}).items() if k != "progress"}
+    own = tuple(f"{part}_" for part in rerun if part != "base")  # settings only a re-measured part reads
+    now = {k: v for k, v in json.loads(json.dumps(settings)).items() if k != "progress" and not k.startswith(own)}
+    before = {k: v for k, v in earlier.get("settings", {}).items() if k != "progress" and not k.startswith(own)}
     if now != before:
         changed = sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k))
         raise ValueError(f"rerun={list(rerun)}: {path} was measured with other settings ({changed}); "
@@ -225,13 +246,13 @@ def run_english_centric_lm(settings: EnglishCentricExperiment = EnglishCentricEx
         results["base"] = timed("base", lambda: measure(base, tokenizer, identifier, eval_texts, prompts,
                                                         settings.new_tokens))
     if "lens_lr_choice" not in kept:
-        lens_lr, results["lens_lr_choice"] = timed("lens_lr_choice", lambda: choose_lens_lr(
+        (lens_lr, lens_weights), results["lens_lr_choice"] = timed("lens_lr_choice", lambda: choose_lens_setting(
             base, tokenizer, train_rows, valid_texts, settings))
     for push in settings.lens_push_strengths if "lens_lr_choice" not in kept else ():
         per_seed = {}
         for seed in settings.seeds:
             def run_lens(seed: int = seed) -> dict:
-                model, summary = lens_variant(base, tokenizer, train_rows, settings, push, seed, lens_lr)
+                model, summary = lens_variant(base, tokenizer, train_rows, settings, push, seed, lens_lr, lens_weights)
                 return {**measure(model, tokenizer, identifier, eval_texts, prompts, settings.new_tokens), "lens": summary}
             per_seed[str(seed)] = timed(f"lens_push{push:+g}_seed{seed}", run_lens)
         results[f"lens_push{push:+g}"] = {"seeds": per_seed, "mean": mean_over_seeds(list(per_seed.values()))}
