@@ -8,7 +8,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-report = pytest.importorskip("lrp2_all_report")
+import lrp2_all_report as report  # noqa: E402  (a bench script: fails loudly if it breaks)
 
 
 def settings() -> argparse.Namespace:
