@@ -17,7 +17,7 @@ import torch
 
 from polypeft.backbones.causal_lm import CausalLmSettings
 from polypeft.core.fileio import write_json, write_text
-from polypeft.experiments.english_centric_lm import EnglishCentricExperiment, run_english_centric_lm
+from polypeft.experiments.english_centric_lm import EnglishCentricExperiment, measured_variants, run_english_centric_lm
 
 QUICK_LM = CausalLmSettings(languages=("en", "fr", "ru"), vocab_size=300, spm_sentences=300, hidden_size=32,
                             num_layers=3, num_heads=2, intermediate_size=64, seq_len=32, batch_size=4, steps=6,
@@ -38,11 +38,10 @@ def table(results: dict) -> str:
         return f"| {name} | {seed} | {ppl} | {fidelity} |"
 
     lines.append(row("base", "-", results["base"]))
-    for name, variant in results.items():
-        if name.startswith("lens_push") or name == "lrp2":
-            for seed, run in variant["seeds"].items():
-                lines.append(row(name, seed, run))
-            lines.append(row(f"**{name}**", "mean", variant["mean"]))
+    for name in measured_variants(results):
+        for seed, run in results[name]["seeds"].items():
+            lines.append(row(name, seed, run))
+        lines.append(row(f"**{name}**", "mean", results[name]["mean"]))
     return "\n".join(lines) + "\n"
 
 

@@ -201,6 +201,7 @@ def test_lens_rate_and_weights_are_chosen_together_on_the_valid_books(monkeypatc
            (1e-5, (1.0, 0.3, 1.0)): {"en": 3.0, "fr": 4.8},
            (3e-5, (1.0, 0.3, 1.0)): {"en": 3.005, "fr": 4.5}}
     monkeypatch.setattr(experiment, "lens_variant", fake_lens)
+    monkeypatch.setattr(experiment, "lens_probe", lambda *args: ([], None))  # no model: nothing to probe
     monkeypatch.setattr(experiment, "mean_token_nll",
                         lambda model, tokenizer, texts: (math_log if model == "base" else nll[model])[texts[0]])
     settings = experiment.EnglishCentricExperiment(lens_lrs=(1e-5, 3e-5), lens_weights=((1.0, 1.0, 1.0), (1.0, 0.3, 1.0)))

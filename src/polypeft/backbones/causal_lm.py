@@ -168,6 +168,11 @@ def training_verses(settings: CausalLmSettings, tokenizer: CausalLmTokenizer, pa
     return verses
 
 
+def mean_verse_lengths(verses: dict[str, list[list[int]]]) -> dict[str, float]:
+    """Mean tokens per verse of each language: what turns verse weights into token shares and back."""
+    return {code: sum(map(len, rows)) / max(1, len(rows)) for code, rows in verses.items()}
+
+
 def mixture_weights(settings: CausalLmSettings, verses: dict[str, list[list[int]]]) -> dict[str, float]:
     """Probability of drawing a verse of each language, so that the token shares are the settings' ones."""
     missing = [code for code in settings.languages if not verses.get(code)]
@@ -176,7 +181,7 @@ def mixture_weights(settings: CausalLmSettings, verses: dict[str, list[list[int]
                          "...: choose languages the corpus has there")
     others = (1 - settings.english_share) / (len(settings.languages) - 1)
     shares = {code: settings.english_share if code == "en" else others for code in settings.languages}
-    mean_length = {code: sum(map(len, rows)) / max(1, len(rows)) for code, rows in verses.items()}
+    mean_length = mean_verse_lengths(verses)
     raw = {code: shares[code] / mean_length[code] for code in settings.languages}
     total = sum(raw.values())
     return {code: value / total for code, value in raw.items()}
@@ -191,12 +196,12 @@ def token_windows(verses: dict[str, list[list[int]]], weights: dict[str, float],
     """
     generator = random.Random(seed)
     codes = sorted(weights)
-    cumulative = [weights[code] for code in codes]
+    chances = [weights[code] for code in codes]
     buffer: list[int] = []
     need = seq_len * batch_size
     while True:
         while len(buffer) < need:
-            code = generator.choices(codes, cum_weights=None, weights=cumulative)[0]
+            code = generator.choices(codes, weights=chances)[0]
             rows = verses[code]
             buffer.extend(rows[generator.randrange(len(rows))])
         chunk, buffer = buffer[:need], buffer[need:]

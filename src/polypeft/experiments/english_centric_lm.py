@@ -26,7 +26,8 @@ from ..interventions.search import lrp2_scorer, search_layers
 from ..tasks.language_id import LanguageIdentifier, bible_language_identifier, identification_accuracy
 from ..tasks.language_model import build_english_centric_lm, continue_prompts, mean_token_nll, text_nll
 
-__all__ = ["EnglishCentricExperiment", "measure", "plot_results", "prompt_of", "run_english_centric_lm"]
+__all__ = ["EnglishCentricExperiment", "measure", "measured_variants", "plot_results", "prompt_of",
+           "run_english_centric_lm"]
 
 # A per-language context around a measurement: LRP2's hooks with that language set, or nothing.
 LanguageContext = Callable[[str], ContextManager]
@@ -103,15 +104,22 @@ def mean_over_seeds(per_seed: Sequence[dict]) -> dict:
                   for language in per_seed[0][key]} for key in keys}
 
 
-def lens_variant(base: nn.Module, tokenizer: CausalLmTokenizer, train_rows: list[dict], settings: EnglishCentricExperiment,
-                 push: float, seed: int, lr: float, weights: Sequence[float] = (1.0, 1.0, 1.0)
-                 ) -> tuple[nn.Module, dict]:
-    """A copy of the base model with its top layers trained by LENS on a seeded sample of parallel verses."""
-    languages = list(settings.lm.languages)
+def lens_probe(base: nn.Module, tokenizer: CausalLmTokenizer, train_rows: list[dict], settings: EnglishCentricExperiment,
+               seed: int) -> tuple[list[dict], lens.LensProbe]:
+    """The seeded sample of parallel verses LENS trains on, and the base model's subspaces probed on it (the
+    same for every push, rate and weight of that seed, so it is probed once)."""
     rows = random.Random(f"lens/{seed}").sample(train_rows, settings.lens_pairs)
-    model = copy.deepcopy(base)
-    probe = lens.probe(model, tokenizer, {code: [row[code] for row in rows] for code in languages},
+    probe = lens.probe(base, tokenizer, {code: [row[code] for row in rows] for code in settings.lm.languages},
                        pivot="en", progress=False)
+    return rows, probe
+
+
+def lens_variant(base: nn.Module, tokenizer: CausalLmTokenizer, probed: tuple[list[dict], lens.LensProbe],
+                 settings: EnglishCentricExperiment, push: float, seed: int, lr: float,
+                 weights: Sequence[float] = (1.0, 1.0, 1.0)) -> tuple[nn.Module, dict]:
+    """A copy of the base model with its top layers trained by LENS on the probed sample (`lens_probe`)."""
+    rows, probe = probed
+    model = copy.deepcopy(base)
     result = lens.train(model, tokenizer, rows, probe, top_k_layers=settings.lens_top_layers, steps=settings.lens_steps,
                         lr=lr, batch_size=settings.lens_batch_size, push_strength=push, seed=seed,
                         weights=tuple(weights), progress=settings.progress)
@@ -135,9 +143,10 @@ def choose_lens_setting(base: nn.Module, tokenizer: CausalLmTokenizer, train_row
 
     base_perplexity = valid_perplexity(base)
     candidates = [(lr, tuple(weights)) for weights in settings.lens_weights for lr in settings.lens_lrs]
+    probed = lens_probe(base, tokenizer, train_rows, settings, settings.seeds[0])
     tried = {}
     for lr, weights in candidates:
-        model, _ = lens_variant(base, tokenizer, train_rows, settings, 1.0, settings.seeds[0], lr, weights)
+        model, _ = lens_variant(base, tokenizer, probed, settings, 1.0, settings.seeds[0], lr, weights)
         tried[name((lr, weights))] = valid_perplexity(model)
     targets = [code for code in valid_texts if code != "en"]
     within = [c for c in candidates if tried[name(c)]["en"] <= 1.01 * base_perplexity["en"]]
@@ -223,9 +232,9 @@ def run_english_centric_lm(settings: EnglishCentricExperiment = EnglishCentricEx
     tick = time.perf_counter()
     identifier = bible_language_identifier(languages, split, settings.identifier_verses, corpus=corpus)
     valid_rows = corpus.parallel(languages, books=split.books("valid"))
-    identifier_accuracy = {"whole_verse": identification_accuracy(identifier, {c: [r[c] for r in valid_rows] for c in languages}),
-                           "first_60_chars": identification_accuracy(
-                               identifier, {c: [r[c] for r in valid_rows] for c in languages}, max_chars=60)}
+    valid_verses = {code: [row[code] for row in valid_rows] for code in languages}
+    identifier_accuracy = {"whole_verse": identification_accuracy(identifier, valid_verses),
+                           "first_60_chars": identification_accuracy(identifier, valid_verses, max_chars=60)}
     timings["identifier"] = round(time.perf_counter() - tick, 1)
 
     test_rows = corpus.parallel(languages, books=split.test_books)
@@ -248,11 +257,14 @@ def run_english_centric_lm(settings: EnglishCentricExperiment = EnglishCentricEx
     if "lens_lr_choice" not in kept:
         (lens_lr, lens_weights), results["lens_lr_choice"] = timed("lens_lr_choice", lambda: choose_lens_setting(
             base, tokenizer, train_rows, valid_texts, settings))
+    probes = {}  # seed -> (sample, probe), shared by both push signs
     for push in settings.lens_push_strengths if "lens_lr_choice" not in kept else ():
         per_seed = {}
         for seed in settings.seeds:
             def run_lens(seed: int = seed) -> dict:
-                model, summary = lens_variant(base, tokenizer, train_rows, settings, push, seed, lens_lr, lens_weights)
+                if seed not in probes:
+                    probes[seed] = lens_probe(base, tokenizer, train_rows, settings, seed)
+                model, summary = lens_variant(base, tokenizer, probes[seed], settings, push, seed, lens_lr, lens_weights)
                 return {**measure(model, tokenizer, identifier, eval_texts, prompts, settings.new_tokens), "lens": summary}
             per_seed[str(seed)] = timed(f"lens_push{push:+g}_seed{seed}", run_lens)
         results[f"lens_push{push:+g}"] = {"seeds": per_seed, "mean": mean_over_seeds(list(per_seed.values()))}
@@ -275,16 +287,19 @@ def run_english_centric_lm(settings: EnglishCentricExperiment = EnglishCentricEx
     return results
 
 
+def measured_variants(results: dict) -> list[str]:
+    """The names of the measured variants in a results dict: each LENS push sign, and LRP2."""
+    return [name for name in results if name.startswith("lens_push") or name == "lrp2"]
+
+
 def goals(results: dict, languages: Sequence[str]) -> dict:
     """Per variant: English perplexity change (goal: within 1 %), and the non-English languages whose mean
     perplexity went down and whose fidelity went up (goal: all of them)."""
     base = results["base"]
     targets = [code for code in languages if code != "en"]
     verdicts = {}
-    for name, variant in results.items():
-        if not (name.startswith("lens_push") or name == "lrp2"):
-            continue
-        mean = variant["mean"]
+    for name in measured_variants(results):
+        mean = results[name]["mean"]
         english_change = mean["perplexity"]["en"] / base["perplexity"]["en"] - 1
         perplexity_down = [code for code in targets if mean["perplexity"][code] < base["perplexity"][code]]
         fidelity_up = [code for code in targets if mean["fidelity"][code] > base["fidelity"][code]]
@@ -301,7 +316,7 @@ def plot_results(results: dict, path: str | Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    variants = [name for name in results if name.startswith("lens_push") or name == "lrp2"]
+    variants = measured_variants(results)
     languages = list(results["base"]["perplexity"])
     figure = Figure(figsize=(11, 4.2))
     FigureCanvasAgg(figure)

@@ -15,7 +15,8 @@ import transformers as tf
 from tqdm.auto import tqdm
 
 from ..backbones.causal_lm import (CausalLmSettings, CausalLmTokenizer, build_model, causal_lm_dir, load_causal_lm,
-                                   mixture_weights, save_causal_lm, token_windows, tokenizer_for, training_verses)
+                                   mean_verse_lengths, mixture_weights, save_causal_lm, token_windows, tokenizer_for,
+                                   training_verses)
 from ..core.modes import evaluation_mode
 from ..data.bible import BibleCorpus
 from ..training.checkpoint import load_checkpoint
@@ -84,7 +85,7 @@ def build_english_centric_lm(settings: CausalLmSettings = CausalLmSettings(), ca
 
 def token_shares(verses: dict[str, list[list[int]]], weights: dict[str, float]) -> dict[str, float]:
     """The expected share of training tokens per language under the verse weights."""
-    mean_length = {code: sum(map(len, rows)) / max(1, len(rows)) for code, rows in verses.items()}
+    mean_length = mean_verse_lengths(verses)
     total = sum(weights[code] * mean_length[code] for code in weights)
     return {code: round(weights[code] * mean_length[code] / total, 4) for code in weights}
 
