@@ -46,20 +46,24 @@ def run(run_dir, steps: int, resume: bool = False, **changes) -> tuple[pp.PolyMo
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"steps": 0}, r"TrainSettings.steps=0; must be an integer >= 1"),
-    ({"steps": -5}, r"TrainSettings.steps=-5; must be an integer >= 1"),
-    ({"accumulation": 0}, r"TrainSettings.accumulation=0; must be an integer >= 1"),
-    ({"steps": True}, r"TrainSettings.steps=True; must be an integer >= 1"),
-    ({"lr": float("nan")}, r"TrainSettings.lr=nan; must be a finite number > 0"),
-    ({"lr": float("inf")}, r"TrainSettings.lr=inf; must be a finite number > 0"),
-    ({"lr": 0.0}, r"TrainSettings.lr=0.0; must be a finite number > 0"),
+    ({"steps": 0}, r"TrainSettings.steps=0 must be a positive int"),
+    ({"steps": -5}, r"TrainSettings.steps=-5 must be a positive int"),
+    ({"accumulation": 0}, r"TrainSettings.accumulation=0 must be a positive int"),
+    ({"steps": True}, r"TrainSettings.steps=True must be a positive int"),
+    ({"lr": float("nan")}, r"TrainSettings.lr=nan must be a finite number"),
+    ({"lr": float("inf")}, r"TrainSettings.lr=inf must be a finite number"),
+    ({"lr": 0.0}, r"TrainSettings.lr=0.0 must be a positive number"),
+    ({"weight_decay": float("nan")}, r"TrainSettings.weight_decay=nan must be a finite number"),
+    ({"clip_norm": float("-inf")}, r"TrainSettings.clip_norm=-inf must be a finite number"),
     ({"schedule": "cosine"}, r"TrainSettings.schedule='cosine' is not allowed; choose one of \['inverse_sqrt', "
                              r"'linear', 'constant'\]"),
     ({"mixed_precision": "fp8"}, r"TrainSettings.mixed_precision='fp8' is not allowed; choose one of \['no', "
                                  r"'bf16', 'fp16'\]"),
-    ({"progress": "false"}, r"TrainSettings.progress='false'; must be true or false"),
-    ({"betas": (0.9,)}, r"TrainSettings.betas=\(0.9,\); must be two numbers in \[0, 1\)"),
-    ({"seed": -1}, r"TrainSettings.seed=-1; must be an integer >= 0"),
+    ({"progress": "false"}, r"TrainSettings.progress='false' must be true or false"),
+    ({"betas": (0.9,)}, r"TrainSettings.betas=\(0.9,\) must be two numbers in \[0, 1\)"),
+    ({"betas": (0.9, float("nan"))}, r"TrainSettings.betas\[1\]=nan must be a finite number"),
+    ({"betas": (0.9, 1.0)}, r"TrainSettings.betas\[1\]=1.0 must be a number in \[0, 1\)"),
+    ({"seed": -1}, r"TrainSettings.seed=-1 must be an int >= 0 or null"),
 ])
 def test_settings_are_checked_on_construction(changes, message):
     with pytest.raises(ConfigError, match=message):

@@ -129,7 +129,10 @@ def checked(value: Any, hint: Any, key: str, source: Source, shown: Any = None) 
     origin, args = get_origin(hint), get_args(hint)
 
     def refuse(problem: Optional[str] = None) -> ConfigError:
-        problem = problem or f"must be {describe(shown or hint)}"
+        allowed = describe(shown or hint)
+        if problem is None and isinstance(value, float) and not math.isfinite(value):  # NaN passes every < and >
+            problem = "must be a finite number" + ("" if allowed == "a number" else f" ({allowed})")
+        problem = problem or f"must be {allowed}"
         place = source.where(key)
         return ConfigError(f"{place + ': ' if place else ''}{source.label(key)}={value!r} {problem}")
 
@@ -167,7 +170,7 @@ def checked(value: Any, hint: Any, key: str, source: Source, shown: Any = None) 
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return value
-        raise refuse("must be a finite number" if isinstance(value, float) else None)
+        raise refuse()
     if hint is str:
         if isinstance(value, str):
             return value

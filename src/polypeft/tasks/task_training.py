@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..core.config import ConfigError
+from ..core.config import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, TypedConfig
 from ..methods.fd import fuse_distillation_step
 from ..training.loop import TrainSettings, train
 from ..core.example_routes import example_routes, route_arguments, routed_model
@@ -21,34 +21,18 @@ HEAD_OUTPUTS = {"labels": "logits", "start_positions": "start_logits", "end_posi
 
 
 @dataclass
-class TaskTrainingSettings:
+class TaskTrainingSettings(TypedConfig):
     """AdamW with linear warm-up then linear decay; `route_lr` is the LMS routes' rate (default `lr`),
     `kl_weight` weighs FD's KL term, batches are drawn in an order fixed by `seed`."""
 
-    steps: int = 100
-    batch_size: int = 16
-    lr: float = 5e-5
-    route_lr: Optional[float] = None
-    warmup: int = 10
-    kl_weight: float = 1.0
-    max_grad_norm: float = 1.0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for name, least in (("steps", 1), ("batch_size", 1), ("warmup", 0), ("seed", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ConfigError(f"TaskTrainingSettings.{name}={value!r}; must be an integer >= {least}")
-        for name, least, strict in (("lr", 0, True), ("route_lr", 0, True), ("max_grad_norm", 0, True),
-                                    ("kl_weight", 0, False)):
-            value = getattr(self, name)
-            if name == "route_lr" and value is None:
-                continue
-            number = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if not number or value < least or (strict and value == least):
-                relation = ">" if strict else ">="
-                raise ConfigError(f"TaskTrainingSettings.{name}={value!r}; must be a number {relation} {least}"
-                                  + (" or None (use lr)" if name == "route_lr" else ""))
+    steps: PositiveInt = 100
+    batch_size: PositiveInt = 16
+    lr: PositiveFloat = 5e-5
+    route_lr: Optional[PositiveFloat] = None
+    warmup: NonNegativeInt = 10
+    kl_weight: NonNegativeFloat = 1.0
+    max_grad_norm: PositiveFloat = 1.0
+    seed: NonNegativeInt = 0
 
 
 def _row_count(inputs: Mapping[str, torch.Tensor]) -> int:

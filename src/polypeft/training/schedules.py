@@ -5,9 +5,10 @@ Every schedule warms up linearly over `warmup` steps; they differ in what follow
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Literal, get_args
 
-SCHEDULES = ("inverse_sqrt", "linear", "constant")
+Schedule = Literal["inverse_sqrt", "linear", "constant"]
+SCHEDULES = get_args(Schedule)
 
 
 def inverse_sqrt(warmup: int) -> Callable[[int], float]:

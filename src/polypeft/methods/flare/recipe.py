@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterable, Mapping, Optional
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Optional
 
 import torch
 from torch import nn
 
+from ...core.config import NonNegativeFloat, NonNegativeInt, PositiveFloat, TypedConfig
 from ...training.loop import BatchStreamEnded, TrainSettings, train
-from ...training.settings import check_bool, check_integer, check_number
 from .model import FLAREConfig, FLAREError, FLAREModel
 
 RECIPES = ("zero_shot", "translate_train", "input_fusion", "flare", "flare_mt")
@@ -21,23 +21,16 @@ ParallelBatch = tuple[Batch, Batch]  # (target-language batch, its English paral
 
 
 @dataclass
-class StageSettings:
+class StageSettings(TypedConfig):
     """One stage's optimisation: AdamW at a constant `learning_rate` for `steps` steps over the batches (cycled)."""
 
-    steps: int = 100
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    seed: int = 0
+    error_type: ClassVar[type] = FLAREError
+    steps: NonNegativeInt = 100
+    learning_rate: PositiveFloat = 1e-3
+    weight_decay: NonNegativeFloat = 0.0
+    max_grad_norm: NonNegativeFloat = 1.0
+    seed: NonNegativeInt = 0
     progress: bool = True
-
-    def __post_init__(self) -> None:
-        check_integer("StageSettings", "steps", self.steps, 0, FLAREError)
-        check_number("StageSettings", "learning_rate", self.learning_rate, 0, strict=True, error=FLAREError)
-        check_number("StageSettings", "weight_decay", self.weight_decay, 0, strict=False, error=FLAREError)
-        check_number("StageSettings", "max_grad_norm", self.max_grad_norm, 0, strict=False, error=FLAREError)
-        check_integer("StageSettings", "seed", self.seed, 0, FLAREError)
-        check_bool("StageSettings", "progress", self.progress, FLAREError)
 
     def loop_settings(self) -> TrainSettings:
         """The training loop's settings for this stage (no warm-up, no decay: the FLARE paper's recipe)."""
