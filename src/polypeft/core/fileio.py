@@ -19,6 +19,8 @@ from typing import Any, Callable, Optional
 import torch
 from safetensors.torch import save_file
 
+from .finite import check_finite
+
 
 class PathNameError(ValueError):
     """A name that becomes part of a path (a run name, a split) but is not one plain file or folder name."""
@@ -100,14 +102,17 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 def write_safetensors(
     path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: Optional[dict[str, str]] = None
 ) -> Path:
+    """`tensors` in one safetensors file, written atomically; a NaN or inf among them is refused by name."""
     contiguous = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
+    check_finite(contiguous, f"{path} not written")
     return atomic_write(path, lambda temporary: save_file(contiguous, temporary, metadata=metadata))
 
 
 def write_model_weights(path: str | os.PathLike, model: torch.nn.Module) -> Path:
-    """A whole model's weights; tied tensors (shared embeddings) are stored once."""
+    """A whole model's weights; tied tensors (shared embeddings) are stored once; non-finite ones are refused."""
     from safetensors.torch import save_model
 
+    check_finite(model.state_dict(), f"{path} not written")
     return atomic_write(path, lambda temporary: save_model(model, temporary))
 
 

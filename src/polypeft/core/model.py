@@ -19,6 +19,7 @@ from .. import __version__
 from .config import ConfigError, MethodConfig, config_from_dict, method_entry
 from .card import CARD_NAME, model_card
 from .fileio import write_json, write_text
+from .finite import check_finite
 from .hub import read_save_config, resolve_save
 from .anatomy import side_of
 from .inject import find_targets, replace_targets, restore_base_layers
@@ -310,6 +311,7 @@ class PolyModel(nn.Module):
                               "pp.PolyTrainer, whose checkpoints hold their config")
         model = cls(base_model, config)
         tensors, _ = read_safetensors(path)
+        check_finite(tensors, f"{path}: refused")
         result = model.load_state_dict(tensors, strict=False)
         if result.missing_keys or result.unexpected_keys:
             raise ConfigError(f"{path} does not fit this model wrapped with {type(config).__name__}: missing "

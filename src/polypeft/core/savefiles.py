@@ -16,6 +16,7 @@ from .. import __version__
 from .config import ConfigError, MethodConfig
 from .export import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, LORA_FACTORS, PEFT_PREFIX, adapter_config
 from .fileio import write_json, write_safetensors
+from .finite import check_finite
 from .languages import LanguageError
 
 if TYPE_CHECKING:
@@ -125,9 +126,15 @@ def copy_matching(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Te
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
         raise error(f"{where}: missing tensors {missing[:5]}, unexpected {unexpected[:5]}")
+    for key, parameter in expected.items():
+        if parameter.shape != tensors[key].shape:
+            raise error(f"{where}: {key} has shape {tuple(tensors[key].shape)}, the model expects "
+                        f"{tuple(parameter.shape)}")
+        if parameter.is_floating_point() != tensors[key].is_floating_point():
+            raise error(f"{where}: {key} is stored as {tensors[key].dtype}, the model's is {parameter.dtype}; a "
+                        "weight is never cast between integer and floating point: the file was not written by "
+                        "polypeft for this model")
+    check_finite(tensors, f"{where}: refused")
     with torch.no_grad():
         for key, parameter in expected.items():
-            if parameter.shape != tensors[key].shape:
-                raise error(f"{where}: {key} has shape {tuple(tensors[key].shape)}, the model expects "
-                            f"{tuple(parameter.shape)}")
             parameter.copy_(tensors[key].to(parameter.dtype))

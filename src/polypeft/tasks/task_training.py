@@ -4,6 +4,7 @@ A loss function and a seeded batch stream for the training loop; every row keeps
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -13,6 +14,7 @@ import torch
 
 from ..core.config import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, TypedConfig
 from ..methods.fd import fuse_distillation_step
+from .records import TaskDataError
 from ..training.loop import TrainSettings, train
 from ..core.example_routes import example_routes, route_arguments, routed_model
 
@@ -48,6 +50,31 @@ def _row_count(inputs: Mapping[str, torch.Tensor]) -> int:
         raise ValueError(f"inputs hold {sorted(inputs)} but no labels: training needs 'labels' (token or sequence "
                          "classification) or 'start_positions' and 'end_positions' (QA, encode_qa with_labels=True)")
     return next(iter(sizes.values()))
+
+
+def scored_rows(inputs: Mapping[str, torch.Tensor]) -> list[int]:
+    """The rows a training step can learn from: rows with every label -100 (nothing scored) or an attention mask
+    of zeros (nothing to attend to) give a NaN loss or no tokens, so they are left out with a warning that counts
+    them; an input with no such row left is refused by name."""
+    rows = int(next(iter(inputs.values())).shape[0])
+    if rows == 0:
+        raise TaskDataError("train_task got 0 input rows: nothing to train on; give at least one labelled row")
+    empty: dict[str, torch.Tensor] = {}
+    for key in ("labels", "attention_mask"):
+        value = inputs.get(key)
+        if value is not None and value.dim() >= 1:
+            nothing = value.reshape(rows, -1) == (-100 if key == "labels" else 0)
+            empty[key] = nothing.all(1)
+    unlabelled, masked = (empty.get(key, torch.zeros(rows, dtype=torch.bool)) for key in ("labels", "attention_mask"))
+    kept = [i for i in range(rows) if not (unlabelled[i] or masked[i])]
+    counts = f"{int(unlabelled.sum())} with every label -100 and {int(masked.sum())} with an all-zero attention mask"
+    if not kept:
+        raise TaskDataError(f"train_task: none of the {rows} input rows can be trained on ({counts}); every row "
+                            "needs at least one label other than -100 and one attended token")
+    if len(kept) < rows:
+        warnings.warn(f"train_task: {rows - len(kept)} of {rows} input rows skipped ({counts}): they score "
+                      "nothing", stacklevel=3)
+    return kept
 
 
 def _batch(inputs: Mapping[str, torch.Tensor], index: list[int], device: torch.device) -> dict[str, torch.Tensor]:
@@ -107,6 +134,7 @@ def train_task(model: torch.nn.Module, inputs: Mapping[str, torch.Tensor],
     languages = [None] * rows if languages is None else list(languages)
     if len(languages) != rows:
         raise ValueError(f"{len(languages)} languages for {rows} input rows; give one per row")
+    kept = scored_rows(inputs)
     routes = example_routes(model, languages)
     poly = routed_model(model)
     distill = poly is not None and poly.registry.shared_route
@@ -118,7 +146,7 @@ def train_task(model: torch.nn.Module, inputs: Mapping[str, torch.Tensor],
         generator, order = torch.Generator().manual_seed(settings.seed), []
         while True:
             while len(order) < settings.batch_size:  # a fresh seeded permutation each pass over the data
-                order += torch.randperm(rows, generator=generator).tolist()
+                order += [kept[i] for i in torch.randperm(len(kept), generator=generator).tolist()]
             yield order[:settings.batch_size]
             order = order[settings.batch_size:]
 

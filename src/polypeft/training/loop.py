@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import random
 import time
 from collections.abc import Mapping
@@ -18,13 +19,14 @@ from accelerate.state import AcceleratorState, PartialState
 from tqdm.auto import tqdm
 
 from ..core.fileio import append_line, write_text
+from ..core.finite import NonFiniteError, check_finite
 from .checkpoint import (CHECKPOINT_NAME, PICKLED_CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint,
                          set_rng_state)
 from .schedules import inverse_sqrt, schedule
 from .settings import TrainSettings
 
-__all__ = ["CHECKPOINT_NAME", "BatchStreamEnded", "LossFn", "TrainSettings", "TrainingStep", "inverse_sqrt",
-           "seed_everything", "train"]
+__all__ = ["CHECKPOINT_NAME", "BatchStreamEnded", "LossFn", "NonFiniteError", "TrainSettings", "TrainingStep",
+           "inverse_sqrt", "seed_everything", "train"]
 
 LOG_NAME = "train_log.jsonl"
 # A loss function gets the (prepared) model and one batch; it returns the loss and how many items (target
@@ -74,17 +76,22 @@ class TrainingStep:
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.optimizer.zero_grad(set_to_none=True)  # gradients left on the model by an earlier run do not count
 
-    def __call__(self, micro_batches: Iterable[Any]) -> tuple[float, int]:
-        """Train on the micro-batches of one optimiser step; their mean loss and the items they scored."""
+    def __call__(self, micro_batches: Iterable[Any], number: int = 0) -> tuple[float, int]:
+        """Train on the micro-batches of optimiser step `number`; their mean loss and the items they scored.
+        A NaN or inf loss or gradient stops before the optimiser step, so the weights stay finite."""
         accelerator, step_loss, items = self.accelerator, 0.0, 0
         device = self.trainable[0].device
         for batch in micro_batches:
             with accelerator.accumulate(self.model):
                 with accelerator.autocast():
                     loss, count = self.loss_fn(self.model, to_device(batch, device))
+                if accelerator.num_processes == 1:  # elsewhere the gradient check stops every rank together
+                    refuse_non_finite("loss", loss, number)
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and self.settings.clip_norm:
-                    accelerator.clip_grad_norm_(self.trainable, self.settings.clip_norm)
+                if accelerator.sync_gradients:
+                    norm = self.gradient_norm()
+                    if self.settings.mixed_precision != "fp16":  # fp16's scaler skips steps with inf gradients itself
+                        refuse_non_finite("gradient norm", norm, number)
                 self.optimizer.step()
                 if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
                     self.scheduler.step()  # fp16: a step the gradient scaler skipped does not advance the schedule
@@ -92,6 +99,12 @@ class TrainingStep:
             step_loss += float(loss.detach()) / self.settings.accumulation
             items += count
         return step_loss, items
+
+    def gradient_norm(self) -> torch.Tensor:
+        """The total gradient norm of the trainable parameters, clipped to `clip_norm` where that is set."""
+        if self.settings.clip_norm:
+            return torch.as_tensor(self.accelerator.clip_grad_norm_(self.trainable, self.settings.clip_norm))
+        return torch.nn.utils.get_total_norm([p.grad for p in self.trainable if p.grad is not None])
 
     @property
     def unwrapped(self) -> torch.nn.Module:
@@ -110,6 +123,7 @@ class TrainingStep:
                     "code: train the run again") if old.exists() else ""
             raise FileNotFoundError(f"--resume: no checkpoint at {path}{hint}")
         state = load_checkpoint(path)
+        check_finite(state["model"], f"--resume: {path} holds a non-finite weight, refused")
         if state["step"] > self.settings.steps:
             raise ValueError(
                 f"--resume: the checkpoint {path} is at step {state['step']}, past the {self.settings.steps} "
@@ -168,9 +182,13 @@ def train(
     window_items, window_start = 0, time.perf_counter()
     was_training = model.training
     step.model.train(train_mode)
+    saved_step = start_step if resume else None
     try:
         for index in progress:
-            loss, items = step(micro_batches(stream, settings, index))
+            try:
+                loss, items = step(micro_batches(stream, settings, index), index + 1)
+            except NonFiniteError as error:
+                raise NonFiniteError(f"{error}; {what_is_kept(run_dir, saved_step)}") from None
             window_items += items
             record = {"step": index + 1, "loss": loss, "lr": step.scheduler.get_last_lr()[0]}
             last = index + 1 == settings.steps
@@ -181,19 +199,41 @@ def train(
             if valid_fn and settings.valid_every and ((index + 1) % settings.valid_every == 0 or last):
                 step.model.eval()
                 with torch.no_grad():
-                    record["valid_loss"] = round(float(valid_fn(step.model)), 4)
+                    valid_loss = float(valid_fn(step.model))
+                record["valid_loss"] = round(valid_loss, 4) if math.isfinite(valid_loss) else None  # JSON has no NaN
                 step.model.train(train_mode)
                 progress.write(f"step {index + 1}: valid loss {record['valid_loss']}")
             history.append(record)
             if log_path is not None and main:
-                append_line(log_path, json.dumps(record))
+                append_line(log_path, json.dumps(record, allow_nan=False))
             if run_dir is not None and ((index + 1) % settings.checkpoint_every == 0 or last):
                 accelerator.wait_for_everyone()
                 if main:
-                    save_checkpoint(run_dir / CHECKPOINT_NAME, step.state(index + 1, history))
+                    try:
+                        save_checkpoint(run_dir / CHECKPOINT_NAME, step.state(index + 1, history))
+                    except NonFiniteError as error:
+                        raise NonFiniteError(f"step {index + 1}: {error}; {what_is_kept(run_dir, saved_step)}") from None
+                saved_step = index + 1
     finally:
         step.release().train(was_training)
     return {"steps": settings.steps, "history": history}
+
+
+def refuse_non_finite(what: str, value: torch.Tensor, number: int) -> None:
+    """Stop at the first NaN or inf, naming the optimiser step, before it reaches the weights."""
+    if not bool(torch.isfinite(value.detach()).all()):
+        raise NonFiniteError(f"optimiser step {number}: the {what} is {float(value.detach().float().max()):g}; "
+                             "training stopped before it changed the weights (try a lower lr, clip_norm, or check "
+                             "that the batches score at least one label)")
+
+
+def what_is_kept(run_dir: Optional[Path], saved_step: Optional[int]) -> str:
+    """Which checkpoint a stopped run keeps: the last finite one, never one written after the failure."""
+    if run_dir is None:
+        return "the model holds the weights of the last finite step (nothing is written without a run folder)"
+    if saved_step is None:
+        return f"no checkpoint was written before it, so {run_dir} holds none to resume from"
+    return f"{run_dir / CHECKPOINT_NAME} (step {saved_step}, finite) is kept: --resume continues from it"
 
 
 def micro_batches(stream: Iterator[Any], settings: TrainSettings, index: int) -> list[Any]:

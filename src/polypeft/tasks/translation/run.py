@@ -31,6 +31,7 @@ from .evaluate import score_directions, translate
 from ...core.fileio import (file_sha256, is_temporary, remove_stale_temporaries, single_path_component,
                             write_json, write_model_weights)
 from ...methods.fd import fuse_distillation_step, token_cross_entropy
+from ...core.finite import check_finite
 from ...core.model import PolyModel, wrap
 from ...backbones.seq2seq import PRESETS, build_translation_model
 from ...training.loop import TrainSettings, seed_everything, train
@@ -373,6 +374,7 @@ def load_translation_model(run_dir: str | Path, tokenizer: Optional[SpmTokenizer
         tokenizer = SpmTokenizer(saved) if saved.exists() else prepare(recipe).tokenizer
     model = build_model(recipe, tokenizer)
     load_model(model, str(Path(run_dir) / WEIGHTS_NAME))
+    check_finite(model.state_dict(), f"{Path(run_dir) / WEIGHTS_NAME}: refused")
     return recipe, tokenizer, model.eval()
 
 
