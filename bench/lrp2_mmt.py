@@ -14,7 +14,7 @@ from collections import defaultdict
 from polypeft.tasks.translation.evaluate import score_directions, translate
 from polypeft.core.fileio import write_json
 from polypeft.interventions.lrp2 import LRP2, language_vectors
-from polypeft.core.model import PolyModel
+from polypeft.model.poly_model import PolyModel
 from polypeft.tasks.translation.run import load_run
 
 

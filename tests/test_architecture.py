@@ -10,7 +10,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "polypeft"
 # Bottom-up: a module may import from its own layer's package and from any layer listed before it.
-LAYERS = ["core", "data", "backbones", "training", "methods", "interventions", "tasks", "experiments", "cli"]
+LAYERS = ["core", "data", "training", "methods", "model", "backbones", "interventions", "tasks", "experiments", "cli"]
 MAX_LINES = 450
 
 
@@ -50,6 +50,20 @@ def imported_modules(name: str, path: Path, known: dict[str, Path]) -> set[str]:
     return {m for m in found if m in known and m not in (name, "polypeft")}
 
 
+def string_imports(path: Path) -> list[int]:
+    """Places that load a module by name at run time (importlib.import_module, __import__): an import the
+    statement-reading checks above cannot see, so a layer could depend on one above it unnoticed."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if not isinstance(node, ast.Call):
+            continue
+        function = node.func
+        name = function.attr if isinstance(function, ast.Attribute) else getattr(function, "id", "")
+        if name in ("import_module", "__import__"):
+            found.append(node.lineno)
+    return found
+
+
 def layer_of(name: str) -> int | None:
     parts = name.split(".")
     return LAYERS.index(parts[1]) if len(parts) > 1 and parts[1] in LAYERS else None
@@ -67,6 +81,30 @@ def test_layers_import_only_from_below():
             if theirs is None or theirs > own:
                 wrong.append(f"{name} imports {target}")
     assert not wrong, "imports against the layering of ARCHITECTURE.md:\n" + "\n".join(sorted(wrong))
+
+
+def test_no_module_imports_by_string():
+    """Only the package root loads its public names lazily by string; every other import is a statement."""
+    found = [f"{path.relative_to(PACKAGE)}:{line}" for path in PACKAGE.rglob("*.py") if path != PACKAGE / "__init__.py"
+             for line in string_imports(path)]
+    assert not found, "modules imported by string (write an import statement instead):\n" + "\n".join(found)
+
+
+def test_the_string_import_check_sees_both_spellings(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text("import importlib\nimportlib.import_module('polypeft.methods')\nx = __import__('polypeft')\n")
+    assert string_imports(probe) == [2, 3]
+
+
+def test_core_names_no_method():
+    """The core knows no method: no string in it is a registered method's name (the registry lives above)."""
+    from polypeft.methods.registry import registered_methods
+
+    names = set(registered_methods())
+    found = [f"{path.relative_to(PACKAGE)}:{node.lineno} {node.value!r}" for path in (PACKAGE / "core").rglob("*.py")
+             for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+             if isinstance(node, ast.Constant) and node.value in names]
+    assert not found, "core/ names methods (declare a trait on the config or layer instead):\n" + "\n".join(found)
 
 
 def test_no_import_cycle():

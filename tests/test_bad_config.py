@@ -109,7 +109,7 @@ def test_a_set_of_languages_as_routes_is_refused():
 
 
 def test_one_registry_knows_every_method():
-    from polypeft.core.config import registered_methods
+    from polypeft.methods.registry import registered_methods
 
     methods = registered_methods()
     assert set(methods) == {"lms", "ls_ffn", "switch", "clsr", "lora"}

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from polypeft.cli.main import main as cli_main
 from polypeft.core.config import ConfigError
-from polypeft.core.model import PolyModel
+from polypeft.model.poly_model import PolyModel
 from polypeft.tasks import encoder_finetune as ef
 from polypeft.tasks.classification import ClassificationData, ClassificationExample
 from test_tasks_classification import tiny_encoder, tiny_tokenizer

@@ -8,7 +8,8 @@ import importlib as _importlib
 
 # Where each public name lives: module -> names.
 _EXPORTS = {
-    ".core.config": ("ConfigError", "MethodConfig", "config_from_dict", "load_config_file", "recipe_from_yaml"),
+    ".core.config": ("ConfigError", "MethodConfig", "recipe_from_yaml"),
+    ".methods.registry": ("config_from_dict", "load_config_file"),
     ".methods.lms": ("LMSConfig",),
     ".data.batching": ("TokenBudgetBatcher", "collate", "token_lengths"),
     ".data.bible": ("BIBLE_VERSIONS", "ENGLISH_VERSIONS", "BibleCorpus", "BibleSplit"),
@@ -31,11 +32,12 @@ _EXPORTS = {
     ".methods.switch": ("SwitchConfig",),
     ".methods.fd": ("FuseDistillationLoss", "fuse_distillation_loss", "fuse_distillation_step", "one_way_kl",
         "symmetric_kl", "token_cross_entropy"),
-    ".core.model": ("ParameterCounts", "PolyModel", "wrap"),
-    ".core.export": ("ExportError",),
+    ".model.routed_model": ("ParameterCounts",),
+    ".model.poly_model": ("PolyModel", "wrap"),
+    ".model.export": ("ExportError",),
     ".core.finite": ("NonFiniteError",),
-    ".core.hub": ("load_config",),
-    ".core.peft_conveniences": ("UnsupportedCallError",),
+    ".model.hub": ("load_config",),
+    ".model.peft_conveniences": ("UnsupportedCallError",),
     ".backbones.e5": ("PASSAGE_PREFIX", "QUERY_PREFIX", "embed", "embed_layers", "load_encoder"),
     ".backbones.seq2seq": ("build_translation_model",),
     ".tasks.classification": ("classification_model", "encode_classification", "evaluate_classification",

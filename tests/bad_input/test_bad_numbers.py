@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 import polypeft as pp
 from polypeft import NonFiniteError
-from polypeft.core.savefiles import WEIGHTS_NAME
+from polypeft.model.savefiles import WEIGHTS_NAME
 from polypeft.tasks.records import TaskDataError
 from polypeft.training.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from polypeft.training.loop import LOG_NAME, TrainSettings, train

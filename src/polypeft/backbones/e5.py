@@ -398,7 +398,7 @@ def embed_layers(model, tokenizer, texts: Sequence[str], layers: Sequence[LayerS
         raise TypeError("texts must be a sequence of strings, got one str; wrap it in a list")
     from tqdm.auto import tqdm
 
-    from ..core.example_routes import example_routes, route_arguments
+    from ..model.example_routes import example_routes, route_arguments
 
     languages = [lang] * len(texts) if lang is None or isinstance(lang, str) else list(lang)
     if len(languages) != len(texts):

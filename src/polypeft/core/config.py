@@ -1,11 +1,10 @@
-"""Typed configs: one validator over dataclass type hints checks every method config and CLI recipe,
-and one registry maps each method name to its config class and layer builder.
+"""Typed configs: one validator over dataclass type hints checks every method config and CLI recipe.
+
+MethodConfig holds what every method shares, including its declared traits; the registry of methods lives above.
 """
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import json
 import math
 import re
 import types
@@ -13,7 +12,7 @@ from collections.abc import Mapping as MappingABC
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Callable, ClassVar, Literal, Mapping, Optional, Sequence, Union
+from typing import Annotated, Any, ClassVar, Literal, Mapping, Optional, Sequence, Union
 from typing import get_args, get_origin, get_type_hints
 
 SHARED_ROUTE_CODE = "shared"  # polypeft.core.languages.SHARED, repeated so this module needs no torch
@@ -331,56 +330,6 @@ class TypedConfig:
             raise as_error_type(error, self.error_type) from None
 
 
-# ----------------------------------------------------------------------------- the method registry
-
-@dataclass(frozen=True)
-class MethodEntry:
-    config_class: type
-    build_layer: Callable[..., Any]
-
-
-METHODS: dict[str, MethodEntry] = {}
-
-
-def register_method(name: str, config_class: type, layer_builder: Callable[..., Any]) -> None:
-    """Make method `name` known: its config class (saved configs say `method: name`) and the function
-    `layer_builder(config, site)` that wraps the target linear at `site` (a `core.routed.LayerSite`)."""
-    if config_class.method != name:
-        raise ConfigError(f"register_method({name!r}): {config_class.__name__}.method is {config_class.method!r}")
-    if name in METHODS and METHODS[name].config_class is not config_class:
-        raise ConfigError(f"method {name!r} is already registered by {METHODS[name].config_class.__name__}")
-    METHODS[name] = MethodEntry(config_class, layer_builder)
-
-
-def registered_methods() -> dict[str, MethodEntry]:
-    """Every method of `polypeft.methods` (importing that package runs their register calls)."""
-    importlib.import_module("polypeft.methods")
-    return METHODS
-
-
-def method_entry(name: Any, where: str = "config") -> MethodEntry:
-    methods = registered_methods()
-    if name not in methods:
-        raise ConfigError(f"{where}: unknown method {name!r}; known methods are {sorted(methods)}")
-    return methods[name]
-
-
-def config_from_dict(data: Mapping[str, Any], where: Union[str, Source] = "config") -> "MethodConfig":
-    """Rebuild a config from its JSON form; unknown methods or keys are refused by name."""
-    data = dict(data)
-    method = data.pop("method", None)
-    return build(method_entry(method, source_of(where).where() or "config").config_class, data, where)
-
-
-def load_config_file(path: str) -> "MethodConfig":
-    with open(path, encoding="utf-8") as handle:
-        try:
-            data = json.load(handle)
-        except json.JSONDecodeError as error:
-            raise ConfigError(f"{path}: not valid JSON ({error})") from None
-    return config_from_dict(data, where=str(path))
-
-
 # ----------------------------------------------------------------------------- method configs
 
 @dataclass
@@ -388,10 +337,15 @@ class MethodConfig(TypedConfig):
     """Fields every routed method shares: the languages and which linears to wrap."""
 
     method: ClassVar[str] = ""
-    # FD's KL: symmetric between the routes, or one-way from the language route (full-rank LS-FFN).
+    # Declared traits: what the rest of the library may do with the method, read instead of lists of names.
+    # FD's KL: symmetric between the routes, or one-way from the language route (a full-rank copy).
     fd_one_way: ClassVar[bool] = False
-    # No parameter depends on the language (LoRA, Switch): runs and merges without a route.
+    # No parameter depends on the language: runs and merges without a route.
     language_agnostic: ClassVar[bool] = False
+    # Its layers also wrap a transposed linear (transformers' Conv1D, GPT-2), not only nn.Linear.
+    handles_conv1d: ClassVar[bool] = False
+    # Saved as PEFT's own adapter files (a plain LoRA), so peft loads the save as it is.
+    saves_as_peft: ClassVar[bool] = False
     languages: Sequence[str] = ()
     target_modules: Optional[Union[str, list[str]]] = None
     shared_route: bool = False

@@ -1,6 +1,7 @@
 """Atomic file writes: a reader never sees half a file, and a killed writer's leftovers are cleaned up.
 
 Everything polypeft writes (configs, weights, checkpoints, results) goes through these; so do path names.
+Saved tensors are copied back into a model's own through `copy_matching`, which checks every name and shape.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from typing import Any, Callable, Optional
 import torch
 from safetensors.torch import save_file
 
+from .config import ConfigError
 from .finite import check_finite
 
 
@@ -199,3 +201,24 @@ def append_line(path: str | os.PathLike, line: str) -> Path:
         handle.flush()
         os.fsync(handle.fileno())
     return path
+
+
+def copy_matching(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], where: str,
+                  error: type[Exception] = ConfigError) -> None:
+    """Copy saved tensors into a model's own (`expected`): names, shapes and kinds (integer or floating point)
+    must match and every value be finite, else `error` names `where` and what differs."""
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise error(f"{where}: missing tensors {missing[:5]}, unexpected {unexpected[:5]}")
+    for key, parameter in expected.items():
+        if parameter.shape != tensors[key].shape:
+            raise error(f"{where}: {key} has shape {tuple(tensors[key].shape)}, the model expects "
+                        f"{tuple(parameter.shape)}")
+        if parameter.is_floating_point() != tensors[key].is_floating_point():
+            raise error(f"{where}: {key} is stored as {tensors[key].dtype}, the model's is {parameter.dtype}; a "
+                        "weight is never cast between integer and floating point: the file was not written by "
+                        "polypeft for this model")
+    check_finite(tensors, f"{where}: refused")
+    with torch.no_grad():
+        for key, parameter in expected.items():
+            parameter.copy_(tensors[key].to(parameter.dtype))

@@ -70,7 +70,7 @@ def not_linear_message(name: str, module: nn.Module, targets: TargetSpec) -> str
     kind = type(module).__name__
     if kind == "Conv1D":
         why = ("transformers' Conv1D (GPT-2, mGPT) stores its weight transposed, as (in, out), and this method wraps "
-               "nn.Linear (out, in) only (lms and lora wrap Conv1D)")
+               "nn.Linear (out, in) only (methods whose config has handles_conv1d=True, the low-rank ones, wrap Conv1D)")
     elif is_fused_experts(module):
         why = ("it holds every MoE expert's weights stacked in 3-D parameters "
                f"({', '.join(fused_expert_parameters(module))}), not one linear per expert; polypeft's routed layers "

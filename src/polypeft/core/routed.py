@@ -53,8 +53,6 @@ class LinearProxy(nn.Module):
 
 
 FULL_PRECISION = (torch.float32, torch.float64)
-# Methods whose layers handle a transposed (Conv1D) base weight; the others copy weights as (out, in).
-CONV1D_METHODS = ("lms", "lora")
 
 
 def is_transposed_linear(layer: nn.Module) -> bool:
@@ -93,7 +91,7 @@ def require_float_weight(method: str, base_layer: nn.Module, name: str) -> None:
     """Methods that copy the base weight cannot copy a quantized one."""
     if not base_layer.weight.is_floating_point():
         raise ConfigError(f"{method} copies the weight of {name}, which is quantized ({type(base_layer).__name__}, "
-                          f"{base_layer.weight.dtype}); use a low-rank method (lms, lora) on a quantized base")
+                          f"{base_layer.weight.dtype}); use a low-rank method on a quantized base")
 
 
 def check_rank(method: str, rank: int, base_layer: nn.Linear, name: str) -> None:

@@ -12,9 +12,10 @@ from typing import ClassVar, Optional
 import torch
 from torch import nn
 
-from ..core.config import ConfigError, MethodConfig, check_choice, check_positive, register_method
+from ..core.config import ConfigError, MethodConfig, check_choice, check_positive
 from ..core.languages import LanguageError, Routes
 from ..core.routed import LayerSite, RoutedLinear, added_factory, per_language
+from .registry import register_method
 
 # The output linear of every attention and FFN sublayer: BART/Marian, BERT, T5, Llama/Qwen.
 CLSR_DEFAULT_TARGETS = (

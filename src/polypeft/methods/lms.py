@@ -11,10 +11,11 @@ from typing import ClassVar, Literal
 import torch
 from torch import nn
 
-from ..core.config import MethodConfig, PositiveFloat, PositiveInt, register_method
+from ..core.config import MethodConfig, PositiveFloat, PositiveInt
 from ..core.languages import RouteGroups, Routes
 from ..core.routed import (LayerSite, RoutedLinear, added_factory, check_rank, language_key, layer_shape,
                            side_language)
+from .registry import register_method
 
 
 @dataclass
@@ -25,6 +26,7 @@ class LMSConfig(MethodConfig):
     """
 
     method: ClassVar[str] = "lms"
+    handles_conv1d: ClassVar[bool] = True
     rank: PositiveInt = 16
     synthesis: Literal["pair", "language"] = "pair"
     init_std: PositiveFloat = 0.01

@@ -11,8 +11,9 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..core.config import ConfigError, MethodConfig, check_positive, register_method
+from ..core.config import ConfigError, MethodConfig, check_positive
 from ..core.routed import LayerSite, RoutedLinear, added_factory, check_rank, layer_shape
+from .registry import register_method
 
 
 @dataclass
@@ -27,6 +28,7 @@ class LoRAConfig(MethodConfig):
     language_agnostic: ClassVar[bool] = True
     # A plain LoRA: saved as PEFT's adapter files, so peft.PeftModel.from_pretrained loads the save as is.
     saves_as_peft: ClassVar[bool] = True
+    handles_conv1d: ClassVar[bool] = True
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0

@@ -10,9 +10,10 @@ from typing import ClassVar, Optional
 import torch
 from torch import nn
 
-from ..core.config import MethodConfig, register_method
+from ..core.config import MethodConfig
 from ..core.languages import Routes
 from ..core.routed import LayerSite, RoutedLinear, per_language, require_float_weight, side_language
+from .registry import register_method
 
 
 @dataclass

@@ -12,9 +12,10 @@ import torch
 from torch import nn
 
 from ..core.anatomy import block_of, closes_ffn
-from ..core.config import ConfigError, MethodConfig, check_positive, register_method
+from ..core.config import ConfigError, MethodConfig, check_positive
 from ..core.languages import LanguageError, Routes
 from ..core.routed import LayerSite, RoutedLinear, require_float_weight
+from .registry import register_method
 
 # Small router weights: every expert starts with nearly equal probability.
 ROUTER_INIT_STD = 0.02

@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from ..core.example_routes import example_routes, route_arguments
+from ..model.example_routes import example_routes, route_arguments
 from .example_languages import language_from_column
 from .heads import attach_head
 from .records import Source, read_records

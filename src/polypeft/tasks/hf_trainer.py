@@ -10,9 +10,9 @@ import torch
 from transformers import Seq2SeqTrainer, Trainer, TrainingArguments, default_data_collator
 
 from ..core.languages import LanguageError
-from ..core.export import ADAPTER_WEIGHTS_NAME
-from ..core.model import WEIGHTS_NAME, PolyModel
-from ..core.savefiles import read_weights
+from ..model.export import ADAPTER_WEIGHTS_NAME
+from ..model.poly_model import PolyModel
+from ..model.savefiles import WEIGHTS_NAME, read_weights
 from ..methods.fd import fuse_distillation_step
 from ..training.schedules import schedule
 from ..training.settings import TrainSettings

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from ..core.example_routes import example_routes, route_arguments
+from ..model.example_routes import example_routes, route_arguments
 from .example_languages import language_from_column
 from ..data.lines import UTF8_BOM, read_text
 from .heads import attach_head

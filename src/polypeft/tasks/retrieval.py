@@ -11,7 +11,7 @@ import torch
 
 from ..core.languages import LanguageError
 from ..backbones.e5 import embed_layers
-from ..core.example_routes import routed_model
+from ..model.example_routes import routed_model
 from .records import Source, read_records
 
 

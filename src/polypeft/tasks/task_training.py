@@ -16,7 +16,7 @@ from ..core.config import NonNegativeFloat, NonNegativeInt, PositiveFloat, Posit
 from ..methods.fd import fuse_distillation_step
 from .records import TaskDataError
 from ..training.loop import TrainSettings, train
-from ..core.example_routes import example_routes, route_arguments, routed_model
+from ..model.example_routes import example_routes, route_arguments, routed_model
 
 # The labels each transformers head is scored against, and the output holding its logits (QA has two heads).
 HEAD_OUTPUTS = {"labels": "logits", "start_positions": "start_logits", "end_positions": "end_logits"}

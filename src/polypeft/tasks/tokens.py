@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from ..data.lines import decode_line, numbered_lines
-from ..core.example_routes import example_routes, route_arguments
+from ..model.example_routes import example_routes, route_arguments
 from .example_languages import language_from_column
 from .heads import attach_head
 from .records import Source, TaskDataError, is_path, read_records

@@ -19,7 +19,7 @@ from ...core.config import (ConfigError, Fraction, PositiveFloat, PositiveInt, S
                             source_of)
 from ...core.fileio import atomic_write, write_json
 from ...core.modes import evaluation_mode
-from ...core.savefiles import copy_matching
+from ...core.fileio import copy_matching
 from ...core.inject import find_targets, replace_targets, restore_base_layers
 from .fusion import ALIGNMENTS, FUSIONS, build_fusion
 from .source import MTSourceProjection, SourceCapture, encoder_hidden_size, source_module_name

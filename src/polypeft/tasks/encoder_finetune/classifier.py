@@ -14,7 +14,7 @@ from torch import nn
 from ...core.anatomy import default_targets
 from ...core.config import ConfigError
 from ...methods.lms import LMSConfig
-from ...core.model import PolyModel, wrap
+from ...model.poly_model import PolyModel, wrap
 from ..classification import classification_model
 from .examples import PassThroughEmbeddings, encoder_body
 from .settings import FinetuneSettings

@@ -20,8 +20,7 @@ from accelerate import PartialState
 from transformers.models.marian.modeling_marian import shift_tokens_right
 
 from ...core.config import (ConfigError, Fraction, MethodConfig, NonNegativeFloat, NonNegativeInt, PositiveFloat,
-                            PositiveInt, Source, TypedConfig, build, checked, recipe_from_dict, recipe_from_yaml,
-                            registered_methods)
+                            PositiveInt, Source, TypedConfig, build, checked, recipe_from_dict, recipe_from_yaml)
 from ...data.batching import TokenBudgetBatcher, collate, token_lengths
 from ...data.bible import BibleCorpus, BibleSplit
 from ...data.parallel import ParallelExample, english_centric
@@ -32,7 +31,8 @@ from ...core.fileio import (file_sha256, is_temporary, remove_stale_temporaries,
                             write_json, write_model_weights)
 from ...methods.fd import fuse_distillation_step, token_cross_entropy
 from ...core.finite import check_finite
-from ...core.model import PolyModel, wrap
+from ...methods.registry import registered_methods
+from ...model.poly_model import PolyModel, wrap
 from ...backbones.seq2seq import PRESETS, build_translation_model
 from ...training.loop import TrainSettings, seed_everything, train
 from ...training.settings import MIXED_PRECISIONS

@@ -1,26 +1,26 @@
-"""The weights file of a polypeft save, and the checks that a load matches what was saved.
+"""The files of a polypeft save (config, weights, card), and the checks that a load matches what was saved.
 
-Language order and base class travel with the weights, so a load never silently swaps routes or bases.
+Language order, base class and target shapes travel with the weights, so a load never silently swaps them.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .. import __version__
-from .config import ConfigError, MethodConfig
+from ..core.config import ConfigError, MethodConfig
+from ..core.fileio import write_json, write_safetensors, write_text
+from ..core.inject import find_targets
+from ..core.languages import LanguageError
+from ..core.routed import layer_shape
+from .card import CARD_NAME, model_card
 from .export import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, LORA_FACTORS, PEFT_PREFIX, adapter_config
-from .fileio import write_json, write_safetensors
-from .finite import check_finite
-from .languages import LanguageError
-
-if TYPE_CHECKING:
-    from .model import PolyModel
+from .routed_model import RoutedModel
 
 CONFIG_NAME = "polypeft_config.json"
 WEIGHTS_NAME = "polypeft_model.safetensors"
@@ -29,12 +29,7 @@ LANGUAGES_KEY = "polypeft_languages"
 BASE_CLASS_KEY = "polypeft_base_class"
 
 
-def saves_as_peft(config: MethodConfig) -> bool:
-    """The LoRA baseline is a plain LoRA: its save is PEFT's own adapter layout."""
-    return bool(getattr(config, "saves_as_peft", False))
-
-
-def weights_metadata(poly: "PolyModel") -> dict[str, str]:
+def weights_metadata(poly: RoutedModel) -> dict[str, str]:
     return {
         "format": "pt",
         "polypeft_version": __version__,
@@ -51,16 +46,64 @@ def whole_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {key: value.full_tensor().detach() if isinstance(value, DTensor) else value for key, value in tensors.items()}
 
 
-def write_weights(poly: "PolyModel", directory: Path) -> Path:
+def write_weights(poly: RoutedModel, directory: Path) -> Path:
     """The added parameters, under polypeft's names or (LoRA baseline) as a PEFT adapter."""
     tensors = whole_tensors(poly.added_state_dict())
-    if not saves_as_peft(poly.poly_config):
+    if not poly.poly_config.saves_as_peft:
         return write_safetensors(directory / WEIGHTS_NAME, tensors, metadata=weights_metadata(poly))
     write_json(directory / ADAPTER_CONFIG_NAME, adapter_config(poly))
     routes = {f"{name}.{factor}" for name in poly.routed_layers for factor in LORA_FACTORS}
     # PEFT's names: a factor is `<module>.lora_A.weight`; a module to save keeps its own tensor names.
     renamed = {f"{PEFT_PREFIX}{name}{'.weight' if name in routes else ''}": tensor for name, tensor in tensors.items()}
     return write_safetensors(directory / ADAPTER_WEIGHTS_NAME, renamed, metadata=weights_metadata(poly))
+
+
+def write_save(poly: RoutedModel, directory: Path, results: Optional[dict[str, Any]] = None) -> Path:
+    """The config JSON, the added weights and the model card (listing `results` when given) in `directory`."""
+    poly.check_not_spent("save")
+    if poly.merged_route is not None:
+        raise LanguageError("unmerge() before saving: the saved base weights must stay plain")
+    write_weights(poly, directory)
+    write_json(directory / CONFIG_NAME, {
+        "polypeft_version": __version__,
+        "config": poly.poly_config.to_dict(),
+        "base_model": base_model_identity(poly.base_model, poly.routed_layers),
+    })
+    write_text(directory / CARD_NAME, model_card(poly, results))
+    return directory
+
+
+def base_model_identity(base_model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, Any]:
+    config = getattr(base_model, "config", None)
+    return {
+        "class": type(base_model).__name__,
+        "name_or_path": getattr(config, "_name_or_path", None) or None,
+        # The layer's own (out, in): a quantized weight is packed, so its shape would not match an unquantized base.
+        "targets": {name: list(layer_shape(layer.base_layer)) for name, layer in layers.items()},
+    }
+
+
+def check_base_fits(base_model: nn.Module, config: MethodConfig, saved: dict, where: Path) -> None:
+    """Refuse, naming every difference, a base model whose target names or shapes differ from the saved one."""
+    targets = find_targets(base_model, config.target_modules, accept_conv1d=config.handles_conv1d)
+    found = {name: list(layer_shape(linear)) for name, linear in targets}
+    expected = saved.get("targets", {})
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
+    reshaped = [f"{n}: saved {expected[n]}, model {found[n]}" for n in sorted(set(found) & set(expected))
+                if found[n] != expected[n]]
+    if missing or extra or reshaped:
+        parts = []
+        if missing:
+            parts.append(f"modules missing from this model: {missing[:5]}")
+        if extra:
+            parts.append(f"modules this model has but the save does not: {extra[:5]}")
+        if reshaped:
+            parts.append(f"shapes differ: {reshaped[:5]}")
+        raise ConfigError(
+            f"{where} was saved for a {saved.get('class')} ({saved.get('name_or_path')}) and does not fit this "
+            f"{type(base_model).__name__}: " + "; ".join(parts)
+        )
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -78,7 +121,7 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
 def read_weights(config: MethodConfig, directory: Path) -> tuple[dict[str, torch.Tensor], Path]:
     """The saved added parameters under polypeft's names, with the language order checked."""
     peft_path = directory / ADAPTER_WEIGHTS_NAME
-    if saves_as_peft(config) and peft_path.is_file():
+    if config.saves_as_peft and peft_path.is_file():
         tensors, metadata = read_safetensors(peft_path)
         tensors = {peft_to_polypeft_name(key[len(PEFT_PREFIX):]): tensor for key, tensor in tensors.items()
                    if key.startswith(PEFT_PREFIX)}
@@ -117,24 +160,3 @@ def check_base_class(base_model: nn.Module, saved: dict[str, Any], where: Path) 
             f"{where} was saved for a {saved_class} ({saved.get('name_or_path')}) but is being loaded into a "
             f"{type(base_model).__name__}; load it into the {saved_class} it was trained on"
         )
-
-
-def copy_matching(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], where: str,
-                  error: type[Exception] = ConfigError) -> None:
-    """Copy saved tensors into a model's own (`expected`): names and shapes must match, else `error` names
-    `where`, the missing and unexpected names or the first differing shape."""
-    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise error(f"{where}: missing tensors {missing[:5]}, unexpected {unexpected[:5]}")
-    for key, parameter in expected.items():
-        if parameter.shape != tensors[key].shape:
-            raise error(f"{where}: {key} has shape {tuple(tensors[key].shape)}, the model expects "
-                        f"{tuple(parameter.shape)}")
-        if parameter.is_floating_point() != tensors[key].is_floating_point():
-            raise error(f"{where}: {key} is stored as {tensors[key].dtype}, the model's is {parameter.dtype}; a "
-                        "weight is never cast between integer and floating point: the file was not written by "
-                        "polypeft for this model")
-    check_finite(tensors, f"{where}: refused")
-    with torch.no_grad():
-        for key, parameter in expected.items():
-            parameter.copy_(tensors[key].to(parameter.dtype))

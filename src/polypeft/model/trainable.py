@@ -8,7 +8,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 from torch import nn
 
-from .config import ConfigError
+from ..core.config import ConfigError
 
 # Heads transformers puts on a task model (freshly initialised when the model is loaded for a new task).
 TASK_HEAD_NAMES = ("classifier", "score", "qa_outputs")

@@ -7,15 +7,14 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
+from ..core.config import ConfigError, MethodConfig
+from ..methods.registry import config_from_dict, load_config_file
 from .card import CARD_NAME
-from .config import ConfigError, MethodConfig, config_from_dict, load_config_file
 from .export import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
-from .savefiles import CONFIG_NAME, TRAINER_WEIGHTS_NAME, WEIGHTS_NAME
-
-if TYPE_CHECKING:
-    from .model import PolyModel
+from .routed_model import RoutedModel
+from .savefiles import CONFIG_NAME, TRAINER_WEIGHTS_NAME, WEIGHTS_NAME, write_save
 
 SAVE_FILES = (CONFIG_NAME, WEIGHTS_NAME, ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, CARD_NAME)
 
@@ -79,7 +78,7 @@ def load_config(name_or_path: str | Path, revision: Optional[str] = None, **down
 
 
 def push_to_hub(
-    poly: "PolyModel",
+    poly: RoutedModel,
     repo_id: str,
     private: Optional[bool] = None,
     token: Optional[str] = None,
@@ -92,7 +91,7 @@ def push_to_hub(
 
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory() as folder:
-        poly.save_pretrained(folder, results=results)
+        write_save(poly, Path(folder), results)
         files = sorted(p.name for p in Path(folder).iterdir() if p.name in SAVE_FILES)
         api.create_repo(repo_id, private=private, exist_ok=True)
         return api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision,

@@ -1,37 +1,28 @@
-"""PolyModel: a base model whose target linears are routed layers, with save, load and merge.
+"""RoutedModel: a base model whose target linears are routed layers, with routes per call and merge.
 
-It turns the user's language arguments into Routes for each forward or generate call.
+It turns the user's language arguments into Routes for each forward or generate call; PolyModel adds its files.
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import types
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
 
-from .. import __version__
-from .config import ConfigError, MethodConfig, config_from_dict, method_entry
-from .card import CARD_NAME, model_card
-from .fileio import write_json, write_text
-from .finite import check_finite
-from .hub import read_save_config, resolve_save
-from .anatomy import side_of
-from .inject import find_targets, replace_targets, restore_base_layers
-from .languages import LanguageError, LanguageRegistry, LanguageSpec, Routes
+from ..core.anatomy import side_of
+from ..core.config import MethodConfig
+from ..core.inject import replace_targets, restore_base_layers
+from ..core.languages import LanguageError, LanguageRegistry, LanguageSpec, Routes
+from ..core.routed import LayerSite, RoutedLinear, mark_moe_experts
+from ..core.routing import RouteState, carry_routes_into_checkpoints, checkpointing_modules
+from ..methods.registry import method_entry
 from .merge_guard import MergeSnapshot
-from .peft_conveniences import adapters_disabled, check_not_spent, refuse, trainable_parameter_counts, unload
-from .routed import CONV1D_METHODS, LayerSite, RoutedLinear, layer_shape, mark_moe_experts
-from .routing import RouteState, carry_routes_into_checkpoints, checkpointing_modules
 from .tied_weights import drop_tied_aliases_on_save
 from .trainable import freeze_all_but, resolve_modules_to_save, saved_module_tensors, warn_if_head_frozen
-from .savefiles import (CONFIG_NAME, TRAINER_WEIGHTS_NAME, WEIGHTS_NAME, check_base_class, copy_matching,  # names
-                        read_safetensors, read_weights, write_weights)  # kept importable here
 
 
 @dataclass(frozen=True)
@@ -50,7 +41,7 @@ class ParameterCounts:
         return asdict(self)
 
 
-class PolyModel(nn.Module):
+class RoutedModel(nn.Module):
     """Wraps any torch model; `model(**batch, src_lang=..., tgt_lang=...)` routes every example."""
 
     def __init__(self, base_model: nn.Module, config: MethodConfig):
@@ -69,7 +60,7 @@ class PolyModel(nn.Module):
             config.target_modules,
             lambda name, linear: build(config, LayerSite(linear, name, side_of(base_model, name), self.route_state,
                                                          self.registry, shared, config.keep_base_dtype)),
-            accept_conv1d=config.method in CONV1D_METHODS,
+            accept_conv1d=config.handles_conv1d,
         )
         mark_moe_experts(base_model, self.routed_layers)
         self.saved_modules = resolve_modules_to_save(base_model, config.modules_to_save, self.routed_layers)
@@ -102,7 +93,7 @@ class PolyModel(nn.Module):
         batch_size: Optional[int] = None,
     ) -> Iterator[Routes]:
         """Routes for everything run inside the block: the base model, pipelines, generate."""
-        check_not_spent(self, "run")
+        self.check_not_spent("run")
         if self.adapters_disabled:
             yield None  # the plain base layers stand in for the routed ones (disable_adapter)
             return
@@ -237,7 +228,7 @@ class PolyModel(nn.Module):
                 "run other routes; call unmerge() first"
             )
 
-    # ---- save and load -------------------------------------------------------------------------
+    # ---- added parameters ----------------------------------------------------------------------
     def route_parameters(self) -> list[nn.Parameter]:
         """The parameters the routed layers add (not the base linears they wrap)."""
         return [p for layer in self.routed_layers.values() for _, p in added_parameters(layer)]
@@ -251,123 +242,15 @@ class PolyModel(nn.Module):
         }
         return {**routes, **saved_module_tensors(self.saved_modules)}
 
-    def save_pretrained(self, directory: str | Path, results: Optional[dict[str, Any]] = None) -> Path:
-        """A JSON config, a safetensors file of only the added parameters (PEFT's own files for the LoRA baseline)
-        and a model card
-        (README.md) that lists `results` when given. Under FSDP every rank calls it: sharded weights are gathered."""
-        check_not_spent(self, "save")
-        if self.merged_route is not None:
-            raise LanguageError("unmerge() before saving: the saved base weights must stay plain")
-        directory = Path(directory)
-        write_weights(self, directory)
-        write_json(
-            directory / CONFIG_NAME,
-            {
-                "polypeft_version": __version__,
-                "config": self.poly_config.to_dict(),
-                "base_model": base_model_identity(self.base_model, self.routed_layers),
-            },
-        )
-        write_text(directory / CARD_NAME, model_card(self, results))
-        return directory
+    def check_not_spent(self, action: str) -> None:
+        if not self.routed_layers:
+            raise LanguageError(
+                f"cannot {action}: this PolyModel was spent by merge_and_unload() or unload(), which gave its base "
+                "model back; use the returned model, or build a new PolyModel (pp.wrap or PolyModel.from_pretrained)"
+            )
 
-    def load_added_state_dict(self, tensors: dict[str, torch.Tensor], where: str) -> None:
-        """Copy saved added weights into this model; every name and shape must match (`where` names the file)."""
-        copy_matching(self.added_state_dict(), tensors, where)
-
-    @classmethod
-    def from_pretrained(
-        cls, base_model: nn.Module, name_or_path: str | Path, revision: Optional[str] = None,
-        config: Optional[MethodConfig] = None, **hub_options: Any
-    ) -> "PolyModel":
-        """Rebuild the routed layers on `base_model` and load their weights from a save folder or a Hub repo id
-        (`revision`, `cache_dir`, `token` go to huggingface_hub); refuse a base that differs. A plain
-        transformers.Trainer checkpoint (the whole model's state, no polypeft config) loads with `config=`."""
-        directory = resolve_save(name_or_path, revision, **hub_options)
-        config_path = directory / CONFIG_NAME
-        if not config_path.is_file() and (directory / TRAINER_WEIGHTS_NAME).is_file():
-            return cls.from_trainer_checkpoint(base_model, directory, config)
-        saved = read_save_config(directory)
-        saved_config = config_from_dict(saved["config"], where=str(config_path))
-        if config is not None and config.to_dict() != saved_config.to_dict():
-            raise ConfigError(f"config= differs from the one saved in {config_path} ({saved_config}); a polypeft save "
-                              "carries its own config: leave config= out")
-        config = saved_config
-        check_base_fits(base_model, config, saved["base_model"], config_path)
-        check_base_class(base_model, saved["base_model"], config_path)
-        tensors, weights_path = read_weights(config, directory)
-        model = cls(base_model, config)
-        model.load_added_state_dict(tensors, where=str(weights_path))
-        return model
-
-    @classmethod
-    def from_trainer_checkpoint(cls, base_model: nn.Module, directory: Path,
-                                config: Optional[MethodConfig]) -> "PolyModel":
-        """A checkpoint a plain transformers.Trainer wrote: the whole PolyModel's state dict, every name checked."""
-        path = directory / TRAINER_WEIGHTS_NAME
-        if config is None:
-            raise ConfigError(f"{directory} is a transformers.Trainer checkpoint ({TRAINER_WEIGHTS_NAME}, no "
-                              f"{CONFIG_NAME}): pass config= (the config the model was wrapped with), or train with "
-                              "pp.PolyTrainer, whose checkpoints hold their config")
-        model = cls(base_model, config)
-        tensors, _ = read_safetensors(path)
-        check_finite(tensors, f"{path}: refused")
-        result = model.load_state_dict(tensors, strict=False)
-        if result.missing_keys or result.unexpected_keys:
-            raise ConfigError(f"{path} does not fit this model wrapped with {type(config).__name__}: missing "
-                              f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
-        return model
-
-    # ---- PEFT's names: export, Hub, conveniences -------------------------------------------------
     adapters_disabled = False  # set by disable_adapter() for its block
     merge_snapshot = MergeSnapshot([])  # replaced by merge()
-
-    def export_lora(self, directory: str | Path, src_lang: Optional[str] = None, tgt_lang: Optional[str] = None,
-                    lang: Optional[str] = None, route: Optional[str] = None, **options: Any) -> Path:
-        """One route as a PEFT LoRA adapter folder (see core/export.py)."""
-        from .export import export_lora
-
-        return export_lora(self, directory, src_lang, tgt_lang, lang, route, **options)
-
-    def export_lora_routes(self, directory: str | Path, pairs: Optional[list[tuple[str, str]]] = None,
-                           **options: Any) -> Path:
-        """Every route as a PEFT LoRA adapter, plus routes.json with the vLLM and LoRAX command lines."""
-        from .export import export_lora_routes
-
-        return export_lora_routes(self, directory, pairs, **options)
-
-    def push_to_hub(self, repo_id: str, **options: Any) -> Any:
-        """Upload only the adapter files and the model card to the Hub repo `repo_id`."""
-        from .hub import push_to_hub
-
-        return push_to_hub(self, repo_id, **options)
-
-    def disable_adapter(self) -> contextlib.AbstractContextManager:
-        """`with model.disable_adapter():` the base model's exact outputs, on this same object."""
-        return adapters_disabled(self)
-
-    def unload(self) -> nn.Module:
-        """The original base model without routes (nothing merged); this PolyModel is spent afterwards."""
-        return unload(self)
-
-    def get_base_model(self) -> nn.Module:
-        return self.base_model
-
-    def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        return trainable_parameter_counts(self)
-
-    def print_trainable_parameters(self) -> None:
-        trainable, total = trainable_parameter_counts(self)
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
-
-    def set_adapter(self, *args: Any, **kwargs: Any) -> None:
-        raise refuse("set_adapter")
-
-    def load_adapter(self, *args: Any, **kwargs: Any) -> None:
-        raise refuse("load_adapter")
-
-    def add_adapter(self, *args: Any, **kwargs: Any) -> None:
-        raise refuse("add_adapter")
 
 
 def added_parameters(layer: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -382,7 +265,7 @@ def forward_with_signature_of(base_model: nn.Module) -> Callable:
     """PolyModel.forward under the base model's signature plus the route arguments (tools that read a
     model's signature, such as Trainer's unused-column removal, then see the real inputs)."""
     def forward(self, *args, **kwargs):
-        return PolyModel.forward(self, *args, **kwargs)
+        return RoutedModel.forward(self, *args, **kwargs)
 
     try:
         base = inspect.signature(base_model.forward)
@@ -407,40 +290,3 @@ def batch_size_of(args: tuple, kwargs: dict) -> Optional[int]:
     if args and isinstance(args[0], torch.Tensor):
         return int(args[0].shape[0])
     return None
-
-
-def base_model_identity(base_model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, Any]:
-    config = getattr(base_model, "config", None)
-    return {
-        "class": type(base_model).__name__,
-        "name_or_path": getattr(config, "_name_or_path", None) or None,
-        # The layer's own (out, in): a quantized weight is packed, so its shape would not match an unquantized base.
-        "targets": {name: list(layer_shape(layer.base_layer)) for name, layer in layers.items()},
-    }
-
-
-def check_base_fits(base_model: nn.Module, config: MethodConfig, saved: dict, where: Path) -> None:
-    """Refuse, naming every difference, a base model whose target names or shapes differ from the saved one."""
-    targets = find_targets(base_model, config.target_modules, accept_conv1d=config.method in CONV1D_METHODS)
-    found = {name: list(layer_shape(linear)) for name, linear in targets}
-    expected = saved.get("targets", {})
-    missing = sorted(set(expected) - set(found))
-    extra = sorted(set(found) - set(expected))
-    reshaped = [f"{n}: saved {expected[n]}, model {found[n]}" for n in sorted(set(found) & set(expected)) if found[n] != expected[n]]
-    if missing or extra or reshaped:
-        parts = []
-        if missing:
-            parts.append(f"modules missing from this model: {missing[:5]}")
-        if extra:
-            parts.append(f"modules this model has but the save does not: {extra[:5]}")
-        if reshaped:
-            parts.append(f"shapes differ: {reshaped[:5]}")
-        raise ConfigError(
-            f"{where} was saved for a {saved.get('class')} ({saved.get('name_or_path')}) and does not fit this "
-            f"{type(base_model).__name__}: " + "; ".join(parts)
-        )
-
-
-def wrap(model: nn.Module, config: MethodConfig) -> PolyModel:
-    """Wrap `model` in place with the routed layers `config` describes."""
-    return PolyModel(model, config)

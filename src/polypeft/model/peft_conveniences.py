@@ -5,15 +5,13 @@ Calls that would mean something else here raise an error saying what to do inste
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 from torch import nn
 
-from .inject import get_parent, restore_base_layers
-from .languages import LanguageError
-
-if TYPE_CHECKING:
-    from .model import PolyModel
+from ..core.inject import get_parent, restore_base_layers
+from ..core.languages import LanguageError
+from .routed_model import RoutedModel
 
 
 class UnsupportedCallError(TypeError):
@@ -34,19 +32,11 @@ def refuse(call: str) -> UnsupportedCallError:
     return UnsupportedCallError(f"PolyModel.{call}() is not supported: {INSTEAD[call]}")
 
 
-def check_not_spent(poly: "PolyModel", action: str) -> None:
-    if not poly.routed_layers:
-        raise LanguageError(
-            f"cannot {action}: this PolyModel was spent by merge_and_unload() or unload(), which gave its base "
-            "model back; use the returned model, or build a new PolyModel (pp.wrap or PolyModel.from_pretrained)"
-        )
-
-
 @contextmanager
-def adapters_disabled(poly: "PolyModel") -> Iterator[None]:
+def adapters_disabled(poly: RoutedModel) -> Iterator[None]:
     """The plain base layers stand in for the routed ones for the block, on the same object (so for every
     thread that uses the model meanwhile)."""
-    check_not_spent(poly, "disable the adapters")
+    poly.check_not_spent("disable the adapters")
     if poly.merged_route is not None:
         raise LanguageError(
             f"route {poly.merged_route_codes} is merged into the base weights, so the base model's outputs are "
@@ -66,16 +56,16 @@ def adapters_disabled(poly: "PolyModel") -> Iterator[None]:
         poly.adapters_disabled = False
 
 
-def unload(poly: "PolyModel") -> nn.Module:
+def unload(poly: RoutedModel) -> nn.Module:
     """The base model with its original layers and weights (any merged route taken out first)."""
-    check_not_spent(poly, "unload")
+    poly.check_not_spent("unload")
     poly.unmerge()
     restore_base_layers(poly.base_model, poly.routed_layers)
     poly.routed_layers = {}
     return poly.base_model
 
 
-def trainable_parameter_counts(poly: "PolyModel") -> tuple[int, int]:
+def trainable_parameter_counts(poly: RoutedModel) -> tuple[int, int]:
     """(trainable, all) parameters, as PEFT's get_nb_trainable_parameters counts them."""
     parameters = list(poly.parameters())
     return sum(p.numel() for p in parameters if p.requires_grad), sum(p.numel() for p in parameters)

@@ -9,14 +9,14 @@ from typing import Optional
 
 import torch
 
-from .languages import LanguageError
-from .model import PolyModel
+from ..core.languages import LanguageError
+from .routed_model import RoutedModel
 
 
-def routed_model(model: torch.nn.Module) -> Optional[PolyModel]:
+def routed_model(model: torch.nn.Module) -> Optional[RoutedModel]:
     """The PolyModel inside `model` (also under a DDP-style `.module`) when its layers read routes, else None."""
-    poly = model if isinstance(model, PolyModel) else getattr(model, "module", None)
-    if not isinstance(poly, PolyModel) or poly.poly_config.language_agnostic:
+    poly = model if isinstance(model, RoutedModel) else getattr(model, "module", None)
+    if not isinstance(poly, RoutedModel) or poly.poly_config.language_agnostic:
         return None
     return poly
 

@@ -7,18 +7,16 @@ from __future__ import annotations
 import re
 import shlex
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from .. import __version__
-from .fileio import write_json, write_safetensors
-from .anatomy import is_encoder_decoder
-from .languages import SHARED, LanguageError
+from ..core.anatomy import is_encoder_decoder
+from ..core.fileio import write_json, write_safetensors
+from ..core.languages import SHARED, LanguageError
+from .routed_model import RoutedModel
 from .trainable import saved_module_tensors
-
-if TYPE_CHECKING:
-    from .model import PolyModel
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -27,12 +25,6 @@ PEFT_PREFIX = "base_model.model."
 LORA_FACTORS = ("lora_A", "lora_B")
 # The ranks vLLM accepts for --max-lora-rank; a route's rank is rounded up to the next one.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-
-NOT_LOW_RANK = {
-    "switch": "its experts are full-rank FFN copies chosen per token, not a low-rank update per language",
-    "clsr": "its language routes are full-rank (d x d) weights mixed in by a gate",
-    "ls_ffn": "its language routes are full-rank copies of each FFN linear",
-}
 
 # Base model class name endings -> PEFT task_type (decides which PeftModel subclass wraps the base).
 TASK_TYPES = (
@@ -63,18 +55,20 @@ def task_type_of(base_model: torch.nn.Module) -> str:
     return "SEQ_2_SEQ_LM" if is_encoder_decoder(base_model) else "FEATURE_EXTRACTION"
 
 
-def check_low_rank(poly: "PolyModel") -> None:
-    method = poly.poly_config.method
-    if method in NOT_LOW_RANK:
-        raise ExportError(
-            f"method {method!r} cannot be exported as a LoRA adapter: {NOT_LOW_RANK[method]}. Only LMS and "
-            "LoRA routes are low-rank; serve one route of this model with merge_and_unload(src=..., tgt=...)"
-        )
+def check_low_rank(poly: RoutedModel) -> None:
+    """Every routed layer must have LoRA factors: a layer whose `lora_factors` is None has no low-rank form."""
     if not poly.routed_layers:
         raise ExportError("this PolyModel was spent by merge_and_unload() or unload(): it has no routes to export")
+    full_rank = sorted({type(layer).__name__ for layer in poly.routed_layers.values() if layer.lora_factors((0, 0)) is None})
+    if full_rank:
+        raise ExportError(
+            f"method {poly.poly_config.method!r} cannot be exported as a LoRA adapter: its {', '.join(full_rank)} "
+            "layers hold no low-rank update (full-rank weights, experts or gates). Serve one route of this model "
+            "with merge_and_unload(src=..., tgt=...) where the method can merge"
+        )
 
 
-def lora_scale(poly: "PolyModel") -> tuple[int, float]:
+def lora_scale(poly: RoutedModel) -> tuple[int, float]:
     """(r, lora_alpha): LMS adds V F unscaled, so alpha = r; the LoRA baseline keeps its own alpha."""
     config = poly.poly_config
     return config.rank, float(getattr(config, "alpha", config.rank))
@@ -88,7 +82,7 @@ def route_factors(layer: torch.nn.Module, route: tuple[int, int]) -> tuple[torch
     raise ExportError(f"{layer.layer_name}: a {type(layer).__name__} has no LoRA factors to export")
 
 
-def short_target_names(poly: "PolyModel") -> list[str]:
+def short_target_names(poly: RoutedModel) -> list[str]:
     """PEFT's target_modules: last name parts when they select exactly the routed layers, else full names."""
     routed = set(poly.routed_layers)
     endings = sorted({name.rsplit(".", 1)[-1] for name in routed})
@@ -96,7 +90,7 @@ def short_target_names(poly: "PolyModel") -> list[str]:
     return endings if selected == routed else sorted(routed)
 
 
-def adapter_config(poly: "PolyModel", base_model_name_or_path: Optional[str] = None) -> dict:
+def adapter_config(poly: RoutedModel, base_model_name_or_path: Optional[str] = None) -> dict:
     """The adapter_config.json PEFT, vLLM and LoRAX read for these routed layers."""
     rank, alpha = lora_scale(poly)
     name = base_model_name_or_path or getattr(getattr(poly.base_model, "config", None), "_name_or_path", None)
@@ -123,7 +117,7 @@ def adapter_config(poly: "PolyModel", base_model_name_or_path: Optional[str] = N
     }
 
 
-def peft_tensors(poly: "PolyModel", route: tuple[int, int]) -> dict[str, torch.Tensor]:
+def peft_tensors(poly: RoutedModel, route: tuple[int, int]) -> dict[str, torch.Tensor]:
     tensors = {}
     for name, layer in poly.routed_layers.items():
         lora_a, lora_b = route_factors(layer, route)
@@ -135,7 +129,7 @@ def peft_tensors(poly: "PolyModel", route: tuple[int, int]) -> dict[str, torch.T
 
 
 def write_adapter(
-    poly: "PolyModel", directory: str | Path, route: tuple[int, int], base_model_name_or_path: Optional[str] = None
+    poly: RoutedModel, directory: str | Path, route: tuple[int, int], base_model_name_or_path: Optional[str] = None
 ) -> Path:
     """Write one route as adapter_config.json + adapter_model.safetensors in `directory`."""
     directory = Path(directory)
@@ -147,7 +141,7 @@ def write_adapter(
 
 
 def route_ids(
-    poly: "PolyModel",
+    poly: RoutedModel,
     src_lang: Optional[str] = None,
     tgt_lang: Optional[str] = None,
     lang: Optional[str] = None,
@@ -177,7 +171,7 @@ def route_ids(
 
 
 def export_lora(
-    poly: "PolyModel",
+    poly: RoutedModel,
     directory: str | Path,
     src_lang: Optional[str] = None,
     tgt_lang: Optional[str] = None,
@@ -191,7 +185,7 @@ def export_lora(
 
 
 def routes_to_export(
-    poly: "PolyModel", pairs: Optional[Sequence[tuple[str, str]]] = None
+    poly: RoutedModel, pairs: Optional[Sequence[tuple[str, str]]] = None
 ) -> list[tuple[str, tuple[int, int]]]:
     """(name, route ids) of every route: one per language (language-wise), every pair or `pairs` (pair-wise)."""
     config, registry = poly.poly_config, poly.registry
@@ -235,7 +229,7 @@ def serving_commands(base: str, adapters: dict[str, Path], rank: int) -> dict[st
 
 
 def export_lora_routes(
-    poly: "PolyModel",
+    poly: RoutedModel,
     directory: str | Path,
     pairs: Optional[Sequence[tuple[str, str]]] = None,
     base_model_name_or_path: Optional[str] = None,

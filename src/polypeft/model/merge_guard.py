@@ -10,7 +10,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .routed import RoutedLinear
+from ..core.routed import RoutedLinear
 
 
 def subtracts_delta(layer: nn.Module) -> bool:

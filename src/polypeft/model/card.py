@@ -7,15 +7,14 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
-if TYPE_CHECKING:
-    from .model import PolyModel
+from .routed_model import RoutedModel
 
 CARD_NAME = "README.md"
 
 
-def front_matter(poly: "PolyModel") -> str:
+def front_matter(poly: RoutedModel) -> str:
     base = getattr(getattr(poly.base_model, "config", None), "_name_or_path", None)
     # The Hub checks `language` against ISO 639 codes; other codes stay in the body only.
     iso_codes = [code for code in poly.registry.languages if re.fullmatch(r"[a-z]{2,3}", code)]
@@ -28,7 +27,7 @@ def front_matter(poly: "PolyModel") -> str:
     return "\n".join(lines + ["---"])
 
 
-def route_lines(poly: "PolyModel") -> list[str]:
+def route_lines(poly: RoutedModel) -> list[str]:
     config = poly.poly_config
     if config.language_agnostic:
         return ["One language-agnostic route: the model runs with or without `src_lang=`/`tgt_lang=`."]
@@ -43,7 +42,7 @@ def route_lines(poly: "PolyModel") -> list[str]:
     return lines
 
 
-def model_card(poly: "PolyModel", results: Optional[dict[str, Any]] = None) -> str:
+def model_card(poly: RoutedModel, results: Optional[dict[str, Any]] = None) -> str:
     """Markdown with Hub front matter; `results` (any JSON-able mapping) appear as a table and as JSON."""
     config = poly.poly_config
     base = getattr(getattr(poly.base_model, "config", None), "_name_or_path", None) or "(not recorded)"

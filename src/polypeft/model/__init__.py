@@ -1,0 +1,1 @@
+"""PolyModel and its files: a base model with routed layers, its save format, PEFT export, Hub and card."""

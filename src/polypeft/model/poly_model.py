@@ -1,0 +1,127 @@
+"""PolyModel: the routed model with its files: save and load, PEFT export, the Hub, PEFT's everyday calls.
+
+One save format for every method; `wrap` is how a user makes one.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from ..core.config import ConfigError, MethodConfig
+from ..core.fileio import copy_matching
+from ..core.finite import check_finite
+from ..methods.registry import config_from_dict
+from .export import export_lora, export_lora_routes
+from .hub import push_to_hub, read_save_config, resolve_save
+from .peft_conveniences import adapters_disabled, refuse, trainable_parameter_counts, unload
+from .routed_model import RoutedModel
+from .savefiles import (CONFIG_NAME, TRAINER_WEIGHTS_NAME, check_base_class, check_base_fits, read_safetensors,
+                        read_weights, write_save)
+
+
+class PolyModel(RoutedModel):
+    """Wraps any torch model; `model(**batch, src_lang=..., tgt_lang=...)` routes every example."""
+
+    def save_pretrained(self, directory: str | Path, results: Optional[dict[str, Any]] = None) -> Path:
+        """A JSON config, a safetensors file of only the added parameters (PEFT's own files for the LoRA baseline)
+        and a model card (README.md) that lists `results` when given. Under FSDP every rank calls it: sharded
+        weights are gathered."""
+        return write_save(self, Path(directory), results)
+
+    def load_added_state_dict(self, tensors: dict[str, torch.Tensor], where: str) -> None:
+        """Copy saved added weights into this model; every name and shape must match (`where` names the file)."""
+        copy_matching(self.added_state_dict(), tensors, where)
+
+    @classmethod
+    def from_pretrained(
+        cls, base_model: nn.Module, name_or_path: str | Path, revision: Optional[str] = None,
+        config: Optional[MethodConfig] = None, **hub_options: Any
+    ) -> "PolyModel":
+        """Rebuild the routed layers on `base_model` and load their weights from a save folder or a Hub repo id
+        (`revision`, `cache_dir`, `token` go to huggingface_hub); refuse a base that differs. A plain
+        transformers.Trainer checkpoint (the whole model's state, no polypeft config) loads with `config=`."""
+        directory = resolve_save(name_or_path, revision, **hub_options)
+        config_path = directory / CONFIG_NAME
+        if not config_path.is_file() and (directory / TRAINER_WEIGHTS_NAME).is_file():
+            return cls.from_trainer_checkpoint(base_model, directory, config)
+        saved = read_save_config(directory)
+        saved_config = config_from_dict(saved["config"], where=str(config_path))
+        if config is not None and config.to_dict() != saved_config.to_dict():
+            raise ConfigError(f"config= differs from the one saved in {config_path} ({saved_config}); a polypeft save "
+                              "carries its own config: leave config= out")
+        config = saved_config
+        check_base_fits(base_model, config, saved["base_model"], config_path)
+        check_base_class(base_model, saved["base_model"], config_path)
+        tensors, weights_path = read_weights(config, directory)
+        model = cls(base_model, config)
+        model.load_added_state_dict(tensors, where=str(weights_path))
+        return model
+
+    @classmethod
+    def from_trainer_checkpoint(cls, base_model: nn.Module, directory: Path,
+                                config: Optional[MethodConfig]) -> "PolyModel":
+        """A checkpoint a plain transformers.Trainer wrote: the whole PolyModel's state dict, every name checked."""
+        path = directory / TRAINER_WEIGHTS_NAME
+        if config is None:
+            raise ConfigError(f"{directory} is a transformers.Trainer checkpoint ({TRAINER_WEIGHTS_NAME}, no "
+                              f"{CONFIG_NAME}): pass config= (the config the model was wrapped with), or train with "
+                              "pp.PolyTrainer, whose checkpoints hold their config")
+        model = cls(base_model, config)
+        tensors, _ = read_safetensors(path)
+        check_finite(tensors, f"{path}: refused")
+        result = model.load_state_dict(tensors, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise ConfigError(f"{path} does not fit this model wrapped with {type(config).__name__}: missing "
+                              f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
+        return model
+
+    # ---- PEFT's names: export, Hub, conveniences -------------------------------------------------
+    def export_lora(self, directory: str | Path, src_lang: Optional[str] = None, tgt_lang: Optional[str] = None,
+                    lang: Optional[str] = None, route: Optional[str] = None, **options: Any) -> Path:
+        """One route as a PEFT LoRA adapter folder (see model/export.py)."""
+        return export_lora(self, directory, src_lang, tgt_lang, lang, route, **options)
+
+    def export_lora_routes(self, directory: str | Path, pairs: Optional[list[tuple[str, str]]] = None,
+                           **options: Any) -> Path:
+        """Every route as a PEFT LoRA adapter, plus routes.json with the vLLM and LoRAX command lines."""
+        return export_lora_routes(self, directory, pairs, **options)
+
+    def push_to_hub(self, repo_id: str, **options: Any) -> Any:
+        """Upload only the adapter files and the model card to the Hub repo `repo_id`."""
+        return push_to_hub(self, repo_id, **options)
+
+    def disable_adapter(self) -> contextlib.AbstractContextManager:
+        """`with model.disable_adapter():` the base model's exact outputs, on this same object."""
+        return adapters_disabled(self)
+
+    def unload(self) -> nn.Module:
+        """The original base model without routes (nothing merged); this PolyModel is spent afterwards."""
+        return unload(self)
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        return trainable_parameter_counts(self)
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = trainable_parameter_counts(self)
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    def set_adapter(self, *args: Any, **kwargs: Any) -> None:
+        raise refuse("set_adapter")
+
+    def load_adapter(self, *args: Any, **kwargs: Any) -> None:
+        raise refuse("load_adapter")
+
+    def add_adapter(self, *args: Any, **kwargs: Any) -> None:
+        raise refuse("add_adapter")
+
+
+def wrap(model: nn.Module, config: MethodConfig) -> PolyModel:
+    """Wrap `model` in place with the routed layers `config` describes."""
+    return PolyModel(model, config)
