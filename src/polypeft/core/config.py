@@ -5,6 +5,7 @@ MethodConfig holds what every method shares, including its declared traits; the 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 import types
@@ -271,12 +272,7 @@ def read_yaml_mapping(path: Any, what: str = "recipe") -> tuple[dict[str, Any], 
     """A YAML file's top-level mapping and the line of every key path in it; bad YAML is named by line."""
     import yaml
 
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{what} file {str(path)!r} does not exist") from None
-    except UnicodeDecodeError as error:
-        raise ConfigError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    text = read_text_file(path, what)
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -289,6 +285,25 @@ def read_yaml_mapping(path: Any, what: str = "recipe") -> tuple[dict[str, Any], 
     lines: dict[str, int] = {}
     key_lines(node, "", lines)
     return data, Source(str(path), lines)
+
+
+def read_text_file(path: Any, what: str = "config") -> str:
+    """A config file's text; a missing or undecodable file is a ConfigError naming it."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{what} file {str(path)!r} does not exist") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+
+
+def read_json_file(path: Any) -> Any:
+    """The JSON value of a file; a missing, undecodable or invalid file is a ConfigError naming it."""
+    text = read_text_file(path)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{path}: not valid JSON ({error})") from None
 
 
 def yaml_error_place(error: Exception) -> str:

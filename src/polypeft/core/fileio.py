@@ -53,18 +53,23 @@ def temporary_prefix(name: str) -> str:
     return f".{name}.{os.getpid()}."
 
 
-def creation_mode() -> int:
-    """The mode `open()` gives a new file under the current umask (mkstemp's files are 0600 whatever it is)."""
+def current_umask() -> int:
+    """The process's umask, read without changing it where /proc allows (changing it races other threads)."""
     try:
         with open("/proc/self/status", encoding="ascii") as status:
             for line in status:
                 if line.startswith("Umask:"):
-                    return 0o666 & ~int(line.split()[1], 8)
+                    return int(line.split()[1], 8)
     except (OSError, ValueError):
         pass
     mask = os.umask(0o022)  # no way to read it without setting it elsewhere: put it straight back
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
+
+
+def creation_mode() -> int:
+    """The mode `open()` gives a new file under the current umask (mkstemp's files are 0600 whatever it is)."""
+    return 0o666 & ~current_umask()
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
@@ -147,20 +152,20 @@ def process_start_time() -> float:
 _IMPORTED_AT = time.time()
 
 
-def _writer_alive(name: str) -> bool:
-    found = _WRITER_PID.search(name)
-    if found is None:
-        return False
-    pid = int(found.group(1))
-    if pid == os.getpid():
-        return False  # older than this process, so not this process's file: a reused pid
+def is_stale(entry: Path, started: float) -> bool:
+    """A leftover no one is writing: its writer's pid (in its name) is dead, or it names no other process and is
+    older than this one (a file of this process's own pid and newer than it may be another thread's)."""
+    found = _WRITER_PID.search(entry.name)
+    pid = int(found.group(1)) if found else None
+    if pid is None or pid == os.getpid():
+        return entry.lstat().st_mtime < started
     try:
         os.kill(pid, 0)
     except (ProcessLookupError, OverflowError):  # no such process, or a number no pid can be
-        return False
-    except OSError:  # alive, but another user's
         return True
-    return True
+    except OSError:  # alive, but another user's
+        return False
+    return False
 
 
 def is_temporary(name: str, patterns: Iterable[str] = ATOMIC_TEMPORARIES) -> bool:
@@ -169,8 +174,8 @@ def is_temporary(name: str, patterns: Iterable[str] = ATOMIC_TEMPORARIES) -> boo
 
 
 def remove_stale_temporaries(directory: str | os.PathLike, patterns: Iterable[str] = ATOMIC_TEMPORARIES) -> list[Path]:
-    """Delete entries of `directory` matching `patterns` that a killed run left: older than this process
-    and not held by a live writer. Returns what was removed."""
+    """Delete entries of `directory` matching `patterns` that a killed writer left (see `is_stale`); a live
+    writer's are kept. Returns what was removed."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
@@ -180,7 +185,7 @@ def remove_stale_temporaries(directory: str | os.PathLike, patterns: Iterable[st
         if not is_temporary(entry.name, patterns):
             continue
         try:
-            stale = entry.lstat().st_mtime < started and not _writer_alive(entry.name)
+            stale = is_stale(entry, started)
             if stale and entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)
             elif stale:

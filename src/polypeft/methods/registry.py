@@ -4,11 +4,10 @@ It lives above the core, so the core never names a method; importing it imports 
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Union
 
-from ..core.config import ConfigError, MethodConfig, Source, build, source_of
+from ..core.config import ConfigError, MethodConfig, Source, build, read_json_file, source_of
 
 
 @dataclass(frozen=True)
@@ -42,16 +41,16 @@ def method_entry(name: Any, where: str = "config") -> MethodEntry:
 
 
 def config_from_dict(data: Mapping[str, Any], where: Union[str, Source] = "config") -> MethodConfig:
-    """Rebuild a config from its JSON form; unknown methods or keys are refused by name."""
+    """Rebuild a config from its JSON form; unknown methods or keys, or a value that is no mapping, are refused
+    by name."""
+    place = source_of(where).where() or "config"
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{place}: expected a method config (a mapping with 'method' and its fields, e.g. "
+                          f'{{"method": "lms", "languages": ["en", "de"]}}), got {type(data).__name__} {data!r}')
     data = dict(data)
     method = data.pop("method", None)
-    return build(method_entry(method, source_of(where).where() or "config").config_class, data, where)
+    return build(method_entry(method, place).config_class, data, where)
 
 
 def load_config_file(path: str) -> MethodConfig:
-    with open(path, encoding="utf-8") as handle:
-        try:
-            data = json.load(handle)
-        except json.JSONDecodeError as error:
-            raise ConfigError(f"{path}: not valid JSON ({error})") from None
-    return config_from_dict(data, where=str(path))
+    return config_from_dict(read_json_file(path), where=str(path))

@@ -13,8 +13,10 @@ import torch
 
 from .. import __version__
 from ..core.anatomy import is_encoder_decoder
-from ..core.fileio import write_json, write_safetensors
+from ..core.config import read_json_file
+from ..core.fileio import is_temporary, write_json, write_safetensors
 from ..core.languages import SHARED, LanguageError
+from ..core.transaction import folder_transaction
 from .routed_model import RoutedModel
 from .trainable import saved_module_tensors
 
@@ -25,6 +27,7 @@ PEFT_PREFIX = "base_model.model."
 LORA_FACTORS = ("lora_A", "lora_B")
 # The ranks vLLM accepts for --max-lora-rank; a route's rank is rounded up to the next one.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+MAX_NAME_BYTES = 255  # the longest file name most file systems allow
 
 # Base model class name endings -> PEFT task_type (decides which PeftModel subclass wraps the base).
 TASK_TYPES = (
@@ -181,7 +184,12 @@ def export_lora(
 ) -> Path:
     """One route as a PEFT LoRA adapter; `peft.PeftModel.from_pretrained(base, directory)` runs it."""
     check_low_rank(poly)
-    return write_adapter(poly, directory, route_ids(poly, src_lang, tgt_lang, lang, route), base_model_name_or_path)
+    route_pair = route_ids(poly, src_lang, tgt_lang, lang, route)
+    # One transaction: the adapter's weights never stand beside another export's config; other files stay.
+    adapter_files = (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME)
+    with folder_transaction(directory, keep=lambda name: name not in adapter_files) as staging:
+        write_adapter(poly, staging, route_pair, base_model_name_or_path)
+    return Path(directory)
 
 
 def routes_to_export(
@@ -202,8 +210,9 @@ def routes_to_export(
     named = []
     for src, tgt in chosen:
         name = src if src == tgt else f"{src}-{tgt}"
-        if not re.fullmatch(r"[\w.\-]+", name) or name in (".", ".."):
-            raise ExportError(f"route {src}->{tgt} gives the adapter name {name!r}, which is not a safe folder name")
+        if not re.fullmatch(r"[\w.\-]+", name) or name in (".", "..") or len(name.encode()) > MAX_NAME_BYTES:
+            raise ExportError(f"route {src}->{tgt} gives the adapter name {name!r}, which is not a safe folder name "
+                              f"(letters, digits, '_', '.', '-'; at most {MAX_NAME_BYTES} bytes)")
         named.append((name, route_ids(poly, src, tgt)))
     names = [name for name, _ in named]
     duplicated = sorted({name for name in names if names.count(name) > 1})
@@ -237,15 +246,26 @@ def export_lora_routes(
     """Every route as its own adapter folder, plus routes.json: the index and the serving command lines."""
     check_low_rank(poly)
     directory = Path(directory).resolve()
+    routes = routes_to_export(poly, pairs)
+    check_earlier_export(directory)
     base = base_model_name_or_path or adapter_config(poly)["base_model_name_or_path"] or "<base model>"
     adapters, entries = {}, []
-    for name, route in routes_to_export(poly, pairs):
-        write_adapter(poly, directory / name, route, base_model_name_or_path)
-        adapters[name] = directory / name
-        src, tgt = (poly.registry.code_of(i) for i in route)
-        entries.append({"name": name, "path": name, "src_lang": src, "tgt_lang": tgt})
+    # One transaction: routes.json never lists adapters of two exports, and an earlier export's adapters that
+    # this one does not write (pairs before, languages now) go with it; nothing is written through its links.
+    with folder_transaction(directory) as staging:
+        for name, route in routes:
+            write_adapter(poly, staging / name, route, base_model_name_or_path)
+            adapters[name] = directory / name
+            src, tgt = (poly.registry.code_of(i) for i in route)
+            entries.append({"name": name, "path": name, "src_lang": src, "tgt_lang": tgt})
+        write_json(staging / INDEX_NAME, routes_index(poly, base, entries, adapters))
+    return directory / INDEX_NAME
+
+
+def routes_index(poly: RoutedModel, base: str, entries: list[dict], adapters: dict[str, Path]) -> dict:
+    """routes.json: what was exported, from which model, and the command lines that serve it."""
     rank, alpha = lora_scale(poly)
-    index = {
+    return {
         "polypeft_version": __version__,
         "method": poly.poly_config.method,
         "synthesis": getattr(poly.poly_config, "synthesis", None),
@@ -258,4 +278,27 @@ def export_lora_routes(
         "routes": entries,
         "commands": serving_commands(base, adapters, rank),
     }
-    return write_json(directory / INDEX_NAME, index)
+
+
+def check_earlier_export(directory: Path) -> None:
+    """An export replaces its whole folder, so the folder must hold nothing but an earlier export: the entries
+    its routes.json lists, or adapter folders. Anything else is the user's and is refused, never removed."""
+    if not directory.is_dir():
+        return
+    listed: set[str] = {INDEX_NAME}
+    if (directory / INDEX_NAME).is_file():
+        index = read_json_file(directory / INDEX_NAME)
+        routes = index.get("routes") if isinstance(index, dict) else None
+        if not isinstance(routes, list):
+            raise ExportError(f"{directory / INDEX_NAME} is not an export's index (no list of routes); an export "
+                              "replaces its whole folder: export into an empty folder or an earlier export's")
+        listed |= {str(entry.get("path")) for entry in routes if isinstance(entry, dict)}
+    foreign = sorted(entry.name for entry in directory.iterdir() if not is_temporary(entry.name)
+                     and entry.name not in listed and not is_adapter_folder(entry))
+    if foreign:
+        raise ExportError(f"{directory} holds {foreign[:5]}, which no earlier export wrote; an export replaces its "
+                          "whole folder, so it is refused here: export into an empty folder or an earlier export's")
+
+
+def is_adapter_folder(entry: Path) -> bool:
+    return entry.is_dir() and not entry.is_symlink() and (entry / ADAPTER_CONFIG_NAME).is_file()

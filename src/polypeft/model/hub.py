@@ -4,19 +4,14 @@ A local folder always wins over a Hub id of the same spelling; downloads go thro
 """
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
-from ..core.config import ConfigError, MethodConfig
+from ..core.config import ConfigError, MethodConfig, read_json_file
 from ..methods.registry import config_from_dict, load_config_file
-from .card import CARD_NAME
-from .export import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
 from .routed_model import RoutedModel
-from .savefiles import CONFIG_NAME, TRAINER_WEIGHTS_NAME, WEIGHTS_NAME, write_save
-
-SAVE_FILES = (CONFIG_NAME, WEIGHTS_NAME, ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, CARD_NAME)
+from .savefiles import CONFIG_NAME, SAVE_FILES, TRAINER_WEIGHTS_NAME, write_save
 
 
 def hub_errors() -> tuple[type, ...]:
@@ -55,13 +50,16 @@ def read_save_config(directory: Path) -> dict[str, Any]:
     config_path = directory / CONFIG_NAME
     if not config_path.exists():
         raise FileNotFoundError(f"{config_path} not found: is {directory} a polypeft save directory?")
-    try:
-        saved = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ConfigError(f"{config_path}: not valid JSON ({error})") from None
+    saved = read_json_file(config_path)
+    expected = "a JSON object with keys config (the method config), base_model and polypeft_version"
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{config_path}: expected {expected}, got {type(saved).__name__} {saved!r}")
     unknown = sorted(set(saved) - {"polypeft_version", "config", "base_model"})
     if unknown:
         raise ConfigError(f"{config_path}: unknown keys {unknown}; allowed: config, base_model, polypeft_version")
+    for key in ("config", "base_model"):
+        if not isinstance(saved.get(key), dict):
+            raise ConfigError(f"{config_path}: {key}={saved.get(key)!r}; expected a JSON object ({expected})")
     return saved
 
 
@@ -69,9 +67,8 @@ def load_config(name_or_path: str | Path, revision: Optional[str] = None, **down
     """The method config of a save folder, a Hub repo id, or a config JSON file."""
     path = Path(name_or_path)
     if path.is_file():
-        data = json.loads(path.read_text(encoding="utf-8")) if path.name == CONFIG_NAME else None
-        if isinstance(data, dict) and "config" in data:
-            return config_from_dict(data["config"], where=str(path))
+        if path.name == CONFIG_NAME:
+            return config_from_dict(read_save_config(path.parent)["config"], where=str(path))
         return load_config_file(str(path))
     directory = resolve_save(name_or_path, revision, **download_options)
     return config_from_dict(read_save_config(directory)["config"], where=str(directory / CONFIG_NAME))

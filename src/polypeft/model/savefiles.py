@@ -1,6 +1,5 @@
-"""The files of a polypeft save (config, weights, card), and the checks that a load matches what was saved.
-
-Language order, base class and target shapes travel with the weights, so a load never silently swaps them.
+"""The files of a polypeft save (config, weights, card), written as one folder transaction, and the checks that
+a load matches them: the config that built the weights travels inside the weights file, so nothing is swapped.
 """
 from __future__ import annotations
 
@@ -18,6 +17,7 @@ from ..core.fileio import write_json, write_safetensors, write_text
 from ..core.inject import find_targets
 from ..core.languages import LanguageError
 from ..core.routed import layer_shape
+from ..core.transaction import folder_transaction
 from .card import CARD_NAME, model_card
 from .export import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, LORA_FACTORS, PEFT_PREFIX, adapter_config
 from .routed_model import RoutedModel
@@ -27,6 +27,8 @@ WEIGHTS_NAME = "polypeft_model.safetensors"
 TRAINER_WEIGHTS_NAME = "model.safetensors"  # what transformers.Trainer writes for a model it does not know
 LANGUAGES_KEY = "polypeft_languages"
 BASE_CLASS_KEY = "polypeft_base_class"
+CONFIG_KEY = "polypeft_config"  # the config that built the weights, as JSON
+SAVE_FILES = (CONFIG_NAME, WEIGHTS_NAME, ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, CARD_NAME)
 
 
 def weights_metadata(poly: RoutedModel) -> dict[str, str]:
@@ -35,6 +37,7 @@ def weights_metadata(poly: RoutedModel) -> dict[str, str]:
         "polypeft_version": __version__,
         LANGUAGES_KEY: json.dumps(poly.registry.allowed()),
         BASE_CLASS_KEY: type(poly.base_model).__name__,
+        CONFIG_KEY: json.dumps(poly.poly_config.to_dict(), sort_keys=True),
     }
 
 
@@ -59,17 +62,20 @@ def write_weights(poly: RoutedModel, directory: Path) -> Path:
 
 
 def write_save(poly: RoutedModel, directory: Path, results: Optional[dict[str, Any]] = None) -> Path:
-    """The config JSON, the added weights and the model card (listing `results` when given) in `directory`."""
+    """The config JSON, the added weights and the model card (listing `results` when given) in `directory`, as one
+    transaction: a reader or a killed writer never leaves new weights beside an old config; files that are not
+    part of a save stay in the folder."""
     poly.check_not_spent("save")
     if poly.merged_route is not None:
         raise LanguageError("unmerge() before saving: the saved base weights must stay plain")
-    write_weights(poly, directory)
-    write_json(directory / CONFIG_NAME, {
-        "polypeft_version": __version__,
-        "config": poly.poly_config.to_dict(),
-        "base_model": base_model_identity(poly.base_model, poly.routed_layers),
-    })
-    write_text(directory / CARD_NAME, model_card(poly, results))
+    with folder_transaction(directory, keep=lambda name: name not in SAVE_FILES) as staging:
+        write_weights(poly, staging)
+        write_json(staging / CONFIG_NAME, {
+            "polypeft_version": __version__,
+            "config": poly.poly_config.to_dict(),
+            "base_model": base_model_identity(poly.base_model, poly.routed_layers),
+        })
+        write_text(staging / CARD_NAME, model_card(poly, results))
     return directory
 
 
@@ -130,6 +136,7 @@ def read_weights(config: MethodConfig, directory: Path) -> tuple[dict[str, torch
         path = directory / WEIGHTS_NAME
         tensors, metadata = read_safetensors(path)
     check_language_order(metadata, config, path)
+    check_recorded_config(metadata, config, path)
     return tensors, path
 
 
@@ -142,7 +149,13 @@ def peft_to_polypeft_name(name: str) -> str:
 def check_language_order(metadata: dict[str, str], config: MethodConfig, path: Path) -> None:
     """Route i of the weights must be route i of the config: a reordered list would swap languages."""
     if LANGUAGES_KEY not in metadata:
-        return  # saved before polypeft recorded the order
+        if config.language_agnostic:
+            return  # one route for every language: there is no order to swap
+        raise ConfigError(
+            f"{path} does not record the language order of its routes (it was not written by polypeft's "
+            f"save_pretrained), so loading it with languages {list(config.languages)} could give each language "
+            "another's route; save the weights with PolyModel.save_pretrained"
+        )
     saved = json.loads(metadata[LANGUAGES_KEY])
     expected = list(config.languages) + (["shared"] if config.shared_route else [])
     if saved != expected:
@@ -150,6 +163,23 @@ def check_language_order(metadata: dict[str, str], config: MethodConfig, path: P
             f"{path} holds routes for languages {saved} in that order, but the config lists {expected}; "
             "loading would give each language another language's route. Restore the saved order in the config"
         )
+
+
+def check_recorded_config(metadata: dict[str, str], config: MethodConfig, path: Path) -> None:
+    """The config being loaded must be the one that built the weights: an edited synthesis, rank or target list
+    keeps the shapes (or not) but changes what every route means."""
+    if CONFIG_KEY not in metadata:
+        return  # saved before polypeft recorded its config; the language order was checked above
+    try:
+        recorded = json.loads(metadata[CONFIG_KEY])
+    except json.JSONDecodeError:
+        raise ConfigError(f"{path}: its record of the config that built it is not JSON; the file is damaged") from None
+    current = json.loads(json.dumps(config.to_dict(), sort_keys=True))  # tuples as lists, as in the record
+    differing = sorted(key for key in set(recorded) | set(current) if recorded.get(key) != current.get(key))
+    if differing:
+        pairs = "; ".join(f"{key}: weights {recorded.get(key)!r}, config {current.get(key)!r}" for key in differing)
+        raise ConfigError(f"{path} was built by another config than the one being loaded ({pairs}); the weights "
+                          "only mean what they meant under their own config: restore it")
 
 
 def check_base_class(base_model: nn.Module, saved: dict[str, Any], where: Path) -> None:
