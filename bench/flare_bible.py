@@ -14,8 +14,8 @@ import time
 import torch
 
 from polypeft.core.fileio import write_json
-from polypeft.methods.flare.recipe import TrainedRecipe, StageSettings, run_recipe, train_english_lora
-from polypeft.methods.flare.model import FLAREConfig
+from polypeft.experiments.flare_recipe import TrainedRecipe, StageSettings, run_recipe, train_english_lora
+from polypeft.methods.flare.layer import FLAREConfig
 from polypeft.backbones.e5 import QUERY_PREFIX, load_encoder
 from polypeft.experiments.bible_eval import SECTION_NAMES, verse_classification
 from polypeft.tasks.classification import classification_model

@@ -14,30 +14,32 @@ import time
 import torch
 from transformers import BertConfig, BertForSequenceClassification, MarianConfig, MarianMTModel
 
-from polypeft.methods.flare.recipe import concatenate_inputs
-from polypeft.methods.flare.model import FLAREConfig, FLAREModel
+import polypeft as pp
+from polypeft.experiments.flare_recipe import concatenate_inputs
+from polypeft.methods.flare.layer import FLAREConfig
 
 METHODS = ("lora", "flare_add_relu", "flare_add", "flare_mul", "flare_cross_attention", "flare_mt_add_relu",
            "input_fusion")
 
 
-def build(method: str, args: argparse.Namespace) -> FLAREModel:
+def build(method: str, args: argparse.Namespace) -> pp.PolyModel:
     torch.manual_seed(0)
     config = BertConfig(vocab_size=8000, hidden_size=args.hidden, num_hidden_layers=args.layers,
                         num_attention_heads=max(1, args.hidden // 64), intermediate_size=4 * args.hidden,
                         max_position_embeddings=4 * args.length, num_labels=3)
     base = BertForSequenceClassification(config)
+    head = {"rank": args.rank, "modules_to_save": ["classifier"]}  # the task head trains in full, as in the recipe
     if method in ("lora", "input_fusion"):
-        return FLAREModel(base, FLAREConfig(rank=args.rank, fusion=None))
+        return pp.wrap(base, FLAREConfig(**head, fusion=None))
     if method.startswith("flare_mt_"):
         mt = MarianMTModel(MarianConfig(vocab_size=8000, d_model=args.hidden, encoder_layers=args.layers,
                                         decoder_layers=1, encoder_attention_heads=max(1, args.hidden // 64),
                                         decoder_attention_heads=4, encoder_ffn_dim=4 * args.hidden,
                                         decoder_ffn_dim=4 * args.hidden, max_position_embeddings=4 * args.length,
                                         pad_token_id=0, decoder_start_token_id=0)).get_encoder().eval()
-        return FLAREModel(base, FLAREConfig(rank=args.rank, fusion=method[len("flare_mt_"):], source="mt_encoder"),
-                          mt_encoder=mt)
-    return FLAREModel(base, FLAREConfig(rank=args.rank, fusion=method[len("flare_"):]))
+        return pp.wrap(base, FLAREConfig(**head, fusion=method[len("flare_mt_"):], source="mt_encoder"),
+                       source_encoder=mt)
+    return pp.wrap(base, FLAREConfig(**head, fusion=method[len("flare_"):]))
 
 
 def make_batches(args: argparse.Namespace) -> tuple[dict, dict]:
@@ -50,8 +52,8 @@ def make_batches(args: argparse.Namespace) -> tuple[dict, dict]:
     return target, source
 
 
-def step_function(method: str, model: FLAREModel, target: dict, source: dict, train: bool):
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
+def step_function(method: str, model: pp.PolyModel, target: dict, source: dict, train: bool):
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     joined = concatenate_inputs(source, target).batch
 
     def run() -> None:

@@ -17,7 +17,7 @@ _EXPORTS = {
     ".data.sampling": ("TemperatureSampler", "temperature_probabilities"),
     ".data.spm": ("SpmTokenizer", "bible_spm", "train_spm"),
     ".tasks.translation.evaluate": ("score_directions", "translate", "win_ratio"),
-    ".methods.flare.recipe": ("TrainedRecipe", "run_recipe", "train_english_lora"),
+    ".experiments.flare_recipe": ("TrainedRecipe", "run_recipe", "train_english_lora"),
     ".core.anatomy": ("DEFAULT_FFN_TARGETS",),
     ".core.inject": ("TargetError",),
     ".interventions.capture": ("InterventionError",),
@@ -25,8 +25,7 @@ _EXPORTS = {
     ".interventions.search": ("search_layers",),
     ".core.languages": ("SHARED", "LanguageError", "LanguageRegistry", "Routes"),
     ".methods.clsr": ("CLSRConfig",),
-    ".methods.flare.model": ("FLAREConfig", "FLAREError", "FLAREModel"),
-    ".methods.flare.layer": ("LoRALinear",),
+    ".methods.flare.layer": ("FLAREConfig", "FLAREError"),
     ".methods.lora": ("LoRAConfig",),
     ".methods.ls_ffn": ("LSFFNConfig",),
     ".methods.switch": ("SwitchConfig",),
@@ -52,14 +51,14 @@ _EXPORTS = {
     ".tasks.hf_trainer": ("DataCollatorWithRoutes", "PolySeq2SeqTrainer", "PolyTrainer"),
 }
 # Public names that differ from the name in their module.
-_ALIASES = {"FLARE_RECIPES": (".methods.flare.recipe", "RECIPES"), "SEQ2SEQ_PRESETS": (".backbones.seq2seq", "PRESETS")}
+_ALIASES = {"FLARE_RECIPES": (".experiments.flare_recipe", "RECIPES"), "SEQ2SEQ_PRESETS": (".backbones.seq2seq", "PRESETS")}
 _MODULES = {"lens": ".interventions.lens"}
 _WHERE = {**{name: (module, name) for module, names in _EXPORTS.items() for name in names}, **_ALIASES}
 
 __all__ = ["BIBLE_VERSIONS", "BibleCorpus", "BibleSplit", "CLSRConfig", "ConfigError", "DEFAULT_FFN_TARGETS",
-    "DataCollatorWithRoutes", "ENGLISH_VERSIONS", "ExportError", "FLAREConfig", "FLAREError", "FLAREModel",
+    "DataCollatorWithRoutes", "ENGLISH_VERSIONS", "ExportError", "FLAREConfig", "FLAREError",
     "FLARE_RECIPES", "FinetuneSettings", "FuseDistillationLoss", "InterventionError", "LMSConfig", "LRP2",
-    "LSFFNConfig", "LanguageError", "LanguageRegistry", "LanguageVectors", "LoRAConfig", "LoRALinear",
+    "LSFFNConfig", "LanguageError", "LanguageRegistry", "LanguageVectors", "LoRAConfig",
     "MethodConfig", "NonFiniteError", "PASSAGE_PREFIX", "ParallelExample", "ParameterCounts", "PolyModel", "PolySeq2SeqTrainer",
     "PolyTrainer", "QUERY_PREFIX", "Routes", "SEQ2SEQ_PRESETS", "SHARED", "SpmTokenizer", "SwitchConfig",
     "TargetError", "TaskDataError", "TaskTrainingSettings", "TemperatureSampler", "TokenBudgetBatcher",

@@ -14,13 +14,13 @@ from .recipes import add_recipe_arguments, load_recipe
 if TYPE_CHECKING:
     import torch
 
-    from ..methods.flare.recipe import TrainedRecipe
+    from ..experiments.flare_recipe import TrainedRecipe
     from .flare_recipe import FlareDataBlock, FlareRecipe
 
 
 def read_yaml(path: str, pairs: Optional[list[str]] = None) -> "FlareRecipe":
     """The checked FLARE recipe of a YAML file (with `--set` pairs): every block typed, files and folder checked."""
-    from ..methods.flare.model import FLAREError
+    from ..methods.flare.layer import FLAREError
     from .flare_recipe import FlareRecipe
 
     return load_recipe(FlareRecipe, path, pairs, error_type=FLAREError)
@@ -28,7 +28,7 @@ def read_yaml(path: str, pairs: Optional[list[str]] = None) -> "FlareRecipe":
 
 def read_jsonl(path: str, needs_source: bool) -> list[dict[str, Any]]:
     """Examples from a JSONL file; a bad line is named by file and line number."""
-    from ..methods.flare.model import FLAREError
+    from ..methods.flare.layer import FLAREError
 
     examples = []
     needed = ("text", "source_text", "label") if needs_source else ("text", "label")
@@ -112,7 +112,7 @@ def load_models(recipe: "FlareRecipe", base_path: Optional[str] = None) -> tuple
 
 
 def train_command(args: argparse.Namespace) -> None:
-    from ..methods.flare.recipe import run_recipe
+    from ..experiments.flare_recipe import run_recipe
 
     recipe = read_yaml(args.config, getattr(args, "set", None))
     model, tokenizer, mt_encoder, mt_tokenizer = load_models(recipe)
@@ -127,17 +127,14 @@ def train_command(args: argparse.Namespace) -> None:
 def save_trained(trained: "TrainedRecipe", output_dir: str) -> None:
     """The stage-1 merged model in full, the stage-2 adapter alone, and which recipe made them."""
     from ..core.fileio import write_json
-    from ..core.inject import replace_targets, restore_base_layers
-    from ..methods.flare.model import FLAREModel
+    from ..model.poly_model import PolyModel
 
     os.makedirs(output_dir, exist_ok=True)
-    if isinstance(trained.model, FLAREModel):
+    if isinstance(trained.model, PolyModel):
         trained.model.save_pretrained(os.path.join(output_dir, "adapter"))
-        base = trained.model.base_model
-        # The merged stage-1 weights sit under the stage-2 wrappers; save them without the wrappers.
-        restore_base_layers(base, trained.model.lora_layers)
-        base.save_pretrained(os.path.join(output_dir, "stage1_merged"))
-        replace_targets(base, list(trained.model.lora_layers), lambda name, linear: trained.model.lora_layers[name])
+        # The merged stage-1 weights sit under the stage-2 layers; save them without those.
+        with trained.model.disable_adapter():
+            trained.model.base_model.save_pretrained(os.path.join(output_dir, "stage1_merged"))
     else:
         trained.model.save_pretrained(os.path.join(output_dir, "stage1_merged"))
     write_json(os.path.join(output_dir, "recipe.json"), {"recipe": trained.recipe})
@@ -147,8 +144,8 @@ def evaluate_command(args: argparse.Namespace) -> None:
     import torch
 
     from ..core.fileio import write_json
-    from ..methods.flare.model import FLAREModel
-    from ..methods.flare.recipe import TrainedRecipe
+    from ..experiments.flare_recipe import TrainedRecipe
+    from ..model.poly_model import PolyModel
 
     config = read_yaml(args.config, getattr(args, "set", None))
     output_dir = config.output_dir
@@ -156,7 +153,7 @@ def evaluate_command(args: argparse.Namespace) -> None:
         recipe = json.load(handle)["recipe"]
     model, tokenizer, mt_encoder, mt_tokenizer = load_models(config, os.path.join(output_dir, "stage1_merged"))
     if recipe != "zero_shot":
-        model = FLAREModel.from_pretrained(model, os.path.join(output_dir, "adapter"), mt_encoder=mt_encoder)
+        model = PolyModel.from_pretrained(model, os.path.join(output_dir, "adapter"), source_encoder=mt_encoder)
     trained = TrainedRecipe(recipe, model.eval(), tokenizer.pad_token_id or 0)
     data = Data(config, tokenizer, mt_tokenizer)
     correct = total = 0

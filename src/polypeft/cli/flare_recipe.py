@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Optional
 
 from ..core.config import PositiveInt, TypedConfig
-from ..methods.flare.model import FLAREConfig, FLAREError
-from ..methods.flare.recipe import RECIPES, StageSettings
+from ..experiments.flare_recipe import RECIPES, StageSettings
+from ..methods.flare.layer import FLAREConfig, FLAREError
 from .recipes import check_input_file, check_output_dir
 
 

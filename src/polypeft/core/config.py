@@ -53,6 +53,7 @@ NonNegativeInt = Annotated[int, Range(0)]
 PositiveFloat = Annotated[float, Range(0, low_open=True, text="positive")]
 NonNegativeFloat = Annotated[float, Range(0)]
 Fraction = Annotated[float, Range(0, 1, high_open=True)]
+UnitInterval = Annotated[float, Range(0, 1)]
 
 
 @dataclass(frozen=True)
@@ -361,6 +362,8 @@ class MethodConfig(TypedConfig):
     handles_conv1d: ClassVar[bool] = False
     # Saved as PEFT's own adapter files (a plain LoRA), so peft loads the save as it is.
     saves_as_peft: ClassVar[bool] = False
+    # Its forward takes `source_batch=`: a frozen pass over it first gives the layers an input (FLARE's English).
+    needs_source_pass: ClassVar[bool] = False
     languages: Sequence[str] = ()
     target_modules: Optional[Union[str, list[str]]] = None
     shared_route: bool = False
@@ -373,9 +376,19 @@ class MethodConfig(TypedConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        try:
+            self.check_shared_fields()
+        except ConfigError as error:
+            raise as_error_type(error, self.error_type) from None
+
+    def check_shared_fields(self) -> None:
+        """What the types cannot say about the shared fields: languages, targets, modules to save."""
         owner = type(self).__name__
-        if not self.languages:
+        if not self.languages and not self.language_agnostic:
             raise ConfigError(f"{owner}.languages is empty: give at least one language code")
+        if self.shared_route and self.language_agnostic:
+            raise ConfigError(f"{owner}.shared_route=True has no meaning: {owner} has one language-agnostic route "
+                              "and no language routes to distil; leave shared_route=False")
         empty = [code for code in self.languages if not code]
         if empty:
             raise ConfigError(f"{owner}.languages: {empty[0]!r} is not a non-empty string")
@@ -392,13 +405,3 @@ class MethodConfig(TypedConfig):
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **dataclasses.asdict(self)}
-
-
-def check_choice(owner: str, name: str, value: Any, allowed: Sequence[Any]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{owner}.{name}={value!r} is not allowed; choose one of {list(allowed)}")
-
-
-def check_positive(owner: str, name: str, value: Any, kind: type = int) -> None:
-    if not isinstance(value, kind) or isinstance(value, bool) or value <= 0:
-        raise ConfigError(f"{owner}.{name}={value!r} must be a positive {kind.__name__}")

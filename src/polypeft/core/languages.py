@@ -220,7 +220,9 @@ class LanguageRegistry:
             ) from None
 
     def code_of(self, route_id: int) -> str:
-        return self.allowed()[route_id]
+        """A route id's code; a registry without languages (a language-agnostic model) calls its one route "any"."""
+        codes = self.allowed()
+        return codes[route_id] if codes else "any"
 
     def to_ids(self, spec: LanguageSpec, batch_size: Optional[int], where: str) -> list[int]:
         """One code (a batch of one, broadcast later), a list of codes, or an id tensor, as checked ids."""

@@ -1,11 +1,12 @@
 """The base of every routed layer: a wrapped linear that reads the current routes and can merge one.
 
-Subclasses say how a route changes the output (`routed_delta`) and the weight (`delta_weight`).
+Subclasses say how a route changes the output (`routed_delta`) and the weight (`delta_weight`), and declare
+their traits (`reads_routes`, `cannot_merge_because`); the one `forward` here serves every method.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, ClassVar, Optional
 
 import torch
 from torch import nn
@@ -29,6 +30,7 @@ class LayerSite:
     registry: LanguageRegistry
     shared: dict = field(default_factory=dict)
     keep_base_dtype: bool = False  # added weights in the base's half dtype instead of float32
+    source_encoder: Optional[nn.Module] = None  # a frozen encoder a source pass reads (FLARE-MT)
 
 
 class LinearProxy(nn.Module):
@@ -153,19 +155,26 @@ class RoutedLinear(LinearProxy):
 
     # Which route ids the layer's weights depend on (see Routes.groups); language-wise layers narrow it.
     group_key = "pair"
+    # Declared traits, read instead of lists of method names. False: the layer ignores routes, so the model
+    # runs with none set (LoRA, Switch, FLARE).
+    reads_routes: ClassVar[bool] = True
+    # Why no route of this layer folds into one weight (experts or gates chosen per token); None: mergeable.
+    cannot_merge_because: ClassVar[Optional[str]] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         output = self.base_layer(x)
-        if self.merged_route is not None:
+        if self.merged_route is not None or self.route_state.bypassed:
             return output
+        if not self.reads_routes:
+            return output + self.routed_delta(x, None, output)
         if self.in_moe_expert:
-            return output + self.routed_delta(x, self.expert_routes(x))
+            return output + self.routed_delta(x, self.expert_routes(x), output)
         routes = self.route_state.for_batch(x.shape[0], self.layer_name).to(x.device)
         if torch.compiler.is_compiling():
             # Only the id tensors reach the graph: no host-side runs or groups, whose ints would become
             # guards and recompile the model for every new route mix.
-            return output + self.compiled_delta(x, routes)
-        return output + self.routed_delta(x, routes)
+            return output + self.compiled_delta(x, routes, output)
+        return output + self.routed_delta(x, routes, output)
 
     def expert_routes(self, x: torch.Tensor) -> Routes:
         """The batch's one route for every row an expert got: its router picked and reordered the token rows,
@@ -183,19 +192,24 @@ class RoutedLinear(LinearProxy):
             )
         return Routes.from_ids([groups.src_ids[0]] * x.shape[0], [groups.tgt_ids[0]] * x.shape[0], x.device)
 
-    def routed_delta(self, x: torch.Tensor, routes: Routes) -> torch.Tensor:
+    def routed_delta(self, x: torch.Tensor, routes: Optional[Routes], base_output: torch.Tensor) -> torch.Tensor:
+        """What this layer adds to the base layer's output `base_output` (= W x + b) for the rows' `routes`
+        (None for a layer that does not read routes). Layers that transform the base output (CLSR's gate,
+        Switch's experts) read `base_output` instead of computing it again."""
         raise NotImplementedError
 
-    def compiled_delta(self, x: torch.Tensor, routes: Routes) -> torch.Tensor:
+    def compiled_delta(self, x: torch.Tensor, routes: Routes, base_output: torch.Tensor) -> torch.Tensor:
         """The delta under torch.compile, reading only `routes.src`/`routes.tgt` (LMS); a method that keeps
         the host-side path here recompiles for each new route mix."""
-        return self.routed_delta(x, routes)
+        return self.routed_delta(x, routes, base_output)
 
     def delta_weight(self, route: tuple[int, int]) -> torch.Tensor:
         """The (out, in) matrix this layer adds to W for one (src, tgt) route."""
         raise NotImplementedError
 
     def merge(self, route: tuple[int, int]) -> None:
+        if self.cannot_merge_because is not None:
+            raise LanguageError(f"{self.layer_name}: {self.cannot_merge_because}")
         if not self.base_layer.weight.is_floating_point():
             raise ConfigError(
                 f"{self.layer_name}: cannot fold a route into a quantized weight ({type(self.base_layer).__name__}); "

@@ -1,12 +1,13 @@
 """How the routes of the current forward pass reach the routed layers, per thread and through recomputation.
 
-A PolyModel owns one RouteState; its layers read it. Nothing else in the model knows about languages.
+A PolyModel owns one RouteState; its layers read it (and any per-call inputs a method's layers need, such as
+FLARE's source states). Nothing else in the model knows about languages.
 """
 from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 from torch import nn
 
@@ -39,6 +40,33 @@ class RouteState:
         finally:
             self._local.routes = previous
 
+    @property
+    def layer_inputs(self) -> Mapping[str, Any]:
+        """Per-call inputs of the layers by layer name (FLARE: each layer's source state); empty by default."""
+        return getattr(self._local, "layer_inputs", {})
+
+    @contextmanager
+    def use_layer_inputs(self, inputs: Mapping[str, Any]) -> Iterator[None]:
+        previous, self._local.layer_inputs = self.layer_inputs, inputs
+        try:
+            yield
+        finally:
+            self._local.layer_inputs = previous
+
+    @property
+    def bypassed(self) -> bool:
+        return getattr(self._local, "bypassed", False)
+
+    @contextmanager
+    def bypass(self) -> Iterator[None]:
+        """Every routed layer gives its base layer's output for the block, in this thread only: a frozen pass
+        through the base model (FLARE's source pass) while other threads keep their routes."""
+        previous, self._local.bypassed = self.bypassed, True
+        try:
+            yield
+        finally:
+            self._local.bypassed = previous
+
     def for_batch(self, batch_size: int, layer_name: str) -> Routes:
         """The routes to apply to a batch of `batch_size` rows in layer `layer_name`."""
         if self.current is None:
@@ -66,11 +94,15 @@ def carry_routes_into_checkpoints(modules: list[nn.Module], route_state: RouteSt
 
 def _routed_checkpoint(checkpoint: Callable, route_state: RouteState) -> Callable:
     def run(function: Callable, *args: Any, **kwargs: Any) -> Any:
-        routes = route_state.current  # captured at forward time, re-entered at recomputation
+        # Captured at forward time, re-entered at recomputation.
+        routes, inputs, bypassed = route_state.current, route_state.layer_inputs, route_state.bypassed
 
         def function_on_routes(*inner_args: Any, **inner_kwargs: Any) -> Any:
-            with route_state.use(routes):
-                return function(*inner_args, **inner_kwargs)
+            with route_state.use(routes), route_state.use_layer_inputs(inputs):
+                if not bypassed:
+                    return function(*inner_args, **inner_kwargs)
+                with route_state.bypass():
+                    return function(*inner_args, **inner_kwargs)
 
         return checkpoint(function_on_routes, *args, **kwargs)
 

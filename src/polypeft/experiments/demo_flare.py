@@ -14,8 +14,9 @@ from typing import Any
 import torch
 
 from ..backbones.e5 import QUERY_PREFIX
-from ..methods.flare.model import FLAREConfig, FLAREModel
-from ..methods.flare.recipe import StageSettings, TrainedRecipe, run_recipe, train_english_lora
+from ..methods.flare.layer import FLAREConfig
+from ..model.poly_model import wrap
+from .flare_recipe import StageSettings, TrainedRecipe, run_recipe, train_english_lora, with_task_head
 from ..tasks.classification import classification_model
 from .bible_eval import SECTION_NAMES, verse_classification
 from .demo_store import PartResult, Row
@@ -104,7 +105,8 @@ def run(model, tokenizer, quick: bool, folder: Path) -> PartResult:
             scores.setdefault(recipe, {})[target] = accuracy(trained, test)
             seconds[recipe] += time.perf_counter() - started
     means = {recipe: sum(per.values()) / len(per) for recipe, per in scores.items()}
-    adapters = sum(p.numel() for p in FLAREModel(copy.deepcopy(merged), lora).trainable_parameters())
+    stage2_model = wrap(copy.deepcopy(merged), with_task_head(merged, lora))
+    adapters = sum(p.numel() for p in stage2_model.parameters() if p.requires_grad)
     task = (f"cross-lingual verse classification, English -> {', '.join(config['targets'])} "
             f"(e5-small, first {config['layers']} blocks)")
     gain = means["flare"] - means["translate_train"]

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import ClassVar, Literal, Optional
 
 import torch
 from torch import nn
 
-from ..core.config import ConfigError, MethodConfig, check_choice, check_positive
-from ..core.languages import LanguageError, Routes
+from ..core.config import ConfigError, MethodConfig, NonNegativeFloat, PositiveInt, UnitInterval
+from ..core.languages import Routes
 from ..core.routed import LayerSite, RoutedLinear, added_factory, per_language
 from .registry import register_method
 
@@ -22,7 +22,6 @@ CLSR_DEFAULT_TARGETS = (
     r".*(\.out_proj|\.o_proj|\.attention\.output\.dense|\.(SelfAttention|EncDecAttention)\.o"
     r"|\.fc2|(?<!attention)\.output\.dense|\.DenseReluDense\.wo|\.mlp\.down_proj)"
 )
-LANGUAGE_WEIGHT_SHARING = ("per_stack", "per_sublayer")
 
 
 @dataclass
@@ -38,24 +37,17 @@ class CLSRConfig(MethodConfig):
     """
 
     method: ClassVar[str] = "clsr"
-    budget: float = 0.3
-    budget_weight: float = 1.0
-    language_weights: str = "per_stack"
-    gate_hidden_size: int = 128
-    gate_noise_std: float = 1.0
+    budget: UnitInterval = 0.3
+    budget_weight: NonNegativeFloat = 1.0
+    language_weights: Literal["per_stack", "per_sublayer"] = "per_stack"
+    gate_hidden_size: PositiveInt = 128
+    gate_noise_std: NonNegativeFloat = 1.0
     hard_gate_at_inference: bool = True
 
     def __post_init__(self) -> None:
         if self.target_modules is None:
             self.target_modules = CLSR_DEFAULT_TARGETS
         super().__post_init__()
-        if not 0.0 <= float(self.budget) <= 1.0:
-            raise ConfigError(f"CLSRConfig.budget={self.budget!r} must lie in [0, 1] (a fraction of gates)")
-        check_choice("CLSRConfig", "language_weights", self.language_weights, LANGUAGE_WEIGHT_SHARING)
-        check_positive("CLSRConfig", "gate_hidden_size", self.gate_hidden_size)
-        for name in ("budget_weight", "gate_noise_std"):
-            if float(getattr(self, name)) < 0:
-                raise ConfigError(f"CLSRConfig.{name}={getattr(self, name)!r} must be >= 0")
 
 
 class BudgetTracker:
@@ -136,26 +128,22 @@ class CLSRLinear(RoutedLinear):
     def language_path(self, z: torch.Tensor, routes: Routes) -> torch.Tensor:
         return per_language(z, routes, self.side, self.language_projection, self.num_routes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.base_layer(x)
-        routes = self.route_state.for_batch(x.shape[0], self.layer_name).to(x.device)
+    cannot_merge_because = "CLSR gates each token, so no route folds into one weight"
+
+    def routed_delta(self, x: torch.Tensor, routes: Routes, base_output: torch.Tensor) -> torch.Tensor:
+        """g W_lang[l] z + (1 - g) W_shared z - z, where z is the sublayer output (the base output)."""
+        z = base_output
         shared = self.shared_projection(z)
         language = self.language_path(z, routes)
         gate = self.gate(z)
         if self.training and torch.is_grad_enabled():
             self.budget.record(self.route_state.current, gate)
-        return shared + gate * (language - shared)
+        return shared + gate * (language - shared) - z
 
     def pop_auxiliary_loss(self) -> Optional[torch.Tensor]:
         """The model-wide budget term; the first layer asked takes it, the others get None, so
         PolyModel.auxiliary_loss counts it once."""
         return self.budget.pop()
-
-    def routed_delta(self, x: torch.Tensor, routes: Routes) -> torch.Tensor:
-        raise NotImplementedError("CLSR layers transform the sublayer output; they have no additive delta")
-
-    def merge(self, route: tuple[int, int]) -> None:
-        raise LanguageError(f"{self.layer_name}: CLSR gates each token, so no route folds into one weight")
 
     def route_parameter_count(self, num_routes: int = 1) -> int:
         """num_routes * d * d for the layer that owns W_lang; zero for sublayers that share it."""

@@ -64,7 +64,7 @@ class LMSLinear(RoutedLinear):
         """Which route ids this layer's factors depend on (see Routes.groups)."""
         return "pair" if self.synthesis == "pair" else language_key(self.side)
 
-    def routed_delta(self, x: torch.Tensor, routes: Routes) -> torch.Tensor:
+    def routed_delta(self, x: torch.Tensor, routes: Routes, base_output: torch.Tensor) -> torch.Tensor:
         if routes.segments is not None:
             parts = [self.low_rank(x[start:stop], (s, t)) for start, stop, s, t in routes.segments]
             return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
@@ -74,7 +74,7 @@ class LMSLinear(RoutedLinear):
             return self.grouped_delta(rows, groups).reshape(*x.shape[:-1], -1)
         return self.batched_delta(rows, routes.src, routes.tgt).reshape(*x.shape[:-1], -1)
 
-    def compiled_delta(self, x: torch.Tensor, routes: Routes) -> torch.Tensor:
+    def compiled_delta(self, x: torch.Tensor, routes: Routes, base_output: torch.Tensor) -> torch.Tensor:
         """Gathered factors and bmm for every mix: one graph, the route ids a tensor input of it."""
         rows = x.reshape(x.shape[0], -1, x.shape[-1])
         return self.batched_delta(rows, routes.src, routes.tgt).reshape(*x.shape[:-1], -1)

@@ -11,7 +11,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..core.config import ConfigError, MethodConfig, check_positive
+from ..core.config import Fraction, MethodConfig, PositiveFloat, PositiveInt
 from ..core.routed import LayerSite, RoutedLinear, added_factory, check_rank, layer_shape
 from .registry import register_method
 
@@ -29,21 +29,9 @@ class LoRAConfig(MethodConfig):
     # A plain LoRA: saved as PEFT's adapter files, so peft.PeftModel.from_pretrained loads the save as is.
     saves_as_peft: ClassVar[bool] = True
     handles_conv1d: ClassVar[bool] = True
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_positive("LoRAConfig", "rank", self.rank)
-        check_positive("LoRAConfig", "alpha", float(self.alpha), float)
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise ConfigError(f"LoRAConfig.dropout={self.dropout!r} must lie in [0, 1)")
-        if self.shared_route:
-            raise ConfigError(
-                "LoRAConfig.shared_route=True has no meaning: LoRA has a single language-agnostic route; "
-                "leave shared_route=False"
-            )
+    rank: PositiveInt = 8
+    alpha: PositiveFloat = 16.0
+    dropout: Fraction = 0.0
 
 
 class LoRARouteLinear(RoutedLinear):
@@ -62,13 +50,11 @@ class LoRARouteLinear(RoutedLinear):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Routes are never read: the layer runs with or without src_lang/tgt_lang.
-        output = self.base_layer(x)
-        if self.merged_route is not None:
-            return output
+    reads_routes = False  # one update for every language: the model runs with or without src_lang/tgt_lang
+
+    def routed_delta(self, x: torch.Tensor, routes: None, base_output: torch.Tensor) -> torch.Tensor:
         low_rank = nn.functional.linear(self.dropout(x), self.lora_A.to(x.dtype))
-        return output + self.scaling * nn.functional.linear(low_rank, self.lora_B.to(x.dtype))
+        return self.scaling * nn.functional.linear(low_rank, self.lora_B.to(x.dtype))
 
     def lora_factors(self, route: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """The same factors for every route."""

@@ -56,17 +56,9 @@ class LanguageSpecificLinear(RoutedLinear):
         bias = None if self.language_bias is None else self.language_bias[language].to(x.dtype)
         return nn.functional.linear(x, self.language_weight[language].to(x.dtype), bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged_route is not None:
-            return self.base_layer(x)
-        routes = self.route_state.for_batch(x.shape[0], self.layer_name).to(x.device)
-        return self.language_forward(x, routes)
-
-    def language_forward(self, x: torch.Tensor, routes: Routes) -> torch.Tensor:
-        return per_language(x, routes, self.side, self.run_language, self.num_routes)
-
-    def routed_delta(self, x: torch.Tensor, routes: Routes) -> torch.Tensor:
-        return self.language_forward(x, routes) - self.base_layer(x)
+    def routed_delta(self, x: torch.Tensor, routes: Routes, base_output: torch.Tensor) -> torch.Tensor:
+        """The language's own linear in place of the base one."""
+        return per_language(x, routes, self.side, self.run_language, self.num_routes) - base_output
 
     def language_of(self, route: tuple[int, int]) -> int:
         return side_language(route[0], route[1], self.side)

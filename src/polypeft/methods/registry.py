@@ -5,7 +5,7 @@ It lives above the core, so the core never names a method; importing it imports 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 from ..core.config import ConfigError, MethodConfig, Source, build, read_json_file, source_of
 
@@ -14,19 +14,28 @@ from ..core.config import ConfigError, MethodConfig, Source, build, read_json_fi
 class MethodEntry:
     config_class: type
     build_layer: Callable[..., Any]
+    # For methods that declare `needs_source_pass`: `source_pass(model, source_batch, target_batch)` returns
+    # each routed layer's per-call input (by layer name) for the target pass that follows.
+    source_pass: Optional[Callable[..., Mapping[str, Any]]] = None
 
 
 METHODS: dict[str, MethodEntry] = {}
 
 
-def register_method(name: str, config_class: type, layer_builder: Callable[..., Any]) -> None:
-    """Make method `name` known: its config class (saved configs say `method: name`) and the function
-    `layer_builder(config, site)` that wraps the target linear at `site` (a `core.routed.LayerSite`)."""
+def register_method(name: str, config_class: type, layer_builder: Callable[..., Any],
+                    source_pass: Optional[Callable[..., Mapping[str, Any]]] = None) -> None:
+    """Make method `name` known: its config class (saved configs say `method: name`), the function
+    `layer_builder(config, site)` that wraps the target linear at `site` (a `core.routed.LayerSite`), and for
+    a method whose config declares `needs_source_pass`, the `source_pass` its forward runs first."""
     if config_class.method != name:
         raise ConfigError(f"register_method({name!r}): {config_class.__name__}.method is {config_class.method!r}")
+    if config_class.needs_source_pass != (source_pass is not None):
+        raise ConfigError(f"register_method({name!r}): {config_class.__name__}.needs_source_pass is "
+                          f"{config_class.needs_source_pass}, so source_pass must be "
+                          f"{'given' if config_class.needs_source_pass else 'left out'}")
     if name in METHODS and METHODS[name].config_class is not config_class:
         raise ConfigError(f"method {name!r} is already registered by {METHODS[name].config_class.__name__}")
-    METHODS[name] = MethodEntry(config_class, layer_builder)
+    METHODS[name] = MethodEntry(config_class, layer_builder, source_pass)
 
 
 def registered_methods() -> dict[str, MethodEntry]:

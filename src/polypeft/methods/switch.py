@@ -12,8 +12,7 @@ import torch
 from torch import nn
 
 from ..core.anatomy import block_of, closes_ffn
-from ..core.config import ConfigError, MethodConfig, check_positive
-from ..core.languages import LanguageError, Routes
+from ..core.config import ConfigError, Fraction, MethodConfig, NonNegativeFloat, PositiveFloat, PositiveInt
 from ..core.routed import LayerSite, RoutedLinear, require_float_weight
 from .registry import register_method
 
@@ -30,12 +29,13 @@ class RowGroups:
         self.inverse = torch.argsort(self.order)
         self.sizes: list[int] = torch.bincount(group_ids, minlength=num_groups).tolist()
 
-    def apply(self, rows: torch.Tensor, compute: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """`compute(group, rows_of_group)` for each non-empty group, results back in the original order."""
-        chunks = torch.split(rows.index_select(0, self.order), self.sizes)
+    def apply(self, compute: Callable[..., torch.Tensor], *tensors: torch.Tensor) -> torch.Tensor:
+        """`compute(group, *rows_of_group)` for each non-empty group (the same rows of every tensor), results
+        back in the original order."""
+        chunks = list(zip(*(torch.split(t.index_select(0, self.order), self.sizes) for t in tensors)))
         # An empty batch still runs group 0 once, on no rows, so the output keeps its width.
-        parts = [compute(group, chunk) for group, chunk in enumerate(chunks) if chunk.shape[0]] or [compute(0, rows)]
-        return torch.cat(parts, dim=0).index_select(0, self.inverse)
+        parts = [compute(group, *chunk) for group, chunk in enumerate(chunks) if chunk[0].shape[0]]
+        return torch.cat(parts or [compute(0, *tensors)], dim=0).index_select(0, self.inverse)
 
 
 @dataclass
@@ -51,26 +51,12 @@ class SwitchConfig(MethodConfig):
     method: ClassVar[str] = "switch"
     # No parameter depends on the language: runs and merges without a route (see PolyModel).
     language_agnostic: ClassVar[bool] = True
-    num_experts: int = 4
-    every: int = 2
-    load_balance_weight: float = 0.01
-    capacity_factor: Optional[float] = None
-    expert_init_std: float = 1e-3
-    router_jitter: float = 0.0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_positive("SwitchConfig", "num_experts", self.num_experts)
-        check_positive("SwitchConfig", "every", self.every)
-        if self.capacity_factor is not None:
-            check_positive("SwitchConfig", "capacity_factor", float(self.capacity_factor), float)
-        for name in ("load_balance_weight", "expert_init_std"):
-            if float(getattr(self, name)) < 0:
-                raise ConfigError(f"SwitchConfig.{name}={getattr(self, name)!r} must be >= 0")
-        if not 0.0 <= float(self.router_jitter) < 1.0:
-            raise ConfigError(f"SwitchConfig.router_jitter={self.router_jitter!r} must lie in [0, 1)")
-        if self.shared_route:
-            raise ConfigError("SwitchConfig.shared_route=True has no meaning: Switch experts are not language routes")
+    num_experts: PositiveInt = 4
+    every: PositiveInt = 2
+    load_balance_weight: NonNegativeFloat = 0.01
+    capacity_factor: Optional[PositiveFloat] = None
+    expert_init_std: NonNegativeFloat = 1e-3
+    router_jitter: Fraction = 0.0
 
 
 @dataclass
@@ -125,14 +111,18 @@ class ExpertLinear(RoutedLinear):
         self.router_jitter = float(config.router_jitter)
         self._auxiliary_loss: Optional[torch.Tensor] = None
 
-    def run_expert(self, expert: int, rows: torch.Tensor) -> torch.Tensor:
-        if expert == 0:
-            return self.base_layer(rows)
+    reads_routes = False  # experts are chosen per token by the router, never by language
+    cannot_merge_because = "Switch experts are chosen per token, so no route folds into one weight"
+
+    def run_expert(self, expert: int, rows: torch.Tensor, base_rows: torch.Tensor) -> torch.Tensor:
+        if expert == 0:  # the base linear itself, whose output the layer has already
+            return base_rows
         bias = None if self.expert_bias is None else self.expert_bias[expert - 1].to(rows.dtype)
         return nn.functional.linear(rows, self.expert_weight[expert - 1].to(rows.dtype), bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1])
+    def routed_delta(self, x: torch.Tensor, routes: None, base_output: torch.Tensor) -> torch.Tensor:
+        """Each token's expert output (gated where the FFN closes) in place of the base output."""
+        rows, base_rows = x.reshape(-1, x.shape[-1]), base_output.reshape(-1, base_output.shape[-1])
         if self.router is not None:
             self.ffn_state.dispatch = self.route_tokens(rows)
         dispatch = self.ffn_state.dispatch
@@ -141,11 +131,11 @@ class ExpertLinear(RoutedLinear):
                 f"{self.layer_name} ran before the routing linear of its FFN ({self.ffn_state.key}); "
                 "the router lives in the FFN's first input linear, which must run first"
             )
-        output = dispatch.groups.apply(rows, self.run_expert)
+        output = dispatch.groups.apply(self.run_expert, rows, base_rows)
         if self.closes_ffn:
             output = output * dispatch.gate.unsqueeze(-1).to(output.dtype)
             self.ffn_state.dispatch = None  # consumed: the next forward routes afresh
-        return output.reshape(*x.shape[:-1], output.shape[-1])
+        return (output - base_rows).reshape(base_output.shape)
 
     def route_tokens(self, rows: torch.Tensor) -> Dispatch:
         """Top-1 expert per token, the capacity limit, and the load-balancing loss (Switch eq. 4-6)."""
@@ -174,14 +164,6 @@ class ExpertLinear(RoutedLinear):
         loss, self._auxiliary_loss = self._auxiliary_loss, None
         return None if loss is None else self.load_balance_weight * loss
 
-    def routed_delta(self, x: torch.Tensor, routes: Routes) -> torch.Tensor:
-        raise NotImplementedError("switch layers replace the FFN output; they have no additive delta")
-
-    def merge(self, route: tuple[int, int]) -> None:
-        raise LanguageError(
-            f"{self.layer_name}: Switch experts are chosen per token and cannot be folded into one weight"
-        )
-
     def route_parameter_count(self, num_routes: int = 1) -> int:
         """Zero: no parameter belongs to a language."""
         return 0
@@ -194,11 +176,11 @@ class ExpertLinear(RoutedLinear):
 class DenseLinear(RoutedLinear):
     """An FFN linear of a layer the schedule leaves dense: the base linear, nothing added."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base_layer(x)
+    reads_routes = False
+    cannot_merge_because = ExpertLinear.cannot_merge_because
 
-    def merge(self, route: tuple[int, int]) -> None:
-        raise LanguageError(f"{self.layer_name}: a Switch model has no route to merge")
+    def routed_delta(self, x: torch.Tensor, routes: None, base_output: torch.Tensor) -> torch.Tensor:
+        return base_output.new_zeros(())
 
     def route_parameter_count(self, num_routes: int = 1) -> int:
         return 0

@@ -39,15 +39,16 @@ class PolyModel(RoutedModel):
     @classmethod
     def from_pretrained(
         cls, base_model: nn.Module, name_or_path: str | Path, revision: Optional[str] = None,
-        config: Optional[MethodConfig] = None, **hub_options: Any
+        config: Optional[MethodConfig] = None, source_encoder: Optional[nn.Module] = None, **hub_options: Any
     ) -> "PolyModel":
         """Rebuild the routed layers on `base_model` and load their weights from a save folder or a Hub repo id
         (`revision`, `cache_dir`, `token` go to huggingface_hub); refuse a base that differs. A plain
-        transformers.Trainer checkpoint (the whole model's state, no polypeft config) loads with `config=`."""
+        transformers.Trainer checkpoint (the whole model's state, no polypeft config) loads with `config=`;
+        `source_encoder` is the frozen encoder a source pass reads (FLARE-MT), never part of a save."""
         directory = resolve_save(name_or_path, revision, **hub_options)
         config_path = directory / CONFIG_NAME
         if not config_path.is_file() and (directory / TRAINER_WEIGHTS_NAME).is_file():
-            return cls.from_trainer_checkpoint(base_model, directory, config)
+            return cls.from_trainer_checkpoint(base_model, directory, config, source_encoder)
         saved = read_save_config(directory)
         saved_config = config_from_dict(saved["config"], where=str(config_path))
         if config is not None and config.to_dict() != saved_config.to_dict():
@@ -57,20 +58,20 @@ class PolyModel(RoutedModel):
         check_base_fits(base_model, config, saved["base_model"], config_path)
         check_base_class(base_model, saved["base_model"], config_path)
         tensors, weights_path = read_weights(config, directory)
-        model = cls(base_model, config)
+        model = cls(base_model, config, source_encoder)
         model.load_added_state_dict(tensors, where=str(weights_path))
         return model
 
     @classmethod
-    def from_trainer_checkpoint(cls, base_model: nn.Module, directory: Path,
-                                config: Optional[MethodConfig]) -> "PolyModel":
+    def from_trainer_checkpoint(cls, base_model: nn.Module, directory: Path, config: Optional[MethodConfig],
+                                source_encoder: Optional[nn.Module] = None) -> "PolyModel":
         """A checkpoint a plain transformers.Trainer wrote: the whole PolyModel's state dict, every name checked."""
         path = directory / TRAINER_WEIGHTS_NAME
         if config is None:
             raise ConfigError(f"{directory} is a transformers.Trainer checkpoint ({TRAINER_WEIGHTS_NAME}, no "
                               f"{CONFIG_NAME}): pass config= (the config the model was wrapped with), or train with "
                               "pp.PolyTrainer, whose checkpoints hold their config")
-        model = cls(base_model, config)
+        model = cls(base_model, config, source_encoder)
         tensors, _ = read_safetensors(path)
         check_finite(tensors, f"{path}: refused")
         result = model.load_state_dict(tensors, strict=False)
@@ -122,6 +123,6 @@ class PolyModel(RoutedModel):
         raise refuse("add_adapter")
 
 
-def wrap(model: nn.Module, config: MethodConfig) -> PolyModel:
-    """Wrap `model` in place with the routed layers `config` describes."""
-    return PolyModel(model, config)
+def wrap(model: nn.Module, config: MethodConfig, source_encoder: Optional[nn.Module] = None) -> PolyModel:
+    """Wrap `model` in place with the routed layers `config` describes (`source_encoder`: FLARE-MT's encoder)."""
+    return PolyModel(model, config, source_encoder)

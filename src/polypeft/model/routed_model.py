@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..core.anatomy import side_of
-from ..core.config import MethodConfig
+from ..core.config import ConfigError, MethodConfig
 from ..core.inject import replace_targets, restore_base_layers
 from ..core.languages import LanguageError, LanguageRegistry, LanguageSpec, Routes
 from ..core.routed import LayerSite, RoutedLinear, mark_moe_experts
@@ -44,10 +44,14 @@ class ParameterCounts:
 class RoutedModel(nn.Module):
     """Wraps any torch model; `model(**batch, src_lang=..., tgt_lang=...)` routes every example."""
 
-    def __init__(self, base_model: nn.Module, config: MethodConfig):
+    def __init__(self, base_model: nn.Module, config: MethodConfig, source_encoder: Optional[nn.Module] = None):
         super().__init__()
         self.base_model = base_model
         self.poly_config = config
+        # A frozen encoder a source pass may read (FLARE-MT); kept out of the module tree: never saved or trained.
+        self.__dict__["source_encoder"] = source_encoder
+        if source_encoder is not None:
+            source_encoder.requires_grad_(False)
         self.registry = LanguageRegistry(config.languages, config.shared_route)
         self.route_state = RouteState()
         self._checkpointing_modules = checkpointing_modules(base_model)
@@ -59,7 +63,8 @@ class RoutedModel(nn.Module):
             base_model,
             config.target_modules,
             lambda name, linear: build(config, LayerSite(linear, name, side_of(base_model, name), self.route_state,
-                                                         self.registry, shared, config.keep_base_dtype)),
+                                                         self.registry, shared, config.keep_base_dtype,
+                                                         source_encoder)),
             accept_conv1d=config.handles_conv1d,
         )
         mark_moe_experts(base_model, self.routed_layers)
@@ -116,12 +121,30 @@ class RoutedModel(nn.Module):
     # Under torch.compile this frame runs eagerly (the route arguments, codes or ids, never become guards)
     # and the base model it calls is compiled, reading the routes as id tensors.
     @torch.compiler.disable(recursive=False)
-    def forward(self, *args, src_lang=None, tgt_lang=None, lang=None, labels=None, **kwargs):
+    def forward(self, *args, src_lang=None, tgt_lang=None, lang=None, labels=None, source_batch=None, **kwargs):
         # `labels` is named so transformers.Trainer finds the label column of a wrapped model.
         if labels is not None:
             kwargs["labels"] = labels
-        with self.routes(src_lang, tgt_lang, lang, batch_size=batch_size_of(args, kwargs)):
+        with self.routes(src_lang, tgt_lang, lang, batch_size=batch_size_of(args, kwargs)), \
+                self.source_states(source_batch, kwargs):
             return self.base_model(*args, **kwargs)
+
+    @contextmanager
+    def source_states(self, source_batch: Optional[dict], target_batch: dict) -> Iterator[None]:
+        """For methods that declare `needs_source_pass` (FLARE): their source pass over `source_batch` first,
+        its per-layer states visible to the layers (this thread only) while the target batch runs."""
+        if source_batch is None:
+            yield
+            return
+        method = self.poly_config.method
+        if not self.poly_config.needs_source_pass:
+            raise ConfigError(f"source_batch= was given but method {method!r} has no source pass; call it without")
+        if self.merged_route is not None:
+            raise LanguageError("the adapter is merged into the base weights, so no source can be fused; "
+                                "call unmerge() before a forward with source_batch=")
+        states = method_entry(method).source_pass(self, source_batch, target_batch)
+        with self.route_state.use_layer_inputs(states):
+            yield
 
     def generate(self, *args, src_lang=None, tgt_lang=None, lang=None, **kwargs):
         """Generation with routes; beam search grows the batch and the routes follow it."""
@@ -184,7 +207,7 @@ class RoutedModel(nn.Module):
                 raise LanguageError("pass either route= or src=/tgt=, not both")
             src = tgt = route
         if src is None and tgt is None and self.poly_config.language_agnostic:
-            src = tgt = self.registry.languages[0]  # the layers ignore the route; any one will do
+            return 0, 0  # the layers ignore the route; any one will do
         if src is None and tgt is None:
             raise LanguageError(
                 f"merge needs a route: route='shared' or src=/tgt= codes from {self.registry.allowed()}"
@@ -258,7 +281,7 @@ def added_parameters(layer: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in layer.named_parameters() if not n.startswith("base_layer.")]
 
 
-ROUTE_ARGUMENTS = ("src_lang", "tgt_lang", "lang")
+ROUTE_ARGUMENTS = ("src_lang", "tgt_lang", "lang", "source_batch")
 
 
 def forward_with_signature_of(base_model: nn.Module) -> Callable:

@@ -5,6 +5,7 @@ Alignment is by position (k-th real source token with k-th real target token) or
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -12,6 +13,18 @@ from torch import nn
 
 FUSIONS = ("add", "mul", "add_relu", "cross_attention")
 ALIGNMENTS = ("position", "attention")
+
+
+@dataclass
+class FusionSource:
+    """What one adapted linear fuses in one forward: its source hidden inputs and the two attention masks.
+
+    `hidden` is (batch, source_len, in_features); masks are (batch, length) with 1 on real tokens.
+    """
+
+    hidden: torch.Tensor
+    source_mask: Optional[torch.Tensor] = None
+    target_mask: Optional[torch.Tensor] = None
 
 
 def align_by_position(

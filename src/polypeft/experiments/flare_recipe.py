@@ -1,4 +1,4 @@
-"""FLARE's two-stage recipe (English LoRA merged, then a target-language stage) and its baselines.
+"""FLARE's two-stage recipe over the one method protocol: an English LoRA merged, then a target-language stage.
 
 Zero-shot, LoRA translate-train, input-level fusion, FLARE and FLARE-MT are options of `run_recipe`.
 """
@@ -11,9 +11,11 @@ from typing import Any, Callable, ClassVar, Iterable, Mapping, Optional
 import torch
 from torch import nn
 
-from ...core.config import NonNegativeFloat, NonNegativeInt, PositiveFloat, TypedConfig
-from ...training.loop import BatchStreamEnded, TrainSettings, train
-from .model import FLAREConfig, FLAREError, FLAREModel
+from ..core.config import NonNegativeFloat, NonNegativeInt, PositiveFloat, TypedConfig
+from ..methods.flare.layer import FLAREConfig, FLAREError
+from ..model.poly_model import wrap
+from ..model.trainable import TASK_HEAD_NAMES
+from ..training.loop import BatchStreamEnded, TrainSettings, train
 
 RECIPES = ("zero_shot", "translate_train", "input_fusion", "flare", "flare_mt")
 Batch = Mapping[str, Any]
@@ -140,12 +142,25 @@ def train_steps(model: nn.Module, parameters: list[nn.Parameter], batches: Itera
     return [record["loss"] for record in result["history"]]
 
 
+def with_task_head(model: nn.Module, config: FLAREConfig) -> FLAREConfig:
+    """The config with the task head the model has (classifier, qa_outputs, score) trained in full, unless
+    `modules_to_save` already says what trains beside the adapters."""
+    if config.modules_to_save is not None:
+        return config
+    names = dict(model.named_children())
+    return replace(config, modules_to_save=[name for name in TASK_HEAD_NAMES if name in names])
+
+
+def trainable(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 def train_english_lora(base_model: nn.Module, english_batches: Iterable[Batch], config: FLAREConfig,
                        settings: StageSettings) -> nn.Module:
     """Stage 1: a plain LoRA (plus the task head) on the English task, merged into the base."""
-    lora = FLAREModel(base_model, replace(config, fusion=None, alignment=None))
-    train_steps(lora, lora.trainable_parameters(), english_batches, settings,
-                lambda batch: lora(**batch).loss, "stage 1: English LoRA")
+    lora = wrap(base_model, with_task_head(base_model, replace(config, fusion=None, alignment=None)))
+    train_steps(lora, trainable(lora), english_batches, settings, lambda batch: lora(**batch).loss,
+                "stage 1: English LoRA")
     return lora.merge_and_unload()
 
 
@@ -199,14 +214,14 @@ def run_recipe(
     merged = base_model if skip_stage1 else train_english_lora(base_model, english_batches, stage1_config, stage1)
     if recipe == "zero_shot":
         return TrainedRecipe(recipe, merged, pad_token_id)
-    config = stage2_config or stage1_config
+    config = with_task_head(merged, stage2_config or stage1_config)
     if recipe in ("translate_train", "input_fusion"):
         config = replace(config, fusion=None, alignment=None)
     elif recipe == "flare_mt":
         config = replace(config, source="mt_encoder", fusion=config.fusion or "add_relu")
     else:
         config = replace(config, source="model", fusion=config.fusion or "add_relu")
-    model = FLAREModel(merged, config, mt_encoder=mt_encoder)
+    model = wrap(merged, config, source_encoder=mt_encoder if recipe == "flare_mt" else None)
 
     def loss_of(pair: ParallelBatch) -> torch.Tensor:
         target, source = pair
@@ -216,5 +231,5 @@ def run_recipe(
             return model(**concatenate_inputs(source, target, pad_token_id).batch).loss
         return model(**target, source_batch=source).loss
 
-    train_steps(model, model.trainable_parameters(), parallel_batches, stage2, loss_of, f"stage 2: {recipe}")
+    train_steps(model, trainable(model), parallel_batches, stage2, loss_of, f"stage 2: {recipe}")
     return TrainedRecipe(recipe, model, pad_token_id)
