@@ -14,7 +14,7 @@ import time
 import torch
 
 from polypeft.core.fileio import write_json
-from polypeft.experiments.flare_recipe import TrainedRecipe, StageSettings, run_recipe, train_english_lora
+from polypeft.experiments.flare_recipe import TrainedRecipe, flare_stage, run_recipe, train_english_lora
 from polypeft.methods.flare.layer import FLAREConfig
 from polypeft.backbones.e5 import QUERY_PREFIX, load_encoder
 from polypeft.experiments.bible_eval import SECTION_NAMES, verse_classification
@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> dict:
             torch.manual_seed(seed)
             base = classification_model(copy.deepcopy(encoder), label_names)
             lora = FLAREConfig(rank=args.rank, alpha=2 * args.rank, fusion=None)
-            stage1 = StageSettings(steps=args.stage1_steps, learning_rate=args.lr, seed=seed, progress=False)
+            stage1 = flare_stage(steps=args.stage1_steps, lr=args.lr, seed=seed, progress=False)
             merged = train_english_lora(base, english, lora, stage1)
             accuracy, seconds = evaluate(TrainedRecipe("zero_shot", merged), test_batches)
             results.setdefault(target, {}).setdefault("zero_shot", []).append(
@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> dict:
                     mt_encoder = mt[0] if mt is not None else copy.deepcopy(encoder).eval()
                     if mt is not None:
                         train_pairs, test_pairs = mt_parallel, mt_test
-                stage2 = StageSettings(steps=args.stage2_steps, learning_rate=args.lr, seed=seed, progress=False)
+                stage2 = flare_stage(steps=args.stage2_steps, lr=args.lr, seed=seed, progress=False)
                 start = time.perf_counter()
                 trained = run_recipe(copy.deepcopy(merged), method, [], train_pairs, lora, config, stage2=stage2,
                                      mt_encoder=mt_encoder, pad_token_id=tokenizer.pad_token_id, skip_stage1=True)

@@ -224,9 +224,10 @@ def run_lens(report, model, tokenizer, corpus, languages, train_rows, test_candi
     lens_rows = spread(train_rows[1::2], args.lens_verses)
     pairs = [{language: PREFIX + row[language] for language in ["en", *languages]} for row in lens_rows]
     weights = tuple(float(w) for w in args.lens_weights.split(","))
-    result = lens.train(model, tokenizer, pairs, lens_probe, top_k_layers=args.lens_top_k, steps=args.lens_steps,
-                        weights=weights, lr=args.lens_lr, batch_size=8, max_length=args.max_length,
-                        push_strength=args.lens_push)
+    settings = lens.LensTrainSettings(top_k_layers=args.lens_top_k, weights=list(weights), batch_size=8,
+                                      max_length=args.max_length, push_strength=args.lens_push,
+                                      training=lens.lens_schedule(steps=args.lens_steps, lr=args.lens_lr))
+    result = lens.train(model, tokenizer, pairs, lens_probe, settings)
     report["timings_s"]["lens_probe_train"] = time.perf_counter() - clock
     report["lens_history"] = {"first": result.history[0], "last": result.history[-1]}
     report["lens_settings"] = result.settings

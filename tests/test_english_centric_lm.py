@@ -12,7 +12,7 @@ from polypeft.backbones.causal_lm import CausalLmSettings, CausalLmTokenizer, ca
 from polypeft.data.bible import BibleCorpus
 from polypeft.experiments.english_centric_lm import prompt_of
 from polypeft.interventions.capture import iterate_pooled
-from polypeft.interventions.lens import probe, train
+from polypeft.interventions.lens import LensTrainSettings, lens_schedule, probe, train
 from polypeft.interventions.lrp2 import LRP2, language_vectors
 from polypeft.tasks.language_id import (LanguageIdentifier, bible_language_identifier, identification_accuracy,
                                         train_language_identifier)
@@ -140,8 +140,8 @@ def test_lens_push_moves_a_language_along_its_own_direction_on_a_llama(push):
         return result.project_specific(states, layer)
 
     before = specific_state()
-    train(model, tokenizer, PARALLEL, result, top_k_layers=2, steps=40, lr=3e-3, batch_size=4, push_strength=push,
-          progress=False)
+    train(model, tokenizer, PARALLEL, result, LensTrainSettings(top_k_layers=2, batch_size=4, push_strength=push,
+        training=lens_schedule(steps=40, lr=3e-3)), progress=False)
     direction = result.direction("fr", layer)
     moved = ((specific_state() - before) @ direction).mean() / direction.norm() ** 2
     # the paper's sign (+1) moves French away from English along French's own direction; -1 towards English

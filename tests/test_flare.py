@@ -19,7 +19,7 @@ import polypeft as pp
 from polypeft.core.languages import LanguageError, LanguageRegistry
 from polypeft.core.routed import LayerSite
 from polypeft.core.routing import RouteState
-from polypeft.experiments.flare_recipe import StageSettings, concatenate_inputs, on_target_positions, run_recipe
+from polypeft.experiments.flare_recipe import concatenate_inputs, flare_stage, on_target_positions, run_recipe
 from polypeft.methods.flare.fusion import FUSIONS, FusionSource, align_by_position, build_fusion
 from polypeft.methods.flare.layer import FLAREConfig, FLAREError, FLARELinear
 from polypeft.methods.flare.source import block_position, model_sources, source_module_name
@@ -443,7 +443,7 @@ def test_every_recipe_trains_and_predicts(recipe):
     target, source = batches()
     target["labels"] = torch.tensor([0, 2])
     english = {**source, "labels": torch.tensor([0, 2])}
-    steps = StageSettings(steps=2, learning_rate=1e-2, progress=False)
+    steps = flare_stage(steps=2, lr=1e-2, progress=False)
     trained = run_recipe(tiny_bert(), recipe, [english], [(target, source)], FLAREConfig(rank=4),
                          stage1=steps, stage2=steps, mt_encoder=tiny_mt_encoder() if recipe == "flare_mt" else None)
     untouched = tiny_bert()(**target).logits
@@ -544,7 +544,7 @@ def test_incremental_decoding_with_positional_alignment_is_refused_clearly():
 
 def test_training_without_batches_is_refused():
     with pytest.raises(FLAREError, match="no batches"):
-        run_recipe(tiny_bert(), "zero_shot", [], [], FLAREConfig(rank=2), stage1=StageSettings(steps=1, progress=False))
+        run_recipe(tiny_bert(), "zero_shot", [], [], FLAREConfig(rank=2), stage1=flare_stage(steps=1, progress=False))
 
 
 def test_the_example_recipe_in_configs_is_valid():
@@ -556,4 +556,23 @@ def test_the_example_recipe_in_configs_is_valid():
     path = Path(__file__).resolve().parents[1] / "configs" / "flare_example.yaml"
     config = recipe_from_yaml(FlareRecipe, str(path))  # the data files are examples: paths are not checked
     assert config.flare.fusion == "add_relu"
-    assert config.stage2.steps == 300
+    assert config.stage2.steps == 300 and config.stage2.lr == 0.001
+    assert (config.stage2.schedule, config.stage2.warmup) == ("constant", 0), "unnamed keys keep the stage's defaults"
+
+
+def test_a_stage_block_of_an_older_file_still_reads():
+    from polypeft.cli.flare_recipe import FlareRecipe
+    from polypeft.core.config import recipe_from_dict
+
+    old = recipe_from_dict(FlareRecipe, {"stage1": {"learning_rate": 0.01, "max_grad_norm": 0.5}, "data": {},
+                                         "model": {"name_or_path": "x", "num_labels": 2}, "output_dir": "out"})
+    assert (old.stage1.lr, old.stage1.clip_norm, old.stage1.schedule) == (0.01, 0.5, "constant")
+
+
+def test_a_key_given_under_its_old_and_new_name_is_refused():
+    from polypeft.cli.flare_recipe import FlareRecipe
+    from polypeft.core.config import recipe_from_dict
+
+    with pytest.raises(pp.ConfigError, match="'learning_rate' and 'lr' are both given"):
+        recipe_from_dict(FlareRecipe, {"stage1": {"lr": 0.1, "learning_rate": 0.2}, "data": {},
+                                        "model": {"name_or_path": "x", "num_labels": 2}, "output_dir": "out"})

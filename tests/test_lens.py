@@ -6,6 +6,8 @@ import torch
 
 from polypeft.interventions.lens import (
     LensProbe,
+    LensTrainSettings,
+    lens_schedule,
     load_trained_layers,
     probe,
     save_trained_layers,
@@ -76,7 +78,8 @@ def test_a_lens_step_changes_only_the_top_k_layers(tokenizer):
     result = probe(model, tokenizer, TEXTS, progress=False)
     before = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
     flags = {name: parameter.requires_grad for name, parameter in model.named_parameters()}
-    outcome = train(model, tokenizer, PARALLEL, result, top_k_layers=1, steps=1, lr=1e-2, batch_size=4, progress=False)
+    outcome = train(model, tokenizer, PARALLEL, result, LensTrainSettings(top_k_layers=1, batch_size=4,
+        training=lens_schedule(steps=1, lr=1e-2)), progress=False)
     changed = {name for name, parameter in model.named_parameters() if not torch.equal(parameter, before[name])}
     assert changed and all(name.startswith("encoder.layer.2.") for name in changed)
     assert set(outcome.trained_parameters) == {name for name in before if name.startswith("encoder.layer.2.")}
@@ -89,7 +92,8 @@ def test_a_lens_step_changes_only_the_top_k_layers(tokenizer):
 def test_training_lowers_the_lens_objective_and_ships_only_top_layers(tokenizer, tmp_path):
     model = tiny_bert()
     result = probe(model, tokenizer, TEXTS, progress=False)
-    outcome = train(model, tokenizer, PARALLEL, result, top_k_layers=2, steps=40, lr=3e-3, batch_size=4, progress=False)
+    outcome = train(model, tokenizer, PARALLEL, result, LensTrainSettings(top_k_layers=2, batch_size=4,
+        training=lens_schedule(steps=40, lr=3e-3)), progress=False)
     first, last = outcome.history[0], outcome.history[-1]
     assert last["align"] + last["separate"] < 0.5 * (first["align"] + first["separate"])
     path = save_trained_layers(model, outcome, tmp_path / "lens_layers.safetensors")
@@ -117,8 +121,9 @@ def test_push_strength_sign_moves_targets_away_from_or_toward_the_pivot(tokenize
 
     before = gap()
     # Retention holds the pivot, so the gap moves by the target's shift s * d_l: doubles for +1, closes for -1.
-    outcome = train(model, tokenizer, PARALLEL, result, top_k_layers=2, weights=(0.0, 1.0, 1.0), steps=30, lr=3e-3,
-                    batch_size=4, languages=["fr"], push_strength=push, progress=False)
+    outcome = train(model, tokenizer, PARALLEL, result,
+        LensTrainSettings(top_k_layers=2, weights=(0.0, 1.0, 1.0), batch_size=4, languages=["fr"], push_strength=push,
+            training=lens_schedule(steps=30, lr=3e-3)), progress=False)
     assert outcome.settings["push_strength"] == {"fr": push}
     after = gap()
     assert (after > 1.5 * before) if push > 0 else (after < 0.3 * before)
@@ -128,20 +133,26 @@ def test_train_refuses_bad_settings(tokenizer):
     model = tiny_bert()
     result = probe(model, tokenizer, TEXTS, layers=[1, 2], progress=False)
     with pytest.raises(InterventionError, match="loss layer 2 lies below the trained blocks"):
-        train(model, tokenizer, PARALLEL, result, top_k_layers=1, steps=1, progress=False)
+        train(model, tokenizer, PARALLEL, result, LensTrainSettings(top_k_layers=1,
+            training=lens_schedule(steps=1)), progress=False)
     with pytest.raises(InterventionError, match="no text for the pivot 'en'"):
-        train(model, tokenizer, [{"fr": "le chat"}], result, top_k_layers=2, steps=1, progress=False)
+        train(model, tokenizer, [{"fr": "le chat"}], result, LensTrainSettings(top_k_layers=2,
+            training=lens_schedule(steps=1)), progress=False)
     with pytest.raises(InterventionError, match="top_k_layers=9 is out of range"):
-        train(model, tokenizer, PARALLEL, result, top_k_layers=9, steps=1, progress=False)
+        train(model, tokenizer, PARALLEL, result, LensTrainSettings(top_k_layers=9,
+            training=lens_schedule(steps=1)), progress=False)
     with pytest.raises(InterventionError, match="different model"):
-        train(tiny_bert(seed=2), tokenizer, PARALLEL, result, top_k_layers=2, steps=1, progress=False)
+        train(tiny_bert(seed=2), tokenizer, PARALLEL, result, LensTrainSettings(top_k_layers=2,
+            training=lens_schedule(steps=1)), progress=False)
     with pytest.raises(InterventionError, match=r"push_strength has no value for \['de'\]"):
-        train(model, tokenizer, PARALLEL, result, top_k_layers=2, steps=1, push_strength={"fr": -1.0}, progress=False)
+        train(model, tokenizer, PARALLEL, result, LensTrainSettings(top_k_layers=2, push_strength={"fr": -1.0},
+            training=lens_schedule(steps=1)), progress=False)
 
 
 def test_lens_trains_a_causal_lm(tokenizer):
     model = tiny_llama()
     result = probe(model, tokenizer, TEXTS, progress=False)
-    outcome = train(model, tokenizer, PARALLEL, result, top_k_layers=1, steps=2, lr=1e-3, batch_size=3, progress=False)
+    outcome = train(model, tokenizer, PARALLEL, result, LensTrainSettings(top_k_layers=1, batch_size=3,
+        training=lens_schedule(steps=2, lr=1e-3)), progress=False)
     assert all(name.startswith("model.layers.2.") for name in outcome.trained_parameters)
     assert len(outcome.history) == 2

@@ -349,10 +349,12 @@ def test_cli_commands_run_from_yaml(tokenizer, tmp_path):
 def test_the_example_config_is_valid_yaml_with_every_section():
     import yaml
 
-    from polypeft.cli.lrp2_lens import EXAMPLE_CONFIG, push_strength
+    from polypeft.cli.lrp2_lens import EXAMPLE_CONFIG, InterventionRecipe
+    from polypeft.core.config import build
 
     config = yaml.safe_load(EXAMPLE_CONFIG)
     assert {"model", "languages", "pivot", "texts", "valid", "search", "lens"} <= set(config)
     # the layer-search books are kept out of the language-vector texts
     assert set(config["valid"]["bible"]["books"]) <= set(config["texts"]["bible"]["exclude_books"])
-    assert push_strength(config["lens"]["push_strength"]) == 1.0
+    lens = build(InterventionRecipe, config).lens  # the old flat `steps`/`lr` keys read into its training block
+    assert (lens.push_strength, lens.training.steps, lens.training.schedule) == (1.0, 100, "constant")

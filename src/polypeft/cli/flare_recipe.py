@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Optional
 
 from ..core.config import PositiveInt, TypedConfig
-from ..experiments.flare_recipe import RECIPES, StageSettings
+from ..experiments.flare_recipe import RECIPES, flare_stage
 from ..methods.flare.layer import FLAREConfig, FLAREError
+from ..training.settings import TrainSettings
 from .recipes import check_input_file, check_output_dir
 
 
@@ -51,8 +52,8 @@ class FlareRecipe(TypedConfig):
     target_lang: Optional[str] = None
     flare: FLAREConfig = field(default_factory=FLAREConfig)
     stage1_lora: Optional[FLAREConfig] = None
-    stage1: StageSettings = field(default_factory=StageSettings)
-    stage2: StageSettings = field(default_factory=StageSettings)
+    stage1: TrainSettings = field(default_factory=flare_stage)  # keys given in YAML change only those keys
+    stage2: TrainSettings = field(default_factory=flare_stage)
 
     def __post_init__(self) -> None:
         super().__post_init__()

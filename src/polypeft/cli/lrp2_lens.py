@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Mapping, Optional, Union
 
 from ..core.config import ConfigError, NonNegativeInt, PositiveFloat, PositiveInt, TypedConfig
+from ..interventions.lens_settings import LensTrainSettings
 from .recipes import add_recipe_arguments, check_input_file, check_output_dir, check_safetensors, load_recipe
 
 if TYPE_CHECKING:
@@ -33,7 +34,7 @@ valid:                   # parallel text for the layer search (retrieval xx -> p
   bible: {books: [45, 46, 47, 48, 49], max_verses: 400}   # layers separate (bench/RESULTS.md section 5)
   # files: {en: valid.en, fr: valid.fr}  # line-aligned
 search: {candidate_layers: [4, 8, 12], pairs: false, lirp_only: true}
-lens: {top_k_layers: 2, steps: 100, lr: 1.0e-5, weights: [1, 1, 1], batch_size: 8, push_strength: 1.0}
+lens: {top_k_layers: 2, weights: [1, 1, 1], batch_size: 8, push_strength: 1.0, training: {steps: 100, lr: 1.0e-5}}
 # push_strength: 1 pushes each language away from the pivot in its own subspace (the paper); -1 pulls it
 # toward the pivot (better for cross-lingual retrieval); a mapping {fr: 1.0, ko: 0.5} sets it per language.
 """
@@ -67,24 +68,6 @@ class SearchSettings(TypedConfig):
 
 
 @dataclass
-class LensSettings(TypedConfig):
-    """`lens:` LENS training of the top layers (push_strength: one number, or a mapping language -> number)."""
-
-    top_k_layers: PositiveInt = 2
-    weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
-    steps: PositiveInt = 100
-    lr: PositiveFloat = 1e-5
-    batch_size: PositiveInt = 8
-    seed: int = 0
-    push_strength: Union[float, dict[str, float]] = 1.0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if len(self.weights) != 3:
-            raise ConfigError(f"lens.weights={self.weights!r} must be three numbers (the three LENS losses)")
-
-
-@dataclass
 class InterventionRecipe(TypedConfig):
     """The YAML file of `polypeft lrp2 vectors|search` and `lens probe|train` (see EXAMPLE_CONFIG)."""
 
@@ -102,7 +85,7 @@ class InterventionRecipe(TypedConfig):
     valid: Optional[TextSource] = None
     train: Optional[TextSource] = None  # LENS training pairs; None: the texts
     search: SearchSettings = field(default_factory=SearchSettings)
-    lens: LensSettings = field(default_factory=LensSettings)
+    lens: LensTrainSettings = field(default_factory=LensTrainSettings)  # its max_length is the recipe's
 
     def check_paths(self) -> None:
         for section in ("texts", "valid", "train"):
@@ -267,21 +250,6 @@ def run_lens_probe(recipe: InterventionRecipe) -> "LensProbe":
     return result
 
 
-def push_strength(value: Any) -> Union[float, dict[str, float]]:
-    """The `lens.push_strength` setting: one number for every language, or a mapping language -> number."""
-    if isinstance(value, Mapping):
-        return {str(language): _number(strength, f"lens.push_strength.{language}") for language, strength in value.items()}
-    return _number(value, "lens.push_strength")
-
-
-def _number(value: Any, key: str) -> float:
-    from ..interventions.capture import InterventionError
-
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InterventionError(f"{key}={value!r} must be a number (1 pushes away from the pivot, -1 pulls toward it)")
-    return float(value)
-
-
 def run_lens_train(recipe: InterventionRecipe) -> None:
     from ..interventions import lens
 
@@ -294,12 +262,7 @@ def run_lens_train(recipe: InterventionRecipe) -> None:
     pairs_section = "train" if recipe.train is not None else "texts"
     rows = parallel_rows(getattr(recipe, pairs_section), [recipe.pivot, *recipe.others], pairs_section)
     pairs = [{language: recipe.prefix + text for language, text in row.items() if language != "ref"} for row in rows]
-    result = lens.train(
-        model, tokenizer, pairs, probe_result, top_k_layers=settings.top_k_layers,
-        weights=tuple(float(weight) for weight in settings.weights), steps=settings.steps, lr=settings.lr,
-        batch_size=settings.batch_size, max_length=recipe.max_length, seed=settings.seed,
-        push_strength=push_strength(settings.push_strength),
-    )
+    result = lens.train(model, tokenizer, pairs, probe_result, replace(settings, max_length=recipe.max_length))
     lens.save_trained_layers(model, result, output_dir / "lens_layers.safetensors")
     result.save_json(output_dir / "lens_train.json")
     print(f"wrote {output_dir / 'lens_layers.safetensors'}; last step: {result.history[-1]}")

@@ -243,6 +243,8 @@ def _build(cls: type, data: Any, source: Source) -> Any:
         raise ConfigError(f"{lead}{owner} must be a mapping of keys {sorted(field_hints(cls))}, "
                           f"got {type(data).__name__} {data!r}")
     hints = field_hints(cls)
+    data, source = with_moved_keys(cls, data, source, lead)
+    data, source = over_defaults(cls, data, source, lead)
     unknown = sorted(str(key) for key in set(data) - set(hints))
     if unknown:
         method = f" for method {cls.method!r}" if getattr(cls, "method", "") else ""
@@ -262,6 +264,42 @@ def _build(cls: type, data: Any, source: Source) -> Any:
         if where and not str(error).startswith(source.name or where):
             raise type(error)(f"{where}: {error}") from None
         raise
+
+
+def with_moved_keys(cls: type, data: Mapping[str, Any], source: Source, lead: str,
+                    block_path: str = "") -> tuple[dict[str, Any], Source]:
+    """`data` with the keys a class moved (`moved_keys`: old key -> new key or "block.key") in their new place and
+    `source` knowing their lines, so old files still read; `block_path`: where `data` sits below `source`."""
+    data, lines = dict(data), dict(source.lines)
+    for old, new in getattr(cls, "moved_keys", {}).items():
+        if old not in data:
+            continue
+        block, _, key = new.rpartition(".")
+        target = data.get(block, {}) if block else data
+        if not isinstance(target, Mapping) or key in target:
+            raise ConfigError(f"{lead}{old!r} and {new!r} are both given: {old!r} is the old name of {new!r}; "
+                              f"keep {new!r}")
+        value = data.pop(old)
+        data.update({block: {**target, key: value}} if block else {key: value})
+        old_path, new_path = (source.label(f"{block_path}{name}") for name in (old, new))
+        if old_path in lines:
+            lines[new_path] = lines[old_path]
+    return data, dataclasses.replace(source, lines=lines)
+
+
+def over_defaults(cls: type, data: dict[str, Any], source: Source, lead: str) -> tuple[dict[str, Any], Source]:
+    """A nested block given as a mapping changes only the keys it names: the rest keep the field's default
+    (a recipe's own defaults for its training block, not the block class's)."""
+    for field in dataclasses.fields(cls):
+        value = data.get(field.name)
+        if not isinstance(value, Mapping) or field.default_factory is dataclasses.MISSING:
+            continue
+        default = field.default_factory()
+        if dataclasses.is_dataclass(default):
+            given, source = with_moved_keys(type(default), value, source, f"{lead}{field.name}: ", f"{field.name}.")
+            data[field.name] = {**{f.name: getattr(default, f.name) for f in dataclasses.fields(default) if f.init},
+                                **given}
+    return data, source
 
 
 def recipe_from_dict(cls: type, data: Mapping[str, Any], where: Union[str, Source] = "recipe") -> Any:
@@ -338,6 +376,8 @@ class TypedConfig:
     """
 
     error_type: ClassVar[type] = ConfigError  # a subclass of ConfigError, for methods with their own
+    # Keys that moved (old key -> new key or "block.key"): read from mappings, so old files keep working.
+    moved_keys: ClassVar[Mapping[str, str]] = {}
 
     def __post_init__(self) -> None:
         try:

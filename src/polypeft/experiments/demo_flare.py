@@ -16,7 +16,7 @@ import torch
 from ..backbones.e5 import QUERY_PREFIX
 from ..methods.flare.layer import FLAREConfig
 from ..model.poly_model import wrap
-from .flare_recipe import StageSettings, TrainedRecipe, run_recipe, train_english_lora, with_task_head
+from .flare_recipe import TrainedRecipe, flare_stage, run_recipe, train_english_lora, with_task_head
 from ..tasks.classification import classification_model
 from .bible_eval import SECTION_NAMES, verse_classification
 from .demo_store import PartResult, Row
@@ -89,7 +89,7 @@ def run(model, tokenizer, quick: bool, folder: Path) -> PartResult:
     started = time.perf_counter()
     torch.manual_seed(config["seed"])
     english = [target for target, _ in batches(tokenizer, train_rows, "en", size, length)]
-    stage1 = StageSettings(steps=config["stage1_steps"], learning_rate=config["lr"], seed=config["seed"])
+    stage1 = flare_stage(steps=config["stage1_steps"], lr=config["lr"], seed=config["seed"])
     merged = train_english_lora(classification_model(encoder, list(SECTION_NAMES)), english, lora, stage1)
     stage1_seconds = time.perf_counter() - started
     scores: dict[str, dict[str, float]] = {}
@@ -99,7 +99,7 @@ def run(model, tokenizer, quick: bool, folder: Path) -> PartResult:
         test = batches(tokenizer, test_rows, target, 32, length)
         for recipe in ("translate_train", "flare"):
             started = time.perf_counter()
-            stage2 = StageSettings(steps=config["stage2_steps"], learning_rate=config["lr"], seed=config["seed"])
+            stage2 = flare_stage(steps=config["stage2_steps"], lr=config["lr"], seed=config["seed"])
             trained = run_recipe(copy.deepcopy(merged), recipe, [], parallel, lora, flare, stage2=stage2,
                                  pad_token_id=tokenizer.pad_token_id, skip_stage1=True)
             scores.setdefault(recipe, {})[target] = accuracy(trained, test)

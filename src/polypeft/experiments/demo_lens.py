@@ -42,9 +42,11 @@ def run(model, tokenizer, corpus, quick: bool, config: retrieval.RetrievalSettin
     # Training pairs: parallel training-book verses, every second one of a spread (the probe's are others).
     rows = retrieval.training_rows(corpus, config, 2 * sizes["pairs"])[1::2]
     pairs = [{language: retrieval.QUERY_PREFIX + row[language] for language in languages} for row in rows]
-    result = lens.train(model, tokenizer, pairs, probe, top_k_layers=sizes["top_k_layers"], steps=sizes["steps"],
-                        weights=tuple(sizes["weights"]), lr=sizes["lr"], batch_size=sizes["batch_size"],
-                        max_length=config.max_length, push_strength=PUSH_STRENGTH)
+    trained_settings = lens.LensTrainSettings(
+        top_k_layers=sizes["top_k_layers"], weights=list(sizes["weights"]), batch_size=sizes["batch_size"],
+        max_length=config.max_length, push_strength=PUSH_STRENGTH,
+        training=lens.lens_schedule(steps=sizes["steps"], lr=sizes["lr"]))
+    result = lens.train(model, tokenizer, pairs, probe, trained_settings)
     after = {"candidates": retrieval.encode(model, tokenizer, test.candidates, config)}
     for language, (query_texts, _) in test.queries.items():
         after[language] = retrieval.encode(model, tokenizer, query_texts, config)

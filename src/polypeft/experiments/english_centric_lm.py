@@ -120,9 +120,10 @@ def lens_variant(base: nn.Module, tokenizer: CausalLmTokenizer, probed: tuple[li
     """A copy of the base model with its top layers trained by LENS on the probed sample (`lens_probe`)."""
     rows, probe = probed
     model = copy.deepcopy(base)
-    result = lens.train(model, tokenizer, rows, probe, top_k_layers=settings.lens_top_layers, steps=settings.lens_steps,
-                        lr=lr, batch_size=settings.lens_batch_size, push_strength=push, seed=seed,
-                        weights=tuple(weights), progress=settings.progress)
+    lens_settings = lens.LensTrainSettings(top_k_layers=settings.lens_top_layers, batch_size=settings.lens_batch_size,
+                                           push_strength=push, seed=seed, weights=list(weights),
+                                           training=lens.lens_schedule(steps=settings.lens_steps, lr=lr))
+    result = lens.train(model, tokenizer, rows, probe, lens_settings, progress=settings.progress)
     first, last = result.history[0], result.history[-1]
     return model.eval(), {"first_step": first, "last_step": last, "pooling": probe.pooling, "lr": lr,
                           "weights": list(weights)}

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, replace
-from typing import Any, Callable, ClassVar, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 import torch
 from torch import nn
 
-from ..core.config import NonNegativeFloat, NonNegativeInt, PositiveFloat, TypedConfig
 from ..methods.flare.layer import FLAREConfig, FLAREError
 from ..model.poly_model import wrap
 from ..model.trainable import TASK_HEAD_NAMES
@@ -22,23 +21,10 @@ Batch = Mapping[str, Any]
 ParallelBatch = tuple[Batch, Batch]  # (target-language batch, its English parallel batch)
 
 
-@dataclass
-class StageSettings(TypedConfig):
-    """One stage's optimisation: AdamW at a constant `learning_rate` for `steps` steps over the batches (cycled)."""
-
-    error_type: ClassVar[type] = FLAREError
-    steps: NonNegativeInt = 100
-    learning_rate: PositiveFloat = 1e-3
-    weight_decay: NonNegativeFloat = 0.0
-    max_grad_norm: NonNegativeFloat = 1.0
-    seed: NonNegativeInt = 0
-    progress: bool = True
-
-    def loop_settings(self) -> TrainSettings:
-        """The training loop's settings for this stage (no warm-up, no decay: the FLARE paper's recipe)."""
-        return TrainSettings(steps=self.steps, lr=self.learning_rate, warmup=0, schedule="constant",
-                             betas=(0.9, 0.999), weight_decay=self.weight_decay, clip_norm=self.max_grad_norm,
-                             seed=self.seed, progress=self.progress)
+def flare_stage(**changes) -> TrainSettings:
+    """One stage's optimisation, the FLARE paper's: AdamW at a constant rate, no warm-up, 100 steps by default."""
+    return TrainSettings(**{"steps": 100, "lr": 1e-3, "warmup": 0, "schedule": "constant", "betas": (0.9, 0.999),
+                            "seed": 0, **changes})
 
 
 # -- input-level fusion baseline ------------------------------------------------------------------
@@ -126,16 +112,14 @@ def on_target_positions(values: torch.Tensor, target_positions: torch.Tensor) ->
 
 # -- training -------------------------------------------------------------------------------------
 
-def train_steps(model: nn.Module, parameters: list[nn.Parameter], batches: Iterable[Any], settings: StageSettings,
+def train_steps(model: nn.Module, parameters: list[nn.Parameter], batches: Iterable[Any], settings: TrainSettings,
                 loss_of: Callable[[Any], torch.Tensor], description: str) -> list[float]:
     """`settings.steps` steps of the training loop over the batches (cycled); returns the loss of each step."""
-    if settings.steps == 0:
-        return []
     if not parameters:
         raise FLAREError(f"{description}: nothing to train (no trainable parameters)")
     try:
         result = train(model, lambda: itertools.cycle(batches), lambda _, batch: (loss_of(batch), 1),
-                       settings.loop_settings(), parameters=parameters, device_placement=False, description=description)
+                       settings, parameters=parameters, device_placement=False, description=description)
     except BatchStreamEnded:
         raise FLAREError(f"{description}: no batches to train on ({settings.steps} steps asked for)") from None
     model.eval()
@@ -156,7 +140,7 @@ def trainable(model: nn.Module) -> list[nn.Parameter]:
 
 
 def train_english_lora(base_model: nn.Module, english_batches: Iterable[Batch], config: FLAREConfig,
-                       settings: StageSettings) -> nn.Module:
+                       settings: TrainSettings) -> nn.Module:
     """Stage 1: a plain LoRA (plus the task head) on the English task, merged into the base."""
     lora = wrap(base_model, with_task_head(base_model, replace(config, fusion=None, alignment=None)))
     train_steps(lora, trainable(lora), english_batches, settings, lambda batch: lora(**batch).loss,
@@ -197,8 +181,8 @@ def run_recipe(
     parallel_batches: Iterable[ParallelBatch],
     stage1_config: FLAREConfig,
     stage2_config: Optional[FLAREConfig] = None,
-    stage1: Optional[StageSettings] = None,
-    stage2: Optional[StageSettings] = None,
+    stage1: Optional[TrainSettings] = None,
+    stage2: Optional[TrainSettings] = None,
     mt_encoder: Optional[nn.Module] = None,
     pad_token_id: int = 0,
     skip_stage1: bool = False,
@@ -210,7 +194,7 @@ def run_recipe(
     """
     if recipe not in RECIPES:
         raise FLAREError(f"recipe={recipe!r} is not allowed; choose one of {list(RECIPES)}")
-    stage1, stage2 = stage1 or StageSettings(), stage2 or StageSettings()
+    stage1, stage2 = stage1 or flare_stage(), stage2 or flare_stage()
     merged = base_model if skip_stage1 else train_english_lora(base_model, english_batches, stage1_config, stage1)
     if recipe == "zero_shot":
         return TrainedRecipe(recipe, merged, pad_token_id)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
 
@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.fileio import atomic_write
-from ..training.loop import TrainSettings, train as training_loop
+from ..training.loop import train as training_loop
 from .capture import (
     POOLINGS,
     InterventionError,
@@ -33,6 +33,7 @@ from .capture import (
     resolve_stacks,
 )
 from .lens_objective import LensObjective, pair_batches, text_pairs
+from .lens_settings import LensTrainSettings, lens_schedule  # noqa: F401  (lens_schedule: part of pp.lens)
 
 PROBE_WEIGHTS = "lens_probe.safetensors"
 PROBE_CONFIG = "lens_probe.json"
@@ -289,39 +290,25 @@ def top_layer_parameters(model: nn.Module, stack: str, top_k_layers: int) -> dic
     return {name: parameter for name, parameter in model.named_parameters() if id(parameter) in wanted}
 
 
-def train(
-    model: nn.Module,
-    tokenizer,
-    parallel_pairs: Sequence[Mapping[str, str]],
-    probe_result: LensProbe,
-    top_k_layers: int = 2,
-    weights: tuple[float, float, float] = (1.0, 1.0, 1.0),
-    steps: int = 100,
-    lr: float = 1e-5,
-    batch_size: int = 8,
-    languages: Optional[Sequence[str]] = None,
-    push_strength: Union[float, Mapping[str, float]] = 1.0,
-    layer: Optional[int] = None,
-    max_length: int = 128,
-    seed: int = 0,
-    progress: bool = True,
-) -> LensTrainResult:
-    """Train the top `top_k_layers` blocks with the three LENS losses; everything else stays frozen.
+def train(model: nn.Module, tokenizer, parallel_pairs: Sequence[Mapping[str, str]], probe_result: LensProbe,
+          settings: Optional[LensTrainSettings] = None, progress: bool = True) -> LensTrainResult:
+    """Train the top `settings.top_k_layers` blocks with the three LENS losses; everything else stays frozen.
 
     `parallel_pairs`: dicts language -> text holding the pivot and some target languages (extra
-    keys such as "ref" are ignored). On the pooled state of `layer` (default: last probed layer):
+    keys such as "ref" are ignored). On the pooled state of the loss layer:
       align    = MSE(P_a h_t, P_a h_pivot)                 agnostic part of target meets the pivot's
       separate = MSE(P_s h_t - P_s h_t^ref, s_l * d_l)      target moves along its own direction d_l
       retain   = MSE(h_pivot, h_pivot^ref)                  pivot stays where the frozen model had it
-    weighted by `weights` = (align, separate, retain) (paper: 1, 1, 1). s_l is `push_strength`: the paper's
-    1 pushes a language away from the pivot; a negative value pulls it toward the pivot (cross-lingual retrieval
-    wants that, see bench/RESULTS.md §5). h^ref are the frozen model's
-    states, computed once before training. Dropout stays off: the targets are exact states.
+    weighted by `settings.weights` (paper: 1, 1, 1). s_l is the push strength: the paper's 1 pushes a language
+    away from the pivot; a negative value pulls it toward the pivot (cross-lingual retrieval wants that, see
+    bench/RESULTS.md §5). h^ref are the frozen model's states, computed once before training. Dropout stays
+    off: the targets are exact states.
     """
+    settings = settings or LensTrainSettings()
     probe_result.check_model(model, where="LENS train")
-    stack = probe_result.stack
+    stack, top_k_layers = probe_result.stack, settings.top_k_layers
     blocks = find_blocks(model)[stack]
-    layer = probe_result.layers[-1] if layer is None else layer
+    layer = probe_result.layers[-1] if settings.layer is None else settings.layer
     probe_result.row(layer)
     first_trained_output = len(blocks) - top_k_layers + 1
     trainable = top_layer_parameters(model, stack, top_k_layers)
@@ -330,8 +317,7 @@ def train(
             f"LENS train: the loss layer {layer} lies below the trained blocks (they produce layers "
             f"{first_trained_output}..{len(blocks)}); raise top_k_layers or use a higher layer"
         )
-    if len(weights) != 3 or any(weight < 0 for weight in weights):
-        raise InterventionError(f"LENS train: weights must be three non-negative numbers (align, separate, retain), got {weights}")
+    weights, languages, push_strength = tuple(settings.weights), settings.languages, settings.push_strength
     pivot = probe_result.pivot
     languages = [code for code in probe_result.languages if code != pivot] if languages is None else list(languages)
     unknown = [code for code in languages if code not in probe_result.languages or code == pivot]
@@ -352,27 +338,26 @@ def train(
             f"trained languages are {languages}"
         )
     strengths = {code: float(push_strength[code]) for code in languages}
-    objective = LensObjective.build(model, tokenizer, probe_result, pairs, layer, weights, strengths, batch_size,
-                                    max_length)
+    objective = LensObjective.build(model, tokenizer, probe_result, pairs, layer, weights, strengths,
+                                    settings.batch_size, settings.max_length)
     flags = {name: parameter.requires_grad for name, parameter in model.named_parameters()}
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(name in trainable)
-    loop_settings = TrainSettings(steps=steps, lr=lr, warmup=0, schedule="constant", betas=(0.9, 0.999),
-                                  clip_norm=0.0, seed=None, progress=progress)
+    loop_settings = replace(settings.training, progress=progress and settings.training.progress)
     try:  # dropout stays off (train_mode=False): the targets are exact states
-        training_loop(model, pair_batches(pairs, batch_size, seed), objective, loop_settings,
+        training_loop(model, pair_batches(pairs, settings.batch_size, settings.seed), objective, loop_settings,
                       parameters=list(trainable.values()), device_placement=False, train_mode=False,
                       description="LENS train")
     finally:
         for name, parameter in model.named_parameters():
             parameter.requires_grad_(flags[name])
-    settings = {
-        "top_k_layers": top_k_layers, "weights": list(weights), "steps": steps, "lr": lr,
-        "batch_size": batch_size, "languages": languages, "pivot": pivot, "layer": layer,
-        "stack": stack, "pooling": probe_result.pooling, "push_strength": strengths, "seed": seed,
-        "num_pairs": len(pairs),
+    record = {
+        "top_k_layers": top_k_layers, "weights": list(weights), "steps": settings.training.steps,
+        "lr": settings.training.lr, "batch_size": settings.batch_size, "languages": languages, "pivot": pivot,
+        "layer": layer, "stack": stack, "pooling": probe_result.pooling, "push_strength": strengths,
+        "seed": settings.seed, "num_pairs": len(pairs),
     }
-    return LensTrainResult(trained_parameters=sorted(trainable), history=objective.history, settings=settings)
+    return LensTrainResult(trained_parameters=sorted(trainable), history=objective.history, settings=record)
 
 
 def save_trained_layers(model: nn.Module, result: LensTrainResult, path: Union[str, os.PathLike]) -> Path:

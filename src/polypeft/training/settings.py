@@ -5,7 +5,7 @@ Checked on construction by the one typed validator, so a bad value stops a run b
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Literal, Optional, get_args
+from typing import Annotated, ClassVar, Literal, Mapping, Optional, get_args
 
 from ..core.config import (ConfigError, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Range,
                            TypedConfig)
@@ -26,6 +26,8 @@ class TrainSettings(TypedConfig):
     does not clip; `checkpoint_every`, `valid_every` (0: never) and `log_every` count optimiser steps.
     """
 
+    # FLARE's stage blocks once said learning_rate and max_grad_norm.
+    moved_keys: ClassVar[Mapping[str, str]] = {"learning_rate": "lr", "max_grad_norm": "clip_norm"}
     steps: PositiveInt = 1000
     lr: PositiveFloat = 5e-4
     warmup: NonNegativeInt = 200
