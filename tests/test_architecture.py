@@ -152,3 +152,26 @@ def test_public_api_is_an_explicit_list():
     assert not missing, f"__all__ names what polypeft does not define: {missing}"
     unlisted = sorted((set(polypeft._WHERE) | set(polypeft._MODULES)) - set(names))
     assert not unlisted, f"the lazy import table exports names __all__ does not list: {unlisted}"
+
+
+# The project's own experiments and their material: importable from their modules, never the library's API.
+EXPERIMENT_MODULES = (".experiments", ".data.bible")
+EXPERIMENT_NAMES = ("BibleCorpus", "BibleSplit", "BIBLE_VERSIONS", "bible_spm", "QUERY_PREFIX", "PASSAGE_PREFIX",
+                    "run_recipe", "FLARE_RECIPES")
+
+
+def test_the_public_api_is_the_library():
+    import polypeft
+
+    from_experiments = sorted(name for name, (module, _) in polypeft._WHERE.items()
+                              if module.startswith(EXPERIMENT_MODULES))
+    assert not from_experiments, f"polypeft.__all__ exports the project's experiments: {from_experiments}"
+    assert not set(EXPERIMENT_NAMES) & set(polypeft.__all__)
+
+
+@pytest.mark.parametrize("name", EXPERIMENT_NAMES)
+def test_names_moved_to_the_experiments_still_import_with_a_warning(name):
+    import polypeft
+
+    with pytest.warns(DeprecationWarning, match=rf"polypeft\.{name} is part of the project's experiments"):
+        assert getattr(polypeft, name) is not None
