@@ -21,7 +21,11 @@ test: $(STAMP)
 	# pytest's exit 5 means no test ran: a failure, said out loud (make itself then exits 2).
 	$(PY) -m pytest -q tests || { rc=$$?; [ $$rc -ne 5 ] || echo "pytest collected no tests: failing" >&2; exit $$rc; }
 
+# The edit loop's tier: every test not marked slow (under two minutes on a 2-core CPU).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
+
 bench-deps: $(STAMP)
 	$(PY) -m pip install -e ".[bench]"
 
-.PHONY: install demo test bench-deps
+.PHONY: install demo test test-fast bench-deps

@@ -140,6 +140,7 @@ COMPILED_METHODS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", list(COMPILED_METHODS))
 def test_compiled_model_serves_any_route_mix_without_recompiling(method):
     import torch._dynamo

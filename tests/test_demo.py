@@ -13,6 +13,8 @@ import pytest
 
 from polypeft.experiments.demo_store import PartResult, Row, finished_result, run_part, settings_key
 
+pytestmark = pytest.mark.slow  # every test here takes many seconds
+
 
 def test_a_part_is_stored_under_its_settings_and_reused_only_with_the_same_ones(tmp_path):
     calls = []

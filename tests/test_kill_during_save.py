@@ -10,6 +10,7 @@ import re
 import signal
 import time
 
+import pytest
 import torch
 
 import polypeft as pp
@@ -68,6 +69,7 @@ def temporaries(folder) -> list[str]:
     return sorted(str(p) for p in folder.rglob("*") if p.name.startswith(".") and ".tmp" in p.name)
 
 
+@pytest.mark.slow
 def test_a_writer_killed_at_random_never_leaves_a_mixed_folder(tmp_path):
     save, routes = tmp_path / "save", tmp_path / "routes"
     write(model_of_generation(1), 1, save, routes)

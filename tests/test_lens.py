@@ -15,7 +15,7 @@ from polypeft.interventions.lens import (
 )
 from polypeft.interventions.capture import InterventionError
 from polypeft.interventions.lrp2 import language_vectors
-from test_lrp2 import TEXTS, tiny_bert, tiny_llama, tiny_tokenizer
+from test_lrp2 import TEXTS, WORDS, tiny_bert, tiny_llama  # noqa: F401 (tiny_tokenizer reads WORDS)
 
 PARALLEL = [
     {"en": "the cat", "fr": "le chat", "de": "die katze", "ref": "1"},
@@ -25,9 +25,9 @@ PARALLEL = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer()
+@pytest.fixture
+def tokenizer(tiny_tokenizer):
+    return tiny_tokenizer
 
 
 def test_probe_geometry(tokenizer):

@@ -64,6 +64,7 @@ def mixed_path(request, monkeypatch):
     return request.param
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ALL_KINDS)
 @pytest.mark.parametrize("synthesis", SYNTHESES)
 @pytest.mark.parametrize("pattern", sorted(MIXED_PATTERNS))

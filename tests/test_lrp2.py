@@ -28,13 +28,6 @@ TEXTS = {
 }
 
 
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {"[PAD]": 0, "[UNK]": 1, **{word: index + 2 for index, word in enumerate(WORDS)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]")
-
-
 def tiny_bert(seed: int = 0) -> BertModel:
     torch.manual_seed(seed)
     config = BertConfig(
@@ -63,17 +56,17 @@ def tiny_llama() -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer()
+@pytest.fixture
+def tokenizer(tiny_tokenizer):
+    return tiny_tokenizer
 
 
 def encode(tokenizer, texts):
     return tokenizer(texts, padding=True, return_tensors="pt", return_token_type_ids=False)
 
 
-def test_a_failed_construction_leaves_no_hook_behind():
-    model, tokenizer = tiny_bart(), tiny_tokenizer()
+def test_a_failed_construction_leaves_no_hook_behind(tiny_tokenizer):
+    model, tokenizer = tiny_bart(), tiny_tokenizer
     vectors = language_vectors(model, TEXTS, tokenizer, stack="both", progress=False)
     del vectors.means["decoder"]["fr"]  # the encoder's hooks attach first, then the decoder's table fails
     batch = tokenizer(["la maison le chat"], return_tensors="pt")
@@ -86,12 +79,12 @@ def test_a_failed_construction_leaves_no_hook_behind():
     assert torch.equal(model(**batch).last_hidden_state, before)
 
 
-def test_last_token_vectors_of_an_absolute_position_model_do_not_depend_on_padding():
+def test_last_token_vectors_of_an_absolute_position_model_do_not_depend_on_padding(tiny_tokenizer):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_embd=16, n_layer=2, n_head=2, n_positions=32)).eval()
-    tokenizer = tiny_tokenizer()
+    tokenizer = tiny_tokenizer
     tokenizer.padding_side = "left"  # the usual setting for causal LMs
     texts = {"en": TEXTS["en"], "fr": TEXTS["fr"]}  # sentences of different lengths: padded in a batch
     batched = language_vectors(model, texts, tokenizer, pooling="last", batch_size=3, progress=False)

@@ -8,7 +8,7 @@ import torch
 
 from polypeft.interventions.lrp2 import LRP2, language_vectors
 from polypeft.interventions.search import MIN_VALIDATION_EXAMPLES, bonferroni_z, search_layers
-from test_lrp2 import TEXTS, encode, tiny_bert, tiny_tokenizer
+from test_lrp2 import TEXTS, WORDS, encode, tiny_bert  # noqa: F401 (tiny_tokenizer reads WORDS)
 
 
 def outcomes(correct: int, total: int = 400, offset: int = 0) -> torch.Tensor:
@@ -87,8 +87,8 @@ def test_unpaired_outcomes_are_refused():
         search({(1, None): torch.ones(80)}, torch.zeros(100)).best("fr")
 
 
-def test_mean_language_pivot_shifts_both_sides():
-    model, tokenizer = tiny_bert(), tiny_tokenizer()
+def test_mean_language_pivot_shifts_both_sides(tiny_tokenizer):
+    model, tokenizer = tiny_bert(), tiny_tokenizer
     vectors = language_vectors(model, TEXTS, tokenizer, progress=False)
     both = vectors.with_mean_language("all")
     expected = torch.stack([vectors.vector(code, 1) for code in ("de", "en", "fr")]).mean(0)

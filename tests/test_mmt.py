@@ -44,6 +44,7 @@ def mean_loss(model, data: MMTData, recipe: MMTRecipe, batches: int = 4) -> floa
         return sum(float(loss_fn(model, next(stream))[0]) for _ in range(batches)) / batches
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS, ids=lambda m: "-".join(str(v) for v in m.values()))
 def test_a_few_steps_lower_the_loss(method, data, tmp_path):
     run = recipe(tmp_path, method, steps=25)
@@ -62,6 +63,7 @@ def test_a_few_steps_lower_the_loss(method, data, tmp_path):
         assert (params["shared_route"] > 0) == bool(method.get("fd"))
 
 
+@pytest.mark.slow
 def test_resume_ends_where_an_uninterrupted_run_ends(data, tmp_path):
     method = {"name": "lms", "rank": 4, "fd": True}
     full = recipe(tmp_path / "full", method, steps=6, checkpoint_every=3)
@@ -82,6 +84,7 @@ def test_resume_ends_where_an_uninterrupted_run_ends(data, tmp_path):
     assert c["step"] == 6
 
 
+@pytest.mark.slow
 def test_a_resumed_run_logs_every_step_once(data, tmp_path):
     stopped = recipe(tmp_path, {"name": "naive"}, steps=3, checkpoint_every=3)
     train_run(stopped, data=data)
@@ -99,6 +102,7 @@ def test_resume_without_a_checkpoint_is_refused(data, tmp_path):
         train_run(recipe(tmp_path, {"name": "naive"}), data=data, resume=True)
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_recipe_and_a_checkpoint_past_the_steps(data, tmp_path):
     stopped = recipe(tmp_path, {"name": "naive"}, steps=3, checkpoint_every=3)
     train_run(stopped, data=data)
@@ -110,6 +114,7 @@ def test_resume_refuses_another_recipe_and_a_checkpoint_past_the_steps(data, tmp
     assert load_checkpoint(stopped.run_dir / CHECKPOINT_NAME)["step"] == 4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", [{"name": "naive"}, {"name": "lms", "rank": 4}, {"name": "lms", "rank": 4, "fd": True}],
                          ids=["naive", "lms", "lms_fd"])
 def test_translation_encoder_reads_english_tagged_for_the_target(method, data, tmp_path):
@@ -132,6 +137,7 @@ def test_translation_encoder_reads_english_tagged_for_the_target(method, data, t
         translation_encoder(run_dir, "ko")
 
 
+@pytest.mark.slow
 def test_overfit_model_translates_its_training_pairs(data, tmp_path):
     handful = [e for e in data.train if e.ref in ("0", "5", "10")]
     few = MMTData(data.tokenizer, handful, handful, handful)
@@ -188,6 +194,7 @@ def test_cli_trains_evaluates_and_compares_on_the_bible(tmp_path):
     assert set(result["variants"]["fd_share"]["directions"]) == {"en-de", "de-en"}
 
 
+@pytest.mark.slow
 def test_cross_entropy_scores_the_shared_route_when_asked(data, tmp_path):
     from polypeft.tasks.translation.run import load_run, valid_loss_fn
 
@@ -205,6 +212,7 @@ def test_cross_entropy_scores_the_shared_route_when_asked(data, tmp_path):
     assert 0 < shared < 10 and 0 < own < 10
 
 
+@pytest.mark.slow
 def test_a_recipe_trains_in_bf16_and_refuses_an_unknown_precision(data, tmp_path):
     with pytest.raises(pp.ConfigError, match=r"MMTRecipe.mixed_precision='fp8' is not allowed; choose one of "
                                              r"\['no', 'bf16', 'fp16'\]"):
@@ -218,6 +226,7 @@ def test_a_recipe_trains_in_bf16_and_refuses_an_unknown_precision(data, tmp_path
     assert load_checkpoint(run_dir / CHECKPOINT_NAME)["step"] == 2
 
 
+@pytest.mark.slow
 def test_validation_loss_is_logged_every_n_steps_and_at_the_end(data, tmp_path):
     run_dir = train_run(recipe(tmp_path, {"name": "naive"}, steps=7, valid_every=3), data=data)
     records = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]

@@ -119,6 +119,7 @@ def test_tied_weights_appear_once_in_the_state_dict_and_load_back_strictly(tmp_p
     assert fresh.base_model.lm_head.weight is fresh.base_model.model.shared.weight
 
 
+@pytest.mark.slow
 def test_a_plain_trainer_saves_a_tied_model_and_its_checkpoint_loads_with_the_config(tmp_path):
     config = pp.LMSConfig(languages=LANGS, rank=4, synthesis="language")
     poly = pp.wrap(build("bart").float(), config)

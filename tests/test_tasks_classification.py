@@ -13,10 +13,6 @@ from tiny_models import bert_tokenizer
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "good", "great", "fine", "bad", "awful", "poor", "movie", "food", "very"]
 
 
-def tiny_tokenizer():
-    return bert_tokenizer(WORDS)
-
-
 def tiny_encoder():
     torch.manual_seed(0)
     config = BertConfig(vocab_size=len(WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -60,8 +56,8 @@ def test_hf_dataset_class_labels_are_used():
     assert data.label_names == ["neg", "neu", "pos"] and [e.label for e in data.examples] == [2, 0]
 
 
-def test_head_keeps_encoder_weights_and_learns():
-    encoder, tokenizer = tiny_encoder(), tiny_tokenizer()
+def test_head_keeps_encoder_weights_and_learns(tiny_tokenizer):
+    encoder, tokenizer = tiny_encoder(), tiny_tokenizer
     model = classification_model(encoder, ["neg", "pos"])
     assert type(model).__name__ == "BertForSequenceClassification"
     assert torch.equal(model.bert.embeddings.word_embeddings.weight, encoder.embeddings.word_embeddings.weight)

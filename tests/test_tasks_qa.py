@@ -13,10 +13,6 @@ CONTEXT = "the tower was built in 1889 by gustave eiffel for the world fair in p
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "who", "when", "built", "what"] + sorted(set(CONTEXT.split()))
 
 
-def tiny_tokenizer():
-    return bert_tokenizer(WORDS)
-
-
 def squad_file(path, answer_start):
     document = {"version": "1.1", "data": [{"title": "Eiffel", "paragraphs": [{"context": CONTEXT, "qas": [
         {"id": "q-when", "question": "when built", "answers": [{"text": "1889", "answer_start": CONTEXT.index("1889")}]},
@@ -46,8 +42,8 @@ def test_answer_outside_the_context_names_file_and_line(tmp_path):
         read_qa(flat)
 
 
-def test_span_labels_and_windows_point_at_the_answer(tmp_path):
-    tokenizer = tiny_tokenizer()
+def test_span_labels_and_windows_point_at_the_answer(tmp_path, tiny_tokenizer):
+    tokenizer = tiny_tokenizer
     examples = read_qa(squad_file(tmp_path / "dev.json", CONTEXT.index("gustave")))
     encoded = encode_qa(tokenizer, examples, max_length=12, stride=4)
     inputs = encoded["inputs"]
@@ -72,12 +68,12 @@ def test_squad_metrics():
     assert scores["f1"] == pytest.approx(100 * (1 + 2 / 3) / 2)
 
 
-def test_head_predicts_spans_from_the_context(tmp_path):
+def test_head_predicts_spans_from_the_context(tmp_path, tiny_tokenizer):
     torch.manual_seed(0)
     config = BertConfig(vocab_size=len(WORDS), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
                         attention_probs_dropout_prob=0.0)
-    model, tokenizer = qa_model(BertModel(config)), tiny_tokenizer()
+    model, tokenizer = qa_model(BertModel(config)), tiny_tokenizer
     assert type(model).__name__ == "BertForQuestionAnswering"
     examples = read_qa(squad_file(tmp_path / "train.json", CONTEXT.index("gustave")))
     encoded = encode_qa(tokenizer, examples, max_length=64, stride=16)

@@ -10,10 +10,6 @@ from tiny_models import bert_tokenizer
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + [f"w{i}" for i in range(30)]
 
 
-def tiny_tokenizer():
-    return bert_tokenizer(WORDS)
-
-
 def test_accuracy_counts_the_diagonal():
     targets = torch.eye(4)
     assert retrieval_accuracy(targets + 0.1, targets) == 1.0
@@ -30,11 +26,11 @@ def test_read_bitext_from_tsv_and_rows(tmp_path):
         read_bitext([{"de": "", "en": "x"}], source_column="de", target_column="en")
 
 
-def test_retrieval_per_layer_on_a_tiny_encoder():
+def test_retrieval_per_layer_on_a_tiny_encoder(tiny_tokenizer):
     torch.manual_seed(0)
     config = BertConfig(vocab_size=len(WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=32)
-    model, tokenizer = BertModel(config).eval(), tiny_tokenizer()
+    model, tokenizer = BertModel(config).eval(), tiny_tokenizer
     sentences = [" ".join(f"w{(i * 7 + j * 3) % 30}" for j in range(4)) for i in range(10)]
     scores = bitext_retrieval(model, tokenizer, sentences, sentences, layers=[0, 1, None])
     assert scores == {0: 1.0, 1: 1.0, None: 1.0}  # identical sides: every sentence finds itself

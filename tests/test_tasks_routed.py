@@ -25,10 +25,6 @@ LANGUAGES = ["de", "fr", "sw"]  # "sw" never appears in training data: its route
 TRAIN_LANGUAGES = ["de", "fr", "de", "fr"]
 
 
-def tiny_tokenizer():
-    return bert_tokenizer(WORDS)
-
-
 def tiny_encoder():
     torch.manual_seed(0)
     config = BertConfig(vocab_size=len(WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -149,9 +145,9 @@ def test_tydiqa_goldp_ids_name_the_language(tmp_path):
 # ---------------------------------------------------------------------------------------------- routed prediction
 
 @pytest.mark.parametrize("name", list(TASKS))
-def test_prediction_routes_each_example_by_its_language(name):
+def test_prediction_routes_each_example_by_its_language(name, tiny_tokenizer):
     poly, task = routed_task(name)
-    tokenizer, examples, predict = tiny_tokenizer(), task["examples"](), task["predict"]
+    tokenizer, examples, predict = tiny_tokenizer, task["examples"](), task["predict"]
     mixed = as_list(predict(poly, tokenizer, examples, batch_size=3))  # mixed languages, two batches
     alone = [as_list(predict(poly, tokenizer, [example]))[0] for example in examples]
     assert mixed == alone
@@ -160,9 +156,9 @@ def test_prediction_routes_each_example_by_its_language(name):
 
 
 @pytest.mark.parametrize("name", list(TASKS))
-def test_shared_route_overrides_languages_on_an_fd_model(name):
+def test_shared_route_overrides_languages_on_an_fd_model(name, tiny_tokenizer):
     poly, task = routed_task(name, shared_route=True)
-    tokenizer, examples, predict = tiny_tokenizer(), task["examples"](), task["predict"]
+    tokenizer, examples, predict = tiny_tokenizer, task["examples"](), task["predict"]
     unlabelled = [replace(e, lang=None) for e in examples]
     shared = as_list(predict(poly, tokenizer, unlabelled, route="shared"))
     assert shared == as_list(predict(poly, tokenizer, examples, route="shared"))
@@ -172,9 +168,9 @@ def test_shared_route_overrides_languages_on_an_fd_model(name):
 
 
 @pytest.mark.parametrize("name", list(TASKS))
-def test_a_missing_language_is_named_and_plain_models_refuse_routes(name):
+def test_a_missing_language_is_named_and_plain_models_refuse_routes(name, tiny_tokenizer):
     poly, task = routed_task(name)
-    tokenizer, examples = tiny_tokenizer(), task["examples"]()
+    tokenizer, examples = tiny_tokenizer, task["examples"]()
     examples[2] = replace(examples[2], lang=None)
     with pytest.raises(pp.LanguageError, match=r"example 2 has no language .*pass language= to the reader"):
         task["evaluate"](poly, tokenizer, examples)
@@ -192,12 +188,13 @@ def route_rows(poly, code):
     return torch.cat([layer.lms_F[route].flatten() for layer in poly.routed_layers.values()])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shared_route", [False, True], ids=["lms", "lms_fd"])
 @pytest.mark.parametrize("name", list(TASKS))
-def test_training_lowers_the_loss_and_trains_only_the_routes_used(name, shared_route):
+def test_training_lowers_the_loss_and_trains_only_the_routes_used(name, shared_route, tiny_tokenizer):
     task = TASKS[name]
     poly = lms(task["model"](), shared_route)
-    inputs, languages = task["encode"](tiny_tokenizer(), task["examples"]())
+    inputs, languages = task["encode"](tiny_tokenizer, task["examples"]())
     settings = pp.TaskTrainingSettings(steps=30, batch_size=4, lr=3e-3, route_lr=1e-2, warmup=3)
     losses = pp.train_task(poly, inputs, languages, settings, progress=False)
     assert len(losses) == 30 and sum(losses[-3:]) < 0.5 * sum(losses[:3])
@@ -207,9 +204,9 @@ def test_training_lowers_the_loss_and_trains_only_the_routes_used(name, shared_r
         assert route_rows(poly, "shared").abs().sum() > 0  # only FD's doubled pass uses the shared route
 
 
-def test_training_a_plain_model_and_bad_inputs():
+def test_training_a_plain_model_and_bad_inputs(tiny_tokenizer):
     task = TASKS["tokens"]
-    inputs, languages = task["encode"](tiny_tokenizer(), task["examples"]())
+    inputs, languages = task["encode"](tiny_tokenizer, task["examples"]())
     settings = pp.TaskTrainingSettings(steps=20, batch_size=4, lr=3e-3, warmup=2)
     losses = pp.train_task(task["model"](), inputs, None, settings, progress=False)
     assert sum(losses[-3:]) < 0.5 * sum(losses[:3])
@@ -238,10 +235,10 @@ def test_training_settings_are_checked_by_name():
 
 # ---------------------------------------------------------------------------------------------- retrieval
 
-def test_embeddings_and_bitext_retrieval_follow_each_side_language():
+def test_embeddings_and_bitext_retrieval_follow_each_side_language(tiny_tokenizer):
     poly = lms(tiny_encoder().double(), shared_route=True)
     randomize_added(poly, scale=1.0)
-    tokenizer = tiny_tokenizer()
+    tokenizer = tiny_tokenizer
     texts = ["anna was born in paris", "rome", "the tower in rome was built by marco", "her dog"]
     langs = ["de", "fr", "de", "sw"]
     mixed = embed_layers(poly, tokenizer, texts, [None], prefix="", lang=langs, batch_size=3)[None]

@@ -95,6 +95,7 @@ def max_gap(a: list[float], b: list[float]) -> float:
 
 # transformers' LabelSmoother sums the log-probabilities in float32, so with smoothing the float64 curves agree
 # to float32 rounding only; the model's own loss agrees to float64 rounding.
+@pytest.mark.slow
 @pytest.mark.parametrize("accumulation, smoothing, tolerance", [(1, 0.0, 1e-10), (2, 0.0, 1e-10), (2, 0.1, 1e-6)])
 def test_trainer_and_loop_give_the_same_curve_and_weights(tmp_path, accumulation, smoothing, tolerance):
     settings = dataclasses.replace(SETTINGS, accumulation=accumulation)
@@ -110,6 +111,7 @@ def test_trainer_and_loop_give_the_same_curve_and_weights(tmp_path, accumulation
         torch.testing.assert_close(by_trainer.state_dict()[name], tensor, rtol=0, atol=100 * tolerance, msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change", ["hf_schedule", "other_batches", "other_betas", "plain_marian_accumulation"])
 def test_a_change_on_one_side_shows_in_the_curve(tmp_path, change):
     """The tolerance above is tight enough to see each way the two sides could drift apart."""

@@ -72,12 +72,15 @@ def randomize_added(poly, seed: int = 3, scale: float = 0.3) -> None:
 
 
 def bert_tokenizer(words, model: str = "WordLevel"):
-    """A fast BERT-style tokenizer ([CLS] ... [SEP]) over `words`, whose first four are [PAD] [UNK] [CLS] [SEP]."""
+    """A fast word-level tokenizer over `words`, whose first are [PAD] [UNK]; BERT-style ([CLS] ... [SEP]) when
+    the next two are [CLS] [SEP]."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer(getattr(models, model)({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.post_processor = processors.BertProcessing(("[SEP]", 3), ("[CLS]", 2))
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]",
-                                   cls_token="[CLS]", sep_token="[SEP]")
+    specials = {"pad_token": "[PAD]", "unk_token": "[UNK]"}
+    if list(words[2:4]) == ["[CLS]", "[SEP]"]:
+        backend.post_processor = processors.BertProcessing(("[SEP]", 3), ("[CLS]", 2))
+        specials.update(cls_token="[CLS]", sep_token="[SEP]")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **specials)
