@@ -51,7 +51,7 @@ class CausalLmSettings(TypedConfig):
     warmup: NonNegativeInt = 50
     checkpoint_every: PositiveInt = 100
     max_verses: Optional[PositiveInt] = None  # per language (tests); None: every training verse
-    seed: int = 0
+    seed: NonNegativeInt = 0
     test_books: tuple[int, ...] = (43,)  # John
     valid_books: tuple[int, ...] = (45, 46, 47, 48, 49)  # Romans .. Ephesians: layer choices are made here
 

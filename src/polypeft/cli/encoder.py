@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from ..core.config import ConfigError, Fraction, NonNegativeInt, PositiveFloat, PositiveInt, TypedConfig
+from ..core.config import (ConfigError, Fraction, LanguageList, NonNegativeInt, PositiveFloat, PositiveInt,
+                           TypedConfig)
 from .recipes import add_recipe_arguments, check_input_file, check_output_dir, load_recipe
 
 BIBLE_LANGUAGES = ["en", "fr", "es", "de", "ru", "ar", "ko"]
@@ -46,6 +47,12 @@ class EncodeRecipe(TypedConfig):
         check_input_file(self.input, "encode: input")
         check_output_dir(Path(self.output).parent, "encode: the folder of output")
 
+    def input_paths(self) -> dict[str, str]:
+        return {"encode: input": self.input}
+
+    def output_paths(self) -> dict[str, tuple[str, str]]:
+        return {"encode: output": (self.output, "file")}
+
 
 def run_encode(recipe: EncodeRecipe) -> dict[str, Any]:
     from ..core.fileio import write_safetensors
@@ -74,7 +81,7 @@ class RetrieveRecipe(TypedConfig):
     """Retrieval xx -> pivot accuracy@1 per language and layer: Bible verses of `books`, or bitext files."""
 
     model: str = "e5-small"
-    languages: list[str] = field(default_factory=lambda: list(BIBLE_LANGUAGES))
+    languages: LanguageList = field(default_factory=lambda: list(BIBLE_LANGUAGES))
     pivot: str = "en"
     books: list[int] = field(default_factory=lambda: [43])
     max_verses: Optional[PositiveInt] = None
@@ -88,6 +95,12 @@ class RetrieveRecipe(TypedConfig):
         for lang, path in self.bitext.items():
             check_input_file(path, f"retrieve: bitext.{lang}")
         check_output_dir(self.output_dir, "retrieve: output_dir")
+
+    def input_paths(self) -> dict[str, str]:
+        return {f"retrieve: bitext.{lang}": path for lang, path in self.bitext.items()}
+
+    def output_paths(self) -> dict[str, tuple[str, str]]:
+        return {"retrieve: output_dir": (self.output_dir, "folder")}
 
 
 def run_retrieve(recipe: RetrieveRecipe) -> dict[str, Any]:
@@ -135,10 +148,10 @@ class ClassifyRecipe(TypedConfig):
     """
 
     model: str = "e5-small"
-    languages: list[str] = field(default_factory=lambda: list(BIBLE_LANGUAGES))
+    languages: LanguageList = field(default_factory=lambda: list(BIBLE_LANGUAGES))
     train_languages: Optional[list[str]] = None
     methods: list[Literal["naive", "lms", "lms_fd"]] = field(default_factory=lambda: ["naive", "lms", "lms_fd"])
-    seeds: list[int] = field(default_factory=lambda: [0])
+    seeds: list[NonNegativeInt] = field(default_factory=lambda: [0])
     files: dict[str, dict[str, str]] = field(default_factory=dict)
     verses_per_section: Optional[PositiveInt] = 100
     test_fraction: Fraction = 0.3
@@ -169,6 +182,13 @@ class ClassifyRecipe(TypedConfig):
             for lang, path in by_language.items():
                 check_input_file(path, f"classify: files.{part}.{lang}")
         check_output_dir(self.output_dir, "classify: output_dir")
+
+    def input_paths(self) -> dict[str, str]:
+        return {f"classify: files.{part}.{lang}": path for part, files in self.files.items()
+                for lang, path in files.items()}
+
+    def output_paths(self) -> dict[str, tuple[str, str]]:
+        return {"classify: output_dir": (self.output_dir, "folder")}
 
 
 def classification_data(recipe: ClassifyRecipe) -> tuple[dict, dict, list[str]]:

@@ -76,6 +76,14 @@ class FlareRecipe(TypedConfig):
                 check_input_file(getattr(self.data, key), f"data.{key}")
         check_output_dir(self.output_dir, "output_dir")
 
+    def input_paths(self) -> dict[str, Optional[str]]:
+        data = {f"data.{key}": getattr(self.data, key) for key in ("english_train", "target_train", "eval")}
+        return {**data, "model.name_or_path": self.model.name_or_path, "model.tokenizer": self.model.tokenizer,
+                "mt_model": self.mt_model}
+
+    def output_paths(self) -> dict[str, tuple[str, str]]:
+        return {"output_dir": (self.output_dir, "folder")}
+
     def data_file(self, key: str) -> str:
         path = getattr(self.data, key)
         if path is None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Mapping, Optional, Union
 
-from ..core.config import ConfigError, NonNegativeInt, PositiveFloat, PositiveInt, TypedConfig
+from ..core.config import ConfigError, LanguageList, NonNegativeInt, PositiveFloat, PositiveInt, TypedConfig
 from ..interventions.lens_settings import LensTrainSettings
 from .recipes import add_recipe_arguments, check_input_file, check_output_dir, check_safetensors, load_recipe
 
@@ -72,7 +72,7 @@ class InterventionRecipe(TypedConfig):
     """The YAML file of `polypeft lrp2 vectors|search` and `lens probe|train` (see EXAMPLE_CONFIG)."""
 
     model: str
-    languages: list[str]
+    languages: LanguageList
     model_class: Literal["auto", "causal_lm", "e5"] = "auto"
     pivot: str = "en"
     prefix: str = ""
@@ -80,7 +80,7 @@ class InterventionRecipe(TypedConfig):
     pooling: Optional[Literal["mean", "last"]] = None  # None: lrp2 "mean", lens by model kind
     stack: Optional[Literal["encoder", "decoder", "both"]] = None
     batch_size: PositiveInt = 32
-    max_length: PositiveInt = 128
+    max_length: Optional[PositiveInt] = None  # None: 128, or the model's positions where it has fewer
     texts: Optional[TextSource] = None
     valid: Optional[TextSource] = None
     train: Optional[TextSource] = None  # LENS training pairs; None: the texts
@@ -94,6 +94,16 @@ class InterventionRecipe(TypedConfig):
                 check_input_file(path, f"{section}.files.{language}")
         if self.output_dir is not None:
             check_output_dir(self.output_dir, "output_dir")
+
+    def input_paths(self) -> dict[str, str]:
+        files = {f"{section}.files.{language}": path for section in ("texts", "valid", "train")
+                 for language, path in ((getattr(self, section).files or {}) if getattr(self, section) else {}).items()}
+        return {"model": self.model, **files}  # a model folder is an input too (a Hub name is no path)
+
+    def output_paths(self) -> dict[str, tuple[str, str]]:
+        folders = [self.output_dir] if self.output_dir is not None else ["runs/lrp2", "runs/lens"]
+        return {f"output_dir ({folder})" if self.output_dir is None else "output_dir": (folder, "folder")
+                for folder in folders}
 
     def output(self, command: str) -> Path:
         return Path(self.output_dir or f"runs/{command}")
@@ -113,7 +123,16 @@ def read_config(path: str, pairs: Optional[list[str]] = None) -> InterventionRec
 
 
 def load_model(recipe: InterventionRecipe) -> tuple[Any, Any]:
-    name, kind = recipe.model, recipe.model_class
+    """The recipe's model and tokenizer; its max_length is then checked against the model's positions (None
+    becomes 128, or fewer where the model has fewer), before any text is read."""
+    from ..interventions.capture import checked_max_length
+
+    model, tokenizer = model_and_tokenizer(recipe.model, recipe.model_class)
+    recipe.max_length = checked_max_length(model, recipe.max_length, "max_length")
+    return model, tokenizer
+
+
+def model_and_tokenizer(name: str, kind: str) -> tuple[Any, Any]:
     if name == "e5-small" or kind == "e5":
         from ..backbones.e5 import load_encoder
 

@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .recipes import add_recipe_arguments, check_output_dir, check_safetensors, load_recipe, user_error_message
+from .recipes import (add_recipe_arguments, check_output_dir, check_outputs_apart, check_safetensors, load_recipe,
+                      user_error_message)
 
 
 def _recipe(args):
@@ -68,6 +69,7 @@ def mmt_compare(args) -> int:
     from ..tasks.translation.compare import load_results, write_comparison
 
     check_output_dir(args.out, "--out")
+    check_outputs_apart({f"runs[{i}]": run for i, run in enumerate(args.runs)}, {"--out": (args.out, "folder")})
     comparison = write_comparison(load_results(args.runs, args.split), args.baseline, args.out, pivot=args.pivot)
     print(Path(args.out, "comparison.md").read_text(encoding="utf-8"))
     print(f"plot: {Path(args.out, 'bleu_gain_vs_parameters.png')}")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import Any, Optional, Sequence, TypeVar
+from typing import Any, Mapping, Optional, Sequence, TypeVar
 
 from ..core.config import ConfigError, as_error_type, recipe_from_yaml, yaml_error_place
 
@@ -48,9 +48,34 @@ def load_recipe(cls: type[Recipe], path: str, pairs: Optional[Sequence[str]] = N
         recipe = recipe_from_yaml(cls, path, values, texts)
         if hasattr(recipe, "check_paths"):
             recipe.check_paths()
+        if hasattr(recipe, "output_paths"):
+            inputs = {"the recipe": path, **(recipe.input_paths() if hasattr(recipe, "input_paths") else {})}
+            check_outputs_apart(inputs, recipe.output_paths())
     except ConfigError as error:
         raise as_error_type(error, error_type or ConfigError) from None
     return recipe
+
+
+def check_outputs_apart(inputs: Mapping[str, Any], outputs: Mapping[str, tuple[Any, str]]) -> None:
+    """Refuse, before any work, an output that would destroy an input: the same file (links followed), a place
+    inside an input folder, or an output folder that holds an input (its files are written or cleared).
+    `inputs` maps a label to a path; `outputs` a label to (path, "file" or "folder")."""
+    for out_label, (out_path, kind) in outputs.items():
+        written = Path(out_path).resolve()
+        for in_label, in_path in inputs.items():
+            if in_path is None or not os.path.exists(in_path):
+                continue
+            read = Path(in_path).resolve()
+            if written == read:
+                problem = "is the same file or folder as"
+            elif read.is_dir() and read in written.parents:
+                problem = "lies inside the input folder"
+            elif kind == "folder" and written in read.parents:
+                problem = "is a folder holding the input"
+            else:
+                continue
+            raise ConfigError(f"{out_label}={str(out_path)!r} {problem} {in_label}={str(in_path)!r}: the command "
+                              "would write over its own input; choose an output elsewhere")
 
 
 def check_input_file(path: str, what: str) -> None:

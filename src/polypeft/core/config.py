@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Mapping, Optional, Sequence, Union
 from typing import get_args, get_origin, get_type_hints
 
+from .language_codes import checked_codes
+
 SHARED_ROUTE_CODE = "shared"  # polypeft.core.languages.SHARED, repeated so this module needs no torch
 
 
@@ -48,12 +50,19 @@ class Range:
         return f"{'<' if self.high_open else '<='} {self.high:g}"
 
 
+@dataclass(frozen=True)
+class LanguageCodes:
+    """Marks a list of language codes, `Annotated[list[str], LanguageCodes()]`: each checked and normalised to
+    Unicode NFC, none listed twice in any spelling (see core/language_codes.py)."""
+
+
 PositiveInt = Annotated[int, Range(1, text="positive")]
 NonNegativeInt = Annotated[int, Range(0)]
 PositiveFloat = Annotated[float, Range(0, low_open=True, text="positive")]
 NonNegativeFloat = Annotated[float, Range(0)]
 Fraction = Annotated[float, Range(0, 1, high_open=True)]
 UnitInterval = Annotated[float, Range(0, 1)]
+LanguageList = Annotated[list[str], LanguageCodes()]
 
 
 @dataclass(frozen=True)
@@ -144,6 +153,9 @@ def checked(value: Any, hint: Any, key: str, source: Source, shown: Any = None) 
         for extra in hint.__metadata__:
             if isinstance(extra, Range) and value is not None and not extra.holds(value):
                 raise refuse()
+            if isinstance(extra, LanguageCodes) and value is not None:
+                place = source.where(key)
+                value = checked_codes(value, f"{place + ': ' if place else ''}{source.label(key)}", ConfigError)
         return value
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
@@ -404,7 +416,7 @@ class MethodConfig(TypedConfig):
     saves_as_peft: ClassVar[bool] = False
     # Its forward takes `source_batch=`: a frozen pass over it first gives the layers an input (FLARE's English).
     needs_source_pass: ClassVar[bool] = False
-    languages: Sequence[str] = ()
+    languages: LanguageList = ()
     target_modules: Optional[Union[str, list[str]]] = None
     shared_route: bool = False
     # peft's default: only the routes (and `modules_to_save`) train; recipes that train from scratch say False.
@@ -429,16 +441,17 @@ class MethodConfig(TypedConfig):
         if self.shared_route and self.language_agnostic:
             raise ConfigError(f"{owner}.shared_route=True has no meaning: {owner} has one language-agnostic route "
                               "and no language routes to distil; leave shared_route=False")
-        empty = [code for code in self.languages if not code]
-        if empty:
-            raise ConfigError(f"{owner}.languages: {empty[0]!r} is not a non-empty string")
         if SHARED_ROUTE_CODE in self.languages:
             raise ConfigError(f"'{SHARED_ROUTE_CODE}' is reserved for the FD route; use shared_route=True instead")
-        duplicated = sorted({c for c in self.languages if self.languages.count(c) > 1})
-        if duplicated:
-            raise ConfigError(f"{owner}.languages lists {duplicated} more than once")
         if self.target_modules is not None and not isinstance(self.target_modules, str) and not self.target_modules:
             raise ConfigError("target_modules is an empty list: leave it None for the FFN defaults")
+        if isinstance(self.target_modules, str):  # a regular expression over module names (see core/inject.py)
+            try:
+                re.compile(self.target_modules)
+            except re.error as error:
+                raise ConfigError(f"{owner}.target_modules={self.target_modules!r} is not a valid regular expression "
+                                  f"({error}); give one that matches whole module names, e.g. '.*\\.fc[12]', or "
+                                  "a list of names") from None
         if self.modules_to_save is not None and not all(isinstance(n, str) and n for n in self.modules_to_save):
             raise ConfigError(f"{owner}.modules_to_save={self.modules_to_save!r}: give module names (non-empty "
                               "strings), e.g. ['classifier']")

@@ -13,6 +13,7 @@ import re
 import shutil
 import tempfile
 import time
+import unicodedata
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -39,10 +40,10 @@ def cache_root() -> Path:
 def single_path_component(value: Any, field: str, where: str = "recipe") -> str:
     """`value` if it names one file or folder inside its parent; anything that could leave it is refused."""
     if (not isinstance(value, str) or value in ("", ".", "..") or any(c in value for c in "/\\\0")
-            or os.path.isabs(value)):
+            or os.path.isabs(value) or any(unicodedata.category(c) == "Cc" for c in value)):
         raise PathNameError(
             f"{where}: {field}={value!r} must be a single file or folder name (it becomes part of a path): not empty, "
-            "not '.' or '..', no '/' or '\\', not absolute; e.g. 'lms-pair'"
+            "not '.' or '..', no '/' or '\\', no control characters such as a newline, not absolute; e.g. 'lms-pair'"
         )
     return value
 

@@ -9,6 +9,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from .language_codes import checked_codes, normalised
+
 SHARED = "shared"
 
 LanguageSpec = Union[str, Sequence[str], torch.Tensor, None]
@@ -186,7 +188,7 @@ class LanguageRegistry:
     """Codes in a fixed order; id `len(languages)` is the FD shared route when it exists."""
 
     def __init__(self, languages: Sequence[str], shared_route: bool = False):
-        self.languages = list(languages)
+        self.languages = checked_codes(languages, "languages", LanguageError)
         self.shared_route = shared_route
         self._ids = {code: i for i, code in enumerate(self.languages)}
         if shared_route:
@@ -213,7 +215,7 @@ class LanguageRegistry:
         if not isinstance(code, str):
             raise LanguageError(f"{where}: expected a language code string, got {code!r}")
         try:
-            return self._ids[code]
+            return self._ids[normalised(code)]  # either Unicode spelling of a code is that code
         except KeyError:
             raise LanguageError(
                 f"{where}: unknown language code {code!r}; known codes are {self.allowed()}"

@@ -32,6 +32,7 @@ class RouteState:
     def current(self) -> Optional[Routes]:
         return getattr(self._local, "routes", None)
 
+
     @contextmanager
     def use(self, routes: Optional[Routes]) -> Iterator[Optional[Routes]]:
         previous, self._local.routes = self.current, routes
@@ -75,6 +76,58 @@ class RouteState:
                 "(or lang=), or run the base model inside `with poly_model.routes(...)`"
             )
         return self.current.expanded_to(batch_size)
+
+
+class ConcurrentUseError(LanguageError):
+    """A change to a model's weights for every thread (merge, unmerge, unload) while another thread runs it."""
+
+
+class CallsInFlight:
+    """Counts one model's calls in progress per thread, so a change that every thread would see half-done
+    (merge folds a route into the weights layer by layer) refuses to start while another thread runs the model,
+    and a call refuses to start while such a change runs: never a silently wrong output."""
+
+    def __init__(self) -> None:
+        self._lock, self._calls, self._change = threading.Lock(), {}, None
+
+    def __getstate__(self) -> dict:  # a copied or pickled model has no calls in flight
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        me = threading.get_ident()
+        with self._lock:
+            if self._change is not None and self._change[0] != me:
+                raise ConcurrentUseError(f"this model is being changed by {self._change[1]}() in another thread; "
+                                         "wait for it to return, or give each thread its own copy of the model")
+            self._calls[me] = self._calls.get(me, 0) + 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._calls[me] -= 1
+                if not self._calls[me]:
+                    del self._calls[me]
+
+    @contextmanager
+    def alone(self, action: str) -> Iterator[None]:
+        me = threading.get_ident()
+        with self._lock:
+            others = sum(count for thread, count in self._calls.items() if thread != me)
+            if others or (self._change is not None and self._change[0] != me):
+                running = f"{others} call(s) of this model are running" if others else "another change is running"
+                raise ConcurrentUseError(f"{action}() changes the weights every thread uses, but {running} in other "
+                                         f"threads; {action}() when no other thread uses the model, or give each "
+                                         "thread its own copy")
+            self._change = (me, action)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._change = None
 
 
 def checkpointing_modules(model: nn.Module) -> list[nn.Module]:

@@ -200,6 +200,37 @@ def check_layers(layers: Sequence[int], num_blocks: int, where: str) -> None:
         )
 
 
+# Learned-position models that keep the first positions for padding (RoBERTa's padding_idx + 1 offset).
+POSITION_OFFSET_TYPES = ("roberta", "xlm-roberta", "camembert", "xlm-roberta-xl")
+
+
+DEFAULT_MAX_LENGTH = 128  # tokens per text when the caller does not say, or the model's positions if fewer
+
+
+def position_limit(model: nn.Module) -> Optional[int]:
+    """How many positions a learned-position model has (None for relative or rotary positions: no table)."""
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if not isinstance(limit, int) or getattr(config, "rope_theta", None) is not None:
+        return None
+    if getattr(config, "model_type", None) in POSITION_OFFSET_TYPES:
+        limit -= int(getattr(config, "pad_token_id", 1) or 0) + 1
+    return limit
+
+
+def checked_max_length(model: nn.Module, max_length: Optional[int], where: str) -> int:
+    """`max_length`, refused before any text is read when it runs past the model's positions (the embedding lookup
+    would fail mid-run with an index error); None is 128 or the model's positions if fewer."""
+    limit = position_limit(model)
+    if max_length is None:
+        return min(DEFAULT_MAX_LENGTH, limit or DEFAULT_MAX_LENGTH)
+    if limit is not None and max_length > limit:
+        raise InterventionError(f"{where}: max_length={max_length} is beyond the {limit} positions "
+                                f"{type(model).__name__} has (its config's max_position_embeddings); give max_length "
+                                f"<= {limit}")
+    return max_length
+
+
 def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 

@@ -8,6 +8,7 @@ keeping a second copy of the model.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -15,11 +16,10 @@ from typing import Mapping, Optional, Sequence, Union
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core.fileio import atomic_write
+from ..core.fileio import atomic_write, write_safetensors
 from ..training.loop import train as training_loop
 from .capture import (
     POOLINGS,
@@ -27,6 +27,7 @@ from .capture import (
     check_identity,
     check_layers,
     check_texts,
+    checked_max_length,
     find_blocks,
     iterate_pooled,
     model_identity,
@@ -112,7 +113,7 @@ class LensProbe:
             **{f"points/{language}": tensor for language, tensor in self.points.items()},
         }
         tensors = {name: tensor.float().contiguous().cpu() for name, tensor in tensors.items()}
-        atomic_write(directory / PROBE_WEIGHTS, lambda temporary: save_file(tensors, temporary))
+        write_safetensors(directory / PROBE_WEIGHTS, tensors)
         config = {
             "format": "polypeft.lens_probe",
             "languages": self.languages,
@@ -205,7 +206,7 @@ def probe(
     stack: Optional[str] = None,
     batch_size: int = 32,
     max_sentences: Optional[int] = None,
-    max_length: int = 128,
+    max_length: Optional[int] = None,
     plot_layer: Optional[int] = None,
     progress: bool = True,
 ) -> LensProbe:
@@ -215,6 +216,7 @@ def probe(
     the sentence states of `plot_layer` (default: the last probed layer) are kept for `plot`.
     """
     check_texts(texts_by_language, "LENS probe")
+    max_length = checked_max_length(model, max_length, "LENS probe")
     if len(texts_by_language) < 2:
         raise InterventionError(
             f"LENS probe needs at least 2 languages to find a language-specific subspace; got "
@@ -306,6 +308,7 @@ def train(model: nn.Module, tokenizer, parallel_pairs: Sequence[Mapping[str, str
     """
     settings = settings or LensTrainSettings()
     probe_result.check_model(model, where="LENS train")
+    max_length = checked_max_length(model, settings.max_length, "LENS train")
     stack, top_k_layers = probe_result.stack, settings.top_k_layers
     blocks = find_blocks(model)[stack]
     layer = probe_result.layers[-1] if settings.layer is None else settings.layer
@@ -339,7 +342,7 @@ def train(model: nn.Module, tokenizer, parallel_pairs: Sequence[Mapping[str, str
         )
     strengths = {code: float(push_strength[code]) for code in languages}
     objective = LensObjective.build(model, tokenizer, probe_result, pairs, layer, weights, strengths,
-                                    settings.batch_size, settings.max_length)
+                                    settings.batch_size, max_length)
     flags = {name: parameter.requires_grad for name, parameter in model.named_parameters()}
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(name in trainable)
@@ -366,7 +369,7 @@ def save_trained_layers(model: nn.Module, result: LensTrainResult, path: Union[s
     tensors = {name: parameters[name].detach().contiguous().cpu() for name in result.trained_parameters}
     metadata = {"format": TRAINED_FORMAT, "identity": json.dumps(model_identity(model), sort_keys=True),
                 "settings": json.dumps(result.settings, sort_keys=True)}
-    return atomic_write(path, lambda temporary: save_file(tensors, temporary, metadata=metadata))
+    return write_safetensors(path, tensors, metadata=metadata)
 
 
 def load_trained_layers(model: nn.Module, path: Union[str, os.PathLike]) -> list[str]:

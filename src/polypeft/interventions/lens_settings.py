@@ -30,7 +30,7 @@ class LensTrainSettings(TypedConfig):
     push_strength: Union[float, dict[str, float]] = 1.0
     layer: Optional[NonNegativeInt] = None
     batch_size: PositiveInt = 8
-    max_length: PositiveInt = 128
+    max_length: Optional[PositiveInt] = None  # None: 128, or the model's positions where it has fewer
     seed: NonNegativeInt = 0
     training: TrainSettings = field(default_factory=lens_schedule)
 

@@ -13,13 +13,12 @@ from typing import Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core.fileio import atomic_write
-from .capture import (POOLINGS, InterventionError, check_identity, check_layers, check_texts, find_blocks,
-                      iterate_pooled, model_identity, resolve_stacks)
+from ..core.fileio import write_safetensors
+from .capture import (POOLINGS, InterventionError, check_identity, check_layers, check_texts, checked_max_length,
+                      find_blocks, iterate_pooled, model_identity, resolve_stacks)
 
 FORMAT_NAME = "polypeft.language_vectors"
 
@@ -83,7 +82,7 @@ class LanguageVectors:
             "identity": json.dumps(self.identity, sort_keys=True),
             "num_sentences": json.dumps(self.num_sentences, sort_keys=True),
         }
-        return atomic_write(path, lambda temporary: save_file(tensors, temporary, metadata=metadata))
+        return write_safetensors(path, tensors, metadata=metadata)
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], model: Optional[nn.Module] = None) -> "LanguageVectors":
@@ -123,7 +122,7 @@ def language_vectors(
     batch_size: int = 32,
     max_sentences: Optional[int] = None,
     stack: Optional[str] = None,
-    max_length: int = 128,
+    max_length: Optional[int] = None,
     progress: bool = True,
 ) -> LanguageVectors:
     """Per-layer mean hidden state of each language (paper: 10k sentences per language).
@@ -138,6 +137,7 @@ def language_vectors(
     if batch_size < 1:
         raise InterventionError(f"batch_size={batch_size} must be at least 1")
     check_texts(texts_by_language, "language_vectors")
+    max_length = checked_max_length(model, max_length, "language_vectors")
     stacks = resolve_stacks(model, stack, "language_vectors")
     blocks = find_blocks(model)
     texts = {

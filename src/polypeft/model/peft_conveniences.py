@@ -9,7 +9,7 @@ from typing import Iterator
 
 from torch import nn
 
-from ..core.inject import get_parent, restore_base_layers
+from ..core.inject import restore_base_layers
 from ..core.languages import LanguageError
 from .routed_model import RoutedModel
 
@@ -34,26 +34,16 @@ def refuse(call: str) -> UnsupportedCallError:
 
 @contextmanager
 def adapters_disabled(poly: RoutedModel) -> Iterator[None]:
-    """The plain base layers stand in for the routed ones for the block, on the same object (so for every
-    thread that uses the model meanwhile)."""
+    """The plain base layers' outputs for the block, on this thread only: other threads that share the model keep
+    their routes meanwhile (a server answering other requests)."""
     poly.check_not_spent("disable the adapters")
     if poly.merged_route is not None:
         raise LanguageError(
             f"route {poly.merged_route_codes} is merged into the base weights, so the base model's outputs are "
             "not available; call unmerge() before disable_adapter()"
         )
-    if poly.adapters_disabled:
+    with poly.route_state.bypass():
         yield
-        return
-    restore_base_layers(poly.base_model, poly.routed_layers)
-    poly.adapters_disabled = True
-    try:
-        yield
-    finally:
-        for name, layer in poly.routed_layers.items():
-            parent, child = get_parent(poly.base_model, name)
-            setattr(parent, child, layer)
-        poly.adapters_disabled = False
 
 
 def unload(poly: RoutedModel) -> nn.Module:

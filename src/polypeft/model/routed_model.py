@@ -18,7 +18,7 @@ from ..core.config import ConfigError, MethodConfig
 from ..core.inject import replace_targets, restore_base_layers
 from ..core.languages import LanguageError, LanguageRegistry, LanguageSpec, Routes
 from ..core.routed import LayerSite, RoutedLinear, mark_moe_experts
-from ..core.routing import RouteState, carry_routes_into_checkpoints, checkpointing_modules
+from ..core.routing import CallsInFlight, RouteState, carry_routes_into_checkpoints, checkpointing_modules
 from ..methods.registry import method_entry
 from .merge_guard import MergeSnapshot
 from .tied_weights import drop_tied_aliases_on_save
@@ -46,6 +46,7 @@ class RoutedModel(nn.Module):
 
     def __init__(self, base_model: nn.Module, config: MethodConfig, source_encoder: Optional[nn.Module] = None):
         super().__init__()
+        refuse_wrapped_twice(base_model, config)
         self.base_model = base_model
         self.poly_config = config
         # A frozen encoder a source pass may read (FLARE-MT); kept out of the module tree: never saved or trained.
@@ -54,6 +55,7 @@ class RoutedModel(nn.Module):
             source_encoder.requires_grad_(False)
         self.registry = LanguageRegistry(config.languages, config.shared_route)
         self.route_state = RouteState()
+        self.calls = CallsInFlight()
         self._checkpointing_modules = checkpointing_modules(base_model)
         # This model's forward shows the base model's arguments, so transformers.Trainer keeps their columns.
         self.forward = types.MethodType(forward_with_signature_of(base_model), self)
@@ -98,6 +100,13 @@ class RoutedModel(nn.Module):
         batch_size: Optional[int] = None,
     ) -> Iterator[Routes]:
         """Routes for everything run inside the block: the base model, pipelines, generate."""
+        with self.calls.running():  # a merge in another thread cannot start while this call runs
+            with self.routes_of_call(src_lang, tgt_lang, lang, batch_size) as active:
+                yield active
+
+    @contextmanager
+    def routes_of_call(self, src_lang: LanguageSpec, tgt_lang: LanguageSpec, lang: LanguageSpec,
+                       batch_size: Optional[int]) -> Iterator[Routes]:
         self.check_not_spent("run")
         if self.adapters_disabled:
             yield None  # the plain base layers stand in for the routed ones (disable_adapter)
@@ -220,15 +229,16 @@ class RoutedModel(nn.Module):
         pair = self._route_pair(route, src, tgt)
         if self.merged_route is not None:
             raise LanguageError(f"route {self.merged_route_codes} is already merged; call unmerge() first")
-        self.merge_snapshot = MergeSnapshot.take(self.routed_layers)
-        for layer in self.routed_layers.values():
-            layer.merge(pair)
+        with self.calls.alone("merge"):
+            self.merge_snapshot = MergeSnapshot.take(self.routed_layers)
+            for layer in self.routed_layers.values():
+                layer.merge(pair)
 
     def unmerge(self) -> None:
         if self.merged_route is None:
             return
         # Factors changed since merge (a training step, a load) must not change what unmerge subtracts.
-        with self.merge_snapshot.factors_as_merged():
+        with self.calls.alone("unmerge"), self.merge_snapshot.factors_as_merged():
             for layer in self.routed_layers.values():
                 layer.unmerge()
 
@@ -237,8 +247,9 @@ class RoutedModel(nn.Module):
     ) -> nn.Module:
         """The plain base model with one route folded in; this PolyModel is spent afterwards."""
         self.merge(route, src, tgt)
-        restore_base_layers(self.base_model, self.routed_layers)
-        self.routed_layers = {}
+        with self.calls.alone("merge_and_unload"):
+            restore_base_layers(self.base_model, self.routed_layers)
+            self.routed_layers = {}
         return self.base_model
 
     def _check_matches_merged(self, src_lang: LanguageSpec, tgt_lang: LanguageSpec, batch_size) -> None:
@@ -272,8 +283,23 @@ class RoutedModel(nn.Module):
                 "model back; use the returned model, or build a new PolyModel (pp.wrap or PolyModel.from_pretrained)"
             )
 
-    adapters_disabled = False  # set by disable_adapter() for its block
+    @property
+    def adapters_disabled(self) -> bool:
+        """Whether this thread is inside `disable_adapter()` (other threads keep their routes)."""
+        return self.route_state.bypassed
+
     merge_snapshot = MergeSnapshot([])  # replaced by merge()
+
+
+def refuse_wrapped_twice(base_model: nn.Module, config: MethodConfig) -> None:
+    """A model that already holds routed layers is wrapped once: its layers would be wrapped inside each other."""
+    routed = next((name for name, module in base_model.named_modules() if isinstance(module, RoutedLinear)), None)
+    if isinstance(base_model, RoutedModel) or routed is not None:
+        where = "it is a PolyModel" if isinstance(base_model, RoutedModel) else f"{routed!r} is a routed layer"
+        raise LanguageError(
+            f"this model is already wrapped ({where}); wrap it once with {type(config).__name__}: wrap the original "
+            "base model, or take it back with unload() or merge_and_unload() first"
+        )
 
 
 def added_parameters(layer: nn.Module) -> list[tuple[str, nn.Parameter]]:

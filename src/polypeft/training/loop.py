@@ -67,6 +67,7 @@ class TrainingStep:
         self.trainable = [p for g in parameters for p in (g["params"] if isinstance(g, dict) else [g])]
         if not self.trainable:
             raise ValueError(f"{type(model).__name__} has no trainable parameters: nothing to train")
+        refuse_merged_routes(model)
         optimizer = torch.optim.AdamW(parameters, lr=settings.lr, betas=settings.betas,
                                       weight_decay=settings.weight_decay)
         # The schedule counts optimiser steps, so it stays outside prepare(): accelerate's wrapper would step
@@ -217,6 +218,17 @@ def train(
     finally:
         step.release().train(was_training)
     return {"steps": settings.steps, "history": history}
+
+
+def refuse_merged_routes(model: torch.nn.Module) -> None:
+    """A route merged into the base weights is out of the optimiser's reach: training it would end in torch's
+    'element 0 of tensors does not require grad' (routed layers say which route they hold merged)."""
+    merged = [name for name, module in model.named_modules()
+              if hasattr(module, "layer_name") and getattr(module, "merged_route", None) is not None]
+    if merged:
+        raise ValueError(f"{len(merged)} routed layers (first {merged[0]!r}) hold route ids "
+                         f"{getattr(model.get_submodule(merged[0]), 'merged_route')} merged into the base weights, so "
+                         "training would not reach their factors; call unmerge() before training")
 
 
 def refuse_non_finite(what: str, value: torch.Tensor, number: int) -> None:

@@ -35,7 +35,7 @@ class FinetuneSettings(TypedConfig):
     freeze_embeddings: bool = True
     kl_weight: NonNegativeFloat = 1.0
     init_std: PositiveFloat = 0.01
-    seed: int = 0
+    seed: NonNegativeInt = 0
     prefix: str = ""
     eval_batch_size: PositiveInt = 64
 

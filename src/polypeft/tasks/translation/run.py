@@ -19,8 +19,9 @@ import torch
 from accelerate import PartialState
 from transformers.models.marian.modeling_marian import shift_tokens_right
 
-from ...core.config import (ConfigError, Fraction, MethodConfig, NonNegativeFloat, NonNegativeInt, PositiveFloat,
-                            PositiveInt, Source, TypedConfig, build, checked, recipe_from_dict, recipe_from_yaml)
+from ...core.config import (ConfigError, Fraction, LanguageList, MethodConfig, NonNegativeFloat, NonNegativeInt,
+                            PositiveFloat, PositiveInt, Source, TypedConfig, build, checked, recipe_from_dict,
+                            recipe_from_yaml)
 from ...data.batching import TokenBudgetBatcher, collate, token_lengths
 from ...data.bible import BibleCorpus, BibleSplit
 from ...data.parallel import ParallelExample, english_centric
@@ -50,7 +51,7 @@ class MMTRecipe(TypedConfig):
     """Everything one translation run needs; unknown keys in a YAML file are refused by name."""
 
     name: str = "run"
-    languages: list[str] = field(default_factory=lambda: ["en", "fr", "es", "de", "ru", "ar", "ko"])
+    languages: LanguageList = field(default_factory=lambda: ["en", "fr", "es", "de", "ru", "ar", "ko"])
     pivot: str = "en"
     preset: str = "tiny"
     vocab_size: PositiveInt = 8000
@@ -72,7 +73,7 @@ class MMTRecipe(TypedConfig):
     accumulation: PositiveInt = 1
     checkpoint_every: PositiveInt = 200
     valid_every: NonNegativeInt = 200  # 0: no validation
-    seed: int = 0
+    seed: NonNegativeInt = 0
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # bf16/fp16: float32 weights, half-precision compute
     beam: PositiveInt = 5
     length_penalty: float = 1.0
@@ -120,6 +121,10 @@ class MMTRecipe(TypedConfig):
     @property
     def uses_fd(self) -> bool:
         return bool(self.method.get("fd", False))
+
+    def output_paths(self) -> dict[str, tuple[Path, str]]:
+        """What the run writes (and --overwrite clears): checked against the command's inputs before any work."""
+        return {"output_dir/name": (self.run_dir, "folder")}
 
     @property
     def run_dir(self) -> Path:
