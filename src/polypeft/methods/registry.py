@@ -44,7 +44,7 @@ def registered_methods() -> dict[str, MethodEntry]:
 
 
 def method_entry(name: Any, where: str = "config") -> MethodEntry:
-    if name not in METHODS:
+    if not isinstance(name, str) or name not in METHODS:
         raise ConfigError(f"{where}: unknown method {name!r}; known methods are {sorted(METHODS)}")
     return METHODS[name]
 
