@@ -5,7 +5,6 @@ MethodConfig holds what every method shares, including its declared traits; the 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 import types
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Mapping, Optional, Sequence, Union
 from typing import get_args, get_origin, get_type_hints
 
-from .language_codes import checked_codes
+from .language_codes import LanguageCodes, checked_codes
 
 SHARED_ROUTE_CODE = "shared"  # polypeft.core.languages.SHARED, repeated so this module needs no torch
 
@@ -48,12 +47,6 @@ class Range:
         if self.low is not None:
             return f"{'>' if self.low_open else '>='} {self.low:g}"
         return f"{'<' if self.high_open else '<='} {self.high:g}"
-
-
-@dataclass(frozen=True)
-class LanguageCodes:
-    """Marks a list of language codes, `Annotated[list[str], LanguageCodes()]`: each checked and normalised to
-    Unicode NFC, none listed twice in any spelling (see core/language_codes.py)."""
 
 
 PositiveInt = Annotated[int, Range(1, text="positive")]
@@ -348,15 +341,6 @@ def read_text_file(path: Any, what: str = "config") -> str:
         raise ConfigError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
 
 
-def read_json_file(path: Any) -> Any:
-    """The JSON value of a file; a missing, undecodable or invalid file is a ConfigError naming it."""
-    text = read_text_file(path)
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ConfigError(f"{path}: not valid JSON ({error})") from None
-
-
 def yaml_error_place(error: Exception) -> str:
     mark = getattr(error, "problem_mark", None)
     problem = getattr(error, "problem", None) or str(error)
@@ -450,8 +434,7 @@ class MethodConfig(TypedConfig):
                 re.compile(self.target_modules)
             except re.error as error:
                 raise ConfigError(f"{owner}.target_modules={self.target_modules!r} is not a valid regular expression "
-                                  f"({error}); give one that matches whole module names, e.g. '.*\\.fc[12]', or "
-                                  "a list of names") from None
+                                  f"({error}); give one matching whole module names, or a list of names") from None
         if self.modules_to_save is not None and not all(isinstance(n, str) and n for n in self.modules_to_save):
             raise ConfigError(f"{owner}.modules_to_save={self.modules_to_save!r}: give module names (non-empty "
                               "strings), e.g. ['classifier']")

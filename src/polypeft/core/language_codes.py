@@ -6,9 +6,16 @@ they are one language, so every code is normalised to NFC where it enters polype
 from __future__ import annotations
 
 import unicodedata
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 EXAMPLE = "a language code is one word, such as 'de' or 'pt-BR'"
+
+
+@dataclass(frozen=True)
+class LanguageCodes:
+    """Marks a list of language codes for the typed validator, `Annotated[list[str], LanguageCodes()]`: each
+    checked and normalised to NFC by `checked_codes`, none listed twice in any spelling."""
 
 
 def spelling_problem(code: Any) -> Optional[str]:

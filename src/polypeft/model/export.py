@@ -13,7 +13,7 @@ import torch
 
 from .. import __version__
 from ..core.anatomy import is_encoder_decoder
-from ..core.config import read_json_file
+from ..core.json_files import read_json_file
 from ..core.fileio import is_temporary, write_json, write_safetensors
 from ..core.languages import SHARED, LanguageError
 from ..core.transaction import folder_transaction

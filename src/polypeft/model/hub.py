@@ -8,7 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
-from ..core.config import ConfigError, MethodConfig, read_json_file
+from ..core.config import ConfigError, MethodConfig
+from ..core.json_files import read_json_file
 from ..methods.registry import config_from_dict, load_config_file
 from .routed_model import RoutedModel
 from .savefiles import CONFIG_NAME, SAVE_FILES, TRAINER_WEIGHTS_NAME, write_save
