@@ -169,9 +169,9 @@ def test_an_untouched_save_still_loads_exactly(tmp_path):
     ("5", r"expected a JSON object with keys config .*got int 5"),
     ("null", r"expected a JSON object with keys config .*got NoneType None"),
     ('"abc"', r"expected a JSON object with keys config .*got str 'abc'"),
-    ('{"config": null, "base_model": {}}', r"config=None; expected a JSON object"),
-    ('{"config": 5, "base_model": {}}', r"config=5; expected a JSON object"),
-    ('{"config": {"method": "lms", "languages": ["en"]}, "base_model": null}', r"base_model=None; expected a JSON"),
+    ('{"config": null, "base_model": {}}', r"'config' holds None; expected a JSON object there"),
+    ('{"config": 5, "base_model": {}}', r"'config' holds 5; expected a JSON object there"),
+    ('{"config": {"method": "lms", "languages": ["en"]}, "base_model": null}', r"'base_model' holds None; expected"),
     ("{", r"not valid JSON"),
 ])
 def test_a_damaged_save_config_names_the_file_and_what_was_expected(tmp_path, content, expected):

@@ -203,7 +203,7 @@ def test_training_a_merged_route_is_refused_by_name():
     batch = random_batch("bart", 2)
     batch["labels"] = batch["decoder_input_ids"]
     model.merge(src="de", tgt="fr")
-    with pytest.raises(ValueError, match=r"routed layers \(first .*fc1'\) hold route ids \(1, 2\) merged into the "
+    with pytest.raises(pp.LanguageError, match=r"routed layers \(first .*fc1'\) hold route ids \(1, 2\) merged into the "
                                          r"base weights, so training would not reach their factors; call unmerge"):
         train(model, lambda: iter([batch] * 3), lambda m, b: (m(**b, src_lang="de", tgt_lang="fr").loss, 1),
               TrainSettings(steps=2, progress=False))

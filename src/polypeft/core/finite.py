@@ -15,8 +15,13 @@ class NonFiniteError(ValueError):
 
 
 def first_non_finite(tensors: Mapping[str, torch.Tensor]) -> Optional[str]:
-    """The name of the first floating tensor holding a NaN or an inf, with how many; None when all are finite."""
+    """The name of the first floating tensor holding a NaN or an inf, with how many; None when all are finite.
+    Sharded (DTensor) weights are left to the write of their gathered copy: counting them here is a collective."""
+    from torch.distributed.tensor import DTensor
+
     for name, tensor in tensors.items():
+        if isinstance(tensor, DTensor):
+            continue
         if isinstance(tensor, torch.Tensor) and (tensor.is_floating_point() or tensor.is_complex()):
             bad = int((~torch.isfinite(tensor.detach())).sum())
             if bad:

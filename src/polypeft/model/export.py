@@ -15,6 +15,7 @@ from .. import __version__
 from ..core.anatomy import is_encoder_decoder
 from ..core.json_files import read_json_file
 from ..core.fileio import is_temporary, write_json, write_safetensors
+from ..core.finite import check_finite
 from ..core.languages import SHARED, LanguageError
 from ..core.transaction import folder_transaction
 from .routed_model import RoutedModel
@@ -185,6 +186,7 @@ def export_lora(
     """One route as a PEFT LoRA adapter; `peft.PeftModel.from_pretrained(base, directory)` runs it."""
     check_low_rank(poly)
     route_pair = route_ids(poly, src_lang, tgt_lang, lang, route)
+    check_finite(poly.added_state_dict(), f"{directory} not exported")
     # One transaction: the adapter's weights never stand beside another export's config; other files stay.
     adapter_files = (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME)
     with folder_transaction(directory, keep=lambda name: name not in adapter_files) as staging:
@@ -247,6 +249,7 @@ def export_lora_routes(
     check_low_rank(poly)
     directory = Path(directory).resolve()
     routes = routes_to_export(poly, pairs)
+    check_finite(poly.added_state_dict(), f"{directory} not exported")
     check_earlier_export(directory)
     base = base_model_name_or_path or adapter_config(poly)["base_model_name_or_path"] or "<base model>"
     adapters, entries = {}, []

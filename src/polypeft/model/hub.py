@@ -60,7 +60,8 @@ def read_save_config(directory: Path) -> dict[str, Any]:
         raise ConfigError(f"{config_path}: unknown keys {unknown}; allowed: config, base_model, polypeft_version")
     for key in ("config", "base_model"):
         if not isinstance(saved.get(key), dict):
-            raise ConfigError(f"{config_path}: {key}={saved.get(key)!r}; expected a JSON object ({expected})")
+            raise ConfigError(f"{config_path}: '{key}' holds {saved.get(key)!r}; expected a JSON object there "
+                              f"(the file holds {expected})")
     return saved
 
 

@@ -14,6 +14,7 @@ from torch import nn
 from .. import __version__
 from ..core.config import ConfigError, MethodConfig
 from ..core.fileio import write_json, write_safetensors, write_text
+from ..core.finite import check_finite
 from ..core.inject import find_targets
 from ..core.languages import LanguageError
 from ..core.routed import layer_shape
@@ -68,6 +69,7 @@ def write_save(poly: RoutedModel, directory: Path, results: Optional[dict[str, A
     poly.check_not_spent("save")
     if poly.merged_route is not None:
         raise LanguageError("unmerge() before saving: the saved base weights must stay plain")
+    check_finite(poly.added_state_dict(), f"{directory} not saved")  # before any file is written, by its name
     with folder_transaction(directory, keep=lambda name: name not in SAVE_FILES) as staging:
         write_weights(poly, staging)
         write_json(staging / CONFIG_NAME, {

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from ..core.fileio import append_line, write_text
 from ..core.finite import NonFiniteError, check_finite
+from ..core.languages import LanguageError
 from .checkpoint import (CHECKPOINT_NAME, PICKLED_CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint,
                          set_rng_state)
 from .schedules import inverse_sqrt, schedule
@@ -226,9 +227,9 @@ def refuse_merged_routes(model: torch.nn.Module) -> None:
     merged = [name for name, module in model.named_modules()
               if hasattr(module, "layer_name") and getattr(module, "merged_route", None) is not None]
     if merged:
-        raise ValueError(f"{len(merged)} routed layers (first {merged[0]!r}) hold route ids "
-                         f"{getattr(model.get_submodule(merged[0]), 'merged_route')} merged into the base weights, so "
-                         "training would not reach their factors; call unmerge() before training")
+        raise LanguageError(f"{len(merged)} routed layers (first {merged[0]!r}) hold route ids "
+                            f"{getattr(model.get_submodule(merged[0]), 'merged_route')} merged into the base weights, "
+                            "so training would not reach their factors; call unmerge() before training")
 
 
 def refuse_non_finite(what: str, value: torch.Tensor, number: int) -> None:
