@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import polypeft as pp
-from polypeft.core.config import ConfigError, read_yaml_mapping, recipe_from_yaml
+from polypeft.core.config import read_yaml_mapping, recipe_from_yaml
 from polypeft.data.parallel import ParallelExample, read_parallel, write_jsonl
 from polypeft.tasks.classification import read_classification
 from polypeft.tasks.retrieval import read_bitext

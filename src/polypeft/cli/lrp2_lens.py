@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Mapping, Optional, Union
 
-from ..core.config import ConfigError, LanguageList, NonNegativeInt, PositiveFloat, PositiveInt, TypedConfig
+from ..core.config import LanguageList, NonNegativeInt, PositiveInt, TypedConfig
 from ..interventions.lens_settings import LensTrainSettings
 from .recipes import add_recipe_arguments, check_input_file, check_output_dir, check_safetensors, load_recipe
 

@@ -8,7 +8,6 @@ keeping a second copy of the model.
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
