@@ -15,7 +15,7 @@ from polypeft.core.routing import ConcurrentUseError
 from polypeft.interventions.capture import InterventionError
 from polypeft.interventions.lrp2 import language_vectors
 from test_bad_config import SMALL_MMT, no_data_preparation, refused, write_yaml  # noqa: F401  (a fixture)
-from test_lrp2 import TEXTS, tiny_bert, tiny_tokenizer
+from test_lrp2 import TEXTS, WORDS, tiny_bert  # noqa: F401  (WORDS: the tiny_tokenizer fixture's vocabulary)
 from tiny_models import build, output_of, random_batch, randomize_added
 
 LANGS = ["en", "de", "fr"]
@@ -187,13 +187,13 @@ def test_a_negative_seed_is_refused_up_front(tmp_path, capsys, no_data_preparati
         pp.FinetuneSettings(seed=-1)
 
 
-def test_lrp2_refuses_a_max_length_beyond_the_models_positions_before_reading_any_text():
+def test_lrp2_refuses_a_max_length_beyond_the_models_positions_before_reading_any_text(tiny_tokenizer):
     with pytest.raises(InterventionError, match=r"language_vectors: max_length=64 is beyond the 32 positions "
                                                 r"BertModel has"):
-        language_vectors(tiny_bert(), TEXTS, tiny_tokenizer(), max_length=64, progress=False)
+        language_vectors(tiny_bert(), TEXTS, tiny_tokenizer, max_length=64, progress=False)
     from polypeft.interventions.lens import probe
     with pytest.raises(InterventionError, match=r"LENS probe: max_length=64 is beyond the 32 positions"):
-        probe(tiny_bert(), tiny_tokenizer(), TEXTS, max_length=64, progress=False)
+        probe(tiny_bert(), tiny_tokenizer, TEXTS, max_length=64, progress=False)
 
 
 def test_training_a_merged_route_is_refused_by_name():
