@@ -19,10 +19,11 @@ from polypeft.core.anatomy import (
     blocks,
     closes_ffn,
     default_targets,
+    embeddings_of,
     ffn_linears,
     side_of,
 )
-from polypeft.core.inject import name_matches
+from polypeft.core.inject import find_targets, name_matches
 from polypeft.interventions.capture import find_blocks, layer_states
 from tiny_models import output_of, randomize_added
 
@@ -119,6 +120,25 @@ def test_wrap_finds_exactly_the_ffn_linears_the_table_names(model_type):
     assert len(expected) == sum(sides.values()) * ffn_per_block
     poly = pp.wrap(model, pp.LMSConfig(languages=LANGS, rank=2))
     assert set(poly.routed_layers) == expected
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_every_sublayer_closes_in_one_linear_the_table_names(model_type):
+    """CLSR's default targets come from the table: per block, one attention output per attention sublayer
+    (self, and cross in a decoder of an encoder-decoder) and the FFN output."""
+    model = build(model_type)
+    found = [name for name, _ in find_targets(model, None, accept_conv1d=True, by_default="sublayer_outputs")]
+    _, _, sides, _, _ = ARCHITECTURES[model_type]
+    per_block = {side: 3 if side == "decoder" and "encoder" in sides else 2 for side in sides}
+    assert len(found) == sum(count * per_block[side] for side, count in sides.items()), found
+    assert all(closes_ffn(name) or "attn" in name or "attention" in name.lower() for name in found), found
+
+
+def test_embeddings_come_from_the_table_and_other_models_are_told_which_rows_have_them():
+    bert = build("bert")
+    assert embeddings_of(bert) is bert.base_model.embeddings
+    with pytest.raises(AnatomyError, match=r"does not say where its embeddings are; rows that do: \[.*'bert'"):
+        embeddings_of(build("llama"))
 
 
 def test_phi3_fused_gate_up_projection_is_targeted():

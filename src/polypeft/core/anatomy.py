@@ -1,6 +1,5 @@
-"""One table of where each transformers architecture keeps its blocks, FFN and attention linears.
-
-Every method and intervention asks it; a model type missing from it falls back to a name guess.
+"""One table of where each transformers architecture keeps its blocks, FFN, attention and sublayer-output
+linears and its embeddings; every method, intervention and task asks it (a missing type falls back to a guess).
 """
 from __future__ import annotations
 
@@ -22,6 +21,14 @@ DEFAULT_FFN_TARGETS = (
 FALLBACK_BLOCK_LIST_NAMES = ("layer", "layers", "block", "h")
 # Outside the table's architectures (custom models), an FFN closes in one of these linears.
 FALLBACK_FFN_OUTPUT_SUFFIXES = ("fc2", "output.dense", "wo", "down_proj")
+# The output linear of every attention and FFN sublayer (BART/Marian, BERT, T5, Llama/Qwen), for a model
+# whose type is not in the table.
+DEFAULT_SUBLAYER_OUTPUT_TARGETS = (
+    r".*(\.out_proj|\.o_proj|\.attention\.output\.dense|\.(SelfAttention|EncDecAttention)\.o"
+    r"|\.fc2|(?<!attention)\.output\.dense|\.DenseReluDense\.wo|\.mlp\.down_proj)"
+)
+# The heads transformers puts on a task model (fresh when a model is loaded for a new task).
+TASK_HEADS = ("classifier", "score", "qa_outputs")
 
 
 class AnatomyError(ValueError):
@@ -41,21 +48,25 @@ class Anatomy:
     ffn_in: str
     ffn_out: str
     attention: str
+    # The linear closing each attention sublayer (its FFN's is `ffn_out`): where CLSR mixes its paths.
+    attention_out: str = ""
     # Modules inside one MoE expert: a router reorders the token rows they see (see `in_moe_expert`).
     experts: Optional[str] = None
+    # The module (relative to the model's body) that turns token ids into the first hidden states.
+    embeddings: Optional[str] = None
 
 
 ENCODER = Anatomy(
     {"encoder": "encoder.layer"}, r"intermediate\.dense", r"output\.dense",
-    r"attention\.(self\.(query|key|value)|output\.dense)",
+    r"attention\.(self\.(query|key|value)|output\.dense)", r"attention\.output\.dense", embeddings="embeddings",
 )
 BART_LIKE = Anatomy(
     {"encoder": "encoder.layers", "decoder": "decoder.layers"}, "fc1", "fc2",
-    r"(self_attn|encoder_attn)\.(q_proj|k_proj|v_proj|out_proj)",
+    r"(self_attn|encoder_attn)\.(q_proj|k_proj|v_proj|out_proj)", r"(self_attn|encoder_attn)\.out_proj",
 )
 LLAMA_LIKE = Anatomy(
     {"decoder": "layers"}, r"mlp\.(gate_proj|up_proj)", r"mlp\.down_proj",
-    r"self_attn\.(q_proj|k_proj|v_proj|o_proj)",
+    r"self_attn\.(q_proj|k_proj|v_proj|o_proj)", r"self_attn\.o_proj",
 )
 # BLOOM, GPT-NeoX and Falcon share the FFN names and fuse q, k and v into one linear.
 FUSED_QKV_FFN_IN, FUSED_QKV_FFN_OUT = r"mlp\.dense_h_to_4h", r"mlp\.dense_4h_to_h"
@@ -66,16 +77,18 @@ ANATOMY: dict[str, Anatomy] = {
     "roberta": ENCODER,
     "deberta-v2": Anatomy(
         {"encoder": "encoder.layer"}, r"intermediate\.dense", r"output\.dense",
-        r"attention\.(self\.(query_proj|key_proj|value_proj)|output\.dense)",
+        r"attention\.(self\.(query_proj|key_proj|value_proj)|output\.dense)", r"attention\.output\.dense",
+        embeddings="embeddings",
     ),
     "distilbert": Anatomy(
-        {"encoder": "transformer.layer"}, r"ffn\.lin1", r"ffn\.lin2", r"attention\.(q_lin|k_lin|v_lin|out_lin)"
+        {"encoder": "transformer.layer"}, r"ffn\.lin1", r"ffn\.lin2", r"attention\.(q_lin|k_lin|v_lin|out_lin)",
+        r"attention\.out_lin", embeddings="embeddings",
     ),
     # T5 blocks hold a list of sublayers; the FFN is the last (plain `wi`, gated `wi_0`/`wi_1`).
     "t5": Anatomy(
         {"encoder": "encoder.block", "decoder": "decoder.block"},
         r"layer\.\d+\.DenseReluDense\.(wi|wi_0|wi_1)", r"layer\.\d+\.DenseReluDense\.wo",
-        r"layer\.\d+\.(SelfAttention|EncDecAttention)\.(q|k|v|o)",
+        r"layer\.\d+\.(SelfAttention|EncDecAttention)\.(q|k|v|o)", r"layer\.\d+\.(SelfAttention|EncDecAttention)\.o",
     ),
     "bart": BART_LIKE,
     "mbart": BART_LIKE,
@@ -89,24 +102,31 @@ ANATOMY: dict[str, Anatomy] = {
     "gemma2": LLAMA_LIKE,
     "gemma3_text": LLAMA_LIKE,
     # Phi-3 fuses gate and up into one linear of width 2 * intermediate: it is the FFN input.
-    "phi3": Anatomy({"decoder": "layers"}, r"mlp\.gate_up_proj", r"mlp\.down_proj", r"self_attn\.(qkv_proj|o_proj)"),
-    "xglm": Anatomy({"decoder": "layers"}, "fc1", "fc2", r"self_attn\.(q_proj|k_proj|v_proj|out_proj)"),
-    "opt": Anatomy({"decoder": "decoder.layers"}, "fc1", "fc2", r"self_attn\.(q_proj|k_proj|v_proj|out_proj)"),
-    "bloom": Anatomy({"decoder": "h"}, FUSED_QKV_FFN_IN, FUSED_QKV_FFN_OUT, r"self_attention\.(query_key_value|dense)"),
-    "gpt_neox": Anatomy({"decoder": "layers"}, FUSED_QKV_FFN_IN, FUSED_QKV_FFN_OUT, r"attention\.(query_key_value|dense)"),
-    "falcon": Anatomy({"decoder": "h"}, FUSED_QKV_FFN_IN, FUSED_QKV_FFN_OUT, r"self_attention\.(query_key_value|dense)"),
+    "phi3": Anatomy({"decoder": "layers"}, r"mlp\.gate_up_proj", r"mlp\.down_proj", r"self_attn\.(qkv_proj|o_proj)",
+                    r"self_attn\.o_proj"),
+    "xglm": Anatomy({"decoder": "layers"}, "fc1", "fc2", r"self_attn\.(q_proj|k_proj|v_proj|out_proj)",
+                    r"self_attn\.out_proj"),
+    "opt": Anatomy({"decoder": "decoder.layers"}, "fc1", "fc2", r"self_attn\.(q_proj|k_proj|v_proj|out_proj)",
+                   r"self_attn\.out_proj"),
+    "bloom": Anatomy({"decoder": "h"}, FUSED_QKV_FFN_IN, FUSED_QKV_FFN_OUT, r"self_attention\.(query_key_value|dense)",
+                     r"self_attention\.dense"),
+    "gpt_neox": Anatomy({"decoder": "layers"}, FUSED_QKV_FFN_IN, FUSED_QKV_FFN_OUT, r"attention\.(query_key_value|dense)",
+                        r"attention\.dense"),
+    "falcon": Anatomy({"decoder": "h"}, FUSED_QKV_FFN_IN, FUSED_QKV_FFN_OUT, r"self_attention\.(query_key_value|dense)",
+                      r"self_attention\.dense"),
     # GPT-2 (and mGPT) keep these as transformers' Conv1D, weight stored (in, out): lms and lora wrap
     # them; the weight-copying methods refuse them by name.
-    "gpt2": Anatomy({"decoder": "h"}, r"mlp\.c_fc", r"mlp\.c_proj", r"attn\.(c_attn|c_proj)"),
+    "gpt2": Anatomy({"decoder": "h"}, r"mlp\.c_fc", r"mlp\.c_proj", r"attn\.(c_attn|c_proj)", r"attn\.c_proj"),
     # Sparse layers hold one dense FFN per expert under `experts.expert_k`; the other layers are dense.
     "nllb-moe": Anatomy(
         BART_LIKE.stacks, r"ffn\.(experts\.expert_\d+\.)?fc1", r"ffn\.(experts\.expert_\d+\.)?fc2",
-        BART_LIKE.attention, experts=r"ffn\.experts\.expert_\d+\..+",
+        BART_LIKE.attention, BART_LIKE.attention_out, experts=r"ffn\.experts\.expert_\d+\..+",
     ),
     "switch_transformers": Anatomy(
         {"encoder": "encoder.block", "decoder": "decoder.block"},
         r"layer\.\d+\.mlp\.(experts\.expert_\d+\.)?wi", r"layer\.\d+\.mlp\.(experts\.expert_\d+\.)?wo",
-        r"layer\.\d+\.(SelfAttention|EncDecAttention)\.(q|k|v|o)", experts=r"layer\.\d+\.mlp\.experts\.expert_\d+\..+",
+        r"layer\.\d+\.(SelfAttention|EncDecAttention)\.(q|k|v|o)", r"layer\.\d+\.(SelfAttention|EncDecAttention)\.o",
+        experts=r"layer\.\d+\.mlp\.experts\.expert_\d+\..+",
     ),
 }
 ANATOMY["mt5"] = ANATOMY["t5"]
@@ -252,6 +272,33 @@ def default_targets(model: nn.Module, layers: Optional[Sequence[int]] = None) ->
     return rf"({paths})\.({indices})\.({row.ffn_in}|{row.ffn_out})"
 
 
+def sublayer_output_targets(model: nn.Module) -> str:
+    """A target regex for the output linear of every attention and FFN sublayer (where CLSR mixes its paths);
+    models not in the table, or whose row names no attention output, get `DEFAULT_SUBLAYER_OUTPUT_TARGETS`."""
+    row = anatomy_of(model)
+    stacks = table_blocks(model, row) if row is not None and row.attention_out else {}
+    if not stacks:
+        return DEFAULT_SUBLAYER_OUTPUT_TARGETS
+    paths = "|".join(re.escape(stack.path) for stack in stacks.values())
+    return rf"({paths})\.\d+\.({row.attention_out}|{row.ffn_out})"
+
+
+def targets_for(model: nn.Module, default_targets_kind: str) -> str:
+    """The default targets a method declares (`MethodConfig.default_targets`): "ffn" or "sublayer_outputs"."""
+    return sublayer_output_targets(model) if default_targets_kind == "sublayer_outputs" else default_targets(model)
+
+
+def embeddings_of(model: nn.Module) -> nn.Module:
+    """The module that turns token ids into the first hidden states, from the table's row (BERT-likes)."""
+    row = anatomy_of(model)
+    body = getattr(model, getattr(model, "base_model_prefix", ""), model)
+    if row is None or row.embeddings is None:
+        raise AnatomyError(f"{type(model).__name__} (model_type {model_type_of(model)!r}): the anatomy table does not "
+                           "say where its embeddings are; rows that do: "
+                           f"{sorted(t for t, r in ANATOMY.items() if r.embeddings)}")
+    return body.get_submodule(row.embeddings)
+
+
 def linears_in_block(model: nn.Module, block: nn.Module, pattern_of: str) -> list[tuple[str, nn.Module]]:
     """The modules with a weight in `block` whose name (relative to it) a field (`pattern_of`) of the row matches."""
     row = anatomy_of(model)
@@ -310,6 +357,11 @@ def is_fused_experts(module: nn.Module) -> bool:
 
 def is_encoder_decoder(model: nn.Module) -> bool:
     return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
+def is_decoder_only(model: nn.Module) -> bool:
+    """One stack of blocks and it is a decoder's (the table's side, else the name guess): a causal LM's body."""
+    return not is_encoder_decoder(model) and set(blocks(model)) == {"decoder"}
 
 
 def is_causal_lm(model: nn.Module) -> bool:

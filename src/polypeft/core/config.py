@@ -400,6 +400,8 @@ class MethodConfig(TypedConfig):
     saves_as_peft: ClassVar[bool] = False
     # Its forward takes `source_batch=`: a frozen pass over it first gives the layers an input (FLARE's English).
     needs_source_pass: ClassVar[bool] = False
+    # What target_modules=None wraps, from the anatomy table: "ffn" (the FFN linears) or "sublayer_outputs".
+    targets_by_default: ClassVar[str] = "ffn"
     languages: LanguageList = ()
     target_modules: Optional[Union[str, list[str]]] = None
     shared_route: bool = False

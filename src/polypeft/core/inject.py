@@ -10,7 +10,7 @@ from typing import Callable, Sequence, Union
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .anatomy import default_targets, fused_expert_parameters, is_fused_experts
+from .anatomy import fused_expert_parameters, is_fused_experts, targets_for
 from .routed import LinearProxy  # polypeft's own layers hold 3-D route tables, yet are no fused experts
 
 TargetSpec = Union[str, Sequence[str], None]
@@ -28,15 +28,13 @@ def name_matches(name: str, targets: Union[str, Sequence[str]]) -> bool:
 
 
 def find_targets(
-    model: nn.Module, targets: TargetSpec, accept_conv1d: bool = False
+    model: nn.Module, targets: TargetSpec, accept_conv1d: bool = False, by_default: str = "ffn"
 ) -> list[tuple[str, nn.Linear]]:
-    """All `nn.Linear` modules selected by `targets` (None: the model's FFN linears), in module order;
-    with `accept_conv1d`, transformers' Conv1D too (GPT-2, for methods whose layers handle its layout).
+    """All `nn.Linear` modules selected by `targets` (None: the anatomy table's `by_default` linears, the FFNs
+    or the sublayer outputs), in module order; with `accept_conv1d`, transformers' Conv1D too (GPT-2)."""
 
-    An error if there are none, or if a selected leaf holding a weight (or fused expert stack) is not one.
-    """
     if targets is None:
-        targets = default_targets(model)
+        targets = targets_for(model, by_default)
     found, skipped = [], []
     for name, module in model.named_modules():
         if not name or not name_matches(name, targets):
@@ -89,11 +87,13 @@ def get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 
 def replace_targets(
-    model: nn.Module, targets: TargetSpec, build: Callable[[str, nn.Linear], nn.Module], accept_conv1d: bool = False
+    model: nn.Module, targets: TargetSpec, build: Callable[[str, nn.Linear], nn.Module], accept_conv1d: bool = False,
+    by_default: str = "ffn",
 ) -> dict[str, nn.Module]:
-    """Replace each target linear by `build(name, linear)`; returns the new modules by name."""
+    """Replace each target linear by `build(name, linear)`; returns the new modules by name. An error if there
+    are none, or if a selected leaf holding a weight (or fused expert stack) is not a linear."""
     wrapped = {}
-    for name, linear in find_targets(model, targets, accept_conv1d):
+    for name, linear in find_targets(model, targets, accept_conv1d, by_default):
         parent, child = get_parent(model, name)
         new = build(name, linear)
         setattr(parent, child, new)

@@ -11,9 +11,9 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 import torch
 from torch import nn
 
+from ..core.anatomy import TASK_HEADS
 from ..methods.flare.layer import FLAREConfig, FLAREError
 from ..model.poly_model import wrap
-from ..model.trainable import TASK_HEAD_NAMES
 from ..training.loop import BatchStreamEnded, TrainSettings, train
 
 RECIPES = ("zero_shot", "translate_train", "input_fusion", "flare", "flare_mt")
@@ -132,7 +132,7 @@ def with_task_head(model: nn.Module, config: FLAREConfig) -> FLAREConfig:
     if config.modules_to_save is not None:
         return config
     names = dict(model.named_children())
-    return replace(config, modules_to_save=[name for name in TASK_HEAD_NAMES if name in names])
+    return replace(config, modules_to_save=[name for name in TASK_HEADS if name in names])
 
 
 def trainable(model: nn.Module) -> list[nn.Parameter]:

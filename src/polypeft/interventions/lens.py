@@ -18,6 +18,7 @@ from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..core.anatomy import is_decoder_only
 from ..core.fileio import atomic_write, write_safetensors
 from ..training.loop import train as training_loop
 from .capture import (
@@ -41,12 +42,8 @@ TRAINED_FORMAT = "polypeft.lens_layers"
 
 
 def default_pooling(model: nn.Module) -> str:
-    """Last token for causal LMs (it has seen the whole sentence), token mean for everything else."""
-    is_causal = type(model).__name__.endswith("CausalLM") or (
-        not getattr(model.config, "is_encoder_decoder", False)
-        and "encoder" not in find_blocks(model)
-    )
-    return "last" if is_causal else "mean"
+    """Last token for decoder-only models (it has seen the whole sentence), token mean for everything else."""
+    return "last" if is_decoder_only(model) else "mean"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -17,13 +17,6 @@ from ..core.languages import Routes
 from ..core.routed import LayerSite, RoutedLinear, added_factory, per_language
 from .registry import register_method
 
-# The output linear of every attention and FFN sublayer: BART/Marian, BERT, T5, Llama/Qwen.
-CLSR_DEFAULT_TARGETS = (
-    r".*(\.out_proj|\.o_proj|\.attention\.output\.dense|\.(SelfAttention|EncDecAttention)\.o"
-    r"|\.fc2|(?<!attention)\.output\.dense|\.DenseReluDense\.wo|\.mlp\.down_proj)"
-)
-
-
 @dataclass
 class CLSRConfig(MethodConfig):
     """Conditional language-specific routing after every attention and FFN sublayer (defaults).
@@ -37,17 +30,13 @@ class CLSRConfig(MethodConfig):
     """
 
     method: ClassVar[str] = "clsr"
+    targets_by_default: ClassVar[str] = "sublayer_outputs"
     budget: UnitInterval = 0.3
     budget_weight: NonNegativeFloat = 1.0
     language_weights: Literal["per_stack", "per_sublayer"] = "per_stack"
     gate_hidden_size: PositiveInt = 128
     gate_noise_std: NonNegativeFloat = 1.0
     hard_gate_at_inference: bool = True
-
-    def __post_init__(self) -> None:
-        if self.target_modules is None:
-            self.target_modules = CLSR_DEFAULT_TARGETS
-        super().__post_init__()
 
 
 class BudgetTracker:

@@ -68,6 +68,7 @@ class RoutedModel(nn.Module):
                                                          self.registry, shared, config.keep_base_dtype,
                                                          source_encoder)),
             accept_conv1d=config.handles_conv1d,
+            by_default=config.targets_by_default,
         )
         mark_moe_experts(base_model, self.routed_layers)
         self.saved_modules = resolve_modules_to_save(base_model, config.modules_to_save, self.routed_layers)

@@ -93,7 +93,7 @@ def base_model_identity(base_model: nn.Module, layers: dict[str, nn.Module]) -> 
 
 def check_base_fits(base_model: nn.Module, config: MethodConfig, saved: dict, where: Path) -> None:
     """Refuse, naming every difference, a base model whose target names or shapes differ from the saved one."""
-    targets = find_targets(base_model, config.target_modules, accept_conv1d=config.handles_conv1d)
+    targets = find_targets(base_model, config.target_modules, config.handles_conv1d, config.targets_by_default)
     found = {name: list(layer_shape(linear)) for name, linear in targets}
     expected = saved.get("targets", {})
     missing = sorted(set(expected) - set(found))

@@ -8,10 +8,9 @@ from typing import Iterable, Optional, Sequence
 import torch
 from torch import nn
 
+from ..core.anatomy import TASK_HEADS
 from ..core.config import ConfigError
 
-# Heads transformers puts on a task model (freshly initialised when the model is loaded for a new task).
-TASK_HEAD_NAMES = ("classifier", "score", "qa_outputs")
 TASK_MODEL_MARKERS = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering",
                       "ForMultipleChoice")
 
@@ -59,7 +58,7 @@ def warn_if_head_frozen(base_model: nn.Module, saved: dict[str, nn.Module]) -> N
     if not any(marker in type(base_model).__name__ for marker in TASK_MODEL_MARKERS):
         return
     heads = [name for name, _ in base_model.named_modules()
-             if name.rsplit(".", 1)[-1] in TASK_HEAD_NAMES and not any(matches(name, s) or name.startswith(s + ".")
+             if name.rsplit(".", 1)[-1] in TASK_HEADS and not any(matches(name, s) or name.startswith(s + ".")
                                                                        for s in saved)]
     if heads:
         warnings.warn(

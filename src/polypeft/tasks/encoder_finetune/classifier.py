@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ...core.anatomy import default_targets
+from ...core.anatomy import anatomy_of, blocks, default_targets, embeddings_of
+from ...core.inject import get_parent
 from ...core.config import ConfigError
 from ...methods.lms import LMSConfig
 from ...model.poly_model import PolyModel, wrap
@@ -61,14 +62,15 @@ def build_classifier(encoder: nn.Module, label_names: Sequence[str], languages: 
                   "inference_extra_language_routes": 0, "inference_extra_shared_route": 0,
                   "inference_extra_merged": 0}
     if settings.freeze_embeddings or settings.frozen_layers > 0:
-        for parameter in body.embeddings.parameters():
-            parameter.requires_grad_(False)
-    for layer in body.encoder.layer[:settings.frozen_layers]:
-        for parameter in layer.parameters():
-            parameter.requires_grad_(False)
-    if settings.frozen_layers > 0:
-        body.encoder.layer = nn.ModuleList(list(body.encoder.layer)[settings.frozen_layers:])
+        embeddings_of(model).requires_grad_(False)
+    stack = blocks(model)["encoder"]
+    for layer in stack.blocks[:settings.frozen_layers]:
+        layer.requires_grad_(False)
+    if settings.frozen_layers > 0:  # the cached states of the frozen layers come in as inputs_embeds
+        parent, name = get_parent(model, stack.path)
+        setattr(parent, name, nn.ModuleList(list(stack.blocks)[settings.frozen_layers:]))
         body.config.num_hidden_layers = num_layers - settings.frozen_layers
-        body.embeddings = PassThroughEmbeddings()
+        parent, name = get_parent(body, anatomy_of(model).embeddings)
+        setattr(parent, name, PassThroughEmbeddings())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return Classifier(model, settings.method, counts, trainable)
