@@ -18,3 +18,14 @@ def tiny_tokenizer(request):
     ([CLS] ... [SEP]) when WORDS hold those two next."""
     words = list(request.module.WORDS)
     return bert_tokenizer([token for token in ("[PAD]", "[UNK]") if token not in words] + words)
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """An empty Hub cache with huggingface_hub (and transformers through it) offline: Hub ids load from it only."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return cache

@@ -2,8 +2,13 @@
 (also when a language is absent on one rank), whole adapter saves, and the training loop's schedule."""
 from __future__ import annotations
 
+import json
 import os
+import re
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -168,3 +173,48 @@ def test_training_loop_on_two_processes_keeps_the_single_process_schedule(tmp_pa
         assert torch.load(tmp_path / f"rates{rank}.pt") == pytest.approx(single)
     # gradient accumulation: the schedule moves once per optimiser step, not once per micro-batch
     assert train_lms(str(tmp_path / "accumulated"), accumulation=2) == pytest.approx(single)
+
+
+def test_a_launch_whose_processes_do_not_join_is_refused(monkeypatch):
+    from polypeft.training.processes import LaunchError, check_joined, needs_cpu_group
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert needs_cpu_group() == (not torch.cuda.is_available())
+    with pytest.raises(LaunchError, match=r"started 2 processes \(WORLD_SIZE\) but accelerate joined 1.*--cpu flag"):
+        check_joined(1)
+    check_joined(2)
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+TINY_RECIPE = dict(name="lms", languages=["en", "de"], vocab_size=600, spm_max_sentences=600, max_train_verses=150,
+                   max_eval_verses=6, method={"name": "lms", "rank": 2}, batching="mixed", steps=4, warmup=2,
+                   checkpoint_every=2, valid_every=0, max_tokens=512, beam=2)
+
+
+def documented_launches() -> list[str]:
+    """The README's two-process training commands, as written there."""
+    lines = [line.split("#")[0].strip() for line in README.read_text(encoding="utf-8").splitlines()]
+    return [line for line in lines if re.match(r"(accelerate launch|torchrun) .*-m polypeft\.cli mmt train ", line)]
+
+
+@pytest.mark.slow
+def test_the_readme_launch_commands_train_on_two_processes(tmp_path):
+    """The documented commands themselves, on the Bible corpus at tiny size: every logged step says 2 processes."""
+    import yaml
+
+    commands = documented_launches()
+    assert [c.split()[0] for c in commands] == ["accelerate", "torchrun"], commands
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump({**TINY_RECIPE, "output_dir": str(tmp_path / "runs")}))
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
+           "POLYPEFT_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(Path(pp.__file__).parents[1])}
+    prepare = subprocess.run([sys.executable, "-m", "polypeft.cli", "mmt", "prepare", str(recipe)], env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert prepare.returncode == 0, prepare.stderr[-2000:]
+    for number, command in enumerate(commands):
+        command = command.replace("configs/mmt_demo.yaml", f"{recipe} --set name=run{number}")
+        done = subprocess.run(command, shell=True, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, f"{command}\n{done.stderr[-3000:]}"
+        log = [json.loads(line) for line in (tmp_path / "runs" / f"run{number}-seed0" / "train_log.jsonl").open()]
+        assert [record["processes"] for record in log] == [2, 2, 2, 2], command

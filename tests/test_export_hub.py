@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from polypeft.methods.clsr import CLSRConfig
 from polypeft.methods.lora import LoRAConfig
 from polypeft.methods.ls_ffn import LSFFNConfig
 from polypeft.methods.switch import SwitchConfig
+from hub_cache import lay_out_hub_cache
 from tiny_models import build, output_of, random_batch, randomize_added
 
 peft = pytest.importorskip("peft")
@@ -132,25 +132,6 @@ def test_the_lora_baseline_saves_in_peft_format(tmp_path):
 
 
 # ---- Hub ids ------------------------------------------------------------------------------------------
-def lay_out_hub_cache(cache, repo_id: str, revisions: dict[str, tuple[str, object]]) -> None:
-    """The folders huggingface_hub's cache holds: refs/<revision> -> commit, snapshots/<commit>/<files>."""
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    for revision, (commit, save_folder) in revisions.items():
-        (repo / "refs").mkdir(parents=True, exist_ok=True)
-        (repo / "refs" / revision).write_text(commit)
-        shutil.copytree(save_folder, repo / "snapshots" / commit, dirs_exist_ok=True)
-
-
-@pytest.fixture
-def offline_hub(tmp_path, monkeypatch):
-    from huggingface_hub import constants
-
-    cache = tmp_path / "hub"
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    return cache
-
-
 def test_from_pretrained_and_load_config_take_a_hub_id_and_revision(tmp_path, offline_hub):
     first, second = make("llama", seed=0), make("llama", seed=0)
     randomize_added(second, seed=9)

@@ -1,5 +1,6 @@
 """Routes on the bases users bring: bf16/fp16 (factors kept in float32), bitsandbytes 8-bit and 4-bit
-(QLoRA-style: wrap, train, save, load; merge refused), and layers whose weights are not loaded."""
+(QLoRA-style: wrap, train, save, load; merge as peft merges: dequantize, add, quantize again), and layers whose
+weights are not loaded."""
 from __future__ import annotations
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 import transformers as tf
 
 import polypeft as pp
-from tiny_models import build
+from tiny_models import build, randomize_added
 
 LANGS = ["en", "de"]
 BATCH = {"input_ids": torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])}
@@ -55,11 +56,37 @@ def test_quantized_bases_wrap_train_save_and_load(saved_llama, bits, tmp_path):
         optimizer.zero_grad()
         losses.append(float(loss))
     assert losses[-1] < losses[0], losses
-    with pytest.raises(pp.ConfigError, match="quantized"):
-        poly.merge(route="de")
     poly.save_pretrained(tmp_path)
     restored = pp.PolyModel.from_pretrained(quantized(saved_llama, bits), tmp_path)
     torch.testing.assert_close(restored(**BATCH, lang="de").logits, poly(**BATCH, lang="de").logits)
+
+
+# Largest |logit| change a merge into the quantized weight makes, as a share of the largest logit, on this tiny
+# Llama with routes of scale 0.1: measured 0.5 % (8-bit) and 8 % (4-bit), the same as peft's merge on that base.
+MERGE_ROUNDING = {8: 0.02, 4: 0.15}
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_merge_and_unload_on_a_quantized_base_is_peft_s_merge(saved_llama, bits, tmp_path):
+    peft = pytest.importorskip("peft")
+    poly = pp.wrap(quantized(saved_llama, bits), pp.LMSConfig(languages=LANGS, rank=4))
+    randomize_added(poly, scale=0.1)
+    layer = poly.routed_layers["model.layers.0.mlp.up_proj"]
+    packed = layer.base_layer.weight
+    with torch.no_grad():
+        routed = poly(**BATCH, lang="de").logits
+        poly.merge(route="de")
+        assert type(layer.base_layer.weight) is type(packed) and layer.base_layer.weight is not packed  # quantized again
+        merged = poly(**BATCH, lang="de").logits
+        poly.unmerge()
+        assert layer.base_layer.weight is packed  # the original packed weight back: no second rounding
+        assert torch.equal(poly(**BATCH, lang="de").logits, routed)
+        assert (merged - routed).abs().max() <= MERGE_ROUNDING[bits] * routed.abs().max()
+        assert (merged - routed).abs().max() > 0  # it did round: the bound above is what users are told
+        poly.export_lora(tmp_path, lang="de")
+        ours = poly.merge_and_unload(route="de")(**BATCH).logits
+        theirs = peft.PeftModel.from_pretrained(quantized(saved_llama, bits), tmp_path).merge_and_unload()(**BATCH).logits
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
 
 
 def test_methods_that_copy_the_weight_refuse_a_quantized_base(saved_llama):

@@ -10,7 +10,8 @@ import importlib as _importlib
 
 # Where each public name lives: module -> names.
 _EXPORTS = {
-    ".core.config": ("ConfigError", "MethodConfig", "recipe_from_yaml"),
+    ".core.config": ("ConfigError", "recipe_from_yaml"),
+    ".core.method_config": ("MethodConfig",),
     ".training.settings": ("TrainSettings",),
     ".methods.registry": ("config_from_dict", "load_config_file"),
     ".methods.lms": ("LMSConfig",),

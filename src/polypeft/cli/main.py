@@ -36,12 +36,11 @@ def mmt_prepare(args) -> int:
 
 def mmt_train(args) -> int:
     from ..tasks.translation.run import evaluate_run, train_run
-
-    from accelerate import PartialState
+    from ..training.processes import process_state
 
     recipe = _recipe(args)
     run_dir = train_run(recipe, resume=args.resume, overwrite=args.overwrite)
-    if not PartialState().is_main_process:  # under accelerate launch, one process writes and evaluates
+    if not process_state().is_main_process:  # under accelerate launch, one process writes and evaluates
         return 0
     print(f"trained: {run_dir}")
     if args.eval:

@@ -1,6 +1,6 @@
 """Typed configs: one validator over dataclass type hints checks every method config and CLI recipe.
 
-MethodConfig holds what every method shares, including its declared traits; the registry of methods lives above.
+MethodConfig (core/method_config.py) builds on it; the registry of methods lives above the core.
 """
 from __future__ import annotations
 
@@ -16,9 +16,6 @@ from typing import Annotated, Any, ClassVar, Literal, Mapping, Optional, Sequenc
 from typing import get_args, get_origin, get_type_hints
 
 from .language_codes import LanguageCodes, checked_codes
-
-SHARED_ROUTE_CODE = "shared"  # polypeft.core.languages.SHARED, repeated so this module needs no torch
-
 
 class ConfigError(ValueError):
     """A configuration value or file that polypeft cannot use."""
@@ -380,66 +377,3 @@ class TypedConfig:
             check_fields(self)
         except ConfigError as error:
             raise as_error_type(error, self.error_type) from None
-
-
-# ----------------------------------------------------------------------------- method configs
-
-@dataclass
-class MethodConfig(TypedConfig):
-    """Fields every routed method shares: the languages and which linears to wrap."""
-
-    method: ClassVar[str] = ""
-    # Declared traits: what the rest of the library may do with the method, read instead of lists of names.
-    # FD's KL: symmetric between the routes, or one-way from the language route (a full-rank copy).
-    fd_one_way: ClassVar[bool] = False
-    # No parameter depends on the language: runs and merges without a route.
-    language_agnostic: ClassVar[bool] = False
-    # Its layers also wrap a transposed linear (transformers' Conv1D, GPT-2), not only nn.Linear.
-    handles_conv1d: ClassVar[bool] = False
-    # Saved as PEFT's own adapter files (a plain LoRA), so peft loads the save as it is.
-    saves_as_peft: ClassVar[bool] = False
-    # Its forward takes `source_batch=`: a frozen pass over it first gives the layers an input (FLARE's English).
-    needs_source_pass: ClassVar[bool] = False
-    # What target_modules=None wraps, from the anatomy table: "ffn" (the FFN linears) or "sublayer_outputs".
-    targets_by_default: ClassVar[str] = "ffn"
-    languages: LanguageList = ()
-    target_modules: Optional[Union[str, list[str]]] = None
-    shared_route: bool = False
-    # peft's default: only the routes (and `modules_to_save`) train; recipes that train from scratch say False.
-    freeze_base: bool = True
-    # Base modules trained and saved with the routes, by full name or last parts (task heads: ["classifier"]).
-    modules_to_save: Optional[list[str]] = None
-    # Added weights on a bf16/fp16 base are float32 (small updates survive); True keeps the base's dtype.
-    keep_base_dtype: bool = False
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        try:
-            self.check_shared_fields()
-        except ConfigError as error:
-            raise as_error_type(error, self.error_type) from None
-
-    def check_shared_fields(self) -> None:
-        """What the types cannot say about the shared fields: languages, targets, modules to save."""
-        owner = type(self).__name__
-        if not self.languages and not self.language_agnostic:
-            raise ConfigError(f"{owner}.languages is empty: give at least one language code")
-        if self.shared_route and self.language_agnostic:
-            raise ConfigError(f"{owner}.shared_route=True has no meaning: {owner} has one language-agnostic route "
-                              "and no language routes to distil; leave shared_route=False")
-        if SHARED_ROUTE_CODE in self.languages:
-            raise ConfigError(f"'{SHARED_ROUTE_CODE}' is reserved for the FD route; use shared_route=True instead")
-        if self.target_modules is not None and not isinstance(self.target_modules, str) and not self.target_modules:
-            raise ConfigError("target_modules is an empty list: leave it None for the FFN defaults")
-        if isinstance(self.target_modules, str):  # a regular expression over module names (see core/inject.py)
-            try:
-                re.compile(self.target_modules)
-            except re.error as error:
-                raise ConfigError(f"{owner}.target_modules={self.target_modules!r} is not a valid regular expression "
-                                  f"({error}); give one matching whole module names, or a list of names") from None
-        if self.modules_to_save is not None and not all(isinstance(n, str) and n for n in self.modules_to_save):
-            raise ConfigError(f"{owner}.modules_to_save={self.modules_to_save!r}: give module names (non-empty "
-                              "strings), e.g. ['classifier']")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, **dataclasses.asdict(self)}

@@ -15,6 +15,7 @@ from transformers.pytorch_utils import Conv1D
 from .anatomy import in_moe_expert
 from .config import ConfigError
 from .languages import LanguageError, LanguageRegistry, Routes
+from .quantized import fold_into_quantized, quantization_of, restore_quantized
 from .routing import RouteState
 
 
@@ -210,25 +211,36 @@ class RoutedLinear(LinearProxy):
     def merge(self, route: tuple[int, int]) -> None:
         if self.cannot_merge_because is not None:
             raise LanguageError(f"{self.layer_name}: {self.cannot_merge_because}")
-        if not self.base_layer.weight.is_floating_point():
-            raise ConfigError(
-                f"{self.layer_name}: cannot fold a route into a quantized weight ({type(self.base_layer).__name__}); "
-                "serve the route unmerged, or load the base in full precision and merge there"
-            )
         if self.merged_route is not None:
             raise LanguageError(f"{self.layer_name} already holds merged route {self.merged_route}; unmerge first")
-        with torch.no_grad():
-            self.base_layer.weight += in_weight_layout(self.base_layer, self.delta_weight(route)).to(
-                self.base_layer.weight.dtype)
+        weight = self.base_layer.weight
+        if quantization_of(weight) is not None:
+            # peft's way on the same base: dequantize, add, quantize again (rounds once more: see the docs).
+            with torch.no_grad():
+                self.quantized_original = fold_into_quantized(self.base_layer, self.delta_weight(route).detach())
+        elif not weight.is_floating_point():
+            raise ConfigError(
+                f"{self.layer_name}: cannot fold a route into a {weight.dtype} weight ({type(self.base_layer).__name__}); "
+                "serve the route unmerged, or load the base in full precision and merge there"
+            )
+        else:
+            with torch.no_grad():
+                weight += in_weight_layout(self.base_layer, self.delta_weight(route)).to(weight.dtype)
         self.merged_route = route
 
     def unmerge(self) -> None:
         if self.merged_route is None:
             return
-        with torch.no_grad():
-            self.base_layer.weight -= in_weight_layout(self.base_layer, self.delta_weight(self.merged_route)).to(
-                self.base_layer.weight.dtype)
+        if self.quantized_original is not None:
+            restore_quantized(self.base_layer, self.quantized_original)
+            self.quantized_original = None
+        else:
+            with torch.no_grad():
+                self.base_layer.weight -= in_weight_layout(self.base_layer, self.delta_weight(self.merged_route)).to(
+                    self.base_layer.weight.dtype)
         self.merged_route = None
+
+    quantized_original: Optional[tuple] = None  # what a merge into a quantized weight replaced (see core/quantized)
 
     def route_parameter_count(self, num_routes: int = 1) -> int:
         """Parameters this layer adds for `num_routes` routes."""

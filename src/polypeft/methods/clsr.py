@@ -12,7 +12,8 @@ from typing import ClassVar, Literal, Optional
 import torch
 from torch import nn
 
-from ..core.config import ConfigError, MethodConfig, NonNegativeFloat, PositiveInt, UnitInterval
+from ..core.config import ConfigError, NonNegativeFloat, PositiveInt, UnitInterval
+from ..core.method_config import MethodConfig
 from ..core.languages import Routes
 from ..core.routed import LayerSite, RoutedLinear, added_factory, per_language
 from .registry import register_method

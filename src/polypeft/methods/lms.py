@@ -11,7 +11,8 @@ from typing import ClassVar, Literal
 import torch
 from torch import nn
 
-from ..core.config import MethodConfig, PositiveFloat, PositiveInt
+from ..core.config import PositiveFloat, PositiveInt
+from ..core.method_config import MethodConfig
 from ..core.languages import RouteGroups, Routes
 from ..core.routed import (LayerSite, RoutedLinear, added_factory, check_rank, language_key, layer_shape,
                            side_language)

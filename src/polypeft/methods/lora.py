@@ -11,7 +11,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..core.config import Fraction, MethodConfig, PositiveFloat, PositiveInt
+from ..core.config import Fraction, PositiveFloat, PositiveInt
+from ..core.method_config import MethodConfig
 from ..core.routed import LayerSite, RoutedLinear, added_factory, check_rank, layer_shape
 from .registry import register_method
 

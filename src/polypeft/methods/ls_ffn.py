@@ -10,7 +10,7 @@ from typing import ClassVar, Optional
 import torch
 from torch import nn
 
-from ..core.config import MethodConfig
+from ..core.method_config import MethodConfig
 from ..core.languages import Routes
 from ..core.routed import LayerSite, RoutedLinear, per_language, require_float_weight, side_language
 from .registry import register_method

@@ -7,7 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Union
 
-from ..core.config import ConfigError, MethodConfig, Source, build, source_of
+from ..core.config import ConfigError, Source, build, source_of
+from ..core.method_config import MethodConfig
 from ..core.json_files import read_json_file
 
 

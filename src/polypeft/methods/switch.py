@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from ..core.anatomy import block_of, closes_ffn
-from ..core.config import ConfigError, Fraction, MethodConfig, NonNegativeFloat, PositiveFloat, PositiveInt
+from ..core.config import ConfigError, Fraction, NonNegativeFloat, PositiveFloat, PositiveInt
+from ..core.method_config import MethodConfig
 from ..core.routed import LayerSite, RoutedLinear, require_float_weight
 from .registry import register_method
 

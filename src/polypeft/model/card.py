@@ -56,7 +56,7 @@ def model_card(poly: RoutedModel, results: Optional[dict[str, Any]] = None) -> s
         "## Parameter counts\n\n| count | parameters |\n|---|---|\n"
         + "\n".join(f"| {name} | {value:,} |" for name, value in counts.items()),
         "## Configuration\n\n```json\n" + json.dumps(config.to_dict(), indent=2) + "\n```",
-        "## Use\n\n```python\nimport polypeft as pp\nmodel = pp.PolyModel.from_pretrained(base_model, \"<this repo or folder>\")\n"
+        "## Use\n\n```python\nimport polypeft as pp\nmodel = pp.PolyModel.from_pretrained(\"<this repo or folder>\")  # loads the recorded base\n"
         "outputs = model(**batch, src_lang=..., tgt_lang=...)\n```",
     ]
     if results:

@@ -8,22 +8,13 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
-from ..core.config import ConfigError, MethodConfig
+from ..core.config import ConfigError
+from ..core.hub_files import hub_errors, is_repo_id
 from ..core.json_files import read_json_file
+from ..core.method_config import MethodConfig
 from ..methods.registry import config_from_dict, load_config_file
 from .routed_model import RoutedModel
 from .savefiles import CONFIG_NAME, SAVE_FILES, TRAINER_WEIGHTS_NAME, write_save
-
-
-def hub_errors() -> tuple[type, ...]:
-    from huggingface_hub import errors
-
-    return (errors.HfHubHTTPError, errors.LocalEntryNotFoundError, errors.EntryNotFoundError, errors.HFValidationError)
-
-
-def is_repo_id(name_or_path: str) -> bool:
-    parts = str(name_or_path).split("/")
-    return len(parts) in (1, 2) and all(parts) and not str(name_or_path).startswith((".", "~"))
 
 
 def resolve_save(name_or_path: str | Path, revision: Optional[str] = None, **download_options: Any) -> Path:
@@ -46,8 +37,9 @@ def resolve_save(name_or_path: str | Path, revision: Optional[str] = None, **dow
     return Path(folder)
 
 
-def read_save_config(directory: Path) -> dict[str, Any]:
-    """The saved polypeft_config.json, with its keys checked."""
+def read_save_config(directory: Path, need_base: bool = True) -> dict[str, Any]:
+    """The saved polypeft_config.json, with its keys checked; `need_base` False also takes a config saved alone
+    (`config.save_pretrained`), which has no base_model record."""
     config_path = directory / CONFIG_NAME
     if not config_path.exists():
         raise FileNotFoundError(f"{config_path} not found: is {directory} a polypeft save directory?")
@@ -58,7 +50,10 @@ def read_save_config(directory: Path) -> dict[str, Any]:
     unknown = sorted(set(saved) - {"polypeft_version", "config", "base_model"})
     if unknown:
         raise ConfigError(f"{config_path}: unknown keys {unknown}; allowed: config, base_model, polypeft_version")
-    for key in ("config", "base_model"):
+    if need_base and isinstance(saved.get("config"), dict) and "base_model" not in saved:
+        raise ConfigError(f"{config_path} holds a config alone (config.save_pretrained), no routes to load: wrap a "
+                          f"base with it, pp.wrap(base_model, pp.load_config({str(directory)!r})), and train")
+    for key in ("config", "base_model") if need_base or "base_model" in saved else ("config",):
         if not isinstance(saved.get(key), dict):
             raise ConfigError(f"{config_path}: '{key}' holds {saved.get(key)!r}; expected a JSON object there "
                               f"(the file holds {expected})")
@@ -70,10 +65,10 @@ def load_config(name_or_path: str | Path, revision: Optional[str] = None, **down
     path = Path(name_or_path)
     if path.is_file():
         if path.name == CONFIG_NAME:
-            return config_from_dict(read_save_config(path.parent)["config"], where=str(path))
+            return config_from_dict(read_save_config(path.parent, need_base=False)["config"], where=str(path))
         return load_config_file(str(path))
     directory = resolve_save(name_or_path, revision, **download_options)
-    return config_from_dict(read_save_config(directory)["config"], where=str(directory / CONFIG_NAME))
+    return config_from_dict(read_save_config(directory, need_base=False)["config"], where=str(directory / CONFIG_NAME))
 
 
 def push_to_hub(

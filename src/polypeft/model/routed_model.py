@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from ..core.anatomy import side_of
-from ..core.config import ConfigError, MethodConfig
+from ..core.config import ConfigError
+from ..core.method_config import MethodConfig
 from ..core.inject import replace_targets, restore_base_layers
 from ..core.languages import LanguageError, LanguageRegistry, LanguageSpec, Routes
 from ..core.routed import LayerSite, RoutedLinear, mark_moe_experts

@@ -12,18 +12,20 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .. import __version__
-from ..core.config import ConfigError, MethodConfig
+from ..core.config import ConfigError
+from ..core.method_config import CONFIG_FILE_NAME, MethodConfig
 from ..core.fileio import write_json, write_safetensors, write_text
 from ..core.finite import check_finite
 from ..core.inject import find_targets
 from ..core.languages import LanguageError
 from ..core.routed import layer_shape
 from ..core.transaction import folder_transaction
+from .base_loading import recorded_name_or_path
 from .card import CARD_NAME, model_card
 from .export import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, LORA_FACTORS, PEFT_PREFIX, adapter_config
 from .routed_model import RoutedModel
 
-CONFIG_NAME = "polypeft_config.json"
+CONFIG_NAME = CONFIG_FILE_NAME
 WEIGHTS_NAME = "polypeft_model.safetensors"
 TRAINER_WEIGHTS_NAME = "model.safetensors"  # what transformers.Trainer writes for a model it does not know
 LANGUAGES_KEY = "polypeft_languages"
@@ -75,17 +77,19 @@ def write_save(poly: RoutedModel, directory: Path, results: Optional[dict[str, A
         write_json(staging / CONFIG_NAME, {
             "polypeft_version": __version__,
             "config": poly.poly_config.to_dict(),
-            "base_model": base_model_identity(poly.base_model, poly.routed_layers),
+            "base_model": base_model_identity(poly.base_model, poly.routed_layers, poly.base_revision),
         })
         write_text(staging / CARD_NAME, model_card(poly, results))
     return directory
 
 
-def base_model_identity(base_model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, Any]:
-    config = getattr(base_model, "config", None)
+def base_model_identity(base_model: nn.Module, layers: dict[str, nn.Module],
+                        revision: Optional[str] = None) -> dict[str, Any]:
+    """What `from_pretrained(save)` needs to load the base again (class, name or path, revision) and to check one."""
     return {
         "class": type(base_model).__name__,
-        "name_or_path": getattr(config, "_name_or_path", None) or None,
+        "name_or_path": recorded_name_or_path(base_model),
+        "revision": revision,
         # The layer's own (out, in): a quantized weight is packed, so its shape would not match an unquantized base.
         "targets": {name: list(layer_shape(layer.base_layer)) for name, layer in layers.items()},
     }

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from ..core.fileio import append_line, write_text
 from ..core.finite import NonFiniteError, check_finite
 from ..core.languages import LanguageError
+from .processes import check_joined, needs_cpu_group
 from .checkpoint import (CHECKPOINT_NAME, PICKLED_CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint,
                          set_rng_state)
 from .schedules import inverse_sqrt, schedule
@@ -44,16 +45,19 @@ def seed_everything(seed: int) -> None:
 
 
 def make_accelerator(settings: TrainSettings, device_placement: bool = True) -> Accelerator:
-    """An accelerator with the settings' accumulation and precision."""
+    """An accelerator with the settings' accumulation and precision, joined with every launched process (on a
+    machine without a GPU as gloo CPU ranks: see processes.py)."""
     options = dict(gradient_accumulation_steps=settings.accumulation, mixed_precision=settings.mixed_precision,
-                   device_placement=device_placement)
+                   device_placement=device_placement, cpu=needs_cpu_group())
     try:
-        return Accelerator(**options)
+        accelerator = Accelerator(**options)
     except ValueError:  # accelerate holds one precision per process; one process may train runs of several in turn
         if PartialState().num_processes > 1:
             raise
         AcceleratorState._reset_state()
-        return Accelerator(**options)
+        accelerator = Accelerator(**options)
+    check_joined(accelerator.num_processes)
+    return accelerator
 
 
 class TrainingStep:
@@ -192,7 +196,8 @@ def train(
             except NonFiniteError as error:
                 raise NonFiniteError(f"{error}; {what_is_kept(run_dir, saved_step)}") from None
             window_items += items
-            record = {"step": index + 1, "loss": loss, "lr": step.scheduler.get_last_lr()[0]}
+            # `processes`: how many trained this step together (a launch that silently ran one shows here).
+            record = {"step": index + 1, "loss": loss, "lr": step.scheduler.get_last_lr()[0], "processes": world}
             last = index + 1 == settings.steps
             if (index + 1) % settings.log_every == 0 or last:
                 record["tokens_per_s"] = round(window_items / max(time.perf_counter() - window_start, 1e-9), 1)

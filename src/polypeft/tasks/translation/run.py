@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any, Iterator, Literal, Optional
 
 import torch
-from accelerate import PartialState
 from transformers.models.marian.modeling_marian import shift_tokens_right
 
-from ...core.config import (ConfigError, Fraction, LanguageList, MethodConfig, NonNegativeFloat, NonNegativeInt,
+from ...core.config import (ConfigError, Fraction, LanguageList, NonNegativeFloat, NonNegativeInt,
                             PositiveFloat, PositiveInt, Source, TypedConfig, build, checked, recipe_from_dict,
                             recipe_from_yaml)
+from ...core.method_config import MethodConfig
 from ...data.batching import TokenBudgetBatcher, collate, token_lengths
 from ...data.bible import BibleCorpus, BibleSplit
 from ...data.parallel import ParallelExample, english_centric
@@ -36,6 +36,7 @@ from ...methods.registry import registered_methods
 from ...model.poly_model import PolyModel, wrap
 from ...backbones.seq2seq import PRESETS, build_translation_model
 from ...training.loop import TrainSettings, seed_everything, train
+from ...training.processes import process_state
 from ...training.settings import MIXED_PRECISIONS
 
 # Method-block keys of Fuse Distillation (the rest are the method config's own fields).
@@ -290,7 +291,7 @@ def train_run(recipe: MMTRecipe, resume: bool = False, data: Optional[MMTData] =
     started = time.perf_counter()
     train(model, lambda: batch_stream(recipe, data, config), make_loss_fn(recipe), settings, run_dir, resume=resume,
           valid_fn=valid_loss_fn(recipe, data, config) if recipe.valid_every else None)
-    state = PartialState()
+    state = process_state()
     if state.is_main_process:  # every process holds the same weights; one writes them
         write_model_weights(run_dir / WEIGHTS_NAME, model)
         write_json(run_dir / "train_summary.json", {"wall_seconds": round(time.perf_counter() - started, 1),
@@ -305,7 +306,7 @@ def claim_run_dir(recipe: MMTRecipe, run_dir: Path, resume: bool, overwrite: boo
     Under `accelerate launch` every process decides on the same untouched folder, then one process clears it.
     """
     replace = run_dir_to_replace(recipe, run_dir, resume, overwrite)
-    state = PartialState()
+    state = process_state()
     state.wait_for_everyone()
     if state.is_main_process:
         remove_stale_temporaries(run_dir)  # what killed runs left: half-written checkpoints and weights

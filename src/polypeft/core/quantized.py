@@ -1,0 +1,61 @@
+"""Folding a route into a bitsandbytes 8-bit or 4-bit weight: dequantize, add, quantize again, as peft does.
+
+The packed original is kept, so unmerge puts back the exact weight instead of rounding a second time.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+QUANTIZED_KINDS = {"Int8Params": "8-bit", "Params4bit": "4-bit"}
+
+
+def quantization_of(weight: torch.Tensor) -> str | None:
+    """'8-bit' or '4-bit' for a bitsandbytes weight, None for a plain tensor (floating or not)."""
+    return QUANTIZED_KINDS.get(type(weight).__name__)
+
+
+def dequantized(base_layer: nn.Module) -> torch.Tensor:
+    """The layer's weight as float32 (out, in), the way bitsandbytes computes with it."""
+    import bitsandbytes as bnb
+
+    weight = base_layer.weight
+    if quantization_of(weight) == "4-bit":
+        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
+    scales = weight.SCB if getattr(base_layer.state, "SCB", None) is None else base_layer.state.SCB
+    return bnb.functional.int8_vectorwise_dequant(weight.data, scales.to(weight.device)).float()
+
+
+def quantized_like(base_layer: nn.Module, values: torch.Tensor) -> nn.Parameter:
+    """`values` (float, (out, in)) quantized the way the layer's weight is: same class, block size and type."""
+    import bitsandbytes as bnb
+
+    weight = base_layer.weight
+    if quantization_of(weight) == "4-bit":
+        options = {key: value for key, value in weight.__dict__.items()
+                   if not key.startswith("_") and key not in ("data", "quant_state", "bnb_quantized")}
+        options.update(requires_grad=False, bnb_quantized=False)
+        return bnb.nn.Params4bit(values.to("cpu"), **options).to(weight.device)
+    return bnb.nn.Int8Params(values.to("cpu"), requires_grad=False,
+                             has_fp16_weights=weight.has_fp16_weights).to(weight.device)
+
+
+def fold_into_quantized(base_layer: nn.Module, delta: torch.Tensor) -> tuple:
+    """Put `W + delta` (W dequantized) in the layer as a new quantized weight; returns what `restore_quantized`
+    needs to put the original back (the packed weight, and for 8-bit the scales the layer's state holds)."""
+    original = base_layer.weight
+    state = getattr(base_layer, "state", None)
+    saved = (original, getattr(state, "CB", None), getattr(state, "SCB", None))
+    base_layer.weight = quantized_like(base_layer, dequantized(base_layer) + delta.float().to(original.device))
+    if state is not None:
+        state.reset_grads()  # the new weight's own scales move into the state on its first forward
+    return saved
+
+
+def restore_quantized(base_layer: nn.Module, saved: tuple) -> None:
+    """Put back what `fold_into_quantized` replaced: exact, no second rounding."""
+    base_layer.weight, codes, scales = saved
+    state = getattr(base_layer, "state", None)
+    if state is not None:
+        state.reset_grads()
+        state.CB, state.SCB = codes, scales
