@@ -1,0 +1,108 @@
+"""What the LMS-against-LoRA comparison runs: the methods, their search grids, the data sizes and the seeds.
+
+Every method gets the same number of trials on the valid books; the test book is scored once with the choice.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, get_args
+
+from ...core.config import ConfigError, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, TypedConfig
+
+Method = Literal["lora_train", "lora_infer", "lms", "lms_fd", "full"]
+METHODS: tuple[str, ...] = get_args(Method)
+# What each trained method is scored as: FD on each of its routes; the others on their own weights.
+VARIANTS = {"lora_train": ("lora_train",), "lora_infer": ("lora_infer",), "lms": ("lms",),
+            "lms_fd": ("fd_share", "fd_ls"), "full": ("full",)}
+# The variant a method's trials are chosen by: FD-Share is FD's headline (no per-language weights at inference).
+CHOSEN_BY = {"lora_train": "lora_train", "lora_infer": "lora_infer", "lms": "lms", "lms_fd": "fd_share",
+             "full": "full"}
+LABELS = {"base": "plain e5-small (no training)", "lora_train": "LoRA, equal trainable parameters",
+          "lora_infer": "LoRA, equal inference parameters", "lms": "LMS (language-wise)",
+          "fd_share": "LMS+FD, FD-Share", "fd_ls": "LMS+FD, FD-LS", "full": "full fine-tuning of the same layers"}
+# The other non-English languages of the corpus; English is the index side.
+CORPUS_LANGUAGES = ["fr", "es", "de", "it", "pt", "ru", "ar", "fa", "ko", "vi", "tl"]
+LOW_RANK_RATES = [3e-4, 1e-3, 3e-3]
+FULL_RATES = [1e-5, 3e-5, 1e-4]
+
+
+@dataclass
+class RetrievalTestbed(TypedConfig):
+    """xx->en verse retrieval with e5-small: the query side adapts, the English index stays as the base built it.
+
+    States below `cache_layer` are computed once; a trial trains the FFNs of the top `trained_layers` blocks."""
+
+    languages: list[str] = field(default_factory=lambda: list(CORPUS_LANGUAGES))
+    methods: list[Method] = field(default_factory=lambda: list(METHODS))
+    test_book: PositiveInt = 43  # John
+    valid_books: list[int] = field(default_factory=lambda: [45, 46, 47, 48, 49])  # Romans to Ephesians
+    valid_queries: PositiveInt = 300  # per language, spread over the valid books; all their English verses compete
+    test_queries: NonNegativeInt = 0  # per language, spread over the test book; 0 = every verse
+    train_verses: PositiveInt = 2000  # verse ids of the training books, each in every language
+    extra_negatives: NonNegativeInt = 256  # English training passages added to each batch's candidates
+    max_length: PositiveInt = 64
+    cache_layer: PositiveInt = 8  # blocks below run once per query (their states cached)
+    trained_layers: list[int] = field(default_factory=lambda: [2, 4])  # trial grid: how many top blocks adapt
+    low_rank_rates: list[float] = field(default_factory=lambda: list(LOW_RANK_RATES))  # trial grid, LoRA/LMS/FD
+    full_rates: list[float] = field(default_factory=lambda: list(FULL_RATES))  # trial grid, full fine-tuning
+    rank: PositiveInt = 8  # LMS's rank per language; LoRA's ranks follow from the parameter budgets
+    batch_size: PositiveInt = 32
+    max_steps: PositiveInt = 300
+    check_every: PositiveInt = 100  # the stop step is chosen among these checkpoints on the valid books
+    warmup: NonNegativeInt = 30
+    temperature: PositiveFloat = 0.05
+    kl_weight: NonNegativeFloat = 1.0
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    trial_seed: int = 100  # the trials' seed, kept apart from the test seeds
+    bootstrap: PositiveInt = 2000
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        owner = type(self).__name__
+        if "en" in self.languages or len(set(self.languages)) != len(self.languages) or not self.languages:
+            raise ConfigError(f"{owner}.languages={self.languages}: give distinct non-English codes (English is "
+                              "the index side)")
+        if self.test_book in self.valid_books:
+            raise ConfigError(f"{owner}.test_book={self.test_book} is among valid_books={self.valid_books}: the "
+                              "test book never chooses anything")
+        if self.max_steps % self.check_every:
+            raise ConfigError(f"{owner}.max_steps={self.max_steps} must be a multiple of check_every="
+                              f"{self.check_every}")
+        too_deep = [k for k in self.trained_layers if not 1 <= k <= 12 - self.cache_layer]
+        if too_deep or not self.trained_layers:
+            raise ConfigError(f"{owner}.trained_layers={self.trained_layers}: each must lie in 1..{12 - self.cache_layer}"
+                              f" (the blocks above cache_layer={self.cache_layer} of e5-small's 12)")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds) or self.trial_seed in self.seeds:
+            raise ConfigError(f"{owner}.seeds={self.seeds}: give distinct seeds, none equal to trial_seed="
+                              f"{self.trial_seed}")
+        if len(self.methods) != len(set(self.methods)) or not self.methods:
+            raise ConfigError(f"{owner}.methods={self.methods}: name each of {list(METHODS)} at most once")
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def data_dict(self) -> dict[str, Any]:
+        """The settings that decide the cached data (not the training)."""
+        keys = ("languages", "test_book", "valid_books", "valid_queries", "test_queries", "train_verses",
+                "max_length", "cache_layer")
+        return {key: getattr(self, key) for key in keys}
+
+    def rates(self, method: str) -> list[float]:
+        return self.full_rates if method == "full" else self.low_rank_rates
+
+    def trials(self, method: str) -> list[dict[str, Any]]:
+        """The method's trial grid: every learning rate with every number of adapted blocks."""
+        return [{"lr": lr, "trained_layers": k} for k in self.trained_layers for lr in self.rates(method)]
+
+
+def demo_testbed(quick: bool) -> RetrievalTestbed:
+    """The demo's size: every language, fewer verses and steps, two seeds; the rate and depth the full
+    benchmark chose on the valid books stand as a one-trial grid (see bench/RESULTS.md)."""
+    if quick:
+        return RetrievalTestbed(languages=["fr", "ko"], methods=["lora_train", "lms", "lms_fd"], valid_queries=8,
+                                test_queries=16, train_verses=40, extra_negatives=8, trained_layers=[2],
+                                low_rank_rates=[1e-3], full_rates=[3e-5], batch_size=8, max_steps=4, check_every=2,
+                                warmup=1, seeds=[0, 1], bootstrap=200)
+    return RetrievalTestbed(methods=["lora_train", "lms", "lms_fd"], valid_queries=50, test_queries=200,
+                            train_verses=600, extra_negatives=128, trained_layers=[2], low_rank_rates=[3e-3],
+                            batch_size=32, max_steps=150, check_every=150, warmup=15, seeds=[0, 1], bootstrap=1000)
