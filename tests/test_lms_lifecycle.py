@@ -110,6 +110,18 @@ def test_fuse_distillation_step_matches_two_separate_passes():
     assert layer.lms_F.grad[3].abs().sum() > 0 and layer.lms_F.grad[1].abs().sum() > 0
 
 
+def test_fuse_distillation_step_on_a_causal_lm_predicts_the_next_token():
+    """Labels of a causal LM are its inputs; FD scores logits[t] against labels[t + 1], as the model's loss does."""
+    poly = make("llama")
+    ids = random_batch("llama", 3)["input_ids"]
+    langs = ["de", "fr", "en"]
+    fd = pp.fuse_distillation_step(poly, {"input_ids": ids, "labels": ids}, langs, langs, kl_weight=1.0)
+    own_language = poly(input_ids=ids, labels=ids, lang=langs).loss
+    own_shared = poly(input_ids=ids, labels=ids, lang="shared").loss
+    torch.testing.assert_close(fd.ce_language, own_language, check_dtype=False)
+    torch.testing.assert_close(fd.ce_shared, own_shared, check_dtype=False)
+
+
 def test_fuse_distillation_step_does_not_ask_the_model_for_its_own_loss():
     poly = make("bart")
     batch = random_batch("bart", 2)

@@ -273,6 +273,16 @@ def model_inputs(poly, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return inputs
 
 
+def predicts_next_token(poly) -> bool:
+    """A causal LM (transformers' `*ForCausalLM` mapping): its labels are its inputs, shifted inside its loss."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    base = getattr(poly, "base_model", poly)
+    if getattr(getattr(base, "config", None), "is_encoder_decoder", False):
+        return False
+    return type(base).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+
+
 def _doubled(value: Any, batch_size: int) -> Any:
     if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch_size:
         return torch.cat([value, value], dim=0)
@@ -299,5 +309,7 @@ def fuse_distillation_step(
     tgt = routes.tgt.tolist() + [shared_id] * batch_size
     doubled = {key: _doubled(value, batch_size) for key, value in model_inputs(poly, batch).items()}
     logits = model(**doubled, src_lang=torch.tensor(src), tgt_lang=torch.tensor(tgt)).logits
+    if predicts_next_token(poly):  # logits[t] predict labels[t + 1], as the model's own loss shifts them
+        logits, labels = logits[:, :-1], labels[:, 1:]
     options = FusedOptions(float(kl_weight), bool(one_way), float(label_smoothing), IGNORE_INDEX)
     return _fused_loss(logits, None, labels, options)  # [language; shared] rows: one gradient tensor, no split
