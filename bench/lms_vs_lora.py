@@ -34,6 +34,7 @@ def main(argv: list[str]) -> int:
     from polypeft.data.bible import BibleCorpus
     from polypeft.experiments.lms_vs_lora.protocol import run_comparison
     from polypeft.experiments.lms_vs_lora.retrieval_data import testbed_data
+    from polypeft.experiments.lms_vs_lora.retrieval_run import RetrievalBed
     from polypeft.experiments.lms_vs_lora.settings import RetrievalTestbed, demo_testbed
 
     base = demo_testbed(quick=True) if args.tiny else RetrievalTestbed()
@@ -45,10 +46,11 @@ def main(argv: list[str]) -> int:
     work = Path(args.work) if args.work else out / "work"
     encoder, tokenizer = pp.load_encoder("e5-small")
     data = testbed_data(encoder, tokenizer, BibleCorpus(), testbed)
-    results = run_comparison(encoder, data, testbed, work, progress=lambda text: print(text, flush=True))
+    bed = RetrievalBed(encoder, data, testbed)
+    results = run_comparison(bed, work, progress=lambda text: print(text, flush=True))
     from polypeft.experiments.lms_vs_lora.report import write_report
 
-    write_report(results, testbed, encoder, data, out)
+    write_report(results, bed, out)
     return 0
 
 

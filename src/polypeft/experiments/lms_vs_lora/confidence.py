@@ -22,35 +22,50 @@ def seed_draws(seeds: int, replicates: int, rng: np.random.Generator) -> np.ndar
     return counts / seeds
 
 
-def resampled_scores(values: np.ndarray, weights: np.ndarray, seed_mix: np.ndarray) -> np.ndarray:
-    """Per replicate, the seed-resampled mean of the example-resampled mean: values (seeds, examples)."""
-    per_seed = values @ weights.T / weights.sum(1)  # (seeds, replicates)
-    return (seed_mix * per_seed.T).sum(1)
+def per_seed_scores(values: np.ndarray, weights: np.ndarray, statistic: str) -> np.ndarray:
+    """(seeds, replicates) scores under example weights (replicates, examples): the weighted mean of 0/1 outcomes
+    ("accuracy", values (seeds, examples)), or exp of the weighted token NLL ("perplexity", values (seeds, examples,
+    2) holding each example's NLL sum and token count)."""
+    if statistic == "accuracy":
+        return values @ weights.T / weights.sum(1)
+    if statistic == "perplexity":
+        return np.exp((values[..., 0] @ weights.T) / (values[..., 1] @ weights.T))
+    raise ValueError(f"statistic={statistic!r}; allowed: 'accuracy', 'perplexity'")
 
 
-def difference_intervals(method: Mapping[str, Sequence[Sequence[float]]],
-                         reference: Mapping[str, Sequence[Sequence[float]]], replicates: int = 2000,
-                         seed: int = 0, scale: float = 100.0) -> dict[str, dict[str, float]]:
-    """Per language and for the mean over languages: the difference of mean scores (method - reference) with its
-    95 % interval. Each mapping holds, per language, one row of per-example scores per seed (same examples, same
-    order, in both). Seed resamples are shared across languages (a seed is one run over every language)."""
+def compared(a, b, statistic: str):
+    """Accuracy: the difference in points; perplexity: the relative change in % (negative = lower = better)."""
+    return 100.0 * (a - b) if statistic == "accuracy" else 100.0 * (a / b - 1.0)
+
+
+def difference_intervals(method: Mapping[str, Sequence], reference: Mapping[str, Sequence], replicates: int = 2000,
+                         seed: int = 0, statistic: str = "accuracy") -> dict[str, dict[str, float]]:
+    """Per language and for the mean over languages: the method's difference to the reference (`compared`) with
+    its 95 % interval. Each mapping holds, per language, one row of per-example values per seed (the same
+    examples in the same order in both). Seed resamples are shared across languages (a seed is one run)."""
     languages = list(reference)
     missing = [lang for lang in languages if lang not in method]
     if missing:
         raise ValueError(f"difference_intervals: the method has no scores for {missing}")
     rng = np.random.default_rng(seed)
     arrays = {lang: (np.asarray(method[lang], float), np.asarray(reference[lang], float)) for lang in languages}
-    seeds_a = seed_draws(len(next(iter(arrays.values()))[0]), replicates, rng)
-    seeds_b = seed_draws(len(next(iter(arrays.values()))[1]), replicates, rng)
+    first = next(iter(arrays.values()))
+    seeds_a, seeds_b = seed_draws(len(first[0]), replicates, rng), seed_draws(len(first[1]), replicates, rng)
+    scale = 100.0 if statistic == "accuracy" else 1.0
     result, replicate_differences = {}, []
     for lang, (a, b) in arrays.items():
         if a.shape[1] != b.shape[1]:
             raise ValueError(f"difference_intervals: {lang} has {a.shape[1]} examples for the method and "
                              f"{b.shape[1]} for the reference; they must be the same examples")
         weights = example_weights(a.shape[1], replicates, rng)
-        differences = scale * (resampled_scores(a, weights, seeds_a) - resampled_scores(b, weights, seeds_b))
+        score_a = (seeds_a * per_seed_scores(a, weights, statistic).T).sum(1)
+        score_b = (seeds_b * per_seed_scores(b, weights, statistic).T).sum(1)
+        differences = compared(score_a, score_b, statistic)
         replicate_differences.append(differences)
-        result[lang] = summary(scale * (a.mean() - b.mean()), differences, a, b, scale)
+        ones = np.ones((1, a.shape[1]))
+        point_a, point_b = per_seed_scores(a, ones, statistic)[:, 0], per_seed_scores(b, ones, statistic)[:, 0]
+        result[lang] = summary(compared(point_a.mean(), point_b.mean(), statistic), differences, point_a, point_b,
+                               scale)
     mean_differences = np.mean(replicate_differences, axis=0)
     point = float(np.mean([result[lang]["difference"] for lang in languages]))
     result["mean"] = {"difference": round(point, 3), "low": round(float(np.percentile(mean_differences, 2.5)), 3),
@@ -59,18 +74,19 @@ def difference_intervals(method: Mapping[str, Sequence[Sequence[float]]],
 
 
 def summary(point: float, differences: np.ndarray, a: np.ndarray, b: np.ndarray, scale: float) -> dict[str, float]:
-    """The point difference, its 95 % interval, and both sides' means and seed spreads (population std)."""
+    """The point difference, its 95 % interval, and both sides' scores (mean and population std over seeds)."""
     return {"difference": round(float(point), 3), "low": round(float(np.percentile(differences, 2.5)), 3),
             "high": round(float(np.percentile(differences, 97.5)), 3),
             "method": round(scale * float(a.mean()), 3), "reference": round(scale * float(b.mean()), 3),
-            "method_seed_std": round(scale * float(a.mean(1).std()), 3),
-            "reference_seed_std": round(scale * float(b.mean(1).std()), 3)}
+            "method_seed_std": round(scale * float(a.std()), 3),
+            "reference_seed_std": round(scale * float(b.std()), 3)}
 
 
-def verdict(interval: Mapping[str, float]) -> str:
-    """"better" / "worse" when the 95 % interval excludes zero, else "within noise"."""
+def verdict(interval: Mapping[str, float], higher_is_better: bool = True) -> str:
+    """"better" / "worse" when the 95 % interval excludes zero (on the side the metric prefers), else "within
+    noise"."""
     if interval["low"] > 0:
-        return "better"
+        return "better" if higher_is_better else "worse"
     if interval["high"] < 0:
-        return "worse"
+        return "worse" if higher_is_better else "better"
     return "within noise"
