@@ -13,7 +13,7 @@ from torch import nn
 
 from ...core.anatomy import blocks, default_targets
 from ...core.languages import SHARED
-from ...core.model import PolyModel, wrap
+from ...model.poly_model import PolyModel, wrap
 from ...methods.lms import LMSConfig
 from ...methods.lora import LoRAConfig
 from .settings import ComparisonSettings
