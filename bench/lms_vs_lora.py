@@ -25,6 +25,8 @@ def arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--test-book", type=int, default=43, help="held-out book scored once (default 43, John)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=None, help="a subset of the methods (default: all)")
+    parser.add_argument("--trained-layers", type=int, nargs="+", default=None,
+                        help="trial grid: numbers of top blocks adapted (default: the testbed's)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-speed", action="store_true", help="skip the side-by-side step-time measurement")
     return parser.parse_args(argv)
@@ -60,7 +62,8 @@ def main(argv: list[str]) -> int:
     from polypeft.experiments.lms_vs_lora.protocol import run_comparison
     from polypeft.experiments.lms_vs_lora.report import write_report
 
-    changes = {"test_book": args.test_book, "seeds": args.seeds, **({"methods": args.methods} if args.methods else {})}
+    changes = {"test_book": args.test_book, "seeds": args.seeds, **({"methods": args.methods} if args.methods else {}),
+               **({"trained_layers": args.trained_layers} if args.trained_layers else {})}
     bed = retrieval_bed(changes) if args.testbed == "retrieval" else language_model_bed(changes)
     out = Path(args.out)
     results = run_comparison(bed, Path(args.work) if args.work else out / "work",

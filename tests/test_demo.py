@@ -55,23 +55,30 @@ def test_quick_demo_runs_every_part_end_to_end_and_reuses_them(tmp_path, capsys)
     assert "NOT meaningful" in printed
     summary = json.loads((tmp_path / "summary.json").read_text())
     methods = {row["method"] for row in summary["rows"]}
-    assert {"LRP2 (LIRP)", "LENS (pull, s=-1)", "LMS (language routes)", "LMS+FD, FD-Share", "LMS+FD, FD-LS",
-            "FLARE add_relu", "LMS pair-wise"} <= methods
+    assert methods == {"LRP2 (LIRP)", "LENS (s = -1, reversed from the paper's +1)", "LMS (language routes)",
+                       "LMS+FD, FD-Share", "LMS+FD, FD-LS", "FLARE add_relu"}, "translation runs only when named"
     for row in summary["rows"]:
         assert all(isinstance(row[key], float) for key in ("baseline", "with_method", "gain", "seconds")), row
+        low, high = row["interval"]
+        assert low <= row["gain"] <= high and row["noise"], row
+        assert row["outside_noise"] == (low > 0 or high < 0), row
+    lms_rows = [row for row in summary["rows"] if row["method"].startswith("LMS")]
+    assert all(row["baseline_name"].startswith("LoRA, equal trainable parameters") for row in lms_rows)
+    assert any("2 seeds" in row["noise"] for row in lms_rows)
     table = (tmp_path / "summary.md").read_text()
     assert table.count("\n| ") == len(summary["rows"]) + 1  # the header and one line per row
-    assert "mixed-language batch = per-example routes: max |logit diff|" in table
-    assert "merged into a plain model: forward time" in table
+    assert "mixed-language batch = per-example routes: max |difference|" in table
+    assert "merged into a plain model: forward" in table
     assert (tmp_path / "summary.png").stat().st_size > 5000
     lms = next(part for part in summary["parts"] if part["part"] == "lms")
     assert lms["details"]["mixed_batch_max_abs_diff"] < 1e-4
-    assert lms["details"]["merged_speed"]["max_abs_diff_to_shared_route"] < 1e-4
+    assert lms["details"]["merged_fd_share"]["max_abs_output_diff_to_shared_route"] < 1e-4
+    assert lms["details"]["merged_fd_share"]["is_plain_model"]
     stored = {part: (tmp_path / f"{part}-{settings_key(entry['settings'])}" / "result.json").stat().st_mtime_ns
               for entry in summary["parts"] for part in [entry["part"]]}
     # Run again: every part is reused, nothing recomputed.
     assert main(["demo", "--quick", "--output-dir", str(tmp_path)]) == 0
-    assert capsys.readouterr().out.count("finished earlier with these settings, reused") == 5
+    assert capsys.readouterr().out.count("finished earlier with these settings, reused") == 4
     for part, mtime in stored.items():
         assert (tmp_path / f"{part}-{settings_key(next(e['settings'] for e in summary['parts'] if e['part'] == part))}"
                 / "result.json").stat().st_mtime_ns == mtime
@@ -112,4 +119,27 @@ def test_demo_refuses_a_folder_holding_another_demo_setting(tmp_path):
     (stale.run_dir / "recipe.json").write_text(json.dumps(dataclasses.asdict(stale)), encoding="utf-8")
     (stale.run_dir / CHECKPOINT_NAME).write_bytes(b"")
     with pytest.raises(ConfigError, match=r"polypeft demo: .*lms-seed0 holds a run of another demo setting.*max_tokens"):
-        run_demo(quick=True, output_dir=str(tmp_path))
+        run_demo(["lrp2", "mmt"], quick=True, output_dir=str(tmp_path))
+
+
+def test_every_part_takes_the_seed_and_the_test_book(tmp_path):
+    from polypeft.experiments.demo import Assets, DEFAULT_PARTS, part_plans
+
+    plans, recipe = part_plans(False, str(tmp_path), None, Assets(), seed=7, test_book=42)
+    assert set(plans) >= set(DEFAULT_PARTS) and recipe.seed == 7 and recipe.test_books == [42]
+    assert plans["lrp2"][0]["retrieval"]["test_book"] == 42
+    assert plans["lens"][0]["seed"] == 7 and plans["lens"][0]["retrieval"]["test_book"] == 42
+    assert plans["lms"][0]["testbed"]["seeds"] == [7, 8] and plans["lms"][0]["testbed"]["test_book"] == 42
+    assert plans["flare"][0]["seed"] == 7 and plans["flare"][0]["test_book"] == 42
+    default, _ = part_plans(False, str(tmp_path), None, Assets())
+    assert all(default[part][0] != plans[part][0] for part in DEFAULT_PARTS), "a part ignored the seed or the book"
+
+
+@pytest.mark.parametrize("flag, value", [("--test-book", "67"), ("--test-book", "45"), ("--seed", "-1")])
+def test_a_bad_seed_or_test_book_is_refused_before_any_work(tmp_path, capsys, flag, value):
+    from polypeft.cli.main import main
+
+    assert main(["demo", "lrp2", flag, value, "--output-dir", str(tmp_path)]) == 2
+    message = capsys.readouterr().err
+    assert value in message and ("book" in message or "seed" in message), message
+    assert not any(tmp_path.iterdir()), "nothing may be written before the settings are checked"

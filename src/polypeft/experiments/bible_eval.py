@@ -69,18 +69,20 @@ def verse_retrieval(model, tokenizer, langs: Sequence[str], pivot: str = "en", b
 
 def verse_classification(langs: Sequence[str], valid_fraction: float = 0.05, test_fraction: float = 0.1,
                          seed: int = 0, max_verses_per_section: Optional[int] = None,
-                         corpus=None) -> dict[str, dict[str, ClassificationData]]:
+                         corpus=None, exclude_books: Sequence[int] = ()) -> dict[str, dict[str, ClassificationData]]:
     """Verse -> canon section, split by verse and stratified by section: `{split: {lang: data}}`.
 
     Only verses present in every language are used, and a held-out verse is held out in every
     language, so a model trained on one language and tested on another never saw the test verse.
     `max_verses_per_section` caps each section (chosen at random with `seed`) to balance the labels.
+    Verses of `exclude_books` are in no split (a book kept apart as another task's test book).
     """
     if not 0 <= valid_fraction < 1 or not 0 < test_fraction < 1 or valid_fraction + test_fraction >= 1:
         raise ValueError(f"valid_fraction={valid_fraction}, test_fraction={test_fraction}: each must be in [0, 1) "
                          "and together below 1")
     langs = list(langs)
-    rows = _corpus(corpus).parallel(langs)
+    excluded = {int(book) for book in exclude_books}
+    rows = [row for row in _corpus(corpus).parallel(langs) if int(row["ref"].split(":")[0]) not in excluded]
     by_section: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
         by_section[canon_section(int(row["ref"].split(":")[0]))].append(row)

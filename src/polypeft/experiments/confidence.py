@@ -90,3 +90,11 @@ def verdict(interval: Mapping[str, float], higher_is_better: bool = True) -> str
     if interval["high"] < 0:
         return "worse" if higher_is_better else "better"
     return "within noise"
+
+
+def gain_interval(method: Mapping[str, Sequence], reference: Mapping[str, Sequence], replicates: int = 1000,
+                  higher_is_better: bool = True, statistic: str = "accuracy") -> list[float]:
+    """The 95 % interval of the mean-over-languages gain (signed so that > 0 is better), for a demo row."""
+    mean = difference_intervals(method, reference, replicates=replicates, statistic=statistic)["mean"]
+    low, high = mean["low"], mean["high"]
+    return [round(low, 3), round(high, 3)] if higher_is_better else [round(-high, 3), round(-low, 3)]

@@ -1,137 +1,115 @@
-"""The demo's LMS part on e5-small verse classification: naive fine-tuning against LMS and LMS+FD (FD-Share, FD-LS).
+"""The demo's LMS part: e5-small adapted for xx->en verse retrieval, LMS and LMS+FD against LoRA at equal parameters.
 
-It also measures two things beyond the papers: a mixed-language batch equals per-example routes, and the FD
-shared route merged into the weights runs at the plain model's speed.
+The full comparison's testbed (bench/lms_vs_lora.py) at demo size, with the settings it chose on the valid books.
+It also checks two things beyond the papers: a mixed-language batch equals per-example routes, and the FD shared
+route merged into the weights runs at the plain model's speed.
 """
 from __future__ import annotations
 
-import copy
-import statistics
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..core.languages import SHARED
-from ..tasks import encoder_finetune as ef
-from .bible_eval import SECTION_NAMES, verse_classification
+from .confidence import difference_intervals
+from .demo_retrieval import book_name
 from .demo_store import PartResult, Row
+from .lms_vs_lora.protocol import run_comparison, train_tower
+from .lms_vs_lora.report import outcomes_by_variant, score_of
+from .lms_vs_lora.retrieval_data import KJV, testbed_data
+from .lms_vs_lora.retrieval_run import RetrievalBed
+from .lms_vs_lora.settings import LABELS, demo_testbed
+from .lms_vs_lora.speed import merged_fd_share
 
-# Recipe of RESULTS §4.3 (a): lr 2e-4, route lr 2e-3, rank 8, 48 tokens, layers 0-9 frozen; sizes cut for the CPU.
-FULL = {"languages": ["en", "fr", "ar", "ko"], "verses_per_section": 30, "steps": 30, "batch_size": 16}
-QUICK = {"languages": ["en", "fr"], "verses_per_section": 3, "steps": 2, "batch_size": 8}
-FIXED = {"lr": 2e-4, "route_lr": 2e-3, "rank": 8, "max_length": 48, "frozen_layers": 10, "test_fraction": 0.3,
-         "seed": 0, "speed_rounds": 15}
-# RESULTS §4.3: LMS alone +0.02 (a) and +0.00 (c); FD-Share +1.27 and FD-LS +1.32 in (c), +0.3 in (a).
-FULL_BENCH = {"lms": (0.0, "+0.02 / +0.00: no gain (RESULTS §4.3 a, c)"),
-              "lms_fd_share": (1.27, "+1.27 (RESULTS §4.3 c; +0.3 in a)"),
-              "lms_fd_ls": (1.32, "+1.32 (RESULTS §4.3 c; +0.3 in a)")}
-LABELS = {"lms": "LMS (language routes)", "lms_fd_share": "LMS+FD, FD-Share", "lms_fd_ls": "LMS+FD, FD-LS"}
-
-
-def settings(quick: bool) -> dict[str, Any]:
-    return {**(QUICK if quick else FULL), **FIXED, "quick_speed": quick}
-
-
-def finetune_settings(config: dict) -> ef.FinetuneSettings:
-    return ef.FinetuneSettings(steps=config["steps"], batch_size=config["batch_size"], lr=config["lr"],
-                               route_lr=config["route_lr"], warmup=max(1, config["steps"] // 10),
-                               max_length=config["max_length"], frozen_layers=config["frozen_layers"],
-                               rank=config["rank"], prefix="query: ", seed=config["seed"])
+# What the full comparison chose on the valid books for the top two blocks (bench/RESULTS.md, "LMS and FD against
+# LoRA"); the demo trains that many steps at that rate instead of running its own trials.
+DEMO_CHOICES = {"lora_train": {"lr": 1e-3, "trained_layers": 2, "steps": 100},
+                "lms": {"lr": 3e-3, "trained_layers": 2, "steps": 100},
+                "lms_fd": {"lr": 3e-3, "trained_layers": 2, "steps": 100}}
+FULL_BENCH = {"lms": "see RESULTS, LMS and FD against LoRA", "fd_share": "see RESULTS, LMS and FD against LoRA",
+              "fd_ls": "see RESULTS, LMS and FD against LoRA"}
+ROWS = [("lms", "lms", "LMS (language routes)"), ("fd_share", "lms_fd", "LMS+FD, FD-Share"),
+        ("fd_ls", "lms_fd", "LMS+FD, FD-LS")]
 
 
-def mixed_batch_difference(classifier: ef.Classifier, test: ef.EncodedExamples, size: int = 16) -> float:
-    """Max |logit difference| between one batch mixing every language and each example run alone on its route."""
-    by_language: dict[str, list[int]] = {}
-    for index, language in enumerate(test.langs):
-        by_language.setdefault(language, []).append(index)
+def choices(quick: bool) -> dict[str, dict]:
+    steps = demo_testbed(quick).max_steps
+    return {method: {**choice, "steps": steps} for method, choice in DEMO_CHOICES.items()}
+
+
+def settings(quick: bool, seed: int = 0, test_book: int = 43) -> dict[str, Any]:
+    return {"testbed": demo_testbed(quick, seed, test_book).as_dict(), "choices": choices(quick)}
+
+
+def mixed_batch_difference(bed: RetrievalBed, size: int = 16) -> float:
+    """Max |difference| between one batch mixing every language and each query run alone on its route (an LMS
+    tower trained a few steps, so its routes differ)."""
+    tower = bed.build("lms", 2, 0)
+    train_tower(bed, tower, 1e-2, 5, 0)
+    queries = bed.data.test.queries
+    by_language = {lang: queries.of_language(lang) for lang in bed.settings.languages}
     mixed = [index for group in zip(*by_language.values()) for index in group][:size]
+    largest = 0.0
     with torch.inference_mode():
-        together = classifier.logits(test.batch(mixed), [test.langs[i] for i in mixed])
-        alone = torch.cat([classifier.logits(test.batch([i]), [test.langs[i]]) for i in mixed])
-    return float((together - alone).abs().max())
+        langs = [queries.langs[i] for i in mixed]
+        together = tower.model(**queries.batch(mixed), lang=langs).last_hidden_state
+        for row, (index, lang) in enumerate(zip(mixed, langs)):
+            alone = tower.model(**queries.batch([index]), lang=[lang]).last_hidden_state[0]
+            largest = max(largest, float((together[row, :len(alone)] - alone).abs().max()))  # padding left out
+    return largest
 
 
-def plain_model_with_shared_route(model) -> torch.nn.Module:
-    """A copy of an LMS+FD model with its shared route folded into the weights and every routed wrapper swapped
-    back for its base linear: a plain transformers model. (`merge_and_unload` finds layers by their names, which
-    the cut-off frozen layers have renumbered.)"""
-    poly = copy.deepcopy(model)
-    poly.merge(route=SHARED)
-    routed = {id(layer) for layer in poly.routed_layers.values()}
-    for module in list(poly.base_model.modules()):
-        for name, child in list(module.named_children()):
-            if id(child) in routed:
-                setattr(module, name, child.base_layer)
-    return poly.base_model
-
-
-def merged_speed(fd: ef.Classifier, naive: ef.Classifier, test: ef.EncodedExamples, rounds: int) -> dict:
-    """The FD shared route folded into a plain model: its outputs against the shared route's, and its forward
-    time against the naive model's (same architecture), interleaved round by round in this process (medians)."""
-    batch = test.batch(list(range(min(64, len(test)))))
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    merged = plain_model_with_shared_route(fd.model).eval()
-    plain = naive.model.eval()
-    with torch.inference_mode():
-        shared = fd.logits(batch, [SHARED] * len(batch["labels"]))
-        difference = float((merged(**inputs).logits - shared).abs().max())
-        times: dict[str, list[float]] = {"plain": [], "merged": []}
-        for round_index in range(rounds + 1):
-            for name, model in (("plain", plain), ("merged", merged))[::1 if round_index % 2 else -1]:
-                started = time.perf_counter()
-                model(**inputs)
-                if round_index:  # the first round warms up
-                    times[name].append(time.perf_counter() - started)
-    plain_s, merged_s = statistics.median(times["plain"]), statistics.median(times["merged"])
-    return {"ratio": merged_s / plain_s, "plain_s": plain_s, "merged_s": merged_s, "rounds": rounds,
-            "batch": len(batch["labels"]), "max_abs_diff_to_shared_route": difference}
-
-
-def run(model, tokenizer, quick: bool, folder: Path) -> PartResult:
-    config = settings(quick)
-    languages = config["languages"]
-    started = time.perf_counter()
-    data = verse_classification(languages, valid_fraction=0.0, test_fraction=config["test_fraction"],
-                                max_verses_per_section=config["verses_per_section"], seed=config["seed"])
-    base = finetune_settings(config)
-    train = ef.encode_examples(model, tokenizer, data["train"], base.max_length, base.frozen_layers, prefix=base.prefix)
-    test = ef.encode_examples(model, tokenizer, data["test"], base.max_length, base.frozen_layers, prefix=base.prefix)
-    encode_seconds = time.perf_counter() - started
-    classifiers, accuracy, seconds, counts = {}, {}, {}, {}
-    for method in ef.METHODS:
-        run_settings = base.replaced(method=method)
-        classifier = ef.build_classifier(model, list(SECTION_NAMES), languages, run_settings)
-        started = time.perf_counter()
-        ef.finetune(classifier, train, run_settings)
-        for route in ef.EVAL_ROUTES[method]:
-            accuracy[ef.VARIANT_NAMES[(method, route)]] = ef.accuracy_per_language(classifier, test, route)
-        seconds[method] = time.perf_counter() - started
-        classifiers[method], counts[method] = classifier, classifier.parameter_counts
-    mixed = mixed_batch_difference(classifiers["lms"], test)
-    speed = merged_speed(classifiers["lms_fd"], classifiers["naive"], test, 3 if quick else config["speed_rounds"])
-    naive = accuracy["naive"]["average"]
-    task = f"verse classification, 7 sections ({', '.join(languages)})"
+def run(encoder, tokenizer, corpus, quick: bool, folder: Path, seed: int = 0, test_book: int = 43) -> PartResult:
+    testbed = demo_testbed(quick, seed, test_book)
+    data = testbed_data(encoder, tokenizer, corpus, testbed)
+    bed = RetrievalBed(encoder, data, testbed)
+    results = run_comparison(bed, folder / "work", progress=lambda text: print(text, flush=True),
+                             chosen=choices(quick))
+    table = outcomes_by_variant(results["tests"])
+    languages = testbed.languages
+    book = book_name(corpus, test_book)
+    queries = len(table["lms"][languages[0]][0])
+    noise = f"{queries} test queries per language x {len(testbed.seeds)} seeds"
+    parameters = {t["method"]: t["parameters"] for t in results["tests"]}
+    seconds = {t["method"]: 0.0 for t in results["tests"]}
+    for test in results["tests"]:
+        seconds[test["method"]] += test["train_seconds"]
+    lora = {lang: score_of(bed, table["lora_train"][lang]) for lang in [*languages, KJV]}
     rows = []
-    for variant, method in (("lms", "lms"), ("lms_fd_share", "lms_fd"), ("lms_fd_ls", "lms_fd")):
-        full_gain, full_text = FULL_BENCH[variant]
-        gain = accuracy[variant]["average"] - naive
-        inference = (counts[method]["inference_extra_shared_route"] if variant == "lms_fd_share"
-                     else counts[method]["inference_extra_language_routes"])
-        rows.append(Row(LABELS[variant], task, "accuracy %", "naive fine-tune", naive, accuracy[variant]["average"],
-                        extra_train=f"{counts[method]['training_extra']:,}",
-                        extra_inference=f"{inference:,}" + (" (0 merged)" if variant == "lms_fd_share" else ""),
-                        seconds=seconds[method], full_bench=full_text,
-                        agrees_with_full_bench=None if full_gain == 0 else (gain > 0) == (full_gain > 0)))
-    notes = [f"mixed-language batch = per-example routes: max |logit diff| {mixed:.2e} over 16 examples of "
-             f"{len(languages)} languages in one batch against each run alone (LMS classifier).",
-             f"FD shared route merged into a plain model: forward time {speed['ratio']:.2f}x the plain (naive) "
-             f"model's, side by side over {speed['rounds']} interleaved rounds of {speed['batch']} verses (medians); "
-             f"merged outputs = shared route within {speed['max_abs_diff_to_shared_route']:.1e}.",
-             f"classification: {len(train) // len(languages)} training / {len(test) // len(languages)} test verses "
-             f"per language, {config['steps']} steps of {config['batch_size']}, layers 10-11 + head trained "
-             f"({encode_seconds:.0f} s to run the frozen layers once)."]
-    details = {"accuracy": accuracy, "train_seconds": seconds, "parameters": counts, "mixed_batch_max_abs_diff": mixed,
-               "merged_speed": speed, "encode_seconds": round(encode_seconds, 1)}
+    for variant, method, label in ROWS:
+        interval = difference_intervals({l: table[variant][l] for l in languages},
+                                        {l: table["lora_train"][l] for l in languages},
+                                        replicates=testbed.bootstrap)["mean"]
+        mean = sum(score_of(bed, table[variant][l]) for l in languages) / len(languages)
+        inference = parameters[method]["inference_extra_shared"] if variant == "fd_share" else \
+            parameters[method]["inference_extra"]
+        rows.append(Row(label, f"xx->en verse retrieval, {book} ({len(languages)} languages, {queries} verses each)",
+                        "acc@1 %",
+                        f"{LABELS['lora_train']} ({parameters['lora_train']['trainable']:,})",
+                        sum(lora[l] for l in languages) / len(languages), mean,
+                        extra_train=f"{parameters[method]['trainable']:,}",
+                        extra_inference=f"{inference:,}" + (" (0 merged)" if variant == "fd_share" else ""),
+                        seconds=seconds[method], full_bench=FULL_BENCH[variant],
+                        interval=[interval["low"], interval["high"]], noise=noise))
+    english = difference_intervals({KJV: table["lms"][KJV]}, {KJV: table["lora_train"][KJV]},
+                                   replicates=testbed.bootstrap)[KJV]
+    rows.append(Row("LMS (language routes)", f"en->en (KJV->WEB), {book}: English kept", "acc@1 %",
+                    LABELS["lora_train"], lora[KJV], score_of(bed, table["lms"][KJV]), extra_train="same",
+                    extra_inference="same", full_bench="English on its own untrained route",
+                    interval=[english["low"], english["high"]], noise=f"{len(table['lms'][KJV][0])} queries x "
+                                                                     f"{len(testbed.seeds)} seeds"))
+    mixed = mixed_batch_difference(bed)
+    merged = merged_fd_share(bed, 2, rounds=3 if quick else 15)
+    notes = [f"LMS vs LoRA: e5-small's top 2 blocks adapted (FFN linears), queries in 11 languages mixed in every "
+             f"batch, each on its language's route; the English index stays the plain model's. Rates and steps as "
+             f"the full comparison chose them on the valid books ({choices(quick)}); seeds {testbed.seeds}; "
+             f"{testbed.train_verses} training verses per language.",
+             f"mixed-language batch = per-example routes: max |difference| {mixed:.2e} over 16 queries of "
+             f"{len(languages)} languages in one batch against each run alone (LMS).",
+             f"FD shared route merged into a plain model: forward {merged['forward_ratio_to_plain']:.2f}x the plain "
+             f"model's, side by side over {merged['rounds']} interleaved rounds (medians); outputs = the shared "
+             f"route's within {merged['max_abs_output_diff_to_shared_route']:.1e}."]
+    details = {"scores": {v: {l: score_of(bed, rows_) for l, rows_ in per.items()} for v, per in table.items()},
+               "parameters": parameters, "mixed_batch_max_abs_diff": mixed, "merged_fd_share": merged,
+               "choices": results["choices"]}
     return PartResult("lms", {}, rows, notes, details)

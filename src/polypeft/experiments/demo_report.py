@@ -19,6 +19,18 @@ def _number(value: float) -> str:
     return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
 
 
+def _gain(row: Row) -> str:
+    if row.interval is None:
+        return f"{row.gain:+.3f}"
+    return f"{row.gain:+.2f} [{row.interval[0]:+.2f}, {row.interval[1]:+.2f}]"
+
+
+def _noise(row: Row) -> str:
+    if row.outside_noise is None:
+        return "no interval"
+    return f"{'yes' if row.outside_noise else 'no, within noise'} ({row.noise})"
+
+
 def _agreement(row: Row) -> str:
     if row.gain == 0:
         return f"{row.full_bench}; no change at this scale"
@@ -31,15 +43,18 @@ def markdown(results: Sequence[PartResult], title: str, quick: bool) -> str:
     lines = [f"## {title}", ""]
     if quick:
         lines += [f"**{QUICK_WARNING}**", ""]
-    lines += ["| method | task | metric | baseline | with method | gain | extra parameters train / inference | "
-              "seconds | full benchmark (sign) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| method | task | metric | baseline | with method | gain [95 % interval] | outside noise? | "
+              "extra parameters train / inference | seconds | full benchmark (sign) |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for result in results:
         for row in result.rows:
             lines.append(f"| {row.method} | {row.task} | {row.metric} | {row.baseline_name} {_number(row.baseline)} | "
-                         f"{_number(row.with_method)} | {row.gain:+.3f} | {row.extra_train} / {row.extra_inference} | "
-                         f"{row.seconds:.0f} | {_agreement(row)} |")
-    lines += ["", "Gain: with method minus baseline, sign turned so that positive is better (lower CE is better). "
-              "One seed: no spread. Seconds: this run's wall time for that method's work.", ""]
+                         f"{_number(row.with_method)} | {_gain(row)} | {_noise(row)} | {row.extra_train} / "
+                         f"{row.extra_inference} | {row.seconds:.0f} | {_agreement(row)} |")
+    lines += ["", "Gain: with method minus baseline, sign turned so that positive is better (lower CE is better), "
+              "with its 95 % interval from a paired bootstrap over the test examples (and the seeds, where a part "
+              "runs several); a gain whose interval holds 0 is no gain. Seconds: this run's wall time for that "
+              "method's work.", ""]
     for result in results:
         lines += [f"- {note}" for note in result.notes]
     lines += ["", "Wall time per part (s): " + ", ".join(
@@ -65,16 +80,19 @@ def plot(results: Sequence[PartResult], path: Path, title: str) -> Path:
         gains = [row.gain for row in members]
         colours = ["tab:green" if gain > 0 else "tab:red" for gain in gains]
         positions = list(range(len(members)))[::-1]
-        axes.barh(positions, gains, color=colours)
+        errors = [[g - r.interval[0] if r.interval else 0.0 for g, r in zip(gains, members)],
+                  [r.interval[1] - g if r.interval else 0.0 for g, r in zip(gains, members)]]
+        axes.barh(positions, gains, color=colours, xerr=errors, capsize=3, error_kw={"linewidth": 0.8})
         axes.set_yticks(positions, labels, fontsize=8)
         axes.axvline(0, color="black", linewidth=0.8)
         axes.set_xlabel(f"gain over baseline, {name}", fontsize=9)
-        limit = max(abs(gain) for gain in gains) or 1.0
+        limit = max([abs(gain) for gain in gains] + [abs(b) for r in members if r.interval for b in r.interval]) or 1.0
         axes.set_xlim(-1.35 * limit, 1.35 * limit)
         digits = 3 if "cross-entropy" in name else 1
-        for position, gain in zip(positions, gains):
-            axes.text(gain, position, f" {gain:+.{digits}f} ", va="center", ha="left" if gain >= 0 else "right",
-                      fontsize=8)
+        for position, gain, row in zip(positions, gains, members):
+            edge = gain if row.interval is None else (row.interval[1] if gain >= 0 else row.interval[0])
+            axes.text(edge, position, f" {gain:+.{digits}f} ", va="center", ha="left" if gain >= 0 else "right",
+                      fontsize=8)  # beyond the error bar, so the two never overlap
     figure.suptitle("\n".join(textwrap.wrap(title, 110)), fontsize=10)
     figure.tight_layout()
     return atomic_write(path, lambda temporary: figure.savefig(temporary, format="png", dpi=110))

@@ -13,10 +13,11 @@ from safetensors.torch import load_file
 
 from ..backbones.e5 import QUERY_PREFIX, embed
 from ..core.fileio import write_safetensors
+from ..data.bible import NUM_BOOKS
 from ..tasks.retrieval import correct_at_1
 from .demo_store import settings_key
 
-TEST_BOOK = 43  # John: never used to choose anything
+TEST_BOOK = 43  # John, the default test book: never used to choose anything
 VALID_BOOKS = [45, 46, 47, 48, 49]  # Romans to Ephesians, RESULTS §5 "The issue's protocol"
 
 
@@ -25,6 +26,7 @@ class RetrievalSettings:
     """Sizes of the retrieval task; the held-out books choose, John scores."""
 
     languages: tuple[str, ...] = ("fr", "ar", "ko")
+    test_book: int = TEST_BOOK  # scored once; any book outside valid_books
     test_verses: int = 150  # John verses, spread over the book: the queries in each language and the candidates
     valid_books: tuple[int, ...] = tuple(VALID_BOOKS)
     valid_candidates: int = 400  # English verses of the valid books, spread
@@ -34,9 +36,11 @@ class RetrievalSettings:
     batch_size: int = 32
 
     def __post_init__(self) -> None:
-        if TEST_BOOK in self.valid_books:
-            raise ValueError(f"RetrievalSettings.valid_books={list(self.valid_books)} holds John ({TEST_BOOK}), "
-                             "the test book; choose other books")
+        if not 1 <= self.test_book <= NUM_BOOKS:
+            raise ValueError(f"RetrievalSettings.test_book={self.test_book}; books are numbered 1..{NUM_BOOKS}")
+        if self.test_book in self.valid_books:
+            raise ValueError(f"RetrievalSettings.valid_books={list(self.valid_books)} holds the test book "
+                             f"({self.test_book}); choose other books")
         for name in ("test_verses", "valid_candidates", "valid_queries", "train_sentences", "max_length"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"RetrievalSettings.{name}={getattr(self, name)}; must be positive")
@@ -78,7 +82,8 @@ def retrieval_set(corpus, languages: list[str], books: list[int], candidates: in
 def test_set(corpus, settings: RetrievalSettings) -> RetrievalSet:
     """John: every chosen verse is a query in each language and a candidate in English; KJV is 'en->en'."""
     languages = list(settings.languages)
-    found = retrieval_set(corpus, [*languages, "kjv"], [TEST_BOOK], settings.test_verses, settings.test_verses)
+    found = retrieval_set(corpus, [*languages, "kjv"], [settings.test_book], settings.test_verses,
+                          settings.test_verses)
     found.queries["en"] = found.queries.pop("kjv")
     return found
 
@@ -91,7 +96,7 @@ def valid_set(corpus, settings: RetrievalSettings) -> RetrievalSet:
 def training_rows(corpus, settings: RetrievalSettings, count: int) -> list[dict]:
     """`count` parallel verses (en and every language; dicts language -> text), spread over the books that
     are neither test nor valid."""
-    held_out = {TEST_BOOK, *settings.valid_books}
+    held_out = {settings.test_book, *settings.valid_books}
     rows = [row for row in corpus.parallel(["en", *settings.languages])
             if int(row["ref"].split(":")[0]) not in held_out]
     return spread(rows, count)
@@ -129,10 +134,21 @@ def plain_embeddings(model, tokenizer, test: RetrievalSet, settings: RetrievalSe
     return embedded
 
 
+def outcomes(embedded: dict[str, torch.Tensor], test: RetrievalSet) -> dict[str, list[int]]:
+    """Per language, 1 where a query's nearest candidate is its own verse, else 0: what a gain's interval resamples."""
+    return {language: correct_at_1(embedded[language], embedded["candidates"], gold).int().tolist()
+            for language, (_, gold) in test.queries.items()}
+
+
 def scores(embedded: dict[str, torch.Tensor], test: RetrievalSet) -> dict[str, float]:
     """Accuracy@1 per language from embeddings keyed like `plain_embeddings`."""
     return {language: accuracy_at_1(embedded[language], embedded["candidates"], gold)
             for language, (_, gold) in test.queries.items()}
+
+
+def book_name(corpus, book: int) -> str:
+    """The English name of a book of the corpus (43: "John")."""
+    return corpus.books("en").get(book, f"book {book}")
 
 
 def mean_over(values: dict[str, float], languages) -> float:

@@ -32,6 +32,8 @@ class Row:
     seconds: float = 0.0
     agrees_with_full_bench: Optional[bool] = None  # None: no full benchmark to compare with
     full_bench: str = ""  # the full benchmark's figure and section, e.g. "+11.9 (RESULTS §5)"
+    interval: Optional[list[float]] = None  # the gain's 95 % interval, signed as the gain
+    noise: str = ""  # what the interval resamples, e.g. "879 test queries x 2 seeds"
 
     @property
     def gain(self) -> float:
@@ -39,8 +41,15 @@ class Row:
         difference = self.with_method - self.baseline
         return difference if self.higher_is_better else -difference
 
+    @property
+    def outside_noise(self) -> Optional[bool]:
+        """True when the gain's interval excludes zero; None when the row has no interval."""
+        if self.interval is None:
+            return None
+        return self.interval[0] > 0 or self.interval[1] < 0
+
     def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "gain": round(self.gain, 4)}
+        return {**asdict(self), "gain": round(self.gain, 4), "outside_noise": self.outside_noise}
 
 
 @dataclass
@@ -61,7 +70,7 @@ class PartResult:
 
     @classmethod
     def from_dict(cls, data: dict) -> "PartResult":
-        rows = [Row(**{k: v for k, v in row.items() if k != "gain"}) for row in data["rows"]]
+        rows = [Row(**{k: v for k, v in row.items() if k not in ("gain", "outside_noise")}) for row in data["rows"]]
         return cls(data["part"], data["settings"], rows, data["notes"], data["details"], data["seconds"], reused=True)
 
 

@@ -158,14 +158,16 @@ def base_outcomes(bed: Bed, folder: Path) -> dict:
     return result
 
 
-def run_comparison(bed: Bed, folder: Path, progress: Callable[[str], None] = print) -> dict[str, Any]:
-    """Trials, choices and test seeds of every method (each reused when already in the folder)."""
+def run_comparison(bed: Bed, folder: Path, progress: Callable[[str], None] = print,
+                   chosen: Optional[dict[str, dict]] = None) -> dict[str, Any]:
+    """Trials, choices and test seeds of every method (each reused when already in the folder). `chosen` gives
+    the choices instead (settings an earlier run chose on the valid books): no trial runs then."""
     settings = bed.settings
     open_run(folder, settings)
     base = base_outcomes(bed, folder)
     progress(f"base model: valid {bed.summary(base['valid']):.2f}, test {bed.summary(base['test']):.2f} ({bed.metric})")
-    choices, tests = {}, []
-    for method in settings.methods:
+    choices, tests = dict(chosen or {}), []
+    for method in [m for m in settings.methods if m not in choices]:
         trials = []
         for trial in settings.trials(method):
             result = run_trial(bed, method, trial, folder)

@@ -80,6 +80,8 @@ def split_verses(corpus, testbed: RetrievalTestbed) -> dict[str, dict]:
     valid_queries = spread(list(range(len(valid_keys))), testbed.valid_queries)
     # Test: every English verse of the book competes; each language asks for the verses it has.
     test_keys = sorted(corpus.verses("en", [testbed.test_book]))
+    if testbed.test_candidates:
+        test_keys = spread(test_keys, testbed.test_candidates)
     parts = {"train": (train_keys, {lang: list(range(len(train_keys))) for lang in testbed.languages}),
              "valid": (valid_keys, {lang: valid_queries for lang in testbed.languages})}
     test_rows = {}

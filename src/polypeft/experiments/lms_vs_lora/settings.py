@@ -86,11 +86,15 @@ class RetrievalTestbed(ComparisonSettings):
 
     valid_queries: PositiveInt = 300  # per language, spread over the valid books; all their English verses compete
     test_queries: NonNegativeInt = 0  # per language, spread over the test book; 0 = every verse
+    test_candidates: NonNegativeInt = 0  # English verses of the test book that compete, spread; 0 = every verse
     train_verses: PositiveInt = 2000  # verse ids of the training books, each in every language
     extra_negatives: NonNegativeInt = 256  # English training passages added to each batch's candidates
     max_length: PositiveInt = 64
     cache_layer: PositiveInt = 8  # blocks below run once per query (their states cached)
     temperature: PositiveFloat = 0.05
+    # The top two blocks only: on 2 CPU cores the trial budget goes to the rate and the stop step (--trained-layers
+    # 2 4 adds the top four blocks to the grid).
+    trained_layers: list[int] = field(default_factory=lambda: [2])
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -99,11 +103,16 @@ class RetrievalTestbed(ComparisonSettings):
             raise ConfigError(f"RetrievalTestbed.trained_layers={self.trained_layers}: each must be at most "
                               f"{12 - self.cache_layer} (the blocks above cache_layer={self.cache_layer} of e5-small's 12)")
 
+    def as_dict(self) -> dict[str, Any]:
+        """The settings; `test_candidates` only when it limits the candidates (runs made before it existed used
+        every verse, and their folders and caches keep matching)."""
+        return {key: value for key, value in asdict(self).items() if key != "test_candidates" or value}
+
     def data_dict(self) -> dict[str, Any]:
         """The settings that decide the cached data (not the training)."""
-        keys = ("languages", "test_book", "valid_books", "valid_queries", "test_queries", "train_verses",
-                "max_length", "cache_layer")
-        return {key: getattr(self, key) for key in keys}
+        keys = ("languages", "test_book", "valid_books", "valid_queries", "test_queries", "test_candidates",
+                "train_verses", "max_length", "cache_layer")
+        return {key: value for key, value in self.as_dict().items() if key in keys}
 
 
 @dataclass
@@ -119,6 +128,8 @@ class LanguageModelTestbed(ComparisonSettings):
     max_steps: PositiveInt = 240
     check_every: PositiveInt = 80
     warmup: NonNegativeInt = 20
+    # Every block (the LM has four): on 2 CPU cores the trial budget goes to the rate and the stop step.
+    trained_layers: list[int] = field(default_factory=lambda: [4])
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -126,14 +137,15 @@ class LanguageModelTestbed(ComparisonSettings):
             raise ConfigError(f"LanguageModelTestbed.trained_layers={self.trained_layers}: the LM has 4 blocks")
 
 
-def demo_testbed(quick: bool) -> RetrievalTestbed:
-    """The demo's size: every language, fewer verses and steps, two seeds; the rate and depth the full
-    benchmark chose on the valid books stand as a one-trial grid (see bench/RESULTS.md)."""
+def demo_testbed(quick: bool, seed: int = 0, test_book: int = 43) -> RetrievalTestbed:
+    """The demo's size: every language, fewer verses, the top two blocks (states cached below them), two seeds
+    from `seed`; the demo trains with the choices the full comparison made on the valid books."""
+    common = dict(methods=["lora_train", "lms", "lms_fd"], test_book=test_book, seeds=[seed, seed + 1],
+                  trial_seed=seed + 10_000, cache_layer=10, trained_layers=[2], valid_books=[49])
     if quick:
-        return RetrievalTestbed(languages=["fr", "ko"], methods=["lora_train", "lms", "lms_fd"], valid_queries=8,
-                                test_queries=16, train_verses=40, extra_negatives=8, trained_layers=[2],
-                                low_rank_rates=[1e-3], full_rates=[3e-5], batch_size=8, max_steps=4, check_every=2,
-                                warmup=1, seeds=[0, 1], bootstrap=200)
-    return RetrievalTestbed(methods=["lora_train", "lms", "lms_fd"], valid_queries=50, test_queries=200,
-                            train_verses=600, extra_negatives=128, trained_layers=[2], low_rank_rates=[3e-3],
-                            batch_size=32, max_steps=150, check_every=150, warmup=15, seeds=[0, 1], bootstrap=1000)
+        return RetrievalTestbed(**common, languages=["fr", "ko"], valid_queries=8, test_queries=16,
+                                test_candidates=16, train_verses=40, extra_negatives=8, batch_size=8, max_steps=4,
+                                check_every=4, warmup=1, bootstrap=200)
+    return RetrievalTestbed(**common, valid_queries=30, test_queries=200, test_candidates=200, train_verses=300,
+                            extra_negatives=128, batch_size=32, max_steps=100, check_every=100, warmup=10,
+                            bootstrap=1000)
