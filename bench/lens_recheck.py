@@ -65,8 +65,10 @@ def trained(base, tokenizer, train_rows, languages, sign: float, weights, seed: 
     probe = lens.probe(model, tokenizer, {l: [PREFIX + r[l] for r in probe_rows] for l in ["en", *languages]},
                        pooling="mean", batch_size=args.batch_size, max_length=args.max_length, progress=False)
     pairs = [{l: PREFIX + r[l] for l in ["en", *languages]} for r in spread(train_rows[1::2], args.lens_verses)]
-    lens.train(model, tokenizer, pairs, probe, top_k_layers=2, steps=args.steps, weights=tuple(weights), lr=args.lr,
-               batch_size=8, max_length=args.max_length, push_strength=sign, seed=seed, progress=False)
+    settings = lens.LensTrainSettings(top_k_layers=2, weights=list(weights), batch_size=8, max_length=args.max_length,
+                                      push_strength=sign, seed=seed,
+                                      training=lens.lens_schedule(steps=args.steps, lr=args.lr))
+    lens.train(model, tokenizer, pairs, probe, settings, progress=False)
     return model.eval()
 
 
