@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -19,6 +20,7 @@ from ..core.finite import check_finite
 from ..core.languages import SHARED, LanguageError
 from ..core.transaction import folder_transaction
 from .routed_model import RoutedModel
+from .serving import SERVERS, not_served_lines, serving_reports, vllm_rank
 from .trainable import saved_module_tensors
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -26,8 +28,7 @@ ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 INDEX_NAME = "routes.json"
 PEFT_PREFIX = "base_model.model."
 LORA_FACTORS = ("lora_A", "lora_B")
-# The ranks vLLM accepts for --max-lora-rank; a route's rank is rounded up to the next one.
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+MODULES_FILE_NAME = "modules_to_save.safetensors"  # the trained base modules (heads), once, beside the adapters
 MAX_NAME_BYTES = 255  # the longest file name most file systems allow
 
 # Base model class name endings -> PEFT task_type (decides which PeftModel subclass wraps the base).
@@ -44,6 +45,10 @@ TASK_TYPES = (
 
 class ExportError(ValueError):
     """A model or route that cannot be written as a PEFT LoRA adapter."""
+
+
+class ServingWarning(UserWarning):
+    """An export that a server (vLLM, LoRAX) will refuse, or serve with other outputs than polypeft's."""
 
 
 def peft_key(module_name: str, factor: str) -> str:
@@ -94,8 +99,9 @@ def short_target_names(poly: RoutedModel) -> list[str]:
     return endings if selected == routed else sorted(routed)
 
 
-def adapter_config(poly: RoutedModel, base_model_name_or_path: Optional[str] = None) -> dict:
-    """The adapter_config.json PEFT, vLLM and LoRAX read for these routed layers."""
+def adapter_config(poly: RoutedModel, base_model_name_or_path: Optional[str] = None, with_modules: bool = True) -> dict:
+    """The adapter_config.json PEFT, vLLM and LoRAX read for these routed layers (`with_modules` False: without
+    the modules to save, which vLLM refuses and LoRAX does not load)."""
     rank, alpha = lora_scale(poly)
     name = base_model_name_or_path or getattr(getattr(poly.base_model, "config", None), "_name_or_path", None)
     return {
@@ -109,7 +115,7 @@ def adapter_config(poly: RoutedModel, base_model_name_or_path: Optional[str] = N
         "target_modules": short_target_names(poly),
         "bias": "none",
         "fan_in_fan_out": False,
-        "modules_to_save": sorted(poly.saved_modules) or None,
+        "modules_to_save": (sorted(poly.saved_modules) or None) if with_modules else None,
         "init_lora_weights": True,
         "inference_mode": True,
         "use_rslora": False,
@@ -121,26 +127,27 @@ def adapter_config(poly: RoutedModel, base_model_name_or_path: Optional[str] = N
     }
 
 
-def peft_tensors(poly: RoutedModel, route: tuple[int, int]) -> dict[str, torch.Tensor]:
+def peft_tensors(poly: RoutedModel, route: tuple[int, int], with_modules: bool = True) -> dict[str, torch.Tensor]:
     tensors = {}
     for name, layer in poly.routed_layers.items():
         lora_a, lora_b = route_factors(layer, route)
         tensors[peft_key(name, "lora_A")] = lora_a
         tensors[peft_key(name, "lora_B")] = lora_b
-    for name, tensor in saved_module_tensors(poly.saved_modules).items():  # trained heads go with every route
-        tensors[PEFT_PREFIX + name] = tensor.detach()
+    for name, tensor in saved_module_tensors(poly.saved_modules).items() if with_modules else ():
+        tensors[PEFT_PREFIX + name] = tensor.detach()  # trained heads go with every route
     return tensors
 
 
 def write_adapter(
-    poly: RoutedModel, directory: str | Path, route: tuple[int, int], base_model_name_or_path: Optional[str] = None
+    poly: RoutedModel, directory: str | Path, route: tuple[int, int], base_model_name_or_path: Optional[str] = None,
+    with_modules: bool = True,
 ) -> Path:
     """Write one route as adapter_config.json + adapter_model.safetensors in `directory`."""
     directory = Path(directory)
     src, tgt = (poly.registry.code_of(i) for i in route)
     metadata = {"format": "pt", "polypeft_route": f"{src}->{tgt}", "polypeft_version": __version__}
-    write_safetensors(directory / ADAPTER_WEIGHTS_NAME, peft_tensors(poly, route), metadata=metadata)
-    write_json(directory / ADAPTER_CONFIG_NAME, adapter_config(poly, base_model_name_or_path))
+    write_safetensors(directory / ADAPTER_WEIGHTS_NAME, peft_tensors(poly, route, with_modules), metadata=metadata)
+    write_json(directory / ADAPTER_CONFIG_NAME, adapter_config(poly, base_model_name_or_path, with_modules))
     return directory
 
 
@@ -225,10 +232,10 @@ def routes_to_export(
 
 def serving_commands(base: str, adapters: dict[str, Path], rank: int) -> dict[str, str]:
     """The vLLM and LoRAX command lines that serve every adapter of `adapters` on `base`."""
-    vllm_rank = next((allowed for allowed in VLLM_LORA_RANKS if allowed >= rank), rank)
+    max_rank = vllm_rank(rank) or rank
     modules = " ".join(shlex.quote(f"{name}={path}") for name, path in adapters.items())
     vllm = (f"vllm serve {shlex.quote(base)} --enable-lora --lora-modules {modules} "
-            f"--max-lora-rank {vllm_rank} --max-loras {len(adapters)}")
+            f"--max-lora-rank {max_rank} --max-loras {len(adapters)}")
     root = Path(next(iter(adapters.values()))).parent
     lorax = (f"docker run --gpus all --shm-size 1g -p 8080:80 -v {shlex.quote(str(root))}:/data/routes "
              f"ghcr.io/predibase/lorax:main --model-id {shlex.quote(base)}")
@@ -244,12 +251,20 @@ def export_lora_routes(
     directory: str | Path,
     pairs: Optional[Sequence[tuple[str, str]]] = None,
     base_model_name_or_path: Optional[str] = None,
+    server: Optional[str] = None,
 ) -> Path:
-    """Every route as its own adapter folder, plus routes.json: the index and the serving command lines."""
+    """Every route as its own adapter folder, plus routes.json: the index, the serving command lines and what vLLM
+    and LoRAX will not serve (also said in a warning now). `server="vllm"` or `"lorax"` writes adapters that server
+    takes and refuses what it cannot serve; the modules to save (a trained head) go beside the adapters either way."""
     check_low_rank(poly)
+    if server is not None and server not in SERVERS:
+        raise ExportError(f"server={server!r} is not known; choose None (PEFT adapters) or one of {list(SERVERS)}")
     directory = Path(directory).resolve()
     routes = routes_to_export(poly, pairs)
-    check_finite(poly.added_state_dict(), f"{directory} not exported")
+    with_modules = server is None
+    reports = serving_reports(poly.base_model, adapter_config(poly, with_modules=with_modules), list(poly.routed_layers))
+    if server is not None and reports[server]["refused"]:
+        raise ExportError(f"{server} will not serve these routes: " + "; ".join(reports[server]["refused"]))
     check_earlier_export(directory)
     base = base_model_name_or_path or adapter_config(poly)["base_model_name_or_path"] or "<base model>"
     adapters, entries = {}, []
@@ -257,12 +272,31 @@ def export_lora_routes(
     # this one does not write (pairs before, languages now) go with it; nothing is written through its links.
     with folder_transaction(directory) as staging:
         for name, route in routes:
-            write_adapter(poly, staging / name, route, base_model_name_or_path)
+            write_adapter(poly, staging / name, route, base_model_name_or_path, with_modules)
             adapters[name] = directory / name
             src, tgt = (poly.registry.code_of(i) for i in route)
             entries.append({"name": name, "path": name, "src_lang": src, "tgt_lang": tgt})
-        write_json(staging / INDEX_NAME, routes_index(poly, base, entries, adapters))
+        index = routes_index(poly, base, entries, adapters)
+        index["servers"] = reports
+        if poly.saved_modules:
+            index["modules_to_save"] = write_saved_modules(poly, staging, server)
+        write_json(staging / INDEX_NAME, index)
+    lines = not_served_lines(reports if server is None else {server: reports[server]})
+    if lines:
+        warnings.warn(f"export to {directory}: " + " | ".join(lines), ServingWarning, stacklevel=3)
     return directory / INDEX_NAME
+
+
+def write_saved_modules(poly: RoutedModel, staging: Path, server: Optional[str]) -> dict:
+    """The modules to save (trained heads), once, under the base model's names, with a note on how to serve them."""
+    tensors = {name: tensor.detach() for name, tensor in saved_module_tensors(poly.saved_modules).items()}
+    write_safetensors(staging / MODULES_FILE_NAME, tensors, metadata={"format": "pt", "polypeft_version": __version__})
+    where = ("inside every adapter as well (peft loads them from there)" if server is None else
+             f"not inside the adapters, which {server} would refuse or ignore with them")
+    return {"file": MODULES_FILE_NAME, "modules": sorted(poly.saved_modules),
+            "note": f"the same for every route; {where}. To serve with vLLM or LoRAX, load this file into the base "
+                    "(base.load_state_dict(safetensors.torch.load_file(file), strict=False)), save that base and serve "
+                    "it with adapters exported with server='vllm' or 'lorax'"}
 
 
 def routes_index(poly: RoutedModel, base: str, entries: list[dict], adapters: dict[str, Path]) -> dict:
@@ -288,7 +322,7 @@ def check_earlier_export(directory: Path) -> None:
     its routes.json lists, or adapter folders. Anything else is the user's and is refused, never removed."""
     if not directory.is_dir():
         return
-    listed: set[str] = {INDEX_NAME}
+    listed: set[str] = {INDEX_NAME, MODULES_FILE_NAME}
     if (directory / INDEX_NAME).is_file():
         index = read_json_file(directory / INDEX_NAME)
         routes = index.get("routes") if isinstance(index, dict) else None

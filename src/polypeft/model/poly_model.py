@@ -122,7 +122,9 @@ class PolyModel(RoutedModel):
 
     def export_lora_routes(self, directory: str | Path, pairs: Optional[list[tuple[str, str]]] = None,
                            **options: Any) -> Path:
-        """Every route as a PEFT LoRA adapter, plus routes.json with the vLLM and LoRAX command lines."""
+        """Every route as a PEFT LoRA adapter, plus routes.json with the vLLM and LoRAX command lines and what
+        they will not serve (also warned now); `server="vllm"`/`"lorax"` writes what that server takes (see
+        model/export.py and model/serving.py)."""
         return export_lora_routes(self, directory, pairs, **options)
 
     def push_to_hub(self, repo_id: str, **options: Any) -> Any:
