@@ -28,6 +28,14 @@ class CLSRConfig(MethodConfig):
     the sublayer input, which a wrapped output linear does not see). Training adds Gaussian noise of
     std `gate_noise_std` to the gate logit (the paper anneals it from 0 to 5: set `layer.gate_noise_std`);
     inference uses the hard gate 1[logit >= 0] unless hard_gate_at_inference=False.
+
+    Attributes:
+        budget (float): Default 0.3. The share p of gates that may open (language-specific), in [0, 1].
+        budget_weight (float): Default 1.0. Weight of the budget loss (`auxiliary_loss()`).
+        language_weights (str): Default "per_stack" (CLSR); "per_sublayer" is CLSR*.
+        gate_hidden_size (int): Default 128. Width of each gate's hidden layer.
+        gate_noise_std (float): Default 1.0. Gaussian noise on the gate logit while training.
+        hard_gate_at_inference (bool): Default True: a 0/1 gate at inference, the soft gate otherwise.
     """
 
     method: ClassVar[str] = "clsr"

@@ -21,9 +21,24 @@ from .registry import register_method
 
 @dataclass
 class LMSConfig(MethodConfig):
-    """Language-specific Matrix Synthesis: each target linear W becomes W + V[src] F[tgt].
+    """Language-specific Matrix Synthesis: each target linear W becomes W + V[src] F[tgt] (Xu et al. 2023).
 
-    synthesis="pair" uses (src, tgt) everywhere; "language" uses src in the encoder, tgt in the decoder.
+    Attributes:
+        languages (list[str]): Language codes, one route each, in this order (the order is part of a save).
+        rank (int): Default 16. The low rank d of V (out x d) and F (d x in); at most min(out, in) of every
+            target. A route adds d * (out + in) parameters per target linear.
+        synthesis (str): Default "pair": (src, tgt) everywhere, V from the source and F from the target.
+            "language": the encoder reads the source language twice, the decoder the target (one-language tasks).
+        init_std (float): Default 0.01. V starts N(0, init_std) and F at zero, so training starts at the base.
+        shared_route (bool): Default False. Adds the FD shared route `"shared"`, which serves every language and
+            merges into a plain model (train it with `pp.fuse_distillation_step` or `PolyTrainer(fd=True)`).
+        target_modules (str | list[str] | None): Default None: both FFN linears of every block. Module names or
+            last name parts (`["fc1", "fc2"]`), or one regular expression over whole module names.
+        freeze_base (bool): Default True: only the routes and `modules_to_save` train (peft's default).
+        modules_to_save (list[str] | None): Default None. Base modules (task heads: `["classifier"]`) trained
+            and saved with the routes.
+        keep_base_dtype (bool): Default False: factors are float32 on half and quantized bases; True keeps
+            the base's bf16/fp16.
     """
 
     method: ClassVar[str] = "lms"

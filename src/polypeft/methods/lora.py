@@ -21,7 +21,13 @@ from .registry import register_method
 class LoRAConfig(MethodConfig):
     """`y = W x + b + (alpha / rank) B A x` on every target (FFN linears by default), for all languages alike.
 
-    `languages` only name what the model is used on; the base is frozen (every method's default).
+    `languages` only name what the model is used on; the base is frozen (every method's default). The shared
+    fields (`target_modules`, `freeze_base`, `modules_to_save`, `keep_base_dtype`) are MethodConfig's.
+
+    Attributes:
+        rank (int): Default 8. The rank r of A (r x in) and B (out x r).
+        alpha (float): Default 16.0. The update is scaled by alpha / rank, as in peft.
+        dropout (float): Default 0.0. Dropout on the LoRA branch's input, in [0, 1).
     """
 
     method: ClassVar[str] = "lora"

@@ -20,7 +20,9 @@ from .registry import register_method
 class LSFFNConfig(MethodConfig):
     """One full copy of each FFN linear per language (encoder: src, decoder: tgt), initialised from the base.
 
-    With shared_route=True the route "shared" runs the base layer: the FD shared module.
+    With shared_route=True the route "shared" runs the base layer: the FD shared module. It has no fields of its
+    own: `languages`, `target_modules`, `shared_route`, `freeze_base`, `modules_to_save` and `keep_base_dtype`
+    are MethodConfig's.
     """
 
     method: ClassVar[str] = "ls_ffn"

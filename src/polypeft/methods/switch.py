@@ -47,6 +47,14 @@ class SwitchConfig(MethodConfig):
 
     capacity_factor=None keeps every token; a number drops tokens beyond ceil(factor * tokens / experts)
     per expert (their FFN output is zero, the residual carries them). Routes are ignored.
+
+    Attributes:
+        num_experts (int): Default 4. Experts per switched FFN, the base FFN among them.
+        every (int): Default 2. Switch the FFN of every `every`-th layer of each stack.
+        load_balance_weight (float): Default 0.01. Weight of Switch's load-balancing loss (`auxiliary_loss()`).
+        capacity_factor (float | None): Default None: no token is dropped.
+        expert_init_std (float): Default 0.001. Noise added to the copies that start the new experts.
+        router_jitter (float): Default 0.0. Multiplicative jitter on the router input while training, in [0, 1).
     """
 
     method: ClassVar[str] = "switch"

@@ -132,7 +132,19 @@ class RoutedModel(nn.Module):
     # Under torch.compile this frame runs eagerly (the route arguments, codes or ids, never become guards)
     # and the base model it calls is compiled, reading the routes as id tensors.
     @torch.compiler.disable(recursive=False)
-    def forward(self, *args, src_lang=None, tgt_lang=None, lang=None, labels=None, source_batch=None, **kwargs):
+    def forward(self, *args: Any, src_lang: LanguageSpec = None, tgt_lang: LanguageSpec = None,
+                lang: LanguageSpec = None, labels: Any = None, source_batch: Optional[dict] = None, **kwargs: Any):
+        """The base model's forward with every example on its route; the other arguments go to the base model.
+
+        Args:
+            src_lang: The source language of each example: one code for the batch ("de"), a list or tuple of codes
+                or a tensor of ids, one per example, or "shared" (the FD route).
+            tgt_lang: The target language, given as src_lang is; LMS pair-wise reads (src, tgt), language-wise
+                the encoder reads src and the decoder tgt.
+            lang: One language for both sides (one-language tasks); not together with src_lang/tgt_lang.
+            labels: Passed to the base model (named, so transformers.Trainer finds the label column).
+            source_batch: For methods with a source pass (FLARE): the English batch fused into this one.
+        """
         # `labels` is named so transformers.Trainer finds the label column of a wrapped model.
         if labels is not None:
             kwargs["labels"] = labels
@@ -317,6 +329,8 @@ def forward_with_signature_of(base_model: nn.Module) -> Callable:
     model's signature, such as Trainer's unused-column removal, then see the real inputs)."""
     def forward(self, *args, **kwargs):
         return RoutedModel.forward(self, *args, **kwargs)
+
+    forward.__doc__ = RoutedModel.forward.__doc__
 
     try:
         base = inspect.signature(base_model.forward)

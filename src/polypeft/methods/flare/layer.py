@@ -28,7 +28,17 @@ class FLAREConfig(LoRAConfig):
     fusion=None is plain LoRA (FLARE's stage 1 and the LoRA baselines). The source x_s is the input of the
     same linear `source_layer_offset` blocks ahead in the frozen English pass (source="model"), or a learned
     projection of an MT encoder's output (source="mt_encoder"). alignment defaults to "position"
-    ("attention" for fusion="cross_attention"). `languages` only name what the model is used on.
+    ("attention" for fusion="cross_attention"). `languages` only name what the model is used on. `rank`,
+    `alpha`, `dropout` are LoRAConfig's; the shared fields MethodConfig's.
+
+    Attributes:
+        fusion (str | None): Default "add_relu" (the paper's best): `relu(s) + relu(t)`; also "add", "mul",
+            "cross_attention"; None is plain LoRA.
+        source_layer_offset (int): Default 1: x_s is read one block ahead in the English pass (paper: 1).
+        source (str): Default "model": the frozen English pass of the model itself; "mt_encoder": FLARE-MT.
+        alignment (str | None): Default None: "position" (by token position, padded), or "attention" for
+            fusion="cross_attention".
+        mt_hidden_size (int | None): Default None: the MT encoder's width, read from it when it is given.
     """
 
     method: ClassVar[str] = "flare"
