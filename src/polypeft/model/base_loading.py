@@ -28,16 +28,14 @@ def recorded_name_or_path(base_model: nn.Module) -> Optional[str]:
 
 def check_options(options: dict[str, Any], base_given: bool) -> tuple[dict[str, Any], dict[str, Any]]:
     """(hub options, base options) from `from_pretrained`'s keyword arguments; any other name is refused by name."""
-    if "adapter_name" in options:
-        raise TypeError(
-            f"PolyModel.from_pretrained got adapter_name={options['adapter_name']!r}: a polypeft save holds all of a "
-            "task's language routes and they are chosen per call (lang= or src_lang=/tgt_lang=), not by adapter name; "
-            "to switch tasks on one base see the docs' guide 'Several tasks on one base'")
     unknown = sorted(set(options) - set(HUB_OPTIONS) - set(BASE_OPTIONS))
     if unknown:
+        why = ("; adapter_name: a polypeft save holds all of a task's language routes and they are chosen per call "
+               "(lang= or src_lang=/tgt_lang=), not by adapter name (to switch tasks on one base see the README's "
+               "'Several tasks on one base')") if "adapter_name" in unknown else ""
         raise TypeError(f"PolyModel.from_pretrained got unknown keyword argument(s) {unknown}; it takes revision, "
                         f"config, source_encoder, is_trainable, the Hub options {list(HUB_OPTIONS)} and, when it loads "
-                        f"the base itself, {list(BASE_OPTIONS)}")
+                        f"the base itself, {list(BASE_OPTIONS)}{why}")
     base_options = {key: value for key, value in options.items() if key in BASE_OPTIONS}
     if base_given and base_options:
         raise TypeError(f"PolyModel.from_pretrained got {sorted(base_options)} together with a base model: these "
