@@ -31,6 +31,7 @@ from polypeft.core.fileio import write_json, write_safetensors  # noqa: E402
 from polypeft.data.bible import BibleCorpus  # noqa: E402
 from polypeft.interventions.capture import model_identity  # noqa: E402
 from polypeft.interventions.lrp2 import LRP2, LanguageVectors  # noqa: E402
+from polypeft.interventions.search import DEFAULT_RULE, RULES  # noqa: E402
 
 LANGUAGES = "fr,es,de,it,pt,ru,ar,fa,ko,vi,tl"
 VALID_BOOKS = [45, 46, 47, 48, 49]
@@ -61,6 +62,8 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "polypeft" / "lrp2_all"))
     parser.add_argument("--test-all-cells", action="store_true", help="score every cell on the test book, "
                         "not only those a choice rule (or a bootstrap resample) picks")
+    parser.add_argument("--rule", choices=RULES, default=DEFAULT_RULE, help="the search's choice rule; Results A-C "
+                        "of RESULTS §5 ran before 'split' existed, under 'bonferroni'")
     parser.add_argument("--tiny", action="store_true", help="pipeline check: 2 languages, small sets")
     args = parser.parse_args()
     if args.tiny:
@@ -80,8 +83,8 @@ def run_key(args, split: str = "test") -> str:
             "candidate_limit"]
     if split == "test":
         keys += ["test_queries", "vector_sizes", "vector_seeds"]
-        if not args.test_all_cells:  # the cells scored depend on the bootstrap's resamples
-            keys += ["test_all_cells", "resamples", "resample_seeds"]
+        if not args.test_all_cells:  # the cells scored depend on the bootstrap's resamples and the rule
+            keys += ["test_all_cells", "resamples", "resample_seeds"] + (["rule"] if args.rule != "bonferroni" else [])
     settings = {key: getattr(args, key) for key in keys}
     if split != "test":
         settings["default_seed"] = numbers(args.vector_seeds)[0]

@@ -38,7 +38,7 @@ def search(valid: dict, languages: list[str], variant: str, args, index: Optiona
         return values if index is None else values[index[language]]
 
     return search_layers(score, languages, numbers(getattr(args, grid)), numbers(args.lsrp_layers), pairs=pairs,
-                         lirp_only=alone, progress=False)
+                         lirp_only=alone, progress=False, rule=args.rule)
 
 
 def test_gain(test: dict, variant: str, row: dict) -> float:

@@ -21,7 +21,7 @@ from polypeft.data.bible import BibleCorpus
 from polypeft.core.fileio import write_json
 from polypeft.interventions import lens
 from polypeft.interventions.lrp2 import LRP2, language_vectors
-from polypeft.interventions.search import lrp2_scorer, search_layers
+from polypeft.interventions.search import DEFAULT_RULE, RULES, lrp2_scorer, search_layers
 from polypeft.backbones.e5 import embed, load_encoder
 from polypeft.tasks.retrieval import correct_at_1
 
@@ -117,6 +117,7 @@ def main() -> None:
                         "the valid books; their candidates are every English verse of those books")
     parser.add_argument("--valid-books", default="45,46,47,48,49", help="books for the layer search (comma-separated numbers)")
     parser.add_argument("--search-layers", default="6,9,11,12")
+    parser.add_argument("--rule", choices=RULES, default=DEFAULT_RULE, help="the layer search's choice rule")
     parser.add_argument("--pairs", action="store_true",
                         help="also search LIRP at i with LSRP at j > i (the paper's pair), not LIRP alone only")
     parser.add_argument("--no-lens", action="store_true", help="skip the LENS part")
@@ -196,7 +197,8 @@ def run_lrp2(report, model, tokenizer, corpus, languages, valid_books, vectors, 
 
     clock = time.perf_counter()
     search = search_layers(lrp2_scorer(model, vectors, evaluate), languages,
-                           [int(layer) for layer in args.search_layers.split(",")], pairs=args.pairs, lirp_only=True)
+                           [int(layer) for layer in args.search_layers.split(",")], pairs=args.pairs, lirp_only=True,
+                           rule=args.rule)
     report["timings_s"]["layer_search"] = time.perf_counter() - clock
     search.save_json(Path(args.out).with_name("lrp2_layer_search.json"))
     search.plot_heatmaps(args.figures, prefix="lrp2_heatmap", metric="xx->en retrieval accuracy@1 (valid books)")

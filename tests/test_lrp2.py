@@ -327,6 +327,7 @@ def test_cli_commands_run_from_yaml(tokenizer, tmp_path):
     assert set(search["best"]) == {"fr", "de"}
     # three validation rows cannot tell a layer from noise: the CLI search refuses LRP2 and says why
     assert search["best"]["fr"]["decision"] == "no LRP2" and "too small" in search["best"]["fr"]["reason"]
+    assert search["rule"]["name"] == search["best"]["fr"]["rule"] == "split"  # the library's default rule
     assert (tmp_path / "run" / "lrp2_heatmap_fr.png").is_file()
     assert (tmp_path / "run" / "probe" / "lens_probe.safetensors").is_file()
     assert (tmp_path / "run" / "lens_layers.safetensors").is_file()

@@ -11,8 +11,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import lrp2_all_report as report  # noqa: E402  (a bench script: fails loudly if it breaks)
 
 
-def settings() -> argparse.Namespace:
-    return argparse.Namespace(layers="2,4,6", lsrp_layers="4,6", both_layers="4,6", resamples=6, resample_seeds="0,1")
+def settings(rule: str = "split") -> argparse.Namespace:
+    return argparse.Namespace(layers="2,4,6", lsrp_layers="4,6", both_layers="4,6", resamples=6, resample_seeds="0,1",
+                              rule=rule)
 
 
 def outcomes(languages, queries: int, seed: int, lift: dict) -> dict:
@@ -23,11 +24,12 @@ def outcomes(languages, queries: int, seed: int, lift: dict) -> dict:
                        .to(torch.uint8) for name in names} for language in languages}
 
 
-def test_subset_of_cells_gives_the_same_analysis():
+@pytest.mark.parametrize("rule", ["split", "bonferroni"])
+def test_subset_of_cells_gives_the_same_analysis(rule):
     languages = ["fr", "ko", "de"]
     lift = {("fr", "lirp:6"): 0.3, ("ko", "lirp:4"): 0.25, ("ko", "both:4"): 0.2, ("de", "lirp:2"): 0.02}
     valid, test = outcomes(languages, 120, 0, lift), outcomes(languages, 200, 1, lift)
-    args = settings()
+    args = settings(rule)
     needed = report.test_cells(valid, languages, args)
     assert all("base" in cells for cells in needed.values())
     assert any(len(needed[language]) < len(test[language]) for language in languages)  # a real subset here
@@ -36,6 +38,7 @@ def test_subset_of_cells_gives_the_same_analysis():
     cut = report.analyse({"valid": valid, "test": subset}, languages, args)
     assert cut == full
     assert full["table"]["fr"]["lirp"]["robust"]["cell"] == [6, None]
+    assert full["searches"]["lirp"]["rule"]["name"] == rule
 
 
 def test_a_cell_left_out_breaks_the_analysis():

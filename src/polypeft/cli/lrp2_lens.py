@@ -33,7 +33,9 @@ texts:                   # unlabeled text per language, for vectors and the LENS
 valid:                   # parallel text for the layer search (retrieval xx -> pivot); several books, so the
   bible: {books: [45, 46, 47, 48, 49], max_verses: 400}   # layers separate (bench/RESULTS.md section 5)
   # files: {en: valid.en, fr: valid.fr}  # line-aligned
-search: {candidate_layers: [4, 8, 12], pairs: false, lirp_only: true}
+search: {candidate_layers: [4, 8, 12], pairs: false, lirp_only: true, rule: split}
+# rule: split (default) chooses the layer on half of the valid rows and tests it on the other half;
+# bonferroni tests the best of all cells on all rows (stricter, it refuses more real gains)
 lens: {top_k_layers: 2, weights: [1, 1, 1], batch_size: 8, push_strength: 1.0, training: {steps: 100, lr: 1.0e-5}}
 # push_strength: 1 pushes each language away from the pivot in its own subspace (the paper); -1 pulls it
 # toward the pivot (better for cross-lingual retrieval); a mapping {fr: 1.0, ko: 0.5} sets it per language.
@@ -65,6 +67,7 @@ class SearchSettings(TypedConfig):
     lsrp_layers: Optional[list[NonNegativeInt]] = None
     pairs: bool = True
     lirp_only: bool = True
+    rule: Literal["split", "bonferroni"] = "split"  # the choice rule (interventions/search.py RULES)
 
 
 @dataclass
@@ -247,7 +250,7 @@ def run_search(recipe: InterventionRecipe) -> None:
     result = search_layers(
         lrp2_scorer(model, vectors, evaluate, pivot=pivot, stack=stack), recipe.others,
         search.candidate_layers or vectors.layers, search.lsrp_layers,
-        pairs=search.pairs, lirp_only=search.lirp_only,
+        pairs=search.pairs, lirp_only=search.lirp_only, rule=search.rule,
     )
     result.save_json(output_dir / "lrp2_search.json")
     result.plot_heatmaps(output_dir, prefix="lrp2_heatmap", metric="retrieval accuracy@1 (valid rows)")

@@ -1,6 +1,6 @@
-"""The LRP2 layer search: score every (LIRP layer, LSRP layer) pair per language; keep the best only if it beats noise.
+"""The LRP2 layer search: score every (LIRP layer, LSRP layer) pair per language; keep a cell only if it beats noise.
 
-Results go to JSON and to one heat map per language; a language whose best cell is inside the noise gets no LRP2.
+Results go to JSON and to one heat map per language; a language whose chosen cell is inside the noise gets no LRP2.
 """
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from statistics import NormalDist
 from typing import Callable, Optional, Sequence, Union
@@ -26,12 +27,18 @@ Score = Union[float, torch.Tensor, Sequence[float]]
 ScoreFn = Callable[[str, Optional[int], Optional[int]], Score]
 Cell = tuple[str, Optional[int], Optional[int]]
 
-# The refusal rule. A cell is kept only if its mean paired gain over the baseline exceeds z standard
-# errors, z one-sided at family-wise level DEFAULT_ALPHA over the cells searched for that language
-# (Bonferroni: the best of many noisy cells looks better than it is). Below MIN_VALIDATION_EXAMPLES
-# paired examples the standard error itself is too rough to trust, and LRP2 is not free (a wrong layer
-# costs points, RESULTS section 5), so the default there is the model as it is: no LRP2.
+# The choice rules; a cell is kept only if its mean paired gain over the baseline exceeds z standard errors.
+# "split" (default): the cell is chosen on a selection part of the validation examples (SELECTION_SHARE of them,
+#   interleaved: see `split_examples`) and only that one cell is tested against the baseline on the held-back rest,
+#   one-sided at DEFAULT_ALPHA. The choice never sees the test's examples, so one test needs no correction.
+# "bonferroni": the best cell on all examples, one-sided at DEFAULT_ALPHA / cells (the best of many noisy cells
+#   looks better than it is), so its bar rises with the grid: z = 2.64 for 12 cells, 3.2 for 78.
+# Below MIN_VALIDATION_EXAMPLES paired examples in the test the standard error itself is too rough to trust, and
+# LRP2 is not free (a wrong layer costs points, RESULTS section 5), so the default there is no LRP2.
+RULES = ("split", "bonferroni")
+DEFAULT_RULE = "split"
 DEFAULT_ALPHA = 0.05
+SELECTION_SHARE = 0.5
 MIN_VALIDATION_EXAMPLES = 50
 
 
@@ -40,6 +47,34 @@ def bonferroni_z(cells: int, alpha: float = DEFAULT_ALPHA) -> float:
     if cells < 1 or not 0.0 < alpha < 1.0:
         raise InterventionError(f"bonferroni_z: cells={cells} must be >= 1 and alpha={alpha} in (0, 1)")
     return NormalDist().inv_cdf(1.0 - alpha / cells)
+
+
+def check_rule(rule: str, alpha: float, selection_share: float, min_examples: int, where: str) -> None:
+    """Refuse a choice rule's settings up front (before any cell is scored), naming the value and what is allowed."""
+    if rule not in RULES:
+        raise InterventionError(f"{where}: rule={rule!r} is not a choice rule; allowed: 'split' (choose on one part "
+                                f"of the validation examples, test that cell on the rest) or 'bonferroni'")
+    if not (isinstance(alpha, (int, float)) and 0.0 < alpha < 1.0):
+        raise InterventionError(f"{where}: alpha={alpha!r} must be a level in (0, 1), e.g. 0.05")
+    if not (isinstance(selection_share, (int, float)) and 0.0 < selection_share < 1.0):
+        raise InterventionError(f"{where}: selection_share={selection_share!r} must be in (0, 1): the share of "
+                                f"validation examples that choose the cell (the rest test it)")
+    if isinstance(min_examples, bool) or not isinstance(min_examples, int) or min_examples < 2:
+        raise InterventionError(f"{where}: min_examples={min_examples!r} must be an integer >= 2 (a standard "
+                                f"error needs two examples)")
+
+
+def split_examples(count: int, selection_share: float = SELECTION_SHARE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions of the selection part and of the held-back test part of `count` validation examples, interleaved.
+
+    Position k selects when ceil((k+1)s) > ceil(ks), s = `selection_share` as a fraction: at 1/2 the even positions
+    select and the odd ones test, so a validation set spread over books splits into two spread halves, the same on
+    every run (no seed)."""
+    check_rule(DEFAULT_RULE, DEFAULT_ALPHA, selection_share, MIN_VALIDATION_EXAMPLES, "split_examples")
+    share = Fraction(selection_share).limit_denominator(1000)
+    ceil = -((-torch.arange(count + 1) * share.numerator) // share.denominator)  # ceil(k s), exact in integers
+    selects = ceil[1:] > ceil[:-1]
+    return selects.nonzero().flatten(), (~selects).nonzero().flatten()
 
 
 def per_example(score: Score, where: str) -> Optional[torch.Tensor]:
@@ -58,8 +93,8 @@ class LayerSearchResult:
     """Scores of every (language, lirp_layer, lsrp_layer) tried; lsrp_layer None is LIRP only.
 
     `outcomes` holds the per-example scores behind each row and baseline (when the score function gave
-    them), keyed (language, lirp_layer, lsrp_layer) with (language, None, None) the baseline. `z` None
-    means `bonferroni_z` over the cells a choice compares.
+    them), keyed (language, lirp_layer, lsrp_layer) with (language, None, None) the baseline. `rule` names
+    the choice rule (RULES); `z` None means the rule's own z (one test for "split", Bonferroni over the cells).
     """
 
     rows: list[dict]
@@ -69,6 +104,11 @@ class LayerSearchResult:
     alpha: float = DEFAULT_ALPHA
     z: Optional[float] = None
     min_examples: int = MIN_VALIDATION_EXAMPLES
+    rule: str = DEFAULT_RULE
+    selection_share: float = SELECTION_SHARE
+
+    def __post_init__(self) -> None:
+        check_rule(self.rule, self.alpha, self.selection_share, self.min_examples, "LayerSearchResult")
 
     @property
     def languages(self) -> list[str]:
@@ -83,51 +123,80 @@ class LayerSearchResult:
             raise InterventionError(f"no search results for language {language!r}; searched {self.languages}")
         return rows
 
+    def _with_gain(self, row: dict) -> dict:
+        chosen = dict(row)
+        if row["language"] in self.baseline:
+            chosen["baseline"] = self.baseline[row["language"]]
+            chosen["gain"] = chosen["score"] - self.baseline[row["language"]]
+        return chosen
+
     def best_cell(self, language: str, lirp_only: bool = False) -> dict:
         """The top-scoring row (optionally among LIRP-only rows) with its gain over no LRP2, noise unchecked."""
         sign = 1.0 if self.higher_is_better else -1.0
-        chosen = dict(max(self._rows(language, lirp_only), key=lambda row: sign * row["score"]))
-        if language in self.baseline:
-            chosen["baseline"] = self.baseline[language]
-            chosen["gain"] = chosen["score"] - self.baseline[language]
-        return chosen
+        return self._with_gain(max(self._rows(language, lirp_only), key=lambda row: sign * row["score"]))
+
+    def _paired(self, language: str, rows: list[dict]) -> Optional[tuple[torch.Tensor, list[torch.Tensor]]]:
+        """The baseline's and each row's per-example outcomes, or None where the score function gave numbers."""
+        base = self.outcomes.get((language, None, None))
+        cells = [self.outcomes.get((language, row["lirp_layer"], row["lsrp_layer"])) for row in rows]
+        if base is None or any(values is None for values in cells):
+            return None
+        for row, values in zip(rows, cells):
+            if values.numel() != base.numel():
+                raise InterventionError(
+                    f"LRP2 search {language!r}: {values.numel()} outcomes for the cell ({row['lirp_layer']}, "
+                    f"{row['lsrp_layer']}) but {base.numel()} for the baseline; paired outcomes need the same "
+                    f"validation examples"
+                )
+        return base, cells
 
     def best(self, language: str, lirp_only: bool = False) -> dict:
-        """The chosen row: the best cell if it beats the baseline by more than the noise, else the baseline
-        row (lirp_layer None: no LRP2). `decision` and `reason` say which, `best_cell` keeps the top cell."""
-        cell = self.best_cell(language, lirp_only)
+        """The chosen row: the rule's cell if it beats the baseline by more than the noise, else the baseline row
+        (lirp_layer None: no LRP2). `decision`, `reason` and `rule` say which and why; `best_cell` is the cell the
+        rule tested (for "split" the best on the selection part, for "bonferroni" the best on all examples)."""
+        rows = self._rows(language, lirp_only)
         if language not in self.baseline:
-            return {**cell, "decision": "lrp2", "reason": "no baseline scored: top cell kept unchecked"}
-        cells = len(self._rows(language, lirp_only))
-        z = self.z if self.z is not None else bonferroni_z(cells, self.alpha)
+            return {**self.best_cell(language, lirp_only), "rule": self.rule, "decision": "lrp2",
+                    "reason": "no baseline scored: top cell kept unchecked"}
         sign = 1.0 if self.higher_is_better else -1.0
-        improvement = sign * cell["gain"]
-        check = {"cells": cells, "z": z, "se": None, "threshold": None, "examples": None}
-        top = self.outcomes.get((language, cell["lirp_layer"], cell["lsrp_layer"]))
-        base = self.outcomes.get((language, None, None))
-        if top is None or base is None:
-            keep = improvement > 0
+        one_test = self.rule == "split"
+        z = self.z if self.z is not None else bonferroni_z(1 if one_test else len(rows), self.alpha)
+        check = {"rule": self.rule, "cells": len(rows), "z": z, "se": None, "threshold": None, "examples": None,
+                 "selection_examples": None, "test_examples": None, "test_gain": None}
+        paired = self._paired(language, rows)
+        if paired is None:
+            cell = self.best_cell(language, lirp_only)
+            keep = sign * cell["gain"] > 0
             reason = ("scores without per-example outcomes: no noise estimate, the top cell is kept when it "
                       "beats the baseline at all")
         else:
-            if top.numel() != base.numel():
-                raise InterventionError(
-                    f"LRP2 search {language!r}: {top.numel()} outcomes for the cell but {base.numel()} for the "
-                    f"baseline; paired outcomes need the same validation examples"
-                )
-            differences = sign * (top - base)
-            examples = differences.numel()
-            check["examples"] = examples
-            if examples < self.min_examples:
-                keep = False
-                reason = (f"validation too small ({examples} < {self.min_examples} examples) to tell a layer "
-                          f"from noise: no LRP2")
+            base, cells = paired
+            examples = base.numel()
+            if one_test:
+                selection, held_back = split_examples(examples, self.selection_share)
+                gains = [float((values[selection] - base[selection]).mean()) if len(selection) else 0.0
+                         for values in cells]
+                index = max(range(len(rows)), key=lambda k: sign * gains[k])
             else:
-                se = float(differences.std(unbiased=True) / math.sqrt(examples))
-                check["se"], check["threshold"] = se, z * se
+                selection = held_back = torch.arange(examples)
+                index = max(range(len(rows)), key=lambda k: sign * rows[k]["score"])
+            cell = self._with_gain(rows[index])
+            differences = (cells[index] - base)[held_back]
+            check.update(examples=examples, selection_examples=len(selection), test_examples=len(held_back))
+            where = (f"cell ({cell['lirp_layer']}, {cell['lsrp_layer']}) chosen among {len(rows)} on "
+                     f"{len(selection)} selection examples, tested on the {len(held_back)} held back" if one_test
+                     else f"top of {len(rows)} cells on all {examples} examples")
+            if len(held_back) < self.min_examples:
+                keep = False
+                reason = (f"validation too small ({len(held_back)} < {self.min_examples} examples in the test; "
+                          f"{examples} in all, rule {self.rule!r}) to tell a layer from noise: no LRP2")
+            else:
+                improvement = sign * float(differences.mean())
+                se = float(differences.std(unbiased=True) / math.sqrt(len(held_back)))
+                check.update(se=se, threshold=z * se, test_gain=float(differences.mean()))
                 keep = improvement > 0 and improvement > z * se
-                reason = (f"gain {improvement:+.4f} {'>' if keep else '<='} z*SE = {z:.2f}*{se:.4f} "
-                          f"({examples} paired examples, {cells} cells)")
+                reason = (f"{where}: gain {improvement:+.4f} {'>' if keep else '<='} z*SE = {z:.2f}*{se:.4f} "
+                          f"({'one test' if one_test else 'Bonferroni'}, alpha {self.alpha})")
         if keep:
             return {**cell, **check, "decision": "lrp2", "reason": reason, "best_cell": _cell_summary(cell)}
         return {"language": language, "lirp_layer": None, "lsrp_layer": None, "score": self.baseline[language],
@@ -140,8 +209,12 @@ class LayerSearchResult:
     def to_dict(self) -> dict:
         return {
             "higher_is_better": self.higher_is_better,
-            "rule": {"alpha": self.alpha, "z": self.z if self.z is not None else "bonferroni over the cells",
-                     "min_examples": self.min_examples},
+            "rule": {"name": self.rule, "alpha": self.alpha, "min_examples": self.min_examples,
+                     "z": self.z if self.z is not None else ("one test" if self.rule == "split"
+                                                             else "bonferroni over the cells"),
+                     "selection_share": self.selection_share if self.rule == "split" else None,
+                     "split": "interleaved: the cell is chosen on the selection positions, tested on the rest"
+                     if self.rule == "split" else None},
             "baseline": self.baseline,
             "best": self.best_per_language(),
             "best_lirp_only": self.best_per_language(lirp_only=True)
@@ -175,14 +248,20 @@ class LayerSearchResult:
             FigureCanvasAgg(figure)
             axes = figure.add_subplot()
             if len(columns) == 1:  # LIRP alone: bars show the differences a one-column colour grid hides
-                axes.bar(range(len(lirp_layers)), grid[:, 0].numpy(), color="tab:blue")
+                chosen = self.best(language)
+                tested = chosen.get("best_cell", {}).get("lirp_layer")
+                axes.bar(range(len(lirp_layers)), grid[:, 0].numpy(), color=[
+                    "tab:orange" if layer == tested else "tab:blue" for layer in lirp_layers])
                 if language in self.baseline:
                     axes.axhline(self.baseline[language], color="grey", linestyle="--", label="without LRP2")
-                    threshold = self.best(language).get("threshold")
-                    if threshold is not None:  # a bar must clear this line to be used
-                        sign = 1.0 if self.higher_is_better else -1.0
+                    threshold, sign = chosen.get("threshold"), 1.0 if self.higher_is_better else -1.0
+                    if threshold is not None:  # the tested (orange) cell's gain must clear this line to be used
+                        held_back = " on the held-back part" if self.rule == "split" else ""
                         axes.axhline(self.baseline[language] + sign * threshold, color="tab:red", linestyle=":",
-                                     label="without + noise (z*SE)")
+                                     label=f"without + noise (z*SE{held_back})")
+                    if self.rule == "split" and chosen.get("test_gain") is not None:
+                        axes.plot([lirp_layers.index(tested)], [self.baseline[language] + chosen["test_gain"]], "kD",
+                                  label="without + orange cell's held-back gain")
                     axes.legend(fontsize=8)
                 axes.set_xticks(range(len(lirp_layers)), [str(layer) for layer in lirp_layers])
                 axes.set_xlabel("LIRP layer i (LIRP only)")
@@ -221,15 +300,19 @@ def search_layers(
     alpha: float = DEFAULT_ALPHA,
     z: Optional[float] = None,
     min_examples: int = MIN_VALIDATION_EXAMPLES,
+    rule: str = DEFAULT_RULE,
+    selection_share: float = SELECTION_SHARE,
 ) -> LayerSearchResult:
     """Score `score_fn(language, i, j)` over the grid and keep the best per language.
 
     The grid is every (i, j) with i from `candidate_layers`, j from `candidate_lsrp_layers`
     (default the same) and j > i when `pairs`, plus (i, None) for LIRP only when `lirp_only`;
     `baseline` also scores (None, None), the model without LRP2. `lrp2_scorer` builds a score_fn.
-    A score_fn returning per-example scores (a 0/1 tensor for accuracy@1) lets `best` refuse a top cell
-    inside the noise (see DEFAULT_ALPHA); one returning a float keeps any top cell above the baseline.
+    A score_fn returning per-example scores (a 0/1 tensor for accuracy@1) lets `best` refuse a cell inside the
+    noise by `rule` (see RULES: "split", the default, or "bonferroni"); one returning a float keeps any top cell
+    above the baseline. The examples' order matters to "split" (interleaved parts): keep it fixed across cells.
     """
+    check_rule(rule, alpha, selection_share, min_examples, "search_layers")
     if not languages:
         raise InterventionError("search_layers: no languages given")
     if not candidate_layers:
@@ -269,7 +352,8 @@ def search_layers(
                 rows.append({"language": language, "lirp_layer": i, "lsrp_layer": j, "score": scored(language, i, j)})
                 bar.update(1)
     return LayerSearchResult(rows=rows, baseline=baselines, higher_is_better=higher_is_better, outcomes=outcomes,
-                             alpha=alpha, z=z, min_examples=min_examples)
+                             alpha=alpha, z=z, min_examples=min_examples, rule=rule,
+                             selection_share=selection_share)
 
 
 def lrp2_scorer(
@@ -300,13 +384,17 @@ def _cell_summary(row: dict) -> dict:
 
 
 def heatmap_title(best: dict, language: str, metric: str) -> str:
-    """A heat map's title: the chosen cell, or "no LRP2" with the top cell that did not clear the noise."""
+    """A heat map's title: the chosen cell, or "no LRP2" with the cell the rule tested and the noise it did not clear."""
+    rule, test_gain, threshold = best.get("rule"), best.get("test_gain"), best.get("threshold")
+    measured = "" if test_gain is None else (f"{'held-back ' if rule == 'split' else ''}gain {test_gain:+.3f}, "
+                                             f"noise {threshold:.3f}")
     if best.get("decision") == "no LRP2":
         top = best["best_cell"]
-        noise = f" <= {best['threshold']:.3f} noise" if best.get("threshold") is not None else ""
-        return (f"LRP2 {language}: no LRP2 (top cell i={top['lirp_layer']}, j={top['lsrp_layer']}: "
-                f"{top['gain']:+.3f}{noise})\n{metric} {best['baseline']:.3f} without")
+        return (f"LRP2 {language}: no LRP2 (rule {rule}; tested i={top['lirp_layer']}, j={top['lsrp_layer']}: "
+                f"{measured or format(top['gain'], '+.3f')})\n{metric} {best['baseline']:.3f} without")
     title = f"LRP2 {language}: chosen i={best['lirp_layer']}, j={best['lsrp_layer']}"
+    if rule is not None:
+        title += f" (rule {rule}{'; ' + measured if measured else ''})"
     if "baseline" in best:
         title += f"\n{metric} {best['score']:.3f} vs {best['baseline']:.3f} without"
     return title
