@@ -185,7 +185,8 @@ def recipe_overrides(sizes: Sizes, out: Path) -> dict[str, Any]:
 
 def precision_used(sizes: Sizes) -> str:
     """bf16 where the recipe and the loop accept it, else float32, said plainly in the report."""
-    recipe_has = "mixed_precision" in {field.name for field in dataclasses.fields(mmt.MMTRecipe)}
+    recipe_has = "mixed_precision" in {field.name for field in dataclasses.fields(mmt.MMTRecipe)} or any(
+        field.name == "training" for field in dataclasses.fields(mmt.MMTRecipe))
     loop_has = "mixed_precision" in {field.name for field in dataclasses.fields(TrainSettings)}
     if sizes.mixed_precision == "no":
         return "float32"
@@ -195,8 +196,9 @@ def precision_used(sizes: Sizes) -> str:
 
 
 def with_steps(recipe: mmt.MMTRecipe, steps: int, name: Optional[str] = None) -> mmt.MMTRecipe:
-    return dataclasses.replace(recipe, steps=steps, checkpoint_every=steps, warmup=min(recipe.warmup, steps),
-                               name=name or recipe.name)
+    training = dataclasses.replace(recipe.training, steps=steps, checkpoint_every=steps,
+                                   warmup=min(recipe.training.warmup, steps))
+    return dataclasses.replace(recipe, training=training, name=name or recipe.name)
 
 
 def calibrated_steps(recipes: dict[str, mmt.MMTRecipe], data: mmt.MMTData, sizes: Sizes, seconds: float) -> dict:

@@ -127,9 +127,9 @@ def test_one_registry_knows_every_method():
     ({"method": {"name": "lms", "init_std": float("inf")}}, "method.init_std=inf must be a finite number"),
     ({"method": {"name": "lmz"}}, "method.name: unknown method 'lmz'; choose naive or one of ['clsr', 'flare', 'lms'"),
     ({"languages": "en"}, "languages='en' must be a list of strings, not a string"),
-    ({"steps": -5}, "steps=-5 must be a positive int"),
-    ({"accumulation": 0}, "accumulation=0 must be a positive int"),
-    ({"lr": float("nan")}, "lr=nan must be a finite number"),
+    ({"steps": -5}, "training.steps=-5 must be a positive int"),  # the old flat key, its line kept
+    ({"accumulation": 0}, "training.accumulation=0 must be a positive int"),
+    ({"lr": float("nan")}, "training.lr=nan must be a finite number"),
     ({"batching": "random"}, "batching='random' is not allowed; choose one of ['homogeneous', 'mixed']"),
     ({"pivot": "fr"}, "pivot 'fr' is not among languages ['en', 'de']"),
 ])
@@ -142,8 +142,8 @@ def test_mmt_recipe_values_are_refused_before_any_data(tmp_path, capsys, no_data
 
 
 @pytest.mark.parametrize("pair, message", [
-    ("steps=-5", r"--set steps=-5: steps=-5 must be a positive int"),
-    ("accumulation=0", r"--set accumulation=0: accumulation=0 must be a positive int"),
+    ("steps=-5", r"--set steps=-5: training.steps=-5 must be a positive int"),
+    ("accumulation=0", r"--set accumulation=0: training.accumulation=0 must be a positive int"),
     ("method={name: lms, rnak: 8}", r"--set method=\{name: lms, rnak: 8\}: method: unknown keys \['rnak'\]"),
     ("languages=[en, de", r"--set languages=\[en, de: the value is not valid YAML \(line 1, column"),
     ("steps", r"--set expects key=value, got 'steps'"),
@@ -288,7 +288,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 def test_every_shipped_recipe_passes_the_typed_check(path):
     from polypeft.cli.encoder import COMMANDS
     from polypeft.cli.flare_recipe import FlareRecipe
-    from polypeft.core.config import recipe_from_yaml
+    from polypeft.core.yaml_files import recipe_from_yaml
 
     kind = path.name.split("_")[0]
     recipe_class = {"mmt": MMTRecipe, "flare": FlareRecipe}.get(kind) or COMMANDS[kind][0]

@@ -96,7 +96,8 @@ def test_demo_translation_part_runs_in_reduced_mode(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "6 steps per method" in printed
     assert "| lms_fd (fd-share) |" in printed and "| naive |" in printed
-    base = dataclasses.replace(demo_recipe(True, ""), steps=6)
+    quick = demo_recipe(True, "")
+    base = dataclasses.replace(quick, training=dataclasses.replace(quick.training, steps=6))
     folder = part_dir(tmp_path, "mmt", demo_mmt.settings(base, DEMO_METHODS))
     comparison = json.loads((folder / "compare" / "comparison.json").read_text())
     assert set(comparison["rows"]) == {"naive", "lms", "lms_fd (fd-share)", "lms_fd (fd-ls)"}

@@ -552,7 +552,7 @@ def test_the_example_recipe_in_configs_is_valid():
     from pathlib import Path
 
     from polypeft.cli.flare_recipe import FlareRecipe
-    from polypeft.core.config import recipe_from_yaml
+    from polypeft.core.yaml_files import recipe_from_yaml
 
     path = Path(__file__).resolve().parents[1] / "configs" / "flare_example.yaml"
     config = recipe_from_yaml(FlareRecipe, str(path))  # the data files are examples: paths are not checked

@@ -22,6 +22,11 @@ def data(tmp_path_factory) -> MMTData:
 recipe = toy_recipe
 
 
+def with_training(recipe: MMTRecipe, **changes) -> MMTRecipe:
+    """The recipe with some of its training block's settings changed."""
+    return dataclasses.replace(recipe, training=dataclasses.replace(recipe.training, **changes))
+
+
 METHODS = [
     {"name": "naive"},
     {"name": "lms", "rank": 4, "synthesis": "pair"},
@@ -70,7 +75,7 @@ def test_resume_ends_where_an_uninterrupted_run_ends(data, tmp_path):
     train_run(full, data=data)
     interrupted = recipe(tmp_path / "cut", method, steps=3, checkpoint_every=3)
     train_run(interrupted, data=data)
-    resumed = dataclasses.replace(interrupted, steps=6)
+    resumed = with_training(interrupted, steps=6)
     train_run(resumed, data=data, resume=True)
     from safetensors.torch import load_file
 
@@ -91,7 +96,7 @@ def test_a_resumed_run_logs_every_step_once(data, tmp_path):
     log = stopped.run_dir / "train_log.jsonl"
     with open(log, "a", encoding="utf-8") as handle:  # steps 4 and 5 ran, then the run died before a checkpoint
         handle.write(json.dumps({"step": 4, "loss": 9.9}) + "\n" + json.dumps({"step": 5, "loss": 9.9}) + "\n")
-    train_run(dataclasses.replace(stopped, steps=6), data=data, resume=True)
+    train_run(with_training(stopped, steps=6), data=data, resume=True)
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     assert all(r["loss"] != 9.9 for r in records), "the steps after the checkpoint are the resumed run's"
@@ -107,10 +112,10 @@ def test_resume_refuses_another_recipe_and_a_checkpoint_past_the_steps(data, tmp
     stopped = recipe(tmp_path, {"name": "naive"}, steps=3, checkpoint_every=3)
     train_run(stopped, data=data)
     with pytest.raises(pp.ConfigError, match=r"lr: 0\.003 in the run, 0\.01 now"):
-        train_run(dataclasses.replace(stopped, steps=6, lr=1e-2), data=data, resume=True)
+        train_run(with_training(stopped, steps=6, lr=1e-2), data=data, resume=True)
     with pytest.raises(ValueError, match="at step 3, past the 2 steps asked for"):
-        train_run(dataclasses.replace(stopped, steps=2), data=data, resume=True)
-    train_run(dataclasses.replace(stopped, steps=4, checkpoint_every=2, beam=1), data=data, resume=True)
+        train_run(with_training(stopped, steps=2), data=data, resume=True)
+    train_run(dataclasses.replace(with_training(stopped, steps=4, checkpoint_every=2), beam=1), data=data, resume=True)
     assert load_checkpoint(stopped.run_dir / CHECKPOINT_NAME)["step"] == 4
 
 
@@ -214,7 +219,7 @@ def test_cross_entropy_scores_the_shared_route_when_asked(data, tmp_path):
 
 @pytest.mark.slow
 def test_a_recipe_trains_in_bf16_and_refuses_an_unknown_precision(data, tmp_path):
-    with pytest.raises(pp.ConfigError, match=r"MMTRecipe.mixed_precision='fp8' is not allowed; choose one of "
+    with pytest.raises(pp.ConfigError, match=r"training.mixed_precision='fp8' is not allowed; choose one of "
                                              r"\['no', 'bf16', 'fp16'\]"):
         recipe(tmp_path, {"name": "naive"}, mixed_precision="fp8")
     run_dir = train_run(recipe(tmp_path, {"name": "lms", "rank": 4, "fd": True}, steps=2, mixed_precision="bf16"),
@@ -232,3 +237,15 @@ def test_validation_loss_is_logged_every_n_steps_and_at_the_end(data, tmp_path):
     records = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "valid_loss" in r] == [3, 6, 7]
     assert all(0 < r["valid_loss"] < 10 for r in records if "valid_loss" in r)
+
+
+def test_the_training_block_reads_old_flat_keys_and_flat_overrides(tmp_path):
+    from polypeft.core.yaml_files import recipe_from_yaml
+
+    path = tmp_path / "r.yaml"
+    path.write_text("training: {steps: 300, lr: 0.001}\n", encoding="utf-8")
+    recipe = recipe_from_yaml(MMTRecipe, path, {"steps": 2})  # `--set steps=2`
+    assert (recipe.training.steps, recipe.training.lr, recipe.training.valid_every) == (2, 0.001, 200)
+    path.write_text("steps: 300\nwarmup: 5\n", encoding="utf-8")  # a recipe written before the block
+    old = recipe_from_yaml(MMTRecipe, path)
+    assert (old.training.steps, old.training.warmup, old.training.lr) == (300, 5, 5e-4)

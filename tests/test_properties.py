@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import polypeft as pp
-from polypeft.core.config import read_yaml_mapping, recipe_from_yaml
+from polypeft.core.yaml_files import read_yaml_mapping, recipe_from_yaml
 from polypeft.data.parallel import ParallelExample, read_parallel, write_jsonl
 from polypeft.tasks.classification import read_classification
 from polypeft.tasks.retrieval import read_bitext
@@ -139,8 +139,8 @@ def test_valid_recipes_round_trip_through_yaml(values):
         path = Path(folder) / "r.yaml"
         path.write_text(yaml.safe_dump(values), encoding="utf-8")
         recipe = recipe_from_yaml(MMTRecipe, path)
-        for key, value in values.items():
-            assert getattr(recipe, key) == value
+        for key, value in values.items():  # the flat `steps` and `lr` of older files read into the training block
+            assert getattr(recipe.training if key in MMTRecipe.moved_keys else recipe, key) == value
         path.write_text(yaml.safe_dump(dataclasses.asdict(recipe)), encoding="utf-8")
         assert recipe_from_yaml(MMTRecipe, path) == recipe
 

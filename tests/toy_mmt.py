@@ -31,6 +31,8 @@ def toy_data(directory: Path) -> MMTData:
 
 
 def toy_recipe(output_dir, method, **changes) -> MMTRecipe:
-    base = MMTRecipe(name=method["name"], languages=list(WORDS), method=method, steps=6, warmup=2, lr=3e-3,
-                     max_tokens=256, max_length=16, checkpoint_every=3, dropout=0.1, output_dir=str(output_dir), beam=2)
-    return dataclasses.replace(base, **changes)
+    # Flat keys, as recipes written before the training block: `steps`, `lr`, ... still read into it.
+    base = MMTRecipe.from_dict({"name": method["name"], "languages": list(WORDS), "method": method, "steps": 6,
+                                "warmup": 2, "lr": 3e-3, "max_tokens": 256, "max_length": 16, "checkpoint_every": 3,
+                                "dropout": 0.1, "output_dir": str(output_dir), "beam": 2, **changes})
+    return base

@@ -10,8 +10,9 @@ import importlib as _importlib
 
 # Where each public name lives: module -> names.
 _EXPORTS = {
-    ".core.config": ("ConfigError", "recipe_from_yaml"),
+    ".core.config": ("ConfigError",),
     ".core.method_config": ("MethodConfig",),
+    ".core.yaml_files": ("recipe_from_yaml",),
     ".training.settings": ("TrainSettings",),
     ".methods.registry": ("config_from_dict", "load_config_file"),
     ".methods.lms": ("LMSConfig",),

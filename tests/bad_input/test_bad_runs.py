@@ -82,15 +82,16 @@ def test_training_into_an_existing_run_is_refused_unless_asked(tmp_path, data):
     before = run_files(run_dir)
     with pytest.raises(pp.ConfigError, match=rf"{run_dir} already holds a run \(.*model.safetensors.*\); pass "
                                              r"--resume \(resume=True\) to continue it or --overwrite"):
-        train_run(dataclasses.replace(recipe, lr=1e-2), data=data)
+        train_run(dataclasses.replace(recipe, training=dataclasses.replace(recipe.training, lr=1e-2)), data=data)
     assert run_files(run_dir) == before, "a refused run changes nothing"
     with pytest.raises(pp.ConfigError, match="--resume and --overwrite both given"):
         train_run(recipe, data=data, resume=True, overwrite=True)
-    train_run(dataclasses.replace(recipe, lr=1e-2), data=data, overwrite=True)
+    train_run(dataclasses.replace(recipe, training=dataclasses.replace(recipe.training, lr=1e-2)), data=data,
+              overwrite=True)
     assert not (run_dir / "eval_test.json").exists(), "the old evaluation went with the old run"
     log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3], "one loss history, not two"
-    assert json.loads((run_dir / "recipe.json").read_text())["lr"] == 1e-2
+    assert json.loads((run_dir / "recipe.json").read_text())["training"]["lr"] == 1e-2
 
 
 def test_overwrite_leaves_a_folder_that_is_not_a_run_alone(tmp_path, data):
@@ -114,7 +115,8 @@ def test_compare_refuses_an_evaluation_of_other_weights(tmp_path, data):
     evaluation = run_dir / "eval_test.json"
     assert json.loads(evaluation.read_text())["weights_sha256"] == file_sha256(run_dir / "model.safetensors")
     assert load_results([run_dir])[0]["name"] == "naive"
-    train_run(dataclasses.replace(recipe, steps=6), data=data, resume=True)  # the weights change, the eval stays
+    train_run(dataclasses.replace(recipe, training=dataclasses.replace(recipe.training, steps=6)), data=data,
+              resume=True)  # the weights change, the eval stays
     with pytest.raises(StaleEvaluationError, match=rf"{evaluation} scored other weights than .*model.safetensors "
                                                    r"holds now .*run `polypeft mmt eval"):
         load_results([run_dir])

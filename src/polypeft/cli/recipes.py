@@ -9,7 +9,8 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, TypeVar
 
-from ..core.config import ConfigError, as_error_type, recipe_from_yaml, yaml_error_place
+from ..core.config import ConfigError, as_error_type
+from ..core.yaml_files import recipe_from_yaml, yaml_error_place
 
 Recipe = TypeVar("Recipe")
 

@@ -11,7 +11,6 @@ import types
 from collections.abc import Mapping as MappingABC
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Mapping, Optional, Sequence, Union
 from typing import get_args, get_origin, get_type_hints
 
@@ -71,9 +70,9 @@ class Source:
         """`file`, `file (line 3)` or `--set key=value` for the key path `key` (inner paths look outward)."""
         path = re.sub(r"\[\d+\]", "", self.label(key)).rstrip(".")  # an item of a list is on its list's line
         while path:
-            top = path.split(".")[0]
-            if top in self.overrides:
-                return f"--set {self.overrides[top]}"
+            given = path if path in self.overrides else path.split(".")[0]
+            if given in self.overrides:
+                return f"--set {self.overrides[given]}"
             if path in self.lines:
                 return f"{self.name} (line {self.lines[path]})"
             path = path.rpartition(".")[0]
@@ -272,7 +271,7 @@ def with_moved_keys(cls: type, data: Mapping[str, Any], source: Source, lead: st
                     block_path: str = "") -> tuple[dict[str, Any], Source]:
     """`data` with the keys a class moved (`moved_keys`: old key -> new key or "block.key") in their new place and
     `source` knowing their lines, so old files still read; `block_path`: where `data` sits below `source`."""
-    data, lines = dict(data), dict(source.lines)
+    data, lines, overrides = dict(data), dict(source.lines), dict(source.overrides)
     for old, new in getattr(cls, "moved_keys", {}).items():
         if old not in data:
             continue
@@ -286,7 +285,9 @@ def with_moved_keys(cls: type, data: Mapping[str, Any], source: Source, lead: st
         old_path, new_path = (source.label(f"{block_path}{name}") for name in (old, new))
         if old_path in lines:
             lines[new_path] = lines[old_path]
-    return data, dataclasses.replace(source, lines=lines)
+        if old_path in overrides:
+            overrides[new_path] = overrides[old_path]
+    return data, dataclasses.replace(source, lines=lines, overrides=overrides)
 
 
 def over_defaults(cls: type, data: dict[str, Any], source: Source, lead: str) -> tuple[dict[str, Any], Source]:
@@ -307,58 +308,6 @@ def over_defaults(cls: type, data: dict[str, Any], source: Source, lead: str) ->
 def recipe_from_dict(cls: type, data: Mapping[str, Any], where: Union[str, Source] = "recipe") -> Any:
     """Build recipe dataclass `cls` from `data` through the typed checks (the CLI commands' recipes)."""
     return build(cls, data, where)
-
-
-def read_yaml_mapping(path: Any, what: str = "recipe") -> tuple[dict[str, Any], Source]:
-    """A YAML file's top-level mapping and the line of every key path in it; bad YAML is named by line."""
-    import yaml
-
-    text = read_text_file(path, what)
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML{yaml_error_place(error)}") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of {what} keys, got {type(data).__name__}")
-    lines: dict[str, int] = {}
-    key_lines(node, "", lines)
-    return data, Source(str(path), lines)
-
-
-def read_text_file(path: Any, what: str = "config") -> str:
-    """A config file's text; a missing or undecodable file is a ConfigError naming it."""
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{what} file {str(path)!r} does not exist") from None
-    except UnicodeDecodeError as error:
-        raise ConfigError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
-
-
-def yaml_error_place(error: Exception) -> str:
-    mark = getattr(error, "problem_mark", None)
-    problem = getattr(error, "problem", None) or str(error)
-    return f" (line {mark.line + 1}, column {mark.column + 1}: {problem})" if mark is not None else f" ({problem})"
-
-
-def key_lines(node: Any, prefix: str, lines: dict[str, int]) -> None:
-    for key_node, value_node in getattr(node, "value", ()) if node is not None and node.id == "mapping" else ():
-        path = f"{prefix}{key_node.value}"
-        lines[path] = key_node.start_mark.line + 1
-        key_lines(value_node, f"{path}.", lines)
-
-
-def recipe_from_yaml(cls: type, path: Any, overrides: Optional[Mapping[str, Any]] = None,
-                     override_text: Optional[Mapping[str, str]] = None) -> Any:
-    """`cls` from a YAML file's top-level mapping with `overrides` on top; each value checked, each message
-    naming the file and line (or the `--set key=value` it came from)."""
-    data, source = read_yaml_mapping(path)
-    overrides = dict(overrides or {})
-    texts = {key: (override_text or {}).get(key, f"{key}={value!r}") for key, value in overrides.items()}
-    return build(cls, {**data, **overrides}, dataclasses.replace(source, overrides=texts))
 
 
 class TypedConfig:

@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .config import ConfigError, read_text_file
+from .config import ConfigError
+from .yaml_files import read_text_file
 
 
 def read_json_file(path: Any) -> Any:

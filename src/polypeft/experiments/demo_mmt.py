@@ -79,7 +79,7 @@ def test_cross_entropy(run_dir: Path, data) -> dict[str, float]:
 def run(base: MMTRecipe, methods: dict, folder: Path) -> PartResult:
     recipes = recipes_in(folder, base, methods)
     refuse_runs_of_another_setting(list(recipes.values()))
-    print(f"polypeft demo: {'/'.join(base.languages)} Bible translation, tiny model, {base.steps} steps per method")
+    print(f"polypeft demo: {'/'.join(base.languages)} Bible translation, tiny model, {base.training.steps} steps per method")
     started = time.perf_counter()
     data = prepare(base)
     seconds: dict[str, float] = {"data": time.perf_counter() - started}
@@ -98,7 +98,7 @@ def run(base: MMTRecipe, methods: dict, folder: Path) -> PartResult:
             cross_entropy[name if variant == "default" else f"{name} ({variant.replace('_', '-')})"] = value
         run_dirs.append(run_dir)
         seconds[name] = time.perf_counter() - started
-    title = f"Bible corpus, {'/'.join(base.languages)}, tiny model, {base.steps} steps per run (polypeft demo)"
+    title = f"Bible corpus, {'/'.join(base.languages)}, tiny model, {base.training.steps} steps per run (polypeft demo)"
     comparison = write_comparison(load_results(run_dirs), "naive", folder / "compare", pivot=base.pivot, title=title)
     print(markdown(comparison, base.pivot))
     return PartResult("mmt", {}, rows_of(comparison, cross_entropy, seconds, base), [BLEU_WHY],

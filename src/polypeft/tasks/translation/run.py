@@ -13,15 +13,15 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional
+from typing import Any, ClassVar, Iterator, Literal, Mapping, Optional
 
 import torch
 from transformers.models.marian.modeling_marian import shift_tokens_right
 
-from ...core.config import (ConfigError, Fraction, LanguageList, NonNegativeFloat, NonNegativeInt,
-                            PositiveFloat, PositiveInt, Source, TypedConfig, build, checked, recipe_from_dict,
-                            recipe_from_yaml)
+from ...core.config import (ConfigError, Fraction, LanguageList, NonNegativeFloat, NonNegativeInt, PositiveFloat,
+                            PositiveInt, Source, TypedConfig, build, checked, recipe_from_dict)
 from ...core.method_config import MethodConfig
+from ...core.yaml_files import recipe_from_yaml
 from ...data.batching import TokenBudgetBatcher, collate, token_lengths
 from ...data.bible import BibleCorpus, BibleSplit
 from ...data.parallel import ParallelExample, english_centric
@@ -37,19 +37,22 @@ from ...model.poly_model import PolyModel, wrap
 from ...backbones.seq2seq import PRESETS, build_translation_model
 from ...training.loop import TrainSettings, seed_everything, train
 from ...training.processes import process_state
-from ...training.settings import MIXED_PRECISIONS
 
 # Method-block keys of Fuse Distillation (the rest are the method config's own fields).
 FD_KEYS = {"fd": bool, "kl_weight": NonNegativeFloat}
 # A run directory holds its tokenizer, so the model can be reused without the corpus (FLARE-MT).
 TOKENIZER_NAME = "spm.model"
 # What a resumed run may change: how long it trains, how often it saves and validates, how it is scored.
-RESUMABLE_KEYS = ("steps", "checkpoint_every", "valid_every", "beam", "length_penalty", "eval_batch_size")
+RESUMABLE_KEYS = ("training.steps", "training.checkpoint_every", "training.valid_every", "beam", "length_penalty",
+                  "eval_batch_size")
 
 
 @dataclass
 class MMTRecipe(TypedConfig):
     """Everything one translation run needs; unknown keys in a YAML file are refused by name."""
+
+    moved_keys: ClassVar[Mapping[str, str]] = {key: f"training.{key}" for key in (
+        "steps", "lr", "warmup", "accumulation", "checkpoint_every", "valid_every", "mixed_precision")}
 
     name: str = "run"
     languages: LanguageList = field(default_factory=lambda: ["en", "fr", "es", "de", "ru", "ar", "ko"])
@@ -68,14 +71,10 @@ class MMTRecipe(TypedConfig):
     max_length: PositiveInt = 160
     dropout: Fraction = 0.1
     label_smoothing: Fraction = 0.1
-    steps: PositiveInt = 1000
-    lr: PositiveFloat = 5e-4
-    warmup: NonNegativeInt = 200
-    accumulation: PositiveInt = 1
-    checkpoint_every: PositiveInt = 200
-    valid_every: NonNegativeInt = 200  # 0: no validation
+    # The optimisation (steps, lr, warmup, accumulation, checkpoint and validation cadence, mixed precision);
+    # its seed is the recipe's `seed`. Files written before it was a block still read: their flat keys move here.
+    training: TrainSettings = field(default_factory=lambda: TrainSettings(valid_every=200))
     seed: NonNegativeInt = 0
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # bf16/fp16: float32 weights, half-precision compute
     beam: PositiveInt = 5
     length_penalty: float = 1.0
     eval_batch_size: PositiveInt = 32
@@ -284,18 +283,16 @@ def train_run(recipe: MMTRecipe, resume: bool = False, data: Optional[MMTData] =
     print(f"[{recipe.name} seed {recipe.seed}] extra parameters: training {params['training_extra']:,}, "
           f"inference {params['inference_extra_language_routes']:,} (language routes) / "
           f"{params['inference_extra_shared_route']:,} (shared route; 0 once merged); base {params['base']:,}")
-    settings = TrainSettings(steps=recipe.steps, lr=recipe.lr, warmup=recipe.warmup, accumulation=recipe.accumulation,
-                             checkpoint_every=recipe.checkpoint_every, valid_every=recipe.valid_every, seed=recipe.seed,
-                             mixed_precision=recipe.mixed_precision)
+    settings = dataclasses.replace(recipe.training, seed=recipe.seed)
     config = model.config
     started = time.perf_counter()
     train(model, lambda: batch_stream(recipe, data, config), make_loss_fn(recipe), settings, run_dir, resume=resume,
-          valid_fn=valid_loss_fn(recipe, data, config) if recipe.valid_every else None)
+          valid_fn=valid_loss_fn(recipe, data, config) if recipe.training.valid_every else None)
     state = process_state()
     if state.is_main_process:  # every process holds the same weights; one writes them
         write_model_weights(run_dir / WEIGHTS_NAME, model)
         write_json(run_dir / "train_summary.json", {"wall_seconds": round(time.perf_counter() - started, 1),
-                                                    "steps": recipe.steps, "resumed": resume})
+                                                    "steps": recipe.training.steps, "resumed": resume})
     state.wait_for_everyone()
     return run_dir
 
@@ -342,8 +339,10 @@ def check_resumable(recipe: MMTRecipe, run_dir: Path) -> None:
     stored_path = run_dir / "recipe.json"
     if not stored_path.exists():
         return
-    stored = json.loads(stored_path.read_text(encoding="utf-8"))
-    current = json.loads(json.dumps(dataclasses.asdict(recipe)))
+    # Both through the recipe's own reading, so a run written with the older flat keys compares key by key.
+    stored = flat_keys(dataclasses.asdict(MMTRecipe.from_dict(json.loads(stored_path.read_text(encoding="utf-8")),
+                                                              where=str(stored_path))))
+    current = flat_keys(dataclasses.asdict(recipe))
     differing = sorted(k for k in set(stored) | set(current) if k not in RESUMABLE_KEYS and stored.get(k) != current.get(k))
     if differing:
         changes = "; ".join(f"{k}: {stored.get(k)!r} in the run, {current.get(k)!r} now" for k in differing)
@@ -351,6 +350,12 @@ def check_resumable(recipe: MMTRecipe, run_dir: Path) -> None:
             f"--resume: {run_dir} was trained with another recipe ({changes}); only {list(RESUMABLE_KEYS)} may "
             "change when a run continues: start a new run (another name or output_dir) instead"
         )
+
+
+def flat_keys(data: Mapping[str, Any]) -> dict[str, Any]:
+    """`{"training": {"steps": 6}}` as `{"training.steps": 6}`, JSON-shaped: each setting under its own key."""
+    training = {f"training.{key}": value for key, value in data.get("training", {}).items()}
+    return json.loads(json.dumps({**{k: v for k, v in data.items() if k != "training"}, **training}))
 
 
 def load_run(run_dir: str | Path, data: Optional[MMTData] = None) -> tuple[MMTRecipe, MMTData, torch.nn.Module]:
