@@ -1,5 +1,6 @@
-"""Ten GPU minutes spent on what the CPU cannot show: Bible translation quality at the `small` preset, core
-speed, the FD step ratio and LRP2's hook overhead, in one JSON + Markdown report saved after every section.
+"""Ten GPU minutes on what the CPU cannot show: translation quality, core speed, FD step and LRP2 hook overhead.
+
+Bible translation at the `small` preset among them; one JSON + Markdown report, saved after every section.
 
 `--tiny` runs every section on the CPU in minutes, so the suite is known to work before a GPU is available.
 Usage: python bench/accelerator_suite.py --out DIR [--tiny] [--budget-s 570]

@@ -1,7 +1,7 @@
 """Verse retrieval xx->en on the test book (John) per language and per layer with e5-small.
 
 Prints a markdown table (rows: layers, columns: languages) and writes JSON.
-Usage: python bench/bible_retrieval.py [--langs fr es ...] [--max-verses N] [--json bench/bible_retrieval.json]
+Usage: python bench/bible_retrieval.py [--langs fr es ...] [--max-verses N] [--json bench/experiments/e5_retrieval/bible_retrieval.json]
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--langs", nargs="+", default=[lang for lang in BIBLE_VERSIONS if lang != "en"])
     parser.add_argument("--max-verses", type=int, default=None)
-    parser.add_argument("--json", default="bench/bible_retrieval.json")
+    parser.add_argument("--json", default="bench/experiments/e5_retrieval/bible_retrieval.json")
     args = parser.parse_args()
 
     model, tokenizer = load_encoder("e5-small")

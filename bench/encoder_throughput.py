@@ -26,7 +26,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="timed steps per repeat (after 2 warm-up steps)")
     parser.add_argument("--verses-per-section", type=int, default=100)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--json", default="bench/encoder/throughput.json")
+    parser.add_argument("--json", default="bench/experiments/encoder/throughput.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     methods = args.methods.split(",")

@@ -1,7 +1,8 @@
-"""FD training step against its bound (the doubled batch with a plain CE), on the tiny translation model and an
-e5-shaped classifier, every variant interleaved in one process so that only the ratios matter.
+"""FD's training step against its bound (the doubled batch with a plain CE), as ratios measured side by side.
 
-Usage: python bench/fd_speed.py [--batch 128] [--length 32] [--repeats 5] [--json bench/fd_speed.json]
+On the tiny translation model and an e5-shaped classifier, every variant interleaved in one process.
+
+Usage: python bench/fd_speed.py [--batch 128] [--length 32] [--repeats 5] [--json bench/experiments/fd_speed/fd_speed.json]
 """
 from __future__ import annotations
 
@@ -186,7 +187,7 @@ def main() -> None:
     parser.add_argument("--skip-classifier", action="store_true")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--json", default="bench/fd_speed.json")
+    parser.add_argument("--json", default="bench/experiments/fd_speed/fd_speed.json")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -2,7 +2,7 @@
 
 Why LMS's per-example `bmm` stays: on a CPU thread, every other layout of the same rank-r work costs as much
 or more. Layouts are interleaved round by round in one process; medians in ms.
-Usage: OMP_NUM_THREADS=1 python bench/lms_layouts.py [--rounds 60] [--json bench/encoder/lms_layouts.json]
+Usage: OMP_NUM_THREADS=1 python bench/lms_layouts.py [--rounds 60] [--json bench/experiments/encoder/lms_layouts.json]
 """
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--json", default="bench/encoder/lms_layouts.json")
+    parser.add_argument("--json", default="bench/experiments/encoder/lms_layouts.json")
     args = parser.parse_args()
     shape = {"batch": 32, "tokens": 48, "width": 384, "out": 1536, "rank": 8, "languages": 7}  # e5-small FFN in
     functions = layouts(**shape)

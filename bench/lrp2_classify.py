@@ -5,7 +5,7 @@ every language; LIRP runs as polypeft's LRP2 hook inside the frozen part, at the
 each language's valid verses, or at the one layer that scores best on every language's valid verses pooled
 (`shared`: fewer choices, so less fitting of valid noise). Test verses are never used to choose; their accuracy
 at every layer is recorded as a diagnostic only.
-Usage: python bench/lrp2_classify.py [--seeds 0 1] [--layers 1,2,...,10] [--json bench/encoder/lrp2_classify.json]
+Usage: python bench/lrp2_classify.py [--seeds 0 1] [--layers 1,2,...,10] [--json bench/experiments/encoder/lrp2_classify.json]
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--test-fraction", type=float, default=0.3)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--json", default="bench/encoder/lrp2_classify.json")
+    parser.add_argument("--json", default="bench/experiments/encoder/lrp2_classify.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     started = time.time()

@@ -3,7 +3,7 @@
 Layers for LRP2 are chosen per language on the valid books (default 45-49, 200 queries; a language whose best
 layer is inside the noise gets none), accuracy is reported on the test book (43).
 Usage: python bench/lrp2_lens_bible.py [--queries-per-language 120] [--valid-books 45,46,47,48,49]
-       [--out bench/results/lrp2_lens_bible.json]
+       [--out bench/experiments/lrp2_lens/lrp2_lens_bible.json]
 """
 from __future__ import annotations
 
@@ -135,8 +135,8 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=96)
     parser.add_argument("--candidate-limit", type=int, default=None, help="smoke runs only: fewer candidates")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default="bench/results/lrp2_lens_bible.json")
-    parser.add_argument("--figures", default="bench/figures")
+    parser.add_argument("--out", default="bench/experiments/lrp2_lens/lrp2_lens_bible.json")
+    parser.add_argument("--figures", default="bench/experiments/lrp2_lens/figures")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

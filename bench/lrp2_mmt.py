@@ -3,7 +3,7 @@
 Language vectors come from training-book sentences per language through the encoder and the decoder
 (text fed to both sides). Variants: encoder LIRP (source language -> English) and decoder LIRP+LSRP
 (target language -> English -> target language), each at the given layers. A plain (naive) run only.
-Run: python bench/lrp2_mmt.py runs/demo/naive-seed0 [--sentences 200] [--out bench/lrp2_mmt.json]
+Run: python bench/lrp2_mmt.py runs/demo/naive-seed0 [--sentences 200] [--out bench/experiments/lrp2_mmt/lrp2_mmt.json]
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--sentences", type=int, default=200, help="training sentences per language for the vectors")
     parser.add_argument("--encoder-lirp", type=int, nargs="+", default=[1], help="encoder LIRP layers to try")
     parser.add_argument("--decoder-pairs", nargs="+", default=["1,2"], help="decoder LIRP,LSRP layer pairs")
-    parser.add_argument("--out", default="bench/lrp2_mmt.json")
+    parser.add_argument("--out", default="bench/experiments/lrp2_mmt/lrp2_mmt.json")
     args = parser.parse_args()
 
     recipe, data, model = load_run(args.run)

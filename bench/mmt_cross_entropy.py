@@ -1,7 +1,7 @@
 """Teacher-forced cross-entropy of trained translation runs on the valid and test books, per evaluation variant.
 
 Short CPU runs leave BLEU near zero in every direction; the token cross-entropy still ranks the methods.
-Usage: python bench/mmt_cross_entropy.py runs/mmt_bible7/*-seed*/ --json bench/mmt_bible7_cross_entropy.json
+Usage: python bench/mmt_cross_entropy.py runs/mmt_bible7/*-seed*/ --json bench/experiments/mmt_bible7/mmt_bible7_cross_entropy.json
 """
 from __future__ import annotations
 

@@ -1,9 +1,11 @@
-"""Per-example routers side by side: polypeft LMS against peft's Poly and MHR (task_ids) in training, and peft LoRA's
-adapter_names and PyPI's polylora in inference, on one tiny Llama with mixed-language batches at equal parameters.
+"""Per-example routers side by side: polypeft LMS against peft's Poly/MHR, LoRA adapter_names and polylora.
+
+Poly and MHR (task_ids) in training, adapter_names and PyPI's polylora in inference, on one tiny Llama with
+mixed-language batches at equal parameters.
 
 Every variant runs in this one process, interleaved round by round; adapters' MultiTask (MTLLoRA) is not measured
-(bench/RESULTS.md §15 says why). The plot and JSON say how loaded the machine was.
-Usage: python bench/per_example_routers.py [--rounds N] [--json bench/per_example_routers.json] [--plot PNG]
+(bench/RESULTS.md §1.4 says why). The plot and JSON say how loaded the machine was.
+Usage: python bench/per_example_routers.py [--rounds N] [--json bench/experiments/per_example_routers/per_example_routers.json] [--plot PNG]
 """
 from __future__ import annotations
 

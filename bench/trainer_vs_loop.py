@@ -251,7 +251,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--segment", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default="bench/trainer_vs_loop/trainer_vs_loop", help="JSON/PNG stem")
+    parser.add_argument("--out", default="bench/experiments/trainer_vs_loop/trainer_vs_loop", help="JSON/PNG stem")
     parser.add_argument("--only", nargs="*", help="variant names to run (default: all)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

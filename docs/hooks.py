@@ -7,10 +7,10 @@ from mkdocs.structure.files import File
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES = {
-    "figures/lrp2_heatmap_de.png": "bench/figures/lrp2_heatmap_de.png",
-    "figures/lens_probe_layer12.png": "bench/figures/lens_probe_layer12.png",
-    "figures/bleu_gain_vs_parameters.png": "bench/mmt_bible7/bleu_gain_vs_parameters.png",
-    "figures/trainer_vs_loop.png": "bench/trainer_vs_loop/trainer_vs_loop.png",
+    "figures/lrp2_heatmap_de.png": "bench/experiments/lrp2_lens/figures/lrp2_heatmap_de.png",
+    "figures/lens_probe_layer12.png": "bench/experiments/lrp2_lens/figures/lens_probe_layer12.png",
+    "figures/bleu_gain_vs_parameters.png": "bench/experiments/mmt_bible7/bleu_gain_vs_parameters.png",
+    "figures/trainer_vs_loop.png": "bench/experiments/trainer_vs_loop/trainer_vs_loop.png",
 }
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench" / "experiments" / "lrp2_all_languages"))
 import lrp2_all_report as report  # noqa: E402  (a bench script: fails loudly if it breaks)
 
 

@@ -120,7 +120,7 @@ class LanguageModelTestbed(ComparisonSettings):
     """Language adaptation of the English-centric causal LM (all twelve languages, 90 % English): continued on
     the other languages' training books, each window on its language's route; scored by perplexity per verse."""
 
-    lm_steps: PositiveInt = 700  # the base LM's build (bench/english_centric_lm, every language)
+    lm_steps: PositiveInt = 700  # the base LM's build (bench/experiments/english_centric_lm, every language)
     seq_len: PositiveInt = 128
     valid_verses: PositiveInt = 150  # per language, spread over the valid books
     test_verses: NonNegativeInt = 0  # per language, spread over the test book; 0 = every verse

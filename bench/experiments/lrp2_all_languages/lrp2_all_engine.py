@@ -1,4 +1,4 @@
-"""Cached-state evaluation for bench/lrp2_all_languages.py: e5's blocks run from any layer on stored token states.
+"""Cached-state evaluation for bench/experiments/lrp2_all_languages/lrp2_all_languages.py: e5's blocks run from any layer on stored token states.
 
 A shift at layer i then re-runs only the blocks above i, which makes a full LIRP/LSRP grid affordable on a CPU.
 """

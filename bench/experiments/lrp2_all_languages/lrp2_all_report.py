@@ -1,4 +1,4 @@
-"""Analysis and plots of bench/lrp2_all_languages.py, from stored per-query outcomes only (no model).
+"""Analysis and plots of bench/experiments/lrp2_all_languages/lrp2_all_languages.py, from stored per-query outcomes only (no model).
 
 Each variant's choice is made on the valid books by the library's search, then read on John; so is its bootstrap.
 """

@@ -2,7 +2,7 @@
 
 Builds (or loads from the cache) the LM, then measures it per language: John perplexity and the fidelity of
 greedy continuations, plain, with LENS (paper's sign and reversed, two seeds) and with LRP2 (two seeds).
-Usage: OMP_NUM_THREADS=1 python bench/english_centric_lm.py [--out bench/english_centric_lm] [--lens-lrs 1e-5,3e-5,1e-4]
+Usage: OMP_NUM_THREADS=1 python bench/experiments/english_centric_lm/english_centric_lm.py [--out bench/experiments/english_centric_lm] [--lens-lrs 1e-5,3e-5,1e-4]
        [--lens-weights '1,1,1;1,0.3,1'] [--lens-steps 150] [--languages en,fr,...] [--quick]
 """
 from __future__ import annotations
@@ -47,7 +47,7 @@ def table(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="bench/english_centric_lm")
+    parser.add_argument("--out", default="bench/experiments/english_centric_lm")
     parser.add_argument("--lens-lrs", default=",".join(map(str, EnglishCentricExperiment.lens_lrs)),
                         help="LENS learning rates to choose from on the valid books, comma-separated")
     parser.add_argument("--lens-weights", default="1,1,1",

@@ -4,4 +4,4 @@
 # every John verse (-> here); the second reuses the first's validation outcomes and vector pool.
 cd "$(dirname "$0")/../.." || exit 1
 COMMON="--threads 2 --layers 4,8,12 --lsrp-layers 12 --both-layers 12 --pool 200 --vector-sizes 50,100,200 --default-vectors 200 --test-all-cells --rule bonferroni"
-OMP_NUM_THREADS=2 PYTHONPATH=src ${PYTHON:-python} bench/lrp2_all_languages.py $COMMON --test-queries ${1:-0} --out bench/lrp2_all
+OMP_NUM_THREADS=2 PYTHONPATH=src ${PYTHON:-python} bench/experiments/lrp2_all_languages/lrp2_all_languages.py $COMMON --test-queries ${1:-0} --out bench/experiments/lrp2_all_languages

@@ -2,7 +2,7 @@
 
 Per language and split, the per-query outcome (right/wrong at rank 1) of every cell is stored, so that the choice
 (robust or plain argmax), its bootstrap spread and the variants are all read off the same forward passes.
-Usage: python bench/lrp2_all_languages.py [--tiny] [--out bench/lrp2_all]   (stopped runs resume)
+Usage: python bench/experiments/lrp2_all_languages/lrp2_all_languages.py [--tiny] [--out bench/experiments/lrp2_all_languages]   (stopped runs resume)
 """
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH))  # the sibling benchmarks are scripts, not a package
+HERE = Path(__file__).resolve().parent
+BENCH = HERE.parents[1]  # bench/, whose kept benchmarks (lrp2_lens_bible) this experiment reuses
+sys.path[:0] = [str(HERE), str(BENCH)]  # its own modules and the benchmarks are scripts, not a package
 
 from lrp2_all_engine import BlockRunner, batches, cell_embeddings  # noqa: E402
 from lrp2_all_report import analyse, markdown, plot_all, test_cells  # noqa: E402
@@ -58,7 +59,7 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--check", type=int, default=8, help="queries on which the cached runner is checked "
                         "against the LRP2 hooks (0: skip)")
-    parser.add_argument("--out", default="bench/lrp2_all")
+    parser.add_argument("--out", default="bench/experiments/lrp2_all_languages")
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "polypeft" / "lrp2_all"))
     parser.add_argument("--test-all-cells", action="store_true", help="score every cell on the test book, "
                         "not only those a choice rule (or a bootstrap resample) picks")
