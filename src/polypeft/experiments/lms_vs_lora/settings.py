@@ -121,13 +121,13 @@ class LanguageModelTestbed(ComparisonSettings):
     the other languages' training books, each window on its language's route; scored by perplexity per verse."""
 
     lm_steps: PositiveInt = 700  # the base LM's build (bench/experiments/english_centric_lm, every language)
-    seq_len: PositiveInt = 128
-    valid_verses: PositiveInt = 150  # per language, spread over the valid books
-    test_verses: NonNegativeInt = 0  # per language, spread over the test book; 0 = every verse
+    seq_len: PositiveInt = 64
+    valid_verses: PositiveInt = 100  # per language, spread over the valid books
+    test_verses: NonNegativeInt = 300  # per language, spread over the test book; 0 = every verse
     batch_size: PositiveInt = 16
-    max_steps: PositiveInt = 240
-    check_every: PositiveInt = 80
-    warmup: NonNegativeInt = 20
+    max_steps: PositiveInt = 150
+    check_every: PositiveInt = 50
+    warmup: NonNegativeInt = 10
     # Every block (the LM has four): on 2 CPU cores the trial budget goes to the rate and the stop step.
     trained_layers: list[int] = field(default_factory=lambda: [4])
 
