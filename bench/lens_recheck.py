@@ -4,7 +4,7 @@ Trials (sign x weights, one seed) are scored on books 45-49; the chosen setting 
 scored once on the test book, every verse against every English verse; intervals resample queries and seeds.
 Resumable: each trial and seed is a JSON file in OUT/work.
 
-    python bench/lens_recheck.py --out bench/lens_recheck      # ~20 min on 2 cores
+    python bench/lens_recheck.py --out bench/experiments/lens_recheck      # ~20 min on 2 cores
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ TRIAL_SEED = 100
 
 def arguments(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="bench/lens_recheck")
+    parser.add_argument("--out", default="bench/experiments/lens_recheck")
     parser.add_argument("--languages", default="fr,es,de,ru,ar,ko")
     parser.add_argument("--test-book", type=int, default=43)
     parser.add_argument("--valid-books", default="45,46,47,48,49")

@@ -4,8 +4,8 @@ retrieval: e5-small adapted for xx->en verse retrieval (acc@1); lm: the English-
 other eleven languages (perplexity). Trials on the valid books choose each method's rate, depth and stop step; the
 test book is scored once per seed. Resumable: every finished trial and seed is a file, reused when run again.
 
-    python bench/lms_vs_lora.py retrieval --out bench/lms_vs_lora/retrieval   # hours on 2 cores
-    python bench/lms_vs_lora.py lm --out bench/lms_vs_lora/lm
+    python bench/lms_vs_lora.py retrieval --out bench/experiments/lms_vs_lora/retrieval   # hours on 2 cores
+    python bench/lms_vs_lora.py lm --out bench/experiments/lms_vs_lora/lm
     python bench/lms_vs_lora.py retrieval --test-book 42 --out runs/lms_vs_lora/luke   # another held-out book
 """
 from __future__ import annotations
