@@ -144,7 +144,8 @@ def measure_classifier(batch: int = 32, length: int = 64, layers: int = 12, repe
     train = ef.EncodedExamples(items, torch.randint(0, 3, (examples,), generator=generator),
                                [langs[i % len(langs)] for i in range(examples)])
     encoder = e5_shaped_encoder(layers)
-    settings = ef.FinetuneSettings(method="lms", steps=1, batch_size=batch, max_length=length, rank=8, warmup=1)
+    settings = ef.FinetuneSettings.from_values(method="lms", steps=1, batch_size=batch, max_length=length, rank=8,
+                                               warmup=1)
     classifiers = {name: ef.build_classifier(encoder, ["a", "b", "c"], langs, settings.replaced(method=name))
                    for name in ("naive", "lms", "lms_fd")}
     throughput = ef.measure_throughput(classifiers, train, settings, steps=repeats, warmup_steps=1, progress=False)

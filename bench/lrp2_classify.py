@@ -57,8 +57,9 @@ def main() -> None:
     languages = args.languages.split(",")
     layers = [int(layer) for layer in args.layers.split(",")]
     model, tokenizer = pp.load_encoder("e5-small")
-    settings = ef.FinetuneSettings(steps=args.steps, batch_size=32, lr=2e-4, warmup=max(1, args.steps // 10),
-                                   max_length=48, frozen_layers=10, prefix=PREFIX, method="naive")
+    settings = ef.FinetuneSettings.from_values(steps=args.steps, batch_size=32, lr=2e-4,
+                                               warmup=max(1, args.steps // 10), max_length=48, frozen_layers=10,
+                                               prefix=PREFIX, method="naive")
     if max(layers) > settings.frozen_layers:
         raise SystemExit(f"--layers must lie in the frozen part (<= {settings.frozen_layers}), got {layers}")
     data = verse_classification(["en", *languages], valid_fraction=args.valid_fraction,

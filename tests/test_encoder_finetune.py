@@ -34,7 +34,7 @@ def toy_data():
 
 def settings(**changes):
     base = dict(steps=30, batch_size=8, lr=5e-3, route_lr=5e-3, warmup=2, max_length=16, rank=2)
-    return ef.FinetuneSettings(**{**base, **changes})
+    return ef.FinetuneSettings.from_values(**{**base, **changes})
 
 
 def test_cached_lower_layers_give_the_same_logits_as_the_full_model(tiny_tokenizer):

@@ -195,7 +195,7 @@ def test_training_lowers_the_loss_and_trains_only_the_routes_used(name, shared_r
     task = TASKS[name]
     poly = lms(task["model"](), shared_route)
     inputs, languages = task["encode"](tiny_tokenizer, task["examples"]())
-    settings = pp.TaskTrainingSettings(steps=30, batch_size=4, lr=3e-3, route_lr=1e-2, warmup=3)
+    settings = pp.TaskTrainingSettings.from_values(steps=30, batch_size=4, lr=3e-3, route_lr=1e-2, warmup=3)
     losses = pp.train_task(poly, inputs, languages, settings, progress=False)
     assert len(losses) == 30 and sum(losses[-3:]) < 0.5 * sum(losses[:3])
     assert route_rows(poly, "de").abs().sum() > 0 and route_rows(poly, "fr").abs().sum() > 0
@@ -207,7 +207,7 @@ def test_training_lowers_the_loss_and_trains_only_the_routes_used(name, shared_r
 def test_training_a_plain_model_and_bad_inputs(tiny_tokenizer):
     task = TASKS["tokens"]
     inputs, languages = task["encode"](tiny_tokenizer, task["examples"]())
-    settings = pp.TaskTrainingSettings(steps=20, batch_size=4, lr=3e-3, warmup=2)
+    settings = pp.TaskTrainingSettings.from_values(steps=20, batch_size=4, lr=3e-3, warmup=2)
     losses = pp.train_task(task["model"](), inputs, None, settings, progress=False)
     assert sum(losses[-3:]) < 0.5 * sum(losses[:3])
     with pytest.raises(pp.LanguageError, match="example 0 has no language"):
@@ -220,16 +220,17 @@ def test_training_a_plain_model_and_bad_inputs(tiny_tokenizer):
 
 
 def test_training_settings_are_checked_by_name():
-    with pytest.raises(pp.ConfigError, match=r"TaskTrainingSettings.steps=0 must be a positive int"):
-        pp.TaskTrainingSettings(steps=0)
+    with pytest.raises(pp.ConfigError, match=r"TaskTrainingSettings: training.steps=0 must be a positive int"):
+        pp.TaskTrainingSettings.from_values(steps=0)  # the flat key of older code, read into the training block
     with pytest.raises(pp.ConfigError, match=r"TaskTrainingSettings.route_lr=-1 must be a positive number or null"):
         pp.TaskTrainingSettings(route_lr=-1)
     with pytest.raises(pp.ConfigError, match=r"TaskTrainingSettings.kl_weight=-0.5 must be a number >= 0"):
         pp.TaskTrainingSettings(kl_weight=-0.5)
-    for name in ("lr", "route_lr", "kl_weight", "max_grad_norm"):  # NaN slips past every `<` and `>` check
+    for name, shown in (("lr", "training.lr"), ("route_lr", "route_lr"), ("kl_weight", "kl_weight"),
+                        ("max_grad_norm", "training.clip_norm")):  # NaN slips past every `<` and `>` check
         for value in (float("nan"), float("inf")):
-            with pytest.raises(pp.ConfigError, match=rf"TaskTrainingSettings.{name}={value} must be a finite number"):
-                pp.TaskTrainingSettings(**{name: value})
+            with pytest.raises(pp.ConfigError, match=rf"{shown}={value} must be a finite number"):
+                pp.TaskTrainingSettings.from_values(**{name: value})
     assert pp.TaskTrainingSettings(kl_weight=0.0, route_lr=None).kl_weight == 0.0
 
 

@@ -170,7 +170,7 @@ def run_in_a_thread(function, seconds: float = 60.0):
 def test_train_task_on_zero_rows_is_refused_at_once():
     empty = {key: value[:0] for key, value in inputs(2).items()}
     with pytest.raises(TaskDataError, match=r"train_task got 0 input rows"):
-        run_in_a_thread(lambda: pp.train_task(classifier(), empty, [], pp.TaskTrainingSettings(steps=2),
+        run_in_a_thread(lambda: pp.train_task(classifier(), empty, [], pp.TaskTrainingSettings.from_values(steps=2),
                                               progress=False))
 
 
@@ -183,9 +183,9 @@ def test_rows_that_score_nothing_are_skipped_and_counted(column, value, counted)
     data[column] = data[column].clone()
     data[column][:2] = value
     with pytest.warns(UserWarning, match=rf"2 of 4 input rows skipped \({counted}\)"):
-        losses = pp.train_task(classifier(), data, ["de"] * 4, pp.TaskTrainingSettings(steps=3, batch_size=2),
-                               progress=False)
+        losses = pp.train_task(classifier(), data, ["de"] * 4,
+                               pp.TaskTrainingSettings.from_values(steps=3, batch_size=2), progress=False)
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
     data[column][:] = value
     with pytest.raises(TaskDataError, match=rf"none of the 4 input rows can be trained on \(4 with|and 4 with"):
-        pp.train_task(classifier(), data, ["de"] * 4, pp.TaskTrainingSettings(steps=3), progress=False)
+        pp.train_task(classifier(), data, ["de"] * 4, pp.TaskTrainingSettings.from_values(steps=3), progress=False)

@@ -217,10 +217,10 @@ def finetune_settings(recipe: ClassifyRecipe):
     """The fine-tuning settings a classify recipe stands for (warm-up: a tenth of the steps)."""
     from ..tasks import encoder_finetune as ef
 
-    return ef.FinetuneSettings(steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr,
-                               route_lr=recipe.route_lr, warmup=max(1, recipe.steps // 10),
-                               max_length=recipe.max_length, frozen_layers=recipe.frozen_layers,
-                               rank=recipe.rank, prefix=recipe.prefix)
+    return ef.FinetuneSettings.from_values(steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr,
+                                           route_lr=recipe.route_lr, warmup=max(1, recipe.steps // 10),
+                                           max_length=recipe.max_length, frozen_layers=recipe.frozen_layers,
+                                           rank=recipe.rank, prefix=recipe.prefix)
 
 
 def run_classify(recipe: ClassifyRecipe) -> dict[str, Any]:

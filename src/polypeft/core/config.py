@@ -326,3 +326,9 @@ class TypedConfig:
             check_fields(self)
         except ConfigError as error:
             raise as_error_type(error, self.error_type) from None
+
+    @classmethod
+    def from_values(cls, **values: Any) -> Any:
+        """The settings from keys as a YAML file gives them: moved keys read into their blocks, and a block's
+        keys not named keep this class's defaults (`TaskTrainingSettings.from_values(steps=300)`)."""
+        return build(cls, values, cls.__name__)

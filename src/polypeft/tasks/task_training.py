@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 
-from ..core.config import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, TypedConfig
+from ..core.config import NonNegativeFloat, PositiveFloat, PositiveInt, TypedConfig
 from ..methods.fd import fuse_distillation_step
 from .records import TaskDataError
 from ..training.loop import TrainSettings, train
@@ -22,19 +22,24 @@ from ..model.example_routes import example_routes, route_arguments, routed_model
 HEAD_OUTPUTS = {"labels": "logits", "start_positions": "start_logits", "end_positions": "end_logits"}
 
 
+def task_schedule(**changes: Any) -> TrainSettings:
+    """A task head's optimisation: AdamW, linear warm-up then linear decay, 100 steps at 5e-5."""
+    return TrainSettings(**{"steps": 100, "lr": 5e-5, "warmup": 10, "schedule": "linear", "betas": (0.9, 0.999),
+                            "log_every": 1, **changes})
+
+
 @dataclass
 class TaskTrainingSettings(TypedConfig):
-    """AdamW with linear warm-up then linear decay; `route_lr` is the LMS routes' rate (default `lr`),
-    `kl_weight` weighs FD's KL term, batches are drawn in an order fixed by `seed`."""
+    """`training`'s optimisation (its seed fixes the order batches are drawn in), `route_lr` the LMS routes' rate
+    (default `training.lr`), `kl_weight` FD's KL weight. `from_values(steps=300)` changes one setting."""
 
-    steps: PositiveInt = 100
+    moved_keys: ClassVar[Mapping[str, str]] = {"steps": "training.steps", "lr": "training.lr", "warmup":
+                                               "training.warmup", "max_grad_norm": "training.clip_norm",
+                                               "seed": "training.seed"}
+    training: TrainSettings = field(default_factory=task_schedule)
     batch_size: PositiveInt = 16
-    lr: PositiveFloat = 5e-5
     route_lr: Optional[PositiveFloat] = None
-    warmup: NonNegativeInt = 10
     kl_weight: NonNegativeFloat = 1.0
-    max_grad_norm: PositiveFloat = 1.0
-    seed: NonNegativeInt = 0
 
 
 def _row_count(inputs: Mapping[str, torch.Tensor]) -> int:
@@ -123,7 +128,7 @@ def parameter_groups(model: torch.nn.Module, lr: float, route_lr: Optional[float
 def train_task(model: torch.nn.Module, inputs: Mapping[str, torch.Tensor],
                languages: Optional[Sequence[Optional[str]]] = None,
                settings: Optional[TaskTrainingSettings] = None, progress: bool = True) -> list[float]:
-    """Train `model` for `settings.steps` batches drawn from `inputs`; returns every step's loss.
+    """Train `model` for `settings.training.steps` batches drawn from `inputs`; returns every step's loss.
 
     `inputs` is what `encode_tokens`, `encode_classification` or `encode_qa(...)["inputs"]` returns, and
     `languages` each row's language (QA: its window's example's). A plain or LMS model trains on its head's
@@ -138,12 +143,12 @@ def train_task(model: torch.nn.Module, inputs: Mapping[str, torch.Tensor],
     routes = example_routes(model, languages)
     poly = routed_model(model)
     distill = poly is not None and poly.registry.shared_route
-    groups = parameter_groups(model, settings.lr, settings.route_lr)
+    groups = parameter_groups(model, settings.training.lr, settings.route_lr)
     if not groups:
         raise ValueError(f"{type(model).__name__} has no trainable parameters")
 
     def batches() -> Iterator[list[int]]:
-        generator, order = torch.Generator().manual_seed(settings.seed), []
+        generator, order = torch.Generator().manual_seed(settings.training.seed or 0), []
         while True:
             while len(order) < settings.batch_size:  # a fresh seeded permutation each pass over the data
                 order += [kept[i] for i in torch.randperm(len(kept), generator=generator).tolist()]
@@ -157,9 +162,7 @@ def train_task(model: torch.nn.Module, inputs: Mapping[str, torch.Tensor],
         return model(**batch, **route_arguments(routes, index)).loss, len(index)
 
     name = "lms+fd" if distill else "lms" if poly is not None else "plain"
-    loop_settings = TrainSettings(steps=settings.steps, lr=settings.lr, warmup=settings.warmup, schedule="linear",
-                                  betas=(0.9, 0.999), clip_norm=settings.max_grad_norm, seed=None, progress=progress,
-                                  log_every=1)
+    loop_settings = replace(settings.training, seed=None, progress=progress)  # the order is seeded above
     result = train(model, batches, loss_fn, loop_settings, parameters=groups, device_placement=False,
                    description=f"train {name}")
     return [record["loss"] for record in result["history"]]

@@ -43,13 +43,13 @@ def random_batches(examples: EncodedExamples, batch_size: int, seed: int) -> Ite
 
 def finetune(classifier: Classifier, train_examples: EncodedExamples, settings: FinetuneSettings,
              progress: bool = True) -> list[float]:
-    """Train for `settings.steps`; returns the loss of every step."""
+    """Train for `settings.training.steps`; returns the loss of every step."""
     if len(train_examples) == 0:
         raise ValueError("no training examples")
     result = train(classifier.model, lambda: random_batches(train_examples, settings.batch_size, settings.seed),
                    classifier_loss(classifier, train_examples, settings.kl_weight),
                    settings.loop_settings(progress=progress),
-                   parameters=parameter_groups(classifier.model, settings.lr, settings.route_lr),
+                   parameters=parameter_groups(classifier.model, settings.training.lr, settings.route_lr),
                    device_placement=False, description=f"train {settings.method} seed {settings.seed}")
     classifier.model.eval()
     return [record["loss"] for record in result["history"]]
@@ -67,7 +67,7 @@ def measure_throughput(classifiers: Mapping[str, Classifier], train_examples: En
         classifier.model.train()
         trainers[name] = TrainingStep(classifier.model, classifier_loss(classifier, train_examples, settings.kl_weight),
                                       settings.loop_settings(steps=steps + warmup_steps),
-                                      parameter_groups(classifier.model, settings.lr, settings.route_lr),
+                                      parameter_groups(classifier.model, settings.training.lr, settings.route_lr),
                                       device_placement=False)
     batches = random_batches(train_examples, settings.batch_size, settings.seed + 1)
     seconds = {name: 0.0 for name in trainers}

@@ -4,8 +4,8 @@ Also names the variants each method is scored as.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any, Literal, Optional, get_args
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, ClassVar, Literal, Mapping, Optional, get_args
 
 from ...core.config import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, TypedConfig
 from ...training.loop import TrainSettings
@@ -23,13 +23,15 @@ class FinetuneSettings(TypedConfig):
     """One fine-tuning recipe. `frozen_layers` > 0 freezes the embeddings and the lowest layers and runs
     them once per example (a cache), so only the upper layers, their LMS routes and the head train."""
 
+    moved_keys: ClassVar[Mapping[str, str]] = {"steps": "training.steps", "lr": "training.lr",
+                                               "warmup": "training.warmup"}
     method: Method = "lms"
     rank: PositiveInt = 8
-    steps: PositiveInt = 200
+    # AdamW with linear warm-up and decay, gradients clipped at 1; `seed` below seeds the model and the batches.
+    training: TrainSettings = field(default_factory=lambda: TrainSettings(
+        steps=200, lr=5e-5, warmup=20, schedule="linear", betas=(0.9, 0.999), clip_norm=1.0, seed=None))
     batch_size: PositiveInt = 32
-    lr: PositiveFloat = 5e-5
-    route_lr: Optional[PositiveFloat] = None  # LMS routes' learning rate; default `lr`
-    warmup: NonNegativeInt = 20
+    route_lr: Optional[PositiveFloat] = None  # LMS routes' learning rate; default `training.lr`
     max_length: PositiveInt = 64
     frozen_layers: NonNegativeInt = 0
     freeze_embeddings: bool = True
@@ -43,6 +45,5 @@ class FinetuneSettings(TypedConfig):
         return FinetuneSettings(**{**asdict(self), **changes})
 
     def loop_settings(self, steps: Optional[int] = None, progress: bool = True) -> TrainSettings:
-        """The training loop's settings: AdamW with linear warm-up and decay, gradients clipped at 1."""
-        return TrainSettings(steps=steps or self.steps, lr=self.lr, warmup=self.warmup, schedule="linear",
-                             betas=(0.9, 0.999), clip_norm=1.0, seed=None, progress=progress)
+        """The training loop's settings (`steps` for a shorter run, as the throughput measurement takes)."""
+        return replace(self.training, steps=steps or self.training.steps, progress=progress)
