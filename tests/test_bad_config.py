@@ -220,7 +220,7 @@ def test_lrp2_and_lens_refuse_unknown_keys(tmp_path, capsys, no_data_preparation
 @pytest.mark.parametrize("changes, line_offset, message", [
     ({"search": {"pairs": "false"}}, 1, "search.pairs='false' must be true or false"),
     ({"search": {"candidate_layrs": [1]}}, 0, "search: unknown keys ['candidate_layrs']"),
-    ({"search": {"rule": "holm"}}, 1, "search.rule='holm' is not allowed; choose one of ['split', 'bonferroni']"),
+    ({"search": {"rule": "holm"}}, 1, "search.rule='holm' is not allowed; choose one of ['split', 'bonferroni', 'maxt']"),
     ({"lens": {"steps": 0}}, 1, "lens.training.steps=0 must be a positive int"),
     ({"languages": "fr"}, 0, "languages='fr' must be a list of strings, not a string"),
     ({"texts": {"bible": {"max_verses": "10"}}}, 2, "texts.bible.max_verses='10' must be a positive int or null"),

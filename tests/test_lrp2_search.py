@@ -1,6 +1,6 @@
 """The robust LRP2 layer search: a cell inside the validation noise gives no LRP2, a clear one is kept.
 
-Both choice rules ("split", the default, and "bonferroni") are checked; simulated draws check their error rates."""
+Every choice rule ("split", the default, "bonferroni", "maxt") is checked; simulated draws check their error rates."""
 from __future__ import annotations
 
 import json
@@ -10,8 +10,8 @@ import torch
 
 from polypeft.interventions.lrp2 import LRP2, language_vectors
 from polypeft.interventions.search import (
-    DEFAULT_RULE, MIN_VALIDATION_EXAMPLES, LayerSearchResult, bonferroni_z, heatmap_title, search_layers,
-    split_examples,
+    DEFAULT_RULE, MIN_VALIDATION_EXAMPLES, LayerSearchResult, bonferroni_z, heatmap_title, max_t_threshold,
+    search_layers, split_examples,
 )
 from test_lrp2 import TEXTS, WORDS, encode, tiny_bert  # noqa: F401 (tiny_tokenizer reads WORDS)
 
@@ -31,7 +31,7 @@ def search(cells: dict, baseline: torch.Tensor, **options):
     return search_layers(score, ["fr"], candidate_layers=layers, pairs=False, progress=False, **options)
 
 
-@pytest.mark.parametrize("rule", ["split", "bonferroni"])
+@pytest.mark.parametrize("rule", ["split", "bonferroni", "maxt"])
 def test_a_top_cell_inside_the_noise_gives_no_lrp2(tmp_path, rule):
     # 200/400 right without LRP2; the best layer gets 212/400 but on examples shuffled against the
     # baseline's, so the paired differences are large (SE ~ 3.5 points) next to a 3-point gain.
@@ -42,8 +42,9 @@ def test_a_top_cell_inside_the_noise_gives_no_lrp2(tmp_path, rule):
     assert chosen["decision"] == "no LRP2" and chosen["lirp_layer"] is None and chosen["gain"] == 0.0
     assert chosen["rule"] == rule and chosen["best_cell"]["lirp_layer"] == 2
     assert chosen["best_cell"]["gain"] == pytest.approx(0.03)
-    assert chosen["threshold"] > chosen["test_gain"] and chosen["z"] == pytest.approx(
-        bonferroni_z(1 if rule == "split" else 3))
+    z = {"split": bonferroni_z(1), "bonferroni": bonferroni_z(3),
+         "maxt": max_t_threshold(torch.stack([cells[(k, None)] - base for k in (1, 2, 3)], 1))}[rule]
+    assert chosen["threshold"] > chosen["test_gain"] and chosen["z"] == pytest.approx(z)
     assert chosen["test_examples"] == (200 if rule == "split" else 400)
     assert result.best_cell("fr")["lirp_layer"] == 2  # the old, unchecked argmax is still there
     saved = json.loads(result.save_json(tmp_path / "search.json").read_text())
@@ -55,7 +56,7 @@ def test_a_top_cell_inside_the_noise_gives_no_lrp2(tmp_path, rule):
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
-@pytest.mark.parametrize("rule", ["split", "bonferroni"])
+@pytest.mark.parametrize("rule", ["split", "bonferroni", "maxt"])
 def test_a_top_cell_clearly_above_the_noise_is_kept(rule):
     # the same 3-point gain, but paired: the cell is right wherever the baseline is, plus 12 more
     base = outcomes(200)
@@ -72,7 +73,7 @@ def test_the_default_rule_is_split():
     assert chosen["rule"] == "split" and chosen["selection_examples"] == chosen["test_examples"] == 200
 
 
-@pytest.mark.parametrize("rule", ["split", "bonferroni"])
+@pytest.mark.parametrize("rule", ["split", "bonferroni", "maxt"])
 def test_the_noise_rule_uses_the_stricter_z_for_more_cells(rule):
     # paired gain of 12/400 with SE ~ 0.0086 (0.012 on the held-back half): clears z=1.64 but not a fixed z of 4
     base, better = outcomes(200), outcomes(212)
@@ -81,7 +82,7 @@ def test_the_noise_rule_uses_the_stricter_z_for_more_cells(rule):
     assert bonferroni_z(12) > bonferroni_z(1) == pytest.approx(1.645, abs=1e-3)
 
 
-@pytest.mark.parametrize("rule, fewest", [("bonferroni", MIN_VALIDATION_EXAMPLES),
+@pytest.mark.parametrize("rule, fewest", [("bonferroni", MIN_VALIDATION_EXAMPLES), ("maxt", MIN_VALIDATION_EXAMPLES),
                                           ("split", 2 * MIN_VALIDATION_EXAMPLES)])
 def test_a_small_validation_set_gives_no_lrp2(rule, fewest):
     # every example better: a huge gain, but below MIN_VALIDATION_EXAMPLES examples in the test nothing is
@@ -102,7 +103,7 @@ def test_split_examples_interleaves_the_validation_set():
     assert torch.equal(split_examples(1000, 0.3)[0], selection)  # deterministic: no seed
 
 
-def test_split_keeps_a_real_gain_that_bonferroni_refuses():
+def test_split_and_maxt_keep_a_real_gain_that_bonferroni_refuses():
     # 200 examples, 12 layers. Layer 7 is right on 6 more examples than the plain model (3 in each interleaved
     # half) and never worse: +3 points. The other layers trade one example for another (no gain).
     # Bonferroni needs 2.64 SE of all 200 (> 3 points); split needs 1.64 SE of the held-back 100 (2.8 points).
@@ -123,19 +124,26 @@ def test_split_keeps_a_real_gain_that_bonferroni_refuses():
     split = search(cells, base, rule="split").best("fr")
     assert split["decision"] == "lrp2" and split["lirp_layer"] == 7 and split["gain"] == pytest.approx(0.03)
     assert split["test_gain"] == pytest.approx(0.03) and split["test_gain"] > split["threshold"]
+    # max-t: the sign flips of these sparse differences rarely reach layer 7's 2.48 SE, so its bar is lower than 2.64
+    maxt = search(cells, base, rule="maxt").best("fr")
+    assert maxt["decision"] == "lrp2" and maxt["lirp_layer"] == 7 and maxt["z"] < bonferroni["z"]
 
 
-def simulated_keep_rate(rule: str, gains: list[float], examples: int, draws: int, seed: int, **options) -> tuple:
+def simulated_keep_rate(rule: str, gains: list[float], examples: int, draws: int, seed: int, shared: float = 0.0,
+                        **options) -> tuple:
     """Share of `draws` simulated validation sets on which `rule` keeps a cell, and on which the kept cell is one
     with a positive planted gain. The plain model is right 70 % of the time; each of the cells flips 8 % of the
-    examples it gets right and enough of the others to add `gains[cell]` on average (correlated with the base)."""
+    examples it gets right and enough of the others to add `gains[cell]` on average (correlated with the base).
+    `shared`: the share of each cell's random draws common to every cell (neighbouring layers move the same examples)."""
     generator = torch.Generator().manual_seed(seed)
     kept = kept_real = 0
     for _ in range(draws):
         base = (torch.rand(examples, generator=generator) < 0.7).double()
+        common = torch.rand(examples, generator=generator)
         cells = {}
         for layer, gain in enumerate(gains, start=1):
-            draw = torch.rand(examples, generator=generator)
+            own = torch.rand(examples, generator=generator)
+            draw = torch.where(torch.rand(examples, generator=generator) < shared, common, own)
             fix = (0.08 * 0.7 + gain) / 0.3
             cells[(layer, None)] = torch.where(base > 0, (draw >= 0.08).double(), (draw < fix).double())
         rows = [{"language": "fr", "lirp_layer": layer, "lsrp_layer": None, "score": float(values.mean())}
@@ -162,6 +170,18 @@ def test_split_refuses_null_and_losing_cells_at_the_nominal_rate():
     assert losing <= 0.01
 
 
+def test_maxt_refuses_null_cells_at_the_nominal_rate_and_keeps_correlated_gains_bonferroni_misses():
+    # 12 cells sharing 90 % of their draws: the family of tests is much smaller than 12 independent ones, which
+    # max-t reads off the sign flips (a bar near 2.0) and Bonferroni cannot (2.64)
+    null, _ = simulated_keep_rate("maxt", [0.0] * 12, examples=400, draws=400, seed=4, shared=0.9)
+    assert 0.02 <= null <= 0.08
+    losing, _ = simulated_keep_rate("maxt", [-0.02] * 12, examples=400, draws=200, seed=5, shared=0.9)
+    assert losing <= 0.01
+    _, maxt = simulated_keep_rate("maxt", [0.04] * 12, examples=400, draws=200, seed=6, shared=0.9)
+    _, bonferroni = simulated_keep_rate("bonferroni", [0.04] * 12, examples=400, draws=200, seed=6, shared=0.9)
+    assert maxt >= bonferroni + 0.1  # 0.72 against 0.58 here (split: 0.42)
+
+
 def test_split_keeps_a_clear_real_gain_in_most_draws():
     # one layer adds 10 points, the others nothing, 400 validation examples: kept, and kept at that layer
     kept, kept_real = simulated_keep_rate("split", [0.0] * 5 + [0.10] + [0.0] * 6, examples=400, draws=200, seed=3)
@@ -169,7 +189,7 @@ def test_split_keeps_a_clear_real_gain_in_most_draws():
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"rule": "holm"}, r"rule='holm' is not a choice rule; allowed: 'split'.*'bonferroni'"),
+    ({"rule": "holm"}, r"rule='holm' is not a choice rule; allowed: 'split'.*'bonferroni' or 'maxt'"),
     ({"selection_share": 1.0}, r"selection_share=1.0 must be in \(0, 1\)"),
     ({"alpha": 0.0}, r"alpha=0.0 must be a level in \(0, 1\)"),
     ({"min_examples": 1}, r"min_examples=1 must be an integer >= 2"),

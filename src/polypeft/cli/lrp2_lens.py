@@ -35,7 +35,8 @@ valid:                   # parallel text for the layer search (retrieval xx -> p
   # files: {en: valid.en, fr: valid.fr}  # line-aligned
 search: {candidate_layers: [4, 8, 12], pairs: false, lirp_only: true, rule: split}
 # rule: split (default) chooses the layer on half of the valid rows and tests it on the other half;
-# bonferroni tests the best of all cells on all rows (stricter, it refuses more real gains)
+# bonferroni tests the best of all cells on all rows against a bar that rises with the cells; maxt reads that
+# bar off sign flips of the rows, so correlated cells (neighbouring layers) lower it
 lens: {top_k_layers: 2, weights: [1, 1, 1], batch_size: 8, push_strength: 1.0, training: {steps: 100, lr: 1.0e-5}}
 # push_strength: 1 pushes each language away from the pivot in its own subspace (the paper); -1 pulls it
 # toward the pivot (better for cross-lingual retrieval); a mapping {fr: 1.0, ko: 0.5} sets it per language.
@@ -67,7 +68,7 @@ class SearchSettings(TypedConfig):
     lsrp_layers: Optional[list[NonNegativeInt]] = None
     pairs: bool = True
     lirp_only: bool = True
-    rule: Literal["split", "bonferroni"] = "split"  # the choice rule (interventions/search.py RULES)
+    rule: Literal["split", "bonferroni", "maxt"] = "split"  # the choice rule (interventions/choice.py RULES)
 
 
 @dataclass

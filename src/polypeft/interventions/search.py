@@ -8,9 +8,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from fractions import Fraction
 from pathlib import Path
-from statistics import NormalDist
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -19,6 +17,10 @@ from tqdm.auto import tqdm
 
 from ..core.fileio import atomic_write, single_path_component
 from .capture import InterventionError
+from .choice import (  # noqa: F401  (the rules' names are part of the search's interface)
+    DEFAULT_ALPHA, DEFAULT_RULE, MIN_VALIDATION_EXAMPLES, RULES, SELECTION_SHARE, bonferroni_z, check_rule,
+    max_t_threshold, split_examples, studentised,
+)
 from .lrp2 import LRP2, LanguageVectors
 
 # A score function returns one number, or one score per validation example (e.g. a 0/1 tensor for
@@ -26,56 +28,6 @@ from .lrp2 import LRP2, LanguageVectors
 Score = Union[float, torch.Tensor, Sequence[float]]
 ScoreFn = Callable[[str, Optional[int], Optional[int]], Score]
 Cell = tuple[str, Optional[int], Optional[int]]
-
-# The choice rules; a cell is kept only if its mean paired gain over the baseline exceeds z standard errors.
-# "split" (default): the cell is chosen on a selection part of the validation examples (SELECTION_SHARE of them,
-#   interleaved: see `split_examples`) and only that one cell is tested against the baseline on the held-back rest,
-#   one-sided at DEFAULT_ALPHA. The choice never sees the test's examples, so one test needs no correction.
-# "bonferroni": the best cell on all examples, one-sided at DEFAULT_ALPHA / cells (the best of many noisy cells
-#   looks better than it is), so its bar rises with the grid: z = 2.64 for 12 cells, 3.2 for 78.
-# Below MIN_VALIDATION_EXAMPLES paired examples in the test the standard error itself is too rough to trust, and
-# LRP2 is not free (a wrong layer costs points, RESULTS section 5), so the default there is no LRP2.
-RULES = ("split", "bonferroni")
-DEFAULT_RULE = "split"
-DEFAULT_ALPHA = 0.05
-SELECTION_SHARE = 0.5
-MIN_VALIDATION_EXAMPLES = 50
-
-
-def bonferroni_z(cells: int, alpha: float = DEFAULT_ALPHA) -> float:
-    """One-sided z at level alpha / cells: 1.64 for one cell, 2.64 for 12, 3.2 for 78."""
-    if cells < 1 or not 0.0 < alpha < 1.0:
-        raise InterventionError(f"bonferroni_z: cells={cells} must be >= 1 and alpha={alpha} in (0, 1)")
-    return NormalDist().inv_cdf(1.0 - alpha / cells)
-
-
-def check_rule(rule: str, alpha: float, selection_share: float, min_examples: int, where: str) -> None:
-    """Refuse a choice rule's settings up front (before any cell is scored), naming the value and what is allowed."""
-    if rule not in RULES:
-        raise InterventionError(f"{where}: rule={rule!r} is not a choice rule; allowed: 'split' (choose on one part "
-                                f"of the validation examples, test that cell on the rest) or 'bonferroni'")
-    if not (isinstance(alpha, (int, float)) and 0.0 < alpha < 1.0):
-        raise InterventionError(f"{where}: alpha={alpha!r} must be a level in (0, 1), e.g. 0.05")
-    if not (isinstance(selection_share, (int, float)) and 0.0 < selection_share < 1.0):
-        raise InterventionError(f"{where}: selection_share={selection_share!r} must be in (0, 1): the share of "
-                                f"validation examples that choose the cell (the rest test it)")
-    if isinstance(min_examples, bool) or not isinstance(min_examples, int) or min_examples < 2:
-        raise InterventionError(f"{where}: min_examples={min_examples!r} must be an integer >= 2 (a standard "
-                                f"error needs two examples)")
-
-
-def split_examples(count: int, selection_share: float = SELECTION_SHARE) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions of the selection part and of the held-back test part of `count` validation examples, interleaved.
-
-    Position k selects when ceil((k+1)s) > ceil(ks), s = `selection_share` as a fraction: at 1/2 the even positions
-    select and the odd ones test, so a validation set spread over books splits into two spread halves, the same on
-    every run (no seed)."""
-    check_rule(DEFAULT_RULE, DEFAULT_ALPHA, selection_share, MIN_VALIDATION_EXAMPLES, "split_examples")
-    share = Fraction(selection_share).limit_denominator(1000)
-    ceil = -((-torch.arange(count + 1) * share.numerator) // share.denominator)  # ceil(k s), exact in integers
-    selects = ceil[1:] > ceil[:-1]
-    return selects.nonzero().flatten(), (~selects).nonzero().flatten()
-
 
 def per_example(score: Score, where: str) -> Optional[torch.Tensor]:
     """A score function's per-example scores as a float64 vector, or None for a single number."""
@@ -94,7 +46,8 @@ class LayerSearchResult:
 
     `outcomes` holds the per-example scores behind each row and baseline (when the score function gave
     them), keyed (language, lirp_layer, lsrp_layer) with (language, None, None) the baseline. `rule` names
-    the choice rule (RULES); `z` None means the rule's own z (one test for "split", Bonferroni over the cells).
+    the choice rule (choice.RULES); `z` None means the rule's own bar (one test for "split", Bonferroni over the
+    cells, the sign-flip quantile for "maxt").
     """
 
     rows: list[dict]
@@ -160,7 +113,8 @@ class LayerSearchResult:
                     "reason": "no baseline scored: top cell kept unchecked"}
         sign = 1.0 if self.higher_is_better else -1.0
         one_test = self.rule == "split"
-        z = self.z if self.z is not None else bonferroni_z(1 if one_test else len(rows), self.alpha)
+        z = self.z if self.z is not None else {"split": lambda: bonferroni_z(1, self.alpha), "maxt": lambda: None,
+                                               "bonferroni": lambda: bonferroni_z(len(rows), self.alpha)}[self.rule]()
         check = {"rule": self.rule, "cells": len(rows), "z": z, "se": None, "threshold": None, "examples": None,
                  "selection_examples": None, "test_examples": None, "test_gain": None}
         paired = self._paired(language, rows)
@@ -172,20 +126,28 @@ class LayerSearchResult:
         else:
             base, cells = paired
             examples = base.numel()
+            selection = held_back = torch.arange(examples)
             if one_test:
                 selection, held_back = split_examples(examples, self.selection_share)
                 gains = [float((values[selection] - base[selection]).mean()) if len(selection) else 0.0
                          for values in cells]
                 index = max(range(len(rows)), key=lambda k: sign * gains[k])
+            elif self.rule == "maxt" and examples >= self.min_examples:
+                oriented = sign * (torch.stack(cells, 1) - base[:, None])
+                z = z if z is not None else max_t_threshold(oriented, self.alpha)
+                clearing = (studentised(oriented.mean(0), (oriented ** 2).sum(0), examples) > z).nonzero().flatten()
+                index = max(clearing.tolist() or range(len(rows)), key=lambda k: sign * rows[k]["score"])
+                check["z"] = z
             else:
-                selection = held_back = torch.arange(examples)
                 index = max(range(len(rows)), key=lambda k: sign * rows[k]["score"])
             cell = self._with_gain(rows[index])
             differences = (cells[index] - base)[held_back]
             check.update(examples=examples, selection_examples=len(selection), test_examples=len(held_back))
-            where = (f"cell ({cell['lirp_layer']}, {cell['lsrp_layer']}) chosen among {len(rows)} on "
-                     f"{len(selection)} selection examples, tested on the {len(held_back)} held back" if one_test
-                     else f"top of {len(rows)} cells on all {examples} examples")
+            where = {"split": f"cell ({cell['lirp_layer']}, {cell['lsrp_layer']}) chosen among {len(rows)} on "
+                              f"{len(selection)} selection examples, tested on the {len(held_back)} held back",
+                     "bonferroni": f"top of {len(rows)} cells on all {examples} examples",
+                     "maxt": f"top of the {len(rows)} cells that clear the max-t bar (if none, the top cell) on all "
+                             f"{examples} examples"}[self.rule]
             if len(held_back) < self.min_examples:
                 keep = False
                 reason = (f"validation too small ({len(held_back)} < {self.min_examples} examples in the test; "
@@ -195,8 +157,9 @@ class LayerSearchResult:
                 se = float(differences.std(unbiased=True) / math.sqrt(len(held_back)))
                 check.update(se=se, threshold=z * se, test_gain=float(differences.mean()))
                 keep = improvement > 0 and improvement > z * se
+                bar = {"split": "one test", "bonferroni": "Bonferroni", "maxt": "max-t over sign flips"}[self.rule]
                 reason = (f"{where}: gain {improvement:+.4f} {'>' if keep else '<='} z*SE = {z:.2f}*{se:.4f} "
-                          f"({'one test' if one_test else 'Bonferroni'}, alpha {self.alpha})")
+                          f"({bar}, alpha {self.alpha})")
         if keep:
             return {**cell, **check, "decision": "lrp2", "reason": reason, "best_cell": _cell_summary(cell)}
         return {"language": language, "lirp_layer": None, "lsrp_layer": None, "score": self.baseline[language],
@@ -210,8 +173,8 @@ class LayerSearchResult:
         return {
             "higher_is_better": self.higher_is_better,
             "rule": {"name": self.rule, "alpha": self.alpha, "min_examples": self.min_examples,
-                     "z": self.z if self.z is not None else ("one test" if self.rule == "split"
-                                                             else "bonferroni over the cells"),
+                     "z": self.z if self.z is not None else {"split": "one test", "maxt": "max-t over sign flips",
+                                                             "bonferroni": "bonferroni over the cells"}[self.rule],
                      "selection_share": self.selection_share if self.rule == "split" else None,
                      "split": "interleaved: the cell is chosen on the selection positions, tested on the rest"
                      if self.rule == "split" else None},
@@ -309,7 +272,7 @@ def search_layers(
     (default the same) and j > i when `pairs`, plus (i, None) for LIRP only when `lirp_only`;
     `baseline` also scores (None, None), the model without LRP2. `lrp2_scorer` builds a score_fn.
     A score_fn returning per-example scores (a 0/1 tensor for accuracy@1) lets `best` refuse a cell inside the
-    noise by `rule` (see RULES: "split", the default, or "bonferroni"); one returning a float keeps any top cell
+    noise by `rule` (choice.RULES: "split", the default, "bonferroni" or "maxt"); one returning a float keeps any top cell
     above the baseline. The examples' order matters to "split" (interleaved parts): keep it fixed across cells.
     """
     check_rule(rule, alpha, selection_share, min_examples, "search_layers")
