@@ -328,6 +328,11 @@ def test_cli_commands_run_from_yaml(tokenizer, tmp_path):
     # three validation rows cannot tell a layer from noise: the CLI search refuses LRP2 and says why
     assert search["best"]["fr"]["decision"] == "no LRP2" and "too small" in search["best"]["fr"]["reason"]
     assert search["rule"]["name"] == search["best"]["fr"]["rule"] == "split"  # the library's default rule
+    # search.rule reaches the search, from the YAML file or from --set (the stored vectors are reused)
+    arguments = parser.parse_args(["lrp2", "search", str(tmp_path / "config.yaml"), "--set", "search={rule: maxt}"])
+    assert arguments.func(arguments) == 0
+    search = json.loads((tmp_path / "run" / "lrp2_search.json").read_text())
+    assert search["rule"]["name"] == search["best"]["de"]["rule"] == "maxt" and "too small" in search["best"]["de"]["reason"]
     assert (tmp_path / "run" / "lrp2_heatmap_fr.png").is_file()
     assert (tmp_path / "run" / "probe" / "lens_probe.safetensors").is_file()
     assert (tmp_path / "run" / "lens_layers.safetensors").is_file()
@@ -352,3 +357,12 @@ def test_the_example_config_is_valid_yaml_with_every_section():
     assert set(config["valid"]["bible"]["books"]) <= set(config["texts"]["bible"]["exclude_books"])
     lens = build(InterventionRecipe, config).lens  # the old flat `steps`/`lr` keys read into its training block
     assert (lens.push_strength, lens.training.steps, lens.training.schedule) == (1.0, 100, "constant")
+
+
+def test_the_recipe_offers_every_choice_rule():
+    from typing import get_args, get_type_hints
+
+    from polypeft.cli.lrp2_lens import SearchSettings
+    from polypeft.interventions.choice import DEFAULT_RULE, RULES
+
+    assert get_args(get_type_hints(SearchSettings)["rule"]) == RULES and SearchSettings().rule == DEFAULT_RULE

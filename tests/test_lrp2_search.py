@@ -4,6 +4,7 @@ Every choice rule ("split", the default, "bonferroni", "maxt") is checked; simul
 from __future__ import annotations
 
 import json
+from statistics import NormalDist
 
 import pytest
 import torch
@@ -50,6 +51,7 @@ def test_a_top_cell_inside_the_noise_gives_no_lrp2(tmp_path, rule):
     saved = json.loads(result.save_json(tmp_path / "search.json").read_text())
     assert saved["best"]["fr"]["lirp_layer"] is None and saved["best"]["fr"]["decision"] == "no LRP2"
     assert saved["rule"]["name"] == rule and saved["best"]["fr"]["reason"] == chosen["reason"]
+    assert saved["rule"]["max_t"] == ({"flips": 2000, "seed": 0} if rule == "maxt" else None)  # the null's seeding
     held_back = "held-back " if rule == "split" else ""
     assert f"no LRP2 (rule {rule}; tested i=2, j=None: {held_back}gain +0.030, noise" in heatmap_title(chosen, "fr", "acc")
     png = result.plot_heatmaps(tmp_path)[0]
@@ -186,6 +188,32 @@ def test_split_keeps_a_clear_real_gain_in_most_draws():
     # one layer adds 10 points, the others nothing, 400 validation examples: kept, and kept at that layer
     kept, kept_real = simulated_keep_rate("split", [0.0] * 5 + [0.10] + [0.0] * 6, examples=400, draws=200, seed=3)
     assert kept_real >= 0.9 and kept - kept_real <= 0.02
+
+
+def test_the_max_t_bar_reads_the_cells_correlation_off_the_sign_flips():
+    # Gaussian differences, 400 examples, 12 cells: independent cells need Sidak's z (2.63, about Bonferroni's 2.64),
+    # identical cells are one test (1.64), cells correlated at 0.9 lie between; the same differences give the same bar
+    generator = torch.Generator().manual_seed(11)
+    common, own = torch.randn(400, 1, generator=generator), torch.randn(400, 12, generator=generator)
+    sidak = NormalDist().inv_cdf(0.95 ** (1 / 12))
+    assert max_t_threshold(own) == pytest.approx(sidak, abs=0.15)
+    assert max_t_threshold(common.expand(400, 12)) == pytest.approx(bonferroni_z(1), abs=0.15)
+    assert bonferroni_z(1) + 0.2 < max_t_threshold(3 * common + own) < sidak - 0.2
+    assert max_t_threshold(own) == max_t_threshold(own.clone())  # seeded: no run-to-run change
+    assert max_t_threshold(own, seed=1) != max_t_threshold(own) and abs(max_t_threshold(own, seed=1) - sidak) < 0.15
+    # cells each moved by one example: almost every sign flip reaches their statistic (1), so none can clear the bar
+    assert max_t_threshold(torch.eye(400)[:, :12]) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"alpha": 1.0}, r"alpha=1.0 must be a level in \(0, 1\)"),
+    ({"flips": 10}, r"flips=10 must be an integer >= 1/alpha = 20"),
+    ({"differences": torch.zeros(400)}, r"differences of shape \(400,\) must be examples x cells"),
+    ({"differences": torch.zeros(1, 3)}, r"at least 2 examples"),
+])
+def test_bad_max_t_settings_are_refused(options, message):
+    with pytest.raises(ValueError, match=message):
+        max_t_threshold(**{"differences": torch.zeros(400, 3), **options})
 
 
 @pytest.mark.parametrize("options, message", [

@@ -78,7 +78,19 @@ def studentised(means: torch.Tensor, squares: torch.Tensor, count: int) -> torch
 def max_t_threshold(differences: torch.Tensor, alpha: float = DEFAULT_ALPHA, flips: int = MAX_T_FLIPS,
                     seed: int = MAX_T_SEED) -> float:
     """The (1 - alpha) quantile of the largest studentised mean over the cells of `differences` (examples x cells,
-    oriented so that larger is better) when each example's row is multiplied by a random sign."""
+    oriented so that larger is better) when each example's row is multiplied by a random sign.
+
+    Every cell's differences share one sign per example, so the cells' correlation (neighbouring layers move the same
+    examples) is kept in the null: for independent cells the bar is Sidak's (about Bonferroni's), for identical cells
+    the one-test z. `seed` fixes the flips, so the same differences always give the same bar."""
+    if differences.dim() != 2 or differences.shape[0] < 2 or differences.shape[1] < 1:
+        raise InterventionError(f"max_t_threshold: differences of shape {tuple(differences.shape)} must be "
+                                f"examples x cells, with at least 2 examples and 1 cell")
+    if not (isinstance(alpha, (int, float)) and 0.0 < alpha < 1.0):
+        raise InterventionError(f"max_t_threshold: alpha={alpha!r} must be a level in (0, 1), e.g. 0.05")
+    if isinstance(flips, bool) or not isinstance(flips, int) or flips < 1 / alpha:
+        raise InterventionError(f"max_t_threshold: flips={flips!r} must be an integer >= 1/alpha = {1 / alpha:g} "
+                                f"(fewer cannot place the (1 - alpha) quantile); {MAX_T_FLIPS} by default")
     differences = differences.to(torch.float64)
     count = differences.shape[0]
     squares = (differences ** 2).sum(0)  # unchanged by sign flips

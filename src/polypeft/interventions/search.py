@@ -18,8 +18,8 @@ from tqdm.auto import tqdm
 from ..core.fileio import atomic_write, single_path_component
 from .capture import InterventionError
 from .choice import (  # noqa: F401  (the rules' names are part of the search's interface)
-    DEFAULT_ALPHA, DEFAULT_RULE, MIN_VALIDATION_EXAMPLES, RULES, SELECTION_SHARE, bonferroni_z, check_rule,
-    max_t_threshold, split_examples, studentised,
+    DEFAULT_ALPHA, DEFAULT_RULE, MAX_T_FLIPS, MAX_T_SEED, MIN_VALIDATION_EXAMPLES, RULES, SELECTION_SHARE, bonferroni_z,
+    check_rule, max_t_threshold, split_examples, studentised,
 )
 from .lrp2 import LRP2, LanguageVectors
 
@@ -177,7 +177,8 @@ class LayerSearchResult:
                                                              "bonferroni": "bonferroni over the cells"}[self.rule],
                      "selection_share": self.selection_share if self.rule == "split" else None,
                      "split": "interleaved: the cell is chosen on the selection positions, tested on the rest"
-                     if self.rule == "split" else None},
+                     if self.rule == "split" else None,
+                     "max_t": {"flips": MAX_T_FLIPS, "seed": MAX_T_SEED} if self.rule == "maxt" else None},
             "baseline": self.baseline,
             "best": self.best_per_language(),
             "best_lirp_only": self.best_per_language(lirp_only=True)
