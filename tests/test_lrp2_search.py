@@ -12,7 +12,7 @@ import torch
 from polypeft.interventions.lrp2 import LRP2, language_vectors
 from polypeft.interventions.search import (
     DEFAULT_RULE, MIN_VALIDATION_EXAMPLES, LayerSearchResult, bonferroni_z, heatmap_title, max_t_threshold,
-    search_layers, split_examples,
+    search_layers, split_examples, studentised,
 )
 from test_lrp2 import TEXTS, WORDS, encode, tiny_bert  # noqa: F401 (tiny_tokenizer reads WORDS)
 
@@ -203,6 +203,17 @@ def test_the_max_t_bar_reads_the_cells_correlation_off_the_sign_flips():
     assert max_t_threshold(own, seed=1) != max_t_threshold(own) and abs(max_t_threshold(own, seed=1) - sidak) < 0.15
     # cells each moved by one example: almost every sign flip reaches their statistic (1), so none can clear the bar
     assert max_t_threshold(torch.eye(400)[:, :12]) == pytest.approx(1.0)
+
+
+def test_a_cell_identical_to_the_baseline_does_not_blind_max_t():
+    # a layer whose shift changes no outcome has differences all 0: its statistic is 0 (not 0/0), so the bar stays
+    # finite and the clear 12-point gain of the other layer is kept
+    base = outcomes(120, total=200)
+    better = base.clone()
+    better[(base == 0).nonzero().flatten()[:24]] = 1.0
+    chosen = search({(1, None): base.clone(), (2, None): better}, base, rule="maxt").best("fr")
+    assert chosen["decision"] == "lrp2" and chosen["lirp_layer"] == 2 and 1.5 < chosen["z"] < 2.5
+    assert studentised(torch.zeros(2), torch.zeros(2), 10).tolist() == [0.0, 0.0]
 
 
 @pytest.mark.parametrize("options, message", [

@@ -72,7 +72,8 @@ def studentised(means: torch.Tensor, squares: torch.Tensor, count: int) -> torch
     0 where its mean is 0 and +-inf otherwise (every example moved the same way)."""
     variance = ((squares - count * means ** 2) / (count - 1)).clamp_min(0.0)
     scale = (variance / count).sqrt()
-    return torch.where(scale > 1e-12, means / scale.clamp_min(1e-12), means.sign() * torch.inf)
+    steady = torch.where(means == 0, torch.zeros_like(means), means.sign() * torch.inf)  # never 0 * inf = nan
+    return torch.where(scale > 1e-12, means / scale.clamp_min(1e-12), steady)
 
 
 def max_t_threshold(differences: torch.Tensor, alpha: float = DEFAULT_ALPHA, flips: int = MAX_T_FLIPS,
