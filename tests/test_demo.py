@@ -144,3 +144,17 @@ def test_a_bad_seed_or_test_book_is_refused_before_any_work(tmp_path, capsys, fl
     message = capsys.readouterr().err
     assert value in message and ("book" in message or "seed" in message), message
     assert not any(tmp_path.iterdir()), "nothing may be written before the settings are checked"
+
+
+def test_retrieval_settings_are_checked_by_the_typed_validator():
+    from polypeft.core.config import ConfigError
+    from polypeft.experiments.demo_retrieval import RetrievalSettings
+
+    assert RetrievalSettings(valid_books=[1, 2]).valid_books == (1, 2)  # lists read as the tuples they declare
+    for changes, message in (({"test_book": 67}, r"test_book=67 must be an int in \[1, 66\]"),
+                             ({"test_book": 45}, r"valid_books=\[45, 46, 47, 48, 49\] holds the test book \(45\)"),
+                             ({"valid_queries": 0}, r"valid_queries=0 must be a positive int"),
+                             ({"valid_queries": 500}, r"valid_queries=500 exceeds valid_candidates=400"),
+                             ({"max_length": "64"}, r"max_length='64' must be a positive int")):
+        with pytest.raises(ConfigError, match=rf"RetrievalSettings.{message}"):
+            RetrievalSettings(**changes)

@@ -128,6 +128,10 @@ def test_bad_settings_are_refused_by_name():
         ef.FinetuneSettings(kl_weight="1")
     with pytest.raises(ConfigError, match=r"train_languages \['xx'\] are not in languages"):
         ef.ExperimentSpec(LANGS, ["xx"])
+    with pytest.raises(ConfigError, match=r"ExperimentSpec.methods\[0\]='adapter' is not allowed"):
+        ef.ExperimentSpec(LANGS, methods=["adapter"])
+    with pytest.raises(ConfigError, match=r"ExperimentSpec.seeds\[0\]=-1 must be an int >= 0"):
+        ef.ExperimentSpec(LANGS, seeds=[-1])
     with pytest.raises(ConfigError, match="frozen_layers=5 but the encoder has 2 layers"):
         ef.build_classifier(tiny_encoder(), LABELS, LANGS, settings(frozen_layers=5))
 

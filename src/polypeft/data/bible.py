@@ -10,10 +10,11 @@ import re
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Annotated, Iterable, Optional, Sequence
 
 from tqdm.auto import tqdm
 
+from ..core.config import ConfigError, Range, TypedConfig
 from ..core.languages import LanguageError
 
 VerseKey = tuple[int, int, int]  # (book, chapter, verse)
@@ -38,6 +39,7 @@ ALLOWED_VERSIONS: frozenset[str] = frozenset(BIBLE_VERSIONS.values()) | frozense
 COPYRIGHTED_VERSIONS: frozenset[str] = frozenset("1 2 6 8 9 b c h i j t u z".split())
 VERSION_PREFIX = "version:"
 NUM_BOOKS = 66
+BookNumber = Annotated[int, Range(1, NUM_BOOKS)]  # the canon's order, Genesis 1 to Revelation 66
 
 
 class BibleVersionError(LanguageError):
@@ -86,22 +88,18 @@ def resolve_version(lang_or_version: str) -> str:
 
 
 @dataclass(frozen=True)
-class BibleSplit:
+class BibleSplit(TypedConfig):
     """Held-out books: a held-out book is unseen in every language because the corpus is multi-way."""
 
-    test_books: tuple[int, ...] = (43,)  # John
-    valid_books: tuple[int, ...] = (49,)  # Ephesians
+    test_books: tuple[BookNumber, ...] = (43,)  # John
+    valid_books: tuple[BookNumber, ...] = (49,)  # Ephesians
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "test_books", tuple(int(b) for b in self.test_books))
-        object.__setattr__(self, "valid_books", tuple(int(b) for b in self.valid_books))
-        for name in ("test_books", "valid_books"):
-            bad = [b for b in getattr(self, name) if not 1 <= b <= NUM_BOOKS]
-            if bad:
-                raise ValueError(f"BibleSplit.{name} has book numbers {bad}; books are numbered 1..{NUM_BOOKS}")
+        super().__post_init__()  # every book a number of the canon (lists become tuples)
         overlap = sorted(set(self.test_books) & set(self.valid_books))
         if overlap:
-            raise ValueError(f"BibleSplit: books {overlap} are in both test_books and valid_books; a book belongs to one part")
+            raise ConfigError(f"BibleSplit: books {overlap} are in both test_books and valid_books; a book belongs "
+                              "to one part")
 
     def part_of(self, book: int) -> str:
         """`"test"`, `"valid"` or `"train"` (every book not held out)."""

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 from ..backbones.e5 import QUERY_PREFIX, embed
 from ..core.fileio import write_safetensors
-from ..data.bible import NUM_BOOKS
+from ..core.config import ConfigError, PositiveInt, TypedConfig
+from ..data.bible import BookNumber
 from ..tasks.retrieval import correct_at_1
 from .demo_store import settings_key
 
@@ -22,31 +23,27 @@ VALID_BOOKS = [45, 46, 47, 48, 49]  # Romans to Ephesians, RESULTS §5 "The issu
 
 
 @dataclass(frozen=True)
-class RetrievalSettings:
+class RetrievalSettings(TypedConfig):
     """Sizes of the retrieval task; the held-out books choose, John scores."""
 
     languages: tuple[str, ...] = ("fr", "ar", "ko")
-    test_book: int = TEST_BOOK  # scored once; any book outside valid_books
-    test_verses: int = 150  # John verses, spread over the book: the queries in each language and the candidates
-    valid_books: tuple[int, ...] = tuple(VALID_BOOKS)
-    valid_candidates: int = 400  # English verses of the valid books, spread
-    valid_queries: int = 200  # per language, among those verses: enough for the LRP2 search to tell layers apart
-    train_sentences: int = 64  # per language, from the other books: language vectors (LRP2), probe (LENS)
-    max_length: int = 64
-    batch_size: int = 32
+    test_book: BookNumber = TEST_BOOK  # scored once; any book outside valid_books
+    test_verses: PositiveInt = 150  # John verses, spread over the book: each language's queries and the candidates
+    valid_books: tuple[BookNumber, ...] = tuple(VALID_BOOKS)
+    valid_candidates: PositiveInt = 400  # English verses of the valid books, spread
+    valid_queries: PositiveInt = 200  # per language, among those verses: enough for LRP2's search to tell layers apart
+    train_sentences: PositiveInt = 64  # per language, from the other books: language vectors (LRP2), probe (LENS)
+    max_length: PositiveInt = 64
+    batch_size: PositiveInt = 32
 
     def __post_init__(self) -> None:
-        if not 1 <= self.test_book <= NUM_BOOKS:
-            raise ValueError(f"RetrievalSettings.test_book={self.test_book}; books are numbered 1..{NUM_BOOKS}")
+        super().__post_init__()
         if self.test_book in self.valid_books:
-            raise ValueError(f"RetrievalSettings.valid_books={list(self.valid_books)} holds the test book "
-                             f"({self.test_book}); choose other books")
-        for name in ("test_verses", "valid_candidates", "valid_queries", "train_sentences", "max_length"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"RetrievalSettings.{name}={getattr(self, name)}; must be positive")
+            raise ConfigError(f"RetrievalSettings.valid_books={list(self.valid_books)} holds the test book "
+                              f"({self.test_book}); choose other books")
         if self.valid_queries > self.valid_candidates:
-            raise ValueError(f"RetrievalSettings.valid_queries={self.valid_queries} exceeds valid_candidates="
-                             f"{self.valid_candidates}; the queries are drawn among the candidates")
+            raise ConfigError(f"RetrievalSettings.valid_queries={self.valid_queries} exceeds valid_candidates="
+                              f"{self.valid_candidates}; the queries are drawn among the candidates")
 
     def as_dict(self) -> dict:
         return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}

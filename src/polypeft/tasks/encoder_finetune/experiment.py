@@ -12,33 +12,31 @@ from typing import Any, Optional
 
 from torch import nn
 
-from ...core.config import ConfigError
+from ...core.config import ConfigError, NonNegativeInt, TypedConfig
 from .classifier import build_classifier
 from .evaluation import accuracy_per_language
 from .examples import EncodedExamples
 from .finetune import finetune
-from .settings import EVAL_ROUTES, METHODS, VARIANT_NAMES, FinetuneSettings
+from .settings import EVAL_ROUTES, METHODS, VARIANT_NAMES, FinetuneSettings, Method
 
 
 @dataclass
-class ExperimentSpec:
+class ExperimentSpec(TypedConfig):
     """Which runs to make: methods x seeds, trained on `train_languages`, tested on every language."""
 
     languages: list[str]
     train_languages: Optional[list[str]] = None  # None: all (multilingual); ["en"]: zero-shot from English
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
-    seeds: list[int] = field(default_factory=lambda: [0])
+    methods: list[Method] = field(default_factory=lambda: list(METHODS))
+    seeds: list[NonNegativeInt] = field(default_factory=lambda: [0])
     name: str = "classify"
 
     def __post_init__(self) -> None:
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown:
-            raise ConfigError(f"methods {unknown} unknown; allowed: {list(METHODS)}")
+        super().__post_init__()
         outside = [l for l in (self.train_languages or []) if l not in self.languages]
         if outside:
-            raise ConfigError(f"train_languages {outside} are not in languages {self.languages}")
+            raise ConfigError(f"ExperimentSpec.train_languages {outside} are not in languages {self.languages}")
         if not self.seeds:
-            raise ConfigError("seeds must list at least one seed")
+            raise ConfigError("ExperimentSpec.seeds=[] must list at least one seed")
 
 
 def run_experiment(encoder: nn.Module, spec: ExperimentSpec, settings: FinetuneSettings,
