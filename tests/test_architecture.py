@@ -1,4 +1,5 @@
-"""The house's rules, checked on the source: layers import only from below, no cycles, small modules.
+"""The house's rules, checked on the source: layers import only from below, no cycles, small modules, one method
+protocol.
 
 ARCHITECTURE.md states these rules; this file keeps them true as the code changes."""
 from __future__ import annotations
@@ -105,6 +106,47 @@ def test_core_names_no_method():
              for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
              if isinstance(node, ast.Constant) and node.value in names]
     assert not found, "core/ names methods (declare a trait on the config or layer instead):\n" + "\n".join(found)
+
+
+def protocol_breaks(layer_classes) -> list[str]:
+    """Routed layers that step outside the one protocol: a layer implements `routed_delta` and leaves `forward`
+    (routes, merge state, bypass, torch.compile) to `RoutedLinear`."""
+    from polypeft.core.routed import RoutedLinear
+
+    return [f"{cls.__module__}.{cls.__name__}: " + ("overrides forward" if "forward" in vars(cls)
+                                                   else "has no routed_delta") for cls in layer_classes
+            if "forward" in vars(cls) or cls.routed_delta is RoutedLinear.routed_delta]
+
+
+def routed_layer_classes(base: type) -> list[type]:
+    return [found for cls in base.__subclasses__() for found in (cls, *routed_layer_classes(cls))]
+
+
+def test_every_method_is_one_config_and_one_routed_layer():
+    """Each registered method: a config on MethodConfig, and layers that implement only the routed delta."""
+    from polypeft.core.method_config import MethodConfig
+    from polypeft.core.routed import RoutedLinear
+    from polypeft.methods.registry import registered_methods
+
+    configs = [name for name, entry in registered_methods().items() if not issubclass(entry.config_class, MethodConfig)]
+    assert not configs, f"methods whose config is not a MethodConfig: {configs}"
+    layers = [cls for cls in routed_layer_classes(RoutedLinear) if cls.__module__.startswith("polypeft.methods")]
+    assert len(layers) >= len(registered_methods())
+    assert not protocol_breaks(layers), "routed layers outside the protocol:\n" + "\n".join(protocol_breaks(layers))
+
+
+def test_the_protocol_check_sees_a_forward_of_its_own():
+    from polypeft.core.routed import RoutedLinear
+
+    class OwnForward(RoutedLinear):
+        def forward(self, x):
+            return x
+
+    class NoDelta(RoutedLinear):
+        pass
+
+    assert protocol_breaks([OwnForward, NoDelta]) == [f"{__name__}.OwnForward: overrides forward",
+                                                      f"{__name__}.NoDelta: has no routed_delta"]
 
 
 def test_no_import_cycle():
