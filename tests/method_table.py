@@ -70,6 +70,7 @@ class Row:
     starts_at_base: bool = True  # the wrapped model's output equals the base model's before training
     language_wise: bool = False  # the encoder reads src_lang, the decoder tgt_lang
     auxiliary_loss: bool = False  # a training forward leaves a loss term (load balance, gate budget)
+    exact_unmerge: bool = False  # unmerge restores the base weight from a saved copy, bit for bit
 
 
 TABLE = {
@@ -81,7 +82,7 @@ TABLE = {
     "lora": Row(lambda **kw: LoRAConfig(languages=LANGS, rank=RANK, **kw), low_rank),
     # One copy per language replacing the base FFN (no shared route by default).
     "ls_ffn": Row(lambda **kw: LSFFNConfig(languages=LANGS, **kw), lambda kind: ls_ffn_copies(kind, len(LANGS) - 1),
-                  lambda kind: ls_ffn_copies(kind, len(LANGS)), language_wise=True),
+                  lambda kind: ls_ffn_copies(kind, len(LANGS)), language_wise=True, exact_unmerge=True),
     "switch": Row(lambda **kw: SwitchConfig(languages=LANGS, num_experts=3, **kw), switch_extra,
                   starts_at_base=False, auxiliary_loss=True),
     "clsr": Row(lambda **kw: CLSRConfig(languages=LANGS, gate_hidden_size=8, **kw), clsr_extra, clsr_language,
