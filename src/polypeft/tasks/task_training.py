@@ -161,7 +161,7 @@ def train_task(model: torch.nn.Module, inputs: Mapping[str, torch.Tensor],
             return fuse_distillation_heads(model, batch, [routes[i] for i in index], settings.kl_weight), len(index)
         return model(**batch, **route_arguments(routes, index)).loss, len(index)
 
-    name = "lms+fd" if distill else "lms" if poly is not None else "plain"
+    name = "lms_fd" if distill else "lms" if poly is not None else "plain"
     loop_settings = replace(settings.training, seed=None, progress=progress)  # the order is seeded above
     result = train(model, batches, loss_fn, loop_settings, parameters=groups, device_placement=False,
                    description=f"train {name}")
