@@ -16,7 +16,9 @@ from torch import nn
 
 import polypeft as pp
 from polypeft.core.yaml_files import read_yaml_mapping, recipe_from_yaml
+from polypeft.data.bible import BibleSplit
 from polypeft.data.parallel import ParallelExample, read_parallel, write_jsonl
+from polypeft.experiments.demo_retrieval import RetrievalSettings
 from polypeft.tasks.classification import read_classification
 from polypeft.tasks.retrieval import read_bitext
 from polypeft.tasks.tokens import read_tokens
@@ -70,7 +72,7 @@ def test_valid_train_settings_round_trip_exactly(values):
         assert getattr(built, key) == (tuple(value) if key == "betas" else value)
 
 
-SETTINGS_CLASSES = [TrainSettings, pp.TaskTrainingSettings, pp.FinetuneSettings]
+SETTINGS_CLASSES = [TrainSettings, pp.TaskTrainingSettings, pp.FinetuneSettings, BibleSplit, RetrievalSettings]
 
 
 @FAST
