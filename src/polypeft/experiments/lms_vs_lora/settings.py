@@ -146,6 +146,6 @@ def demo_testbed(quick: bool, seed: int = 0, test_book: int = 43) -> RetrievalTe
         return RetrievalTestbed(**common, languages=["fr", "ko"], valid_queries=8, test_queries=16,
                                 test_candidates=16, train_verses=40, extra_negatives=8, batch_size=8, max_steps=4,
                                 check_every=4, warmup=1, bootstrap=200)
-    return RetrievalTestbed(**common, valid_queries=30, test_queries=200, test_candidates=200, train_verses=300,
-                            extra_negatives=128, batch_size=32, max_steps=100, check_every=100, warmup=10,
+    return RetrievalTestbed(**common, valid_queries=30, test_queries=150, test_candidates=150, train_verses=150,
+                            extra_negatives=128, batch_size=32, max_steps=70, check_every=70, warmup=7,
                             bootstrap=1000)
