@@ -26,8 +26,9 @@ from .lms_vs_lora.speed import merged_fd_share
 DEMO_CHOICES = {"lora_train": {"lr": 1e-3, "trained_layers": 2},
                 "lms": {"lr": 1e-3, "trained_layers": 2},
                 "lms_fd": {"lr": 3e-3, "trained_layers": 2}}
-FULL_BENCH = {"lms": "see RESULTS, LMS and FD against LoRA", "fd_share": "see RESULTS, LMS and FD against LoRA",
-              "fd_ls": "see RESULTS, LMS and FD against LoRA"}
+FULL_BENCH = {"lms": "-0.42 [-0.93, +0.10], within noise (RESULTS §12.1)",
+              "fd_share": "-0.04 [-0.50, +0.39], within noise (RESULTS §12.1)",
+              "fd_ls": "+0.05 [-0.47, +0.56], within noise (RESULTS §12.1)"}
 ROWS = [("lms", "lms", "LMS (language routes)"), ("fd_share", "lms_fd", "LMS+FD, FD-Share"),
         ("fd_ls", "lms_fd", "LMS+FD, FD-LS")]
 
