@@ -57,3 +57,25 @@ def test_verse_retrieval_scores_every_layer():
     assert list(results) == ["fr"] and list(results["fr"]) == [0, 1, 2]
     assert all(0.0 <= acc <= 1.0 for acc in results["fr"].values())
     assert results["fr"][0] > 0.5  # at the embedding layer the shared verse words dominate
+
+
+def test_classify_recipe_scores_the_valid_split_and_leaves_the_test_split_as_it_was(monkeypatch):
+    import polypeft.experiments.bible_eval as bible_eval
+    from polypeft.cli.encoder import ClassifyRecipe, classification_data
+    from polypeft.core.config import ConfigError
+
+    monkeypatch.setattr(bible_eval, "_corpus", lambda corpus: FakeCorpus())
+    langs = ["en", "fr"]
+    train0, test0, _ = classification_data(ClassifyRecipe(languages=langs, verses_per_section=None))
+    recipe = ClassifyRecipe(languages=langs, verses_per_section=None, valid_fraction=0.2)
+    train, test, _ = classification_data(recipe)
+    _, valid, _ = classification_data(ClassifyRecipe(languages=langs, verses_per_section=None, valid_fraction=0.2,
+                                                     score="valid"))
+    texts = lambda split: {e.text for e in split["en"].examples}  # noqa: E731
+    assert texts(test) == texts(test0)  # the held-out valid verses come out of training, never out of test
+    assert texts(valid) and not texts(valid) & texts(test) and not texts(valid) & texts(train)
+    assert texts(train) | texts(valid) == texts(train0)
+    with pytest.raises(ConfigError, match="score='valid' needs valid_fraction > 0"):
+        ClassifyRecipe(languages=langs, score="valid")
+    with pytest.raises(ConfigError, match="valid_fraction=0.5 \\+ test_fraction=0.5 leave no training verses"):
+        ClassifyRecipe(languages=langs, valid_fraction=0.5, test_fraction=0.5)

@@ -145,6 +145,8 @@ class ClassifyRecipe(TypedConfig):
     Data: the Bible canon-section task (default), or `files` = {"train": {lang: path}, "test": {lang: path}}
     in the classification reader's JSONL/TSV format. `train_languages: [en]` is zero-shot transfer;
     `lirp_at_test` adds LRP2 at test time (LIRP on the cached states at layer `frozen_layers`).
+    `valid_fraction` holds verses out of training; `score: valid` scores them and leaves the test split unread,
+    so settings are chosen on the valid split and the test split is scored once, with the same training verses.
     """
 
     model: str = "e5-small"
@@ -155,6 +157,8 @@ class ClassifyRecipe(TypedConfig):
     files: dict[str, dict[str, str]] = field(default_factory=dict)
     verses_per_section: Optional[PositiveInt] = 100
     test_fraction: Fraction = 0.3
+    valid_fraction: Fraction = 0.0
+    score: Literal["test", "valid"] = "test"
     steps: PositiveInt = 300
     batch_size: PositiveInt = 32
     lr: PositiveFloat = 2e-4
@@ -176,6 +180,14 @@ class ClassifyRecipe(TypedConfig):
             raise ConfigError(f"classify: pivot {self.pivot!r} is not among languages {self.languages}")
         if self.files and set(self.files) != {"train", "test"}:
             raise ConfigError(f"classify: files has parts {sorted(self.files)}; it needs exactly 'train' and 'test'")
+        if self.files and (self.valid_fraction or self.score == "valid"):
+            raise ConfigError(f"classify: valid_fraction={self.valid_fraction}, score={self.score!r} split the Bible "
+                              "task; with `files`, give the valid split's files as `test`")
+        if self.score == "valid" and not self.valid_fraction:
+            raise ConfigError("classify: score='valid' needs valid_fraction > 0 (now 0.0)")
+        if self.valid_fraction + self.test_fraction >= 1:
+            raise ConfigError(f"classify: valid_fraction={self.valid_fraction} + test_fraction={self.test_fraction} "
+                              "leave no training verses; together they must be below 1")
 
     def check_paths(self) -> None:
         for part, by_language in self.files.items():
@@ -192,14 +204,17 @@ class ClassifyRecipe(TypedConfig):
 
 
 def classification_data(recipe: ClassifyRecipe) -> tuple[dict, dict, list[str]]:
-    """`(train, test, label_names)`, each split a mapping language -> ClassificationData."""
+    """`(train, scored, label_names)`, each split a mapping language -> ClassificationData.
+
+    `scored` is the test split, or the valid split when the recipe says `score: valid`."""
     from ..experiments.bible_eval import SECTION_NAMES, verse_classification
     from ..tasks.classification import read_classification
 
     if not recipe.files:
-        data = verse_classification(recipe.languages, valid_fraction=0.0, test_fraction=recipe.test_fraction,
+        data = verse_classification(recipe.languages, valid_fraction=recipe.valid_fraction,
+                                    test_fraction=recipe.test_fraction,
                                     max_verses_per_section=recipe.verses_per_section, seed=0)
-        return data["train"], data["test"], list(SECTION_NAMES)
+        return data["train"], data[recipe.score], list(SECTION_NAMES)
     splits: dict[str, dict] = {}
     label_names: Optional[list[str]] = None
     for part in ("train", "test"):
@@ -245,6 +260,7 @@ def run_classify(recipe: ClassifyRecipe) -> dict[str, Any]:
                        for m in recipe.methods}
         results["throughput"] = ef.measure_throughput(classifiers, train, settings, steps=recipe.throughput_steps)
     results["recipe"] = dataclasses.asdict(recipe)
+    results["scored_split"] = recipe.score
     results["total_seconds"] = round(time.time() - started, 1)
     return results
 

@@ -18,7 +18,8 @@ def markdown_report(results: Mapping[str, Any]) -> str:
         cells = [f"{per_lang[l]['mean']:.2f} ± {per_lang[l]['std']:.2f}" if l in per_lang else "–" for l in langs]
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     seeds = sorted({r["seed"] for r in results["runs"]})
-    lines += ["", f"Accuracy in %, mean ± std over seeds {seeds}.", ""]
+    split = results.get("scored_split", "test")
+    lines += ["", f"Accuracy in % on the {split} split, mean ± std over seeds {seeds}.", ""]
     lines += ["| variant | base | trainable | training extra | inference extra | inference extra % |",
               "|---|---|---|---|---|---|"]
     for variant, p in results["parameters"].items():
