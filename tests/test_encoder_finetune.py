@@ -10,6 +10,7 @@ from polypeft.cli.main import main as cli_main
 from polypeft.core.config import ConfigError
 from polypeft.model.poly_model import PolyModel
 from polypeft.tasks import encoder_finetune as ef
+from polypeft.tasks.encoder_finetune.evaluation import correct_per_language
 from polypeft.tasks.classification import ClassificationData, ClassificationExample
 from test_tasks_classification import WORDS, tiny_encoder  # noqa: F401 (tiny_tokenizer reads WORDS)
 
@@ -79,6 +80,9 @@ def test_each_method_learns_and_reports_its_variants(method, tiny_tokenizer):
     for run in results["runs"]:
         assert run["last_loss"] < run["first_loss"]
         assert set(run["accuracy"]) == {"en", "fr", "average"}
+        for lang in ("en", "fr"):  # per-example outcomes, what the bootstrap intervals resample, stored beside
+            assert len(run["correct"][lang]) == sum(l == lang for l in train.langs)
+            assert run["accuracy"][lang] == round(100.0 * sum(run["correct"][lang]) / len(run["correct"][lang]), 2)
     table = results["parameters"]
     if method == "lms_fd":
         share, ls = table["lms_fd_share"], table["lms_fd_ls"]
@@ -86,6 +90,17 @@ def test_each_method_learns_and_reports_its_variants(method, tiny_tokenizer):
     if method == "naive":
         assert table["naive"]["inference_extra"] == 0
     assert "| variant |" in ef.markdown_report(results)
+
+
+def test_per_example_outcomes_follow_the_predictions(tiny_tokenizer):
+    encoder, tokenizer = tiny_encoder(), tiny_tokenizer
+    test = ef.encode_examples(encoder, tokenizer, toy_data(), 16, progress=False)
+    classifier = ef.build_classifier(encoder, LABELS, LANGS, settings())
+    predictions = ef.predict(classifier, test, "none")
+    correct = correct_per_language(classifier, test, "none")
+    expected = {lang: [int(p == y) for p, y, l in zip(predictions, test.labels.tolist(), test.langs) if l == lang]
+                for lang in LANGS}
+    assert correct == expected and 0 < sum(map(sum, correct.values())) < len(predictions)
 
 
 def test_only_routes_of_the_batch_languages_train(tiny_tokenizer):

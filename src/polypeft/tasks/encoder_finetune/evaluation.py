@@ -28,14 +28,24 @@ def predict(classifier: Classifier, examples: EncodedExamples, route: str = "lan
     return predictions
 
 
+def correct_per_language(classifier: Classifier, test: EncodedExamples, route: str = "language",
+                         batch_size: int = 64) -> dict[str, list[int]]:
+    """Per language, 1/0 for each test example in order: what paired bootstrap intervals resample."""
+    predictions = predict(classifier, test, route, batch_size)
+    correct: dict[str, list[int]] = {lang: [] for lang in dict.fromkeys(test.langs)}
+    for prediction, label, lang in zip(predictions, test.labels.tolist(), test.langs):
+        correct[lang].append(int(prediction == label))
+    return correct
+
+
+def accuracy_of(correct: dict[str, list[int]]) -> dict[str, float]:
+    """Accuracy (in %) per language, then their mean under "average"."""
+    scores = {lang: round(100.0 * sum(values) / len(values), 2) for lang, values in correct.items()}
+    scores["average"] = round(sum(scores.values()) / len(scores), 2)
+    return scores
+
+
 def accuracy_per_language(classifier: Classifier, test: EncodedExamples, route: str = "language",
                           batch_size: int = 64) -> dict[str, float]:
     """Accuracy (in %) per language, then their mean under "average"."""
-    predictions = torch.tensor(predict(classifier, test, route, batch_size))
-    correct = (predictions == test.labels).float()
-    scores: dict[str, float] = {}
-    for lang in dict.fromkeys(test.langs):
-        mask = torch.tensor([l == lang for l in test.langs])
-        scores[lang] = round(100.0 * float(correct[mask].mean()), 2)
-    scores["average"] = round(sum(scores.values()) / len(scores), 2)
-    return scores
+    return accuracy_of(correct_per_language(classifier, test, route, batch_size))

@@ -14,7 +14,7 @@ from torch import nn
 
 from ...core.config import ConfigError, NonNegativeInt, TypedConfig
 from .classifier import build_classifier
-from .evaluation import accuracy_per_language
+from .evaluation import accuracy_of, correct_per_language
 from .examples import EncodedExamples
 from .finetune import finetune
 from .settings import EVAL_ROUTES, METHODS, VARIANT_NAMES, FinetuneSettings, Method
@@ -61,9 +61,9 @@ def run_experiment(encoder: nn.Module, spec: ExperimentSpec, settings: FinetuneS
             losses = finetune(classifier, train_part, run_settings, progress)
             seconds = time.perf_counter() - started
             for (route, suffix) in [(r, x) for r in EVAL_ROUTES[method] for x in tests]:
+                correct = correct_per_language(classifier, tests[suffix], route, settings.eval_batch_size)
                 runs.append({"variant": VARIANT_NAMES[(method, route)] + suffix, "method": method, "route": route,
-                             "seed": seed, "accuracy": accuracy_per_language(classifier, tests[suffix], route,
-                                                                              settings.eval_batch_size),
+                             "seed": seed, "accuracy": accuracy_of(correct), "correct": correct,
                              "first_loss": round(sum(losses[:10]) / len(losses[:10]), 4),
                              "last_loss": round(sum(losses[-10:]) / len(losses[-10:]), 4),
                              "train_seconds": round(seconds, 1)})
