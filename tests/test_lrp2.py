@@ -327,7 +327,7 @@ def test_cli_commands_run_from_yaml(tokenizer, tmp_path):
     assert set(search["best"]) == {"fr", "de"}
     # three validation rows cannot tell a layer from noise: the CLI search refuses LRP2 and says why
     assert search["best"]["fr"]["decision"] == "no LRP2" and "too small" in search["best"]["fr"]["reason"]
-    assert search["rule"]["name"] == search["best"]["fr"]["rule"] == "split"  # the library's default rule
+    assert search["rule"]["name"] == search["best"]["fr"]["rule"] == "maxt"  # the library's default rule
     # search.rule reaches the search, from the YAML file or from --set (the stored vectors are reused)
     arguments = parser.parse_args(["lrp2", "search", str(tmp_path / "config.yaml"), "--set", "search={rule: maxt}"])
     assert arguments.func(arguments) == 0

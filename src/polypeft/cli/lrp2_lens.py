@@ -33,10 +33,10 @@ texts:                   # unlabeled text per language, for vectors and the LENS
 valid:                   # parallel text for the layer search (retrieval xx -> pivot); several books, so the
   bible: {books: [45, 46, 47, 48, 49], max_verses: 400}   # layers separate (bench/RESULTS.md section 5)
   # files: {en: valid.en, fr: valid.fr}  # line-aligned
-search: {candidate_layers: [4, 8, 12], pairs: false, lirp_only: true, rule: split}
-# rule: split (default) chooses the layer on half of the valid rows and tests it on the other half;
-# bonferroni tests the best of all cells on all rows against a bar that rises with the cells; maxt reads that
-# bar off sign flips of the rows, so correlated cells (neighbouring layers) lower it
+search: {candidate_layers: [4, 8, 12], pairs: false, lirp_only: true, rule: maxt}
+# rule: maxt (default) tests every cell on all rows against a bar read off sign flips of the rows (correlated
+# cells, neighbouring layers, lower it); bonferroni against a bar that rises with the cells; split chooses the
+# layer on half of the valid rows and tests it on the other half
 lens: {top_k_layers: 2, weights: [1, 1, 1], batch_size: 8, push_strength: 1.0, training: {steps: 100, lr: 1.0e-5}}
 # push_strength: 1 pushes each language away from the pivot in its own subspace (the paper); -1 pulls it
 # toward the pivot (better for cross-lingual retrieval); a mapping {fr: 1.0, ko: 0.5} sets it per language.
@@ -68,7 +68,7 @@ class SearchSettings(TypedConfig):
     lsrp_layers: Optional[list[NonNegativeInt]] = None
     pairs: bool = True
     lirp_only: bool = True
-    rule: Literal["split", "bonferroni", "maxt"] = "split"  # the choice rule (interventions/choice.py RULES)
+    rule: Literal["split", "bonferroni", "maxt"] = "maxt"  # the choice rule (interventions/choice.py RULES)
 
 
 @dataclass

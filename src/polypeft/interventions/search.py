@@ -273,7 +273,7 @@ def search_layers(
     (default the same) and j > i when `pairs`, plus (i, None) for LIRP only when `lirp_only`;
     `baseline` also scores (None, None), the model without LRP2. `lrp2_scorer` builds a score_fn.
     A score_fn returning per-example scores (a 0/1 tensor for accuracy@1) lets `best` refuse a cell inside the
-    noise by `rule` (choice.RULES: "split", the default, "bonferroni" or "maxt"); one returning a float keeps any top cell
+    noise by `rule` (choice.RULES: "maxt", the default, "bonferroni" or "split"); one returning a float keeps any top cell
     above the baseline. The examples' order matters to "split" (interleaved parts): keep it fixed across cells.
     """
     check_rule(rule, alpha, selection_share, min_examples, "search_layers")
