@@ -198,7 +198,7 @@ def precision_used(sizes: Sizes) -> str:
 
 def with_steps(recipe: mmt.MMTRecipe, steps: int, name: Optional[str] = None) -> mmt.MMTRecipe:
     training = dataclasses.replace(recipe.training, steps=steps, checkpoint_every=steps,
-                                   warmup=min(recipe.training.warmup, steps))
+                                   warmup=min(recipe.training.warmup_steps, steps))
     return dataclasses.replace(recipe, training=training, name=name or recipe.name)
 
 

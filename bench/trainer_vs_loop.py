@@ -268,7 +268,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     index_batches = [next(stream) for _ in range(2 * max(args.steps, args.segment))]
     batches = StampedBatches(recipe, data, model.config, index_batches)
     # The loop's side of the recipe; the Trainer gets the same numbers through trainer_arguments(settings).
-    base = TrainSettings(steps=args.steps, lr=recipe.training.lr, warmup=recipe.training.warmup, schedule="linear", betas=(0.9, 0.98),
+    base = TrainSettings(steps=args.steps, lr=recipe.training.lr, warmup=recipe.training.warmup_steps, schedule="linear", betas=(0.9, 0.98),
                          weight_decay=0.0, accumulation=1, clip_norm=1.0, seed=0, progress=False)
     chosen = [v for v in VARIANTS if not args.only or v.name in args.only]
     loop_runs: dict = {}

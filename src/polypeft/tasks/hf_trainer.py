@@ -37,7 +37,7 @@ def trainer_arguments(settings: TrainSettings, output_dir: str, **changes: Any) 
     if not isinstance(settings, TrainSettings):
         raise TypeError(f"settings must be a polypeft TrainSettings, got {type(settings).__name__}")
     values = dict(output_dir=output_dir, max_steps=settings.steps, learning_rate=settings.lr,
-                  lr_scheduler_type=NEAREST_HF_SCHEDULE[settings.schedule], warmup_steps=settings.warmup,
+                  lr_scheduler_type=NEAREST_HF_SCHEDULE[settings.schedule], warmup_steps=settings.warmup_steps,
                   adam_beta1=settings.betas[0], adam_beta2=settings.betas[1], adam_epsilon=1e-8, optim="adamw_torch",
                   weight_decay=settings.weight_decay, gradient_accumulation_steps=settings.accumulation,
                   max_grad_norm=settings.clip_norm, bf16=settings.mixed_precision == "bf16",
@@ -109,7 +109,7 @@ class RoutedTrainerMixin:
             return super().create_scheduler(num_training_steps, optimizer)
         settings = self.loop_schedule
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer or self.optimizer, schedule(settings.schedule, settings.warmup, num_training_steps))
+            optimizer or self.optimizer, schedule(settings.schedule, settings.warmup_steps, num_training_steps))
         self._created_lr_scheduler = True  # so a second train() builds it anew for its own step count
         return self.lr_scheduler
 

@@ -78,7 +78,7 @@ class TrainingStep:
         # The schedule counts optimiser steps, so it stays outside prepare(): accelerate's wrapper would step
         # it once per process, running warm-up and decay num_processes times too fast.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, schedule(settings.schedule, settings.warmup, settings.steps))
+            optimizer, schedule(settings.schedule, settings.warmup_steps, settings.steps))
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.optimizer.zero_grad(set_to_none=True)  # gradients left on the model by an earlier run do not count
 

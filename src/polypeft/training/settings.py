@@ -20,8 +20,9 @@ Beta = Annotated[float, Range(0, 1, high_open=True)]
 class TrainSettings(TypedConfig):
     """AdamW for `steps` optimiser steps of `accumulation` micro-batches each (defaults: the LMS paper's recipe).
 
-    `schedule` shapes the rate after `warmup` linear warm-up steps: "inverse_sqrt" (fairseq), "linear" decay
-    to zero at `steps`, or "constant". `mixed_precision` goes to accelerate: parameters stay float32 and the
+    `schedule` shapes the rate after `warmup` linear warm-up steps (null: a tenth of `steps`, at least one, so a
+    recipe that changes `steps` keeps its warm-up in proportion): "inverse_sqrt" (fairseq), "linear" decay to
+    zero at `steps`, or "constant". `mixed_precision` goes to accelerate: parameters stay float32 and the
     forward pass autocasts. `seed` None leaves the global generators as the caller set them. `clip_norm` 0
     does not clip; `checkpoint_every`, `valid_every` (0: never) and `log_every` count optimiser steps.
     """
@@ -30,7 +31,7 @@ class TrainSettings(TypedConfig):
     moved_keys: ClassVar[Mapping[str, str]] = {"learning_rate": "lr", "max_grad_norm": "clip_norm"}
     steps: PositiveInt = 1000
     lr: PositiveFloat = 5e-4
-    warmup: NonNegativeInt = 200
+    warmup: Optional[NonNegativeInt] = 200
     schedule: Schedule = "inverse_sqrt"
     betas: tuple[Beta, Beta] = (0.9, 0.98)
     weight_decay: NonNegativeFloat = 0.0
@@ -48,3 +49,8 @@ class TrainSettings(TypedConfig):
         if len(self.betas) != 2:
             raise ConfigError(f"TrainSettings.betas={self.betas!r} must be two numbers in [0, 1)")
         self.betas = (float(self.betas[0]), float(self.betas[1]))
+
+    @property
+    def warmup_steps(self) -> int:
+        """The warm-up the schedule runs: `warmup`, or a tenth of `steps` (at least one) when it is null."""
+        return self.warmup if self.warmup is not None else max(1, self.steps // 10)
