@@ -1,11 +1,21 @@
-"""The optimisation fields are declared once (TrainSettings): a warm-up left null is a tenth of the steps."""
+"""The optimisation fields are declared once (TrainSettings) and nested: old flat keys still read, and the classify
+recipe's warm-up follows its steps."""
 from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 
+from polypeft.cli.encoder import ClassifyRecipe, finetune_settings
+from polypeft.cli.recipes import load_recipe
 from polypeft.core.config import ConfigError
+from polypeft.tasks.encoder_finetune import FinetuneSettings
 from polypeft.training.loop import TrainSettings, train
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSIFY = ROOT / "configs" / "classify_bible.yaml"
 
 # ---------------------------------------------------------------------------------------------- warm-up
 
@@ -28,3 +38,50 @@ def test_the_loop_warms_up_over_a_tenth_of_the_steps_when_warmup_is_null():
         return [record["lr"] for record in history]
 
     assert rates(None) == rates(3) != rates(10)
+
+
+# ---------------------------------------------------------------------------------------------- classify
+
+def old_finetune_settings(steps: int, warmup: int) -> FinetuneSettings:
+    """What the classify recipe built before its training block (flat steps and lr, warm-up a tenth of steps)."""
+    return FinetuneSettings.from_values(steps=steps, batch_size=32, lr=2e-4, route_lr=2e-3, warmup=warmup,
+                                        max_length=48, frozen_layers=10, rank=8, prefix="query: ")
+
+
+def test_classify_reads_its_old_flat_keys_and_builds_the_same_fine_tune(tmp_path):
+    recipe = load_recipe(ClassifyRecipe, str(CLASSIFY))  # the shipped recipe says steps and lr at its top
+    assert (recipe.training.steps, recipe.training.lr, recipe.training.warmup) == (300, 2e-4, None)
+    assert finetune_settings(recipe) == old_finetune_settings(300, 30)
+    # bench/RESULTS.md's command (a): --set steps=600 on that file
+    pairs = ["verses_per_section=300", "steps=600", "seeds=[1]", "throughput_steps=0",
+             f"output_dir={tmp_path / 'runs'}"]
+    recipe = load_recipe(ClassifyRecipe, str(CLASSIFY), pairs)
+    assert (recipe.verses_per_section, recipe.training.steps, recipe.seeds) == (300, 600, [1])
+    assert finetune_settings(recipe) == old_finetune_settings(600, 60)
+    # the default recipe's block is the fine-tune's own, at classify's length, rate and warm-up
+    assert finetune_settings(ClassifyRecipe()).training == replace(FinetuneSettings().training, steps=300, lr=2e-4,
+                                                                   warmup=30)
+
+
+def test_classify_warmup_follows_the_steps_unless_it_is_given(tmp_path):
+    block = tmp_path / "block.yaml"
+    block.write_text("training:\n  steps: 400\nseeds: [0]\n", encoding="utf-8")
+    recipe = load_recipe(ClassifyRecipe, str(block))
+    assert finetune_settings(recipe).training.warmup == 40
+    assert (recipe.training.lr, recipe.training.schedule, recipe.training.betas) == (2e-4, "linear", (0.9, 0.999))
+    assert load_recipe(ClassifyRecipe, str(block), ["steps=50"]).training.steps == 50  # into the file's block
+    assert finetune_settings(load_recipe(ClassifyRecipe, str(CLASSIFY), ["warmup=5"])).training.warmup == 5
+    zero = tmp_path / "zero.yaml"
+    zero.write_text("training:\n  steps: 400\n  warmup: 0\n", encoding="utf-8")
+    assert finetune_settings(load_recipe(ClassifyRecipe, str(zero))).training.warmup == 0
+
+
+def test_classify_refuses_a_key_given_twice_and_a_block_seed_by_name(tmp_path):
+    both = tmp_path / "both.yaml"
+    both.write_text("steps: 300\ntraining:\n  steps: 400\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"'steps' and 'training.steps' are both given"):
+        load_recipe(ClassifyRecipe, str(both))
+    with pytest.raises(ConfigError, match=r"--set steps=0: training.steps=0 must be a positive int"):
+        load_recipe(ClassifyRecipe, str(CLASSIFY), ["steps=0"])
+    with pytest.raises(ConfigError, match=r"training.seed=3 would seed every run"):
+        load_recipe(ClassifyRecipe, str(CLASSIFY), ["training={seed: 3}"])

@@ -8,10 +8,11 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Mapping, Optional
 
 from ..core.config import (ConfigError, Fraction, LanguageList, NonNegativeInt, PositiveFloat, PositiveInt,
                            TypedConfig)
+from ..training.settings import TrainSettings
 from .recipes import add_recipe_arguments, check_input_file, check_output_dir, load_recipe
 
 BIBLE_LANGUAGES = ["en", "fr", "es", "de", "ru", "ar", "ko"]
@@ -138,6 +139,13 @@ def retrieval_markdown(results: dict[str, Any]) -> str:
 
 # ----------------------------------------------------------------------------- classify
 
+def classify_schedule(**changes: Any) -> TrainSettings:
+    """The fine-tune's optimisation (`FinetuneSettings.training`: AdamW, linear warm-up and decay, clipping at 1)
+    at the classify recipe's length and rate; warm-up left null is a tenth of the steps, as `steps` changes."""
+    return TrainSettings(**{"steps": 300, "lr": 2e-4, "warmup": None, "schedule": "linear", "betas": (0.9, 0.999),
+                            "clip_norm": 1.0, "seed": None, **changes})
+
+
 @dataclass
 class ClassifyRecipe(TypedConfig):
     """Fine-tune an encoder for classification with naive / LMS / LMS+FD and score every language.
@@ -147,8 +155,11 @@ class ClassifyRecipe(TypedConfig):
     `lirp_at_test` adds LRP2 at test time (LIRP on the cached states at layer `frozen_layers`).
     `valid_fraction` holds verses out of training; `score: valid` scores them and leaves the test split unread,
     so settings are chosen on the valid split and the test split is scored once, with the same training verses.
+    `training` is the optimisation (warm-up null: a tenth of the steps); `seeds` seed the runs, so its seed stays null.
     """
 
+    # Recipes written before the training block say steps, lr and warmup at the top; they move into it.
+    moved_keys: ClassVar[Mapping[str, str]] = {key: f"training.{key}" for key in ("steps", "lr", "warmup")}
     model: str = "e5-small"
     languages: LanguageList = field(default_factory=lambda: list(BIBLE_LANGUAGES))
     train_languages: Optional[list[str]] = None
@@ -159,10 +170,9 @@ class ClassifyRecipe(TypedConfig):
     test_fraction: Fraction = 0.3
     valid_fraction: Fraction = 0.0
     score: Literal["test", "valid"] = "test"
-    steps: PositiveInt = 300
+    training: TrainSettings = field(default_factory=classify_schedule)
     batch_size: PositiveInt = 32
-    lr: PositiveFloat = 2e-4
-    route_lr: Optional[PositiveFloat] = 2e-3
+    route_lr: Optional[PositiveFloat] = 2e-3  # the LMS routes' rate; null: training.lr
     rank: PositiveInt = 8
     max_length: PositiveInt = 48
     frozen_layers: NonNegativeInt = 10
@@ -174,6 +184,9 @@ class ClassifyRecipe(TypedConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.training.seed is not None:
+            raise ConfigError(f"training.seed={self.training.seed} would seed every run of `seeds` alike; the runs "
+                              "take their seeds from `seeds`: leave training.seed null")
         if self.lirp_at_test and self.frozen_layers <= 0:
             raise ConfigError("classify: lirp_at_test applies LIRP at the cache boundary; it needs frozen_layers > 0")
         if self.lirp_at_test and self.pivot not in self.languages:
@@ -229,11 +242,12 @@ def classification_data(recipe: ClassifyRecipe) -> tuple[dict, dict, list[str]]:
 
 
 def finetune_settings(recipe: ClassifyRecipe):
-    """The fine-tuning settings a classify recipe stands for (warm-up: a tenth of the steps)."""
+    """The fine-tuning settings a classify recipe stands for, its warm-up resolved (a null one: a tenth of the
+    steps), so the throughput measurement's shorter runs keep the full run's rate."""
     from ..tasks import encoder_finetune as ef
 
-    return ef.FinetuneSettings.from_values(steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr,
-                                           route_lr=recipe.route_lr, warmup=max(1, recipe.steps // 10),
+    training = dataclasses.replace(recipe.training, warmup=recipe.training.warmup_steps)
+    return ef.FinetuneSettings.from_values(training=training, batch_size=recipe.batch_size, route_lr=recipe.route_lr,
                                            max_length=recipe.max_length, frozen_layers=recipe.frozen_layers,
                                            rank=recipe.rank, prefix=recipe.prefix)
 
