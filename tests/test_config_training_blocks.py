@@ -1,21 +1,24 @@
-"""The optimisation fields are declared once (TrainSettings) and nested: old flat keys still read, and the classify
-recipe's warm-up follows its steps."""
+"""The optimisation fields are declared once (TrainSettings) and nested: old flat keys still read, the classify
+recipe's warm-up follows its steps, and the English-centric LM's cache key stays what it was before the block."""
 from __future__ import annotations
 
-from dataclasses import replace
+import json
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
 import torch
 
+from polypeft.backbones.causal_lm import CausalLmSettings, causal_lm_dir, lm_schedule
 from polypeft.cli.encoder import ClassifyRecipe, finetune_settings
 from polypeft.cli.recipes import load_recipe
-from polypeft.core.config import ConfigError
+from polypeft.core.config import ConfigError, build
 from polypeft.tasks.encoder_finetune import FinetuneSettings
 from polypeft.training.loop import TrainSettings, train
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSIFY = ROOT / "configs" / "classify_bible.yaml"
+LM_RESULTS = ROOT / "bench" / "experiments" / "english_centric_lm"
 
 # ---------------------------------------------------------------------------------------------- warm-up
 
@@ -85,3 +88,59 @@ def test_classify_refuses_a_key_given_twice_and_a_block_seed_by_name(tmp_path):
         load_recipe(ClassifyRecipe, str(CLASSIFY), ["steps=0"])
     with pytest.raises(ConfigError, match=r"training.seed=3 would seed every run"):
         load_recipe(ClassifyRecipe, str(CLASSIFY), ["training={seed: 3}"])
+
+
+# ---------------------------------------------------------------------------------------------- the causal LM
+
+# Keys computed before the training block existed (when steps, lr, warmup and checkpoint_every were flat fields).
+KEY_OF_DEFAULT = "4049baf7d098933e"  # bench/experiments/english_centric_lm's build
+KEY_OF_ALL_LANGUAGES = "86791e65be1c5949"  # the twelve-language build of the LMS-vs-LoRA decoder testbed
+KEY_OF_FLAT_300 = "55c1f5acf2127607"  # steps=300, lr=1e-3, warmup=10, checkpoint_every=7
+
+
+def test_the_cache_key_of_every_earlier_build_is_unchanged():
+    from polypeft.experiments.lms_vs_lora.lm_bed import base_lm_settings
+    from polypeft.experiments.lms_vs_lora.settings import LanguageModelTestbed
+
+    assert CausalLmSettings().key() == KEY_OF_DEFAULT
+    assert base_lm_settings(LanguageModelTestbed()).key() == KEY_OF_ALL_LANGUAGES
+    flat = CausalLmSettings.from_values(steps=300, lr=1e-3, warmup=10, checkpoint_every=7)
+    nested = CausalLmSettings(training=lm_schedule(steps=300, lr=1e-3, warmup=10, checkpoint_every=7))
+    assert flat == nested and flat.key() == KEY_OF_FLAT_300
+    assert causal_lm_dir(CausalLmSettings(), "cache").name == KEY_OF_DEFAULT
+    # what does not shape the model stays out of the key; what does shape it changes it
+    assert CausalLmSettings.from_values(training={"checkpoint_every": 5, "valid_every": 3}).key() == KEY_OF_DEFAULT
+    assert CausalLmSettings.from_values(training={"schedule": "constant"}).key() != KEY_OF_DEFAULT
+    assert CausalLmSettings.from_values(training={"warmup": None}).key() == CausalLmSettings.from_values(
+        warmup=70).key()  # a null warm-up is a tenth of the 700 steps
+
+
+@pytest.mark.parametrize("results", ["results.json", "all_languages/results.json"])
+def test_the_committed_results_read_back_to_the_key_of_their_build(results):
+    data = json.loads((LM_RESULTS / results).read_text(encoding="utf-8"))
+    assert "steps" in data["settings"]["lm"]  # written with the flat keys
+    settings = CausalLmSettings.from_values(**data["settings"]["lm"])
+    assert settings.training.steps == data["settings"]["lm"]["steps"]
+    assert settings.key() == data["build"]["key"]
+    assert CausalLmSettings.from_values(**data["build"]["settings"]) == settings
+
+
+def test_the_lm_reads_its_old_flat_keys_and_trains_as_before():
+    from polypeft.experiments.english_centric_lm import EnglishCentricExperiment, earlier_parts
+
+    old = CausalLmSettings.from_values(steps=300, lr=1e-3)
+    training = old.training
+    assert (training.steps, training.lr, training.warmup, training.betas) == (300, 1e-3, 50, (0.9, 0.95))
+    experiment = build(EnglishCentricExperiment, {"lm": {"steps": 300, "warmup": 5}}, "lm.yaml")
+    assert (experiment.lm.training.steps, experiment.lm.training.warmup, experiment.lm.training.lr) == (300, 5, 2e-3)
+    # the loop runs what the build ran before: the block seeded with the LM's seed
+    assert CausalLmSettings(seed=3).loop_settings(progress=False) == TrainSettings(
+        steps=700, lr=2e-3, warmup=50, schedule="linear", betas=(0.9, 0.95), weight_decay=0.01, checkpoint_every=100,
+        valid_every=70, log_every=10, seed=3, progress=False)
+    with pytest.raises(ConfigError, match=r"training.seed=1: the LM has one seed"):
+        CausalLmSettings.from_values(training={"seed": 1})
+    with pytest.raises(ConfigError, match=r"lm.yaml: lm: 'steps' and 'training.steps' are both given"):
+        build(EnglishCentricExperiment, {"lm": {"steps": 300, "training": {"steps": 4}}}, "lm.yaml")
+    # the committed results (flat lm settings) still allow a part to be measured again
+    kept = earlier_parts(LM_RESULTS, ["lens"], asdict(EnglishCentricExperiment()))
+    assert sorted(kept) == ["base", "lrp2", "timings_seconds"]

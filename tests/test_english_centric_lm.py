@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import polypeft.tasks.language_model as language_model
-from polypeft.backbones.causal_lm import CausalLmSettings, CausalLmTokenizer, causal_lm_dir, mixture_weights
+from polypeft.backbones.causal_lm import (CausalLmSettings, CausalLmTokenizer, causal_lm_dir, lm_schedule,
+                                         mixture_weights)
 from polypeft.data.bible import BibleCorpus
 from polypeft.experiments.english_centric_lm import prompt_of
 from polypeft.interventions.capture import iterate_pooled
@@ -20,8 +21,8 @@ from test_lens import PARALLEL
 from test_lrp2 import TEXTS, WORDS, tiny_llama  # noqa: F401 (tiny_tokenizer reads WORDS)
 
 TINY_LM = CausalLmSettings(languages=("en", "fr"), vocab_size=300, spm_sentences=200, hidden_size=32, num_layers=2,
-                           num_heads=2, intermediate_size=64, seq_len=32, batch_size=4, steps=4, checkpoint_every=2,
-                           max_verses=100)
+                           num_heads=2, intermediate_size=64, seq_len=32, batch_size=4,
+                           training=lm_schedule(steps=4, checkpoint_every=2), max_verses=100)
 
 
 REAL_LOSS = language_model.language_model_loss

@@ -141,15 +141,16 @@ def test_the_retrieval_testbed_runs_end_to_end_and_resumes(tmp_path, monkeypatch
 
 @pytest.mark.slow
 def test_the_language_model_testbed_runs_end_to_end(tmp_path):
-    from polypeft.backbones.causal_lm import CausalLmSettings
+    from polypeft.backbones.causal_lm import CausalLmSettings, lm_schedule
     from polypeft.experiments.lms_vs_lora.lm_bed import LanguageModelBed
     from polypeft.experiments.lms_vs_lora.protocol import run_comparison
     from polypeft.experiments.lms_vs_lora.report import write_report
     from polypeft.tasks.language_model import build_english_centric_lm
 
     lm = CausalLmSettings(languages=("en", "fr", "ru"), vocab_size=300, spm_sentences=300, hidden_size=32,
-                          num_layers=2, num_heads=2, intermediate_size=64, seq_len=32, batch_size=4, steps=4,
-                          checkpoint_every=2, max_verses=200, test_books=(57,), valid_books=(63,))
+                          num_layers=2, num_heads=2, intermediate_size=64, seq_len=32, batch_size=4,
+                          training=lm_schedule(steps=4, checkpoint_every=2), max_verses=200, test_books=(57,),
+                          valid_books=(63,))
     model, tokenizer, _ = build_english_centric_lm(lm, cache_dir=tmp_path / "lm", progress=False)
     settings = LanguageModelTestbed(**TINY, languages=["fr", "ru"], seq_len=32, valid_verses=5, test_verses=6)
     bed = LanguageModelBed(model, tokenizer, settings)

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import torch
 
-from polypeft.backbones.causal_lm import CausalLmSettings
+from polypeft.backbones.causal_lm import CausalLmSettings, lm_schedule
 from polypeft.core.fileio import write_json, write_text
 from polypeft.experiments.english_centric_lm import EnglishCentricExperiment, measured_variants, run_english_centric_lm
 
 QUICK_LM = CausalLmSettings(languages=("en", "fr", "ru"), vocab_size=300, spm_sentences=300, hidden_size=32,
-                            num_layers=3, num_heads=2, intermediate_size=64, seq_len=32, batch_size=4, steps=6,
-                            checkpoint_every=2, max_verses=200)
+                            num_layers=3, num_heads=2, intermediate_size=64, seq_len=32, batch_size=4,
+                            training=lm_schedule(steps=6, checkpoint_every=2), max_verses=200)
 
 
 def table(results: dict) -> str:

@@ -6,25 +6,37 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Any, ClassVar, Iterator, Mapping, Optional, Sequence
 
 import torch
 import transformers as tf
 from safetensors.torch import load_model
 
-from ..core.config import ConfigError, NonNegativeInt, PositiveFloat, PositiveInt, TypedConfig
+from ..core.config import ConfigError, NonNegativeInt, PositiveInt, TypedConfig
 from ..core.fileio import cache_root, write_json, write_model_weights
 from ..data.bible import BIBLE_VERSIONS, BibleCorpus, BibleSplit
 from ..data.spm import SpmTokenizer, bible_spm
+from ..training.settings import TrainSettings
 
 __all__ = ["CAUSAL_LM_FORMAT", "CausalLmSettings", "CausalLmTokenizer", "build_model", "causal_lm_dir",
-           "load_causal_lm", "mixture_weights", "save_causal_lm", "token_windows", "tokenizer_for",
+           "lm_schedule", "load_causal_lm", "mixture_weights", "save_causal_lm", "token_windows", "tokenizer_for",
            "training_verses"]
 
 CAUSAL_LM_FORMAT = 1  # bump when the build changes, so an old cached model is not reused
 WEIGHTS_NAME, CONFIG_NAME, BUILD_NAME = "model.safetensors", "config.json", "build.json"
+# The training fields the settings once held at the top, and those of the block that do not shape the model.
+FLAT_TRAINING_KEYS = ("steps", "lr", "warmup", "checkpoint_every")
+NOT_SHAPING = ("checkpoint_every", "valid_every", "log_every", "progress")
+
+
+def lm_schedule(**changes: Any) -> TrainSettings:
+    """The LM's optimisation: AdamW (betas 0.9/0.95, weight decay 0.01), linear warm-up and decay, 700 steps at
+    2e-3, validated every 70 and at the end; the block's seed stays null, the settings' `seed` seeds training."""
+    return TrainSettings(**{"steps": 700, "lr": 2e-3, "warmup": 50, "schedule": "linear", "betas": (0.9, 0.95),
+                            "weight_decay": 0.01, "checkpoint_every": 100, "valid_every": 70, "log_every": 10,
+                            "seed": None, **changes})
 
 
 @dataclass(frozen=True)
@@ -33,9 +45,12 @@ class CausalLmSettings(TypedConfig):
 
     `english_share` of the training tokens is English and the rest is split evenly over the other languages,
     so English dominates as it does in the pretraining data of English-centric LLMs. Books `test_books` and
-    `valid_books` are never trained on (the tokenizer does not see them either).
+    `valid_books` are never trained on (the tokenizer does not see them either). `training` is the optimisation
+    (`lm_schedule()`); `seed` seeds the tokenizer, the weights, the batches and training alike.
     """
 
+    # Settings written before the training block say steps, lr, warmup and checkpoint_every at the top.
+    moved_keys: ClassVar[Mapping[str, str]] = {key: f"training.{key}" for key in FLAT_TRAINING_KEYS}
     languages: tuple[str, ...] = ("en", "fr", "es", "de", "ru", "ar", "ko")
     english_share: float = 0.9
     vocab_size: PositiveInt = 4000
@@ -46,10 +61,7 @@ class CausalLmSettings(TypedConfig):
     intermediate_size: PositiveInt = 688
     seq_len: PositiveInt = 128
     batch_size: PositiveInt = 16
-    steps: PositiveInt = 700
-    lr: PositiveFloat = 2e-3
-    warmup: NonNegativeInt = 50
-    checkpoint_every: PositiveInt = 100
+    training: TrainSettings = field(default_factory=lm_schedule)
     max_verses: Optional[PositiveInt] = None  # per language (tests); None: every training verse
     seed: NonNegativeInt = 0
     test_books: tuple[int, ...] = (43,)  # John
@@ -67,14 +79,34 @@ class CausalLmSettings(TypedConfig):
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"CausalLmSettings: hidden_size={self.hidden_size} is not a multiple of "
                               f"num_heads={self.num_heads}")
+        if self.training.seed is not None:
+            raise ConfigError(f"CausalLmSettings.training.seed={self.training.seed}: the LM has one seed, `seed` "
+                              "(tokenizer, weights, batches and training); set that and leave training.seed null")
 
     @property
     def split(self) -> BibleSplit:
         return BibleSplit(test_books=self.test_books, valid_books=self.valid_books)
 
+    def loop_settings(self, progress: bool = True) -> TrainSettings:
+        """What the training loop runs: the block, seeded with the LM's `seed`."""
+        return replace(self.training, seed=self.seed, progress=progress)
+
+    def flat_values(self) -> dict[str, Any]:
+        """The settings laid out as before the training block: its steps, lr, warmup and checkpoint_every at the
+        top, any other of its model-shaping fields that differs from `lm_schedule()` as `training.<name>`."""
+        values = {name: value for name, value in asdict(self).items() if name != "training"}
+        values.update({name: getattr(self.training, name) for name in FLAT_TRAINING_KEYS},
+                      warmup=self.training.warmup_steps)
+        default = lm_schedule()
+        left = [f.name for f in fields(TrainSettings) if f.name not in (*FLAT_TRAINING_KEYS, *NOT_SHAPING, "seed")]
+        values.update({f"training.{name}": getattr(self.training, name) for name in left
+                       if getattr(self.training, name) != getattr(default, name)})
+        return values
+
     def key(self) -> str:
-        """A short hash of every setting that shapes the model (not how often it checkpoints): the cache folder's name."""
-        shaping = {name: value for name, value in asdict(self).items() if name != "checkpoint_every"}
+        """A short hash of every setting that shapes the model (not how often it checkpoints): the cache folder's
+        name. Hashed from the flat layout, so every model built before the training block keeps its folder."""
+        shaping = {name: value for name, value in self.flat_values().items() if name != "checkpoint_every"}
         text = json.dumps({"format": CAUSAL_LM_FORMAT, **shaping}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -206,8 +206,9 @@ def earlier_parts(out_dir: Optional[str | Path], rerun: Optional[Sequence[str]],
         raise FileNotFoundError(f"rerun={list(rerun)} keeps the other parts of {path}, which does not exist")
     earlier = json.loads(path.read_text(encoding="utf-8"))
     own = tuple(f"{part}_" for part in rerun if part != "base")  # settings only a re-measured part reads
-    now = {k: v for k, v in json.loads(json.dumps(settings)).items() if k != "progress" and not k.startswith(own)}
-    before = {k: v for k, v in earlier.get("settings", {}).items() if k != "progress" and not k.startswith(own)}
+    now = {k: v for k, v in comparable(settings).items() if k != "progress" and not k.startswith(own)}
+    before = {k: v for k, v in comparable(earlier.get("settings", {})).items()
+              if k != "progress" and not k.startswith(own)}
     if now != before:
         changed = sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k))
         raise ValueError(f"rerun={list(rerun)}: {path} was measured with other settings ({changed}); "
@@ -215,6 +216,15 @@ def earlier_parts(out_dir: Optional[str | Path], rerun: Optional[Sequence[str]],
     keep = [part for part in PARTS if part not in rerun]
     return {key: value for key, value in earlier.items()
             if key == "timings_seconds" or any(key == part or key.startswith(part + "_") for part in keep)}
+
+
+def comparable(settings: dict) -> dict:
+    """Settings as JSON reads them back, the LM's through its typed settings: results written before the LM had
+    a training block (steps, lr, warmup at its top) compare equal to the same settings now."""
+    settings = json.loads(json.dumps(settings))
+    if isinstance(settings.get("lm"), dict):
+        settings["lm"] = json.loads(json.dumps(asdict(CausalLmSettings.from_values(**settings["lm"]))))
+    return settings
 
 
 def run_english_centric_lm(settings: EnglishCentricExperiment = EnglishCentricExperiment(),

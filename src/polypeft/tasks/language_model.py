@@ -20,7 +20,7 @@ from ..backbones.causal_lm import (CausalLmSettings, CausalLmTokenizer, build_mo
 from ..core.modes import evaluation_mode
 from ..data.bible import BibleCorpus
 from ..training.checkpoint import load_checkpoint
-from ..training.loop import CHECKPOINT_NAME, TrainSettings, train
+from ..training.loop import CHECKPOINT_NAME, train
 
 __all__ = ["build_english_centric_lm", "continue_prompts", "language_model_loss", "mean_token_nll", "perplexity"]
 
@@ -57,10 +57,7 @@ def build_english_centric_lm(settings: CausalLmSettings = CausalLmSettings(), ca
         return sum(float(language_model_loss(model, batch)[0]) for batch in valid_batches) / len(valid_batches)
 
     model = build_model(settings, tokenizer)
-    loop_settings = TrainSettings(steps=settings.steps, lr=settings.lr, warmup=settings.warmup, schedule="linear",
-                                  betas=(0.9, 0.95), weight_decay=0.01, checkpoint_every=settings.checkpoint_every,
-                                  valid_every=max(1, settings.steps // 10), log_every=10, seed=settings.seed,
-                                  progress=progress)
+    loop_settings = settings.loop_settings(progress)
     resume = (directory / CHECKPOINT_NAME).is_file()
     start_step = load_checkpoint(directory / CHECKPOINT_NAME)["step"] if resume else 0
     started = time.perf_counter()
@@ -74,7 +71,7 @@ def build_english_centric_lm(settings: CausalLmSettings = CausalLmSettings(), ca
         "parameters": sum(p.numel() for p in model.parameters()),
         "verse_weights": weights, "token_shares": token_shares(verses, weights),
         "resumed_from_step": start_step, "wall_seconds_last_run": round(wall, 1),
-        "seconds_per_step_last_run": round(wall / max(1, settings.steps - start_step), 3),
+        "seconds_per_step_last_run": round(wall / max(1, loop_settings.steps - start_step), 3),
         "final_loss": history[-1]["loss"],
         "valid_loss": [{"step": r["step"], "valid_loss": r["valid_loss"]} for r in history if "valid_loss" in r],
     }

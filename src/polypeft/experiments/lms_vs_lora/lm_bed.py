@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from ...backbones.causal_lm import CausalLmSettings, CausalLmTokenizer
+from ...backbones.causal_lm import CausalLmSettings, CausalLmTokenizer, lm_schedule
 from ...data.bible import NUM_BOOKS, BibleCorpus
 from ...methods.fd import fuse_distillation_step
 from ...tasks.language_model import token_losses
@@ -25,7 +25,7 @@ from .towers import ENGLISH, Tower, adapt
 
 def base_lm_settings(testbed: LanguageModelTestbed) -> CausalLmSettings:
     """The English-centric LM with every language of the testbed (90 % English tokens), held-out books kept out."""
-    return CausalLmSettings(languages=(ENGLISH, *testbed.languages), steps=testbed.lm_steps,
+    return CausalLmSettings(languages=(ENGLISH, *testbed.languages), training=lm_schedule(steps=testbed.lm_steps),
                             test_books=(testbed.test_book,), valid_books=tuple(testbed.valid_books))
 
 
