@@ -61,6 +61,8 @@ def test_classify_reads_its_old_flat_keys_and_builds_the_same_fine_tune(tmp_path
     recipe = load_recipe(ClassifyRecipe, str(CLASSIFY), pairs)
     assert (recipe.verses_per_section, recipe.training.steps, recipe.seeds) == (300, 600, [1])
     assert finetune_settings(recipe) == old_finetune_settings(600, 60)
+    # and from Python, as bench/fd_classify_recheck.py builds its recipes
+    assert finetune_settings(ClassifyRecipe.from_values(steps=600, lr=2e-4)) == old_finetune_settings(600, 60)
     # the default recipe's block is the fine-tune's own, at classify's length, rate and warm-up
     assert finetune_settings(ClassifyRecipe()).training == replace(FinetuneSettings().training, steps=300, lr=2e-4,
                                                                    warmup=30)
