@@ -509,6 +509,11 @@ def test_cli_trains_saves_and_evaluates_a_recipe(tmp_path):
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["recipe"] == "flare" and metrics["examples"] == 4 and 0 <= metrics["accuracy"] <= 1
     assert (tmp_path / "run" / "adapter" / "polypeft_model.safetensors").exists()
+    from transformers import AutoModelForSequenceClassification
+
+    _, loading = AutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / "stage1_merged",
+                                                                     output_loading_info=True)
+    assert not loading["missing_keys"] and not loading["unexpected_keys"], "stage 1's weights under their own names"
     with pytest.raises(FLAREError, match="recipe='flarez' is not allowed"):
         run_cli(tmp_path, {**config, "recipe": "flarez"}, "train")
 

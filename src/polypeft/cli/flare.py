@@ -125,16 +125,17 @@ def train_command(args: argparse.Namespace) -> None:
 
 
 def save_trained(trained: "TrainedRecipe", output_dir: str) -> None:
-    """The stage-1 merged model in full, the stage-2 adapter alone, and which recipe made them."""
+    """The stage-1 merged model in full, the stage-2 adapter alone, and which recipe made them; a stage-2 model
+    is spent afterwards (its layers are taken out)."""
     from ..core.fileio import write_json
     from ..model.poly_model import PolyModel
 
     os.makedirs(output_dir, exist_ok=True)
     if isinstance(trained.model, PolyModel):
         trained.model.save_pretrained(os.path.join(output_dir, "adapter"))
-        # The merged stage-1 weights sit under the stage-2 layers; save them without those.
-        with trained.model.disable_adapter():
-            trained.model.base_model.save_pretrained(os.path.join(output_dir, "stage1_merged"))
+        # The merged stage-1 weights sit under the stage-2 layers: taken out, they save under the base's own
+        # names (saved in place, every adapted linear's weight would be named `...base_layer.weight` and not load).
+        trained.model.unload().save_pretrained(os.path.join(output_dir, "stage1_merged"))
     else:
         trained.model.save_pretrained(os.path.join(output_dir, "stage1_merged"))
     write_json(os.path.join(output_dir, "recipe.json"), {"recipe": trained.recipe})
