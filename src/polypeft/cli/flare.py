@@ -77,17 +77,33 @@ class Data:
             batches.append({**batch, "labels": torch.tensor([e["label"] for e in chunk])})
         return batches
 
-    def parallel(self, key: str) -> list[tuple[dict, dict]]:
+    def parallel(self, key: str, english: Optional[list[str]] = None,
+                 with_english: bool = True) -> list[tuple[dict, Optional[dict]]]:
+        """(target, English) batch pairs; `english` (one text per line, a machine translation) replaces the
+        file's source_text; without English the pairs are (target, None) and the file needs no source_text."""
         import torch
 
+        examples = read_jsonl(self.recipe.data_file(key), needs_source=with_english and english is None)
+        if english is not None:
+            examples = [{**example, "source_text": text} for example, text in zip(examples, english, strict=True)]
         pairs = []
-        for chunk in batched(read_jsonl(self.recipe.data_file(key), needs_source=True), self.size):
+        for chunk in batched(examples, self.size):
             target = encode(self.tokenizer, [e["text"] for e in chunk], self.max_length, self.prefix)
             target["labels"] = torch.tensor([e["label"] for e in chunk])
-            source_prefix = self.prefix if self.source_tokenizer is self.tokenizer else ""
-            source = encode(self.source_tokenizer, [e["source_text"] for e in chunk], self.max_length, source_prefix)
+            source = None
+            if with_english:
+                source_prefix = self.prefix if self.source_tokenizer is self.tokenizer else ""
+                source = encode(self.source_tokenizer, [e["source_text"] for e in chunk], self.max_length,
+                                source_prefix)
             pairs.append((target, source))
         return pairs
+
+    def translated_english(self, key: str) -> list[str]:
+        """The file's texts translated into English by the recipe's translation run."""
+        from ..tasks.translation.translator import Translator
+
+        texts = [e["text"] for e in read_jsonl(self.recipe.data_file(key), needs_source=False)]
+        return Translator(self.recipe.translation_run)(texts, self.recipe.target_lang)
 
 
 def load_models(recipe: "FlareRecipe", base_path: Optional[str] = None) -> tuple[Any, Any, Any, Any]:
@@ -112,14 +128,15 @@ def load_models(recipe: "FlareRecipe", base_path: Optional[str] = None) -> tuple
 
 
 def train_command(args: argparse.Namespace) -> None:
-    from ..experiments.flare_recipe import run_recipe
+    from ..experiments.flare_recipe import STAGE1_ONLY, run_recipe
 
     recipe = read_yaml(args.config, getattr(args, "set", None))
     model, tokenizer, mt_encoder, mt_tokenizer = load_models(recipe)
     data = Data(recipe, tokenizer, mt_tokenizer)
-    trained = run_recipe(model, recipe.recipe, data.english(), data.parallel("target_train"), recipe.stage1_config,
+    pairs = [] if recipe.recipe in STAGE1_ONLY else data.parallel("target_train")
+    trained = run_recipe(model, recipe.recipe, data.english(), pairs, recipe.stage1_config,
                          recipe.flare, recipe.stage1, recipe.stage2, mt_encoder=mt_encoder,
-                         pad_token_id=tokenizer.pad_token_id or 0)
+                         pad_token_id=tokenizer.pad_token_id or 0, x_mixup=recipe.x_mixup)
     save_trained(trained, recipe.output_dir)
     print(f"saved {recipe.recipe} to {recipe.output_dir}")
 
@@ -144,8 +161,8 @@ def save_trained(trained: "TrainedRecipe", output_dir: str) -> None:
 def evaluate_command(args: argparse.Namespace) -> None:
     import torch
 
-    from ..core.fileio import write_json
-    from ..experiments.flare_recipe import TrainedRecipe
+    from ..core.fileio import write_json, write_text
+    from ..experiments.flare_recipe import READS_ENGLISH_AT_TEST, STAGE1_ONLY, TrainedRecipe, result_name
     from ..model.poly_model import PolyModel
 
     config = read_yaml(args.config, getattr(args, "set", None))
@@ -153,18 +170,30 @@ def evaluate_command(args: argparse.Namespace) -> None:
     with open(os.path.join(output_dir, "recipe.json"), encoding="utf-8") as handle:
         recipe = json.load(handle)["recipe"]
     model, tokenizer, mt_encoder, mt_tokenizer = load_models(config, os.path.join(output_dir, "stage1_merged"))
-    if recipe != "zero_shot":
+    if recipe not in STAGE1_ONLY:
         model = PolyModel.from_pretrained(model, os.path.join(output_dir, "adapter"), source_encoder=mt_encoder)
     trained = TrainedRecipe(recipe, model.eval(), tokenizer.pad_token_id or 0)
     data = Data(config, tokenizer, mt_tokenizer)
-    correct = total = 0
+    reads_english = recipe in READS_ENGLISH_AT_TEST
+    english = None
+    if reads_english and config.english_at_test == "translated":
+        english = data.translated_english("eval")
+        # Kept beside the metrics, so the translations the score rests on can be read.
+        write_text(os.path.join(output_dir, "english_at_test.jsonl"),
+                   "".join(json.dumps({"english": text}, ensure_ascii=False) + "\n" for text in english))
+    rows = []
     with torch.no_grad():
-        for target, source in data.parallel("eval"):
+        for target, source in data.parallel("eval", english, with_english=reads_english):
             labels = target.pop("labels")
             predictions = trained(target, source).logits.argmax(-1)
-            correct += int((predictions == labels).sum())
-            total += len(labels)
-    metrics = {"recipe": recipe, "accuracy": correct / total, "examples": total}
+            rows += [{"prediction": int(p), "label": int(l)} for p, l in zip(predictions, labels)]
+    # One line per example, in the file's order: what a paired comparison of two recipes reads.
+    write_text(os.path.join(output_dir, "predictions.jsonl"), "".join(json.dumps(row) + "\n" for row in rows))
+    correct = sum(row["prediction"] == row["label"] for row in rows)
+    metrics = {"recipe": recipe, "name": result_name(recipe, config.english_at_test), "accuracy": correct / len(rows),
+               "examples": len(rows)}
+    if reads_english:
+        metrics["english_at_test"] = config.english_at_test
     write_json(os.path.join(output_dir, "metrics.json"), metrics)
     print(json.dumps(metrics))
 

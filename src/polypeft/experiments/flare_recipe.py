@@ -1,6 +1,6 @@
 """FLARE's two-stage recipe over the one method protocol: an English LoRA merged, then a target-language stage.
 
-Zero-shot, LoRA translate-train, input-level fusion, FLARE and FLARE-MT are options of `run_recipe`.
+Zero-shot, translate-test, LoRA translate-train, X-Mixup, input-level fusion, FLARE and FLARE-MT: `run_recipe`.
 """
 from __future__ import annotations
 
@@ -15,8 +15,14 @@ from ..core.anatomy import TASK_HEADS
 from ..methods.flare.layer import FLAREConfig, FLAREError
 from ..model.poly_model import wrap
 from ..training.loop import BatchStreamEnded, TrainSettings, train
+from .x_mixup import ManifoldMixup, XMixupSettings, mixup_block
 
-RECIPES = ("zero_shot", "translate_train", "input_fusion", "flare", "flare_mt")
+RECIPES = ("zero_shot", "translate_test", "translate_train", "x_mixup", "input_fusion", "flare", "flare_mt")
+STAGE1_ONLY = ("zero_shot", "translate_test")  # their model is the merged English LoRA
+# Recipes that read an English side at test time, and where it comes from: the gold parallel text (an upper
+# bound: a user has no such text) or the machine translation of the test input.
+READS_ENGLISH_AT_TEST = ("translate_test", "input_fusion", "flare", "flare_mt")
+ENGLISH_AT_TEST = ("gold", "translated")
 Batch = Mapping[str, Any]
 ParallelBatch = tuple[Batch, Batch]  # (target-language batch, its English parallel batch)
 
@@ -25,6 +31,35 @@ def flare_stage(**changes) -> TrainSettings:
     """One stage's optimisation, the FLARE paper's: AdamW at a constant rate, no warm-up, 100 steps by default."""
     return TrainSettings(**{"steps": 100, "lr": 1e-3, "warmup": 0, "schedule": "constant", "betas": (0.9, 0.999),
                             "seed": 0, **changes})
+
+
+def default_english_at_test(recipe: str) -> str:
+    """Translate-test is the machine translation by definition; the other recipes keep the gold English."""
+    return "translated" if recipe == "translate_test" else "gold"
+
+
+def check_english_at_test(recipe: str, english_at_test: str, translation_run: Optional[str]) -> None:
+    """Refuse, by value, an English side at test that the recipe cannot have, before anything trains."""
+    if recipe not in RECIPES:
+        raise FLAREError(f"recipe={recipe!r} is not allowed; choose one of {list(RECIPES)}")
+    if english_at_test not in ENGLISH_AT_TEST:
+        raise FLAREError(f"english_at_test={english_at_test!r} is not allowed; choose one of {list(ENGLISH_AT_TEST)}")
+    if english_at_test == "translated" and recipe not in READS_ENGLISH_AT_TEST:
+        raise FLAREError(f"english_at_test='translated' with recipe={recipe!r}: that recipe reads no English at "
+                         f"test time; only {list(READS_ENGLISH_AT_TEST)} do")
+    if english_at_test == "translated" and not translation_run:
+        what = ("classifies the English machine translation of each test input" if recipe == "translate_test"
+                else "reads the machine translation of each test input (english_at_test='translated')")
+        raise FLAREError(f"recipe={recipe!r} {what}, but translation_run={translation_run!r}: give the folder of "
+                         "a trained `polypeft mmt` run (or english_at_test='gold' for the gold-English upper bound)")
+
+
+def result_name(recipe: str, english_at_test: str, shown_as: Optional[str] = None) -> str:
+    """The recipe's name in results (`shown_as`, else its own), saying where its English side at test came from."""
+    name = shown_as or recipe
+    if recipe not in READS_ENGLISH_AT_TEST:
+        return name
+    return f"{name} ({'gold English, upper bound' if english_at_test == 'gold' else 'machine-translated English'})"
 
 
 # -- input-level fusion baseline ------------------------------------------------------------------
@@ -157,6 +192,11 @@ class TrainedRecipe:
     pad_token_id: int = 0
 
     def __call__(self, target_batch: Batch, source_batch: Optional[Batch] = None) -> Any:
+        if self.recipe == "translate_test":
+            if source_batch is None:
+                raise FLAREError("recipe 'translate_test' classifies the English translation of the input: give it "
+                                 "as source_batch")
+            return self.model(**source_batch)
         if self.recipe in ("flare", "flare_mt"):
             if source_batch is None:
                 raise FLAREError(f"recipe {self.recipe!r} needs the English parallel source_batch")
@@ -186,31 +226,39 @@ def run_recipe(
     mt_encoder: Optional[nn.Module] = None,
     pad_token_id: int = 0,
     skip_stage1: bool = False,
+    x_mixup: Optional[XMixupSettings] = None,
 ) -> TrainedRecipe:
     """Stage 1 (English LoRA, merged) then the recipe's stage 2 on (target, English) batch pairs.
 
     For "flare_mt" the English batches of `parallel_batches` are tokenised for `mt_encoder`.
     `skip_stage1` starts stage 2 from `base_model` as given (already fine-tuned on English).
+    Zero-shot and translate-test have no stage 2; translate-test reads the English translation at test time.
     """
     if recipe not in RECIPES:
         raise FLAREError(f"recipe={recipe!r} is not allowed; choose one of {list(RECIPES)}")
+    x_mixup = x_mixup or XMixupSettings()
+    if recipe == "x_mixup":
+        mixup_block(base_model, x_mixup)  # a bad layer is refused before anything trains
     stage1, stage2 = stage1 or flare_stage(), stage2 or flare_stage()
     merged = base_model if skip_stage1 else train_english_lora(base_model, english_batches, stage1_config, stage1)
-    if recipe == "zero_shot":
+    if recipe in STAGE1_ONLY:
         return TrainedRecipe(recipe, merged, pad_token_id)
     config = with_task_head(merged, stage2_config or stage1_config)
-    if recipe in ("translate_train", "input_fusion"):
+    if recipe in ("translate_train", "x_mixup", "input_fusion"):
         config = replace(config, fusion=None, alignment=None)
     elif recipe == "flare_mt":
         config = replace(config, source="mt_encoder", fusion=config.fusion or "add_relu")
     else:
         config = replace(config, source="model", fusion=config.fusion or "add_relu")
     model = wrap(merged, config, source_encoder=mt_encoder if recipe == "flare_mt" else None)
+    mixup = ManifoldMixup(model, x_mixup) if recipe == "x_mixup" else None
 
     def loss_of(pair: ParallelBatch) -> torch.Tensor:
         target, source = pair
         if recipe == "translate_train":
             return model(**target).loss
+        if mixup is not None:
+            return mixup.loss(target, source)
         if recipe == "input_fusion":
             return model(**concatenate_inputs(source, target, pad_token_id).batch).loss
         return model(**target, source_batch=source).loss

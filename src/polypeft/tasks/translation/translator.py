@@ -1,0 +1,61 @@
+"""Texts translated by a trained `polypeft mmt` run: what translate-test and FLARE's machine-translated English read.
+
+A folder that is not such a run, or a language it was not trained on, is refused by name before anything loads.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+from ...core.config import ConfigError
+from ...data.parallel import ParallelExample
+from .evaluate import translate
+from .run import MMTRecipe, load_translation_model, read_run_recipe
+
+
+def translation_run_recipe(run_dir: str | Path, setting: str = "translation_run",
+                           languages: Sequence[str] = ()) -> MMTRecipe:
+    """The recipe of the translation run in `run_dir`, checked to know its pivot and every one of `languages`;
+    a ConfigError names `setting=run_dir` otherwise."""
+    try:
+        recipe = read_run_recipe(run_dir)
+    except FileNotFoundError as error:
+        raise ConfigError(f"{setting}={str(run_dir)!r} is not a trained `polypeft mmt` run: {error}") from None
+    except ConfigError as error:
+        raise ConfigError(f"{setting}={str(run_dir)!r} is not a `polypeft mmt` run: its recipe.json is not a "
+                          f"translation recipe ({error})") from None
+    check_languages(recipe, run_dir, setting, languages)
+    return recipe
+
+
+def check_languages(recipe: MMTRecipe, run_dir: str | Path, setting: str, languages: Sequence[str]) -> None:
+    unknown = [lang for lang in languages if lang not in recipe.languages]
+    if unknown:
+        raise ConfigError(f"{setting}={str(run_dir)!r} was trained on {recipe.languages}, not on {unknown}: "
+                          "choose a run that translates from that language")
+
+
+class Translator:
+    """A trained translation run, loaded once, turning texts of one language into its pivot (English).
+
+    FD runs translate on their shared route (FD-Share, the headline of `polypeft mmt eval`), other runs on each
+    text's own route; beam, length penalty and maximum length are the run's own.
+    """
+
+    def __init__(self, run_dir: str | Path, batch_size: int = 32, setting: str = "translation_run"):
+        translation_run_recipe(run_dir, setting)
+        self.run_dir = Path(run_dir)
+        self.recipe, self.tokenizer, self.model = load_translation_model(run_dir)
+        self.batch_size, self.setting = batch_size, setting
+
+    def __call__(self, texts: Sequence[str], source_lang: str, target_lang: Optional[str] = None) -> list[str]:
+        """Each text translated from `source_lang` into `target_lang` (the run's pivot by default), in order."""
+        target_lang = target_lang or self.recipe.pivot
+        check_languages(self.recipe, self.run_dir, self.setting, [source_lang, target_lang])
+        examples = [ParallelExample(source_lang, target_lang, text, "", str(number))
+                    for number, text in enumerate(texts)]
+        route = "shared" if self.recipe.uses_fd else None
+        return translate(self.model, self.tokenizer, examples, beam=self.recipe.beam,
+                         length_penalty=self.recipe.length_penalty, batch_size=self.batch_size, route=route,
+                         max_source_length=self.recipe.max_length, max_new_tokens=self.recipe.max_length,
+                         progress=len(examples) > self.batch_size)
