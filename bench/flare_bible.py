@@ -2,6 +2,7 @@
 
 Cross-lingual transfer: English task LoRA (stage 1), then each recipe's stage 2 on target-language verses.
 Usage: python bench/flare_bible.py [--targets fr --seeds 0 1 --layers 4 --stage1-steps 60 --stage2-steps 60]
+translate_test, and `--english-at-test translated`, need `--translation-run` (a `polypeft mmt` run folder).
 """
 from __future__ import annotations
 
@@ -14,15 +15,24 @@ import time
 import torch
 
 from polypeft.core.fileio import write_json
-from polypeft.experiments.flare_recipe import TrainedRecipe, flare_stage, run_recipe, train_english_lora
+from polypeft.experiments.flare_recipe import (READS_ENGLISH_AT_TEST, STAGE1_ONLY, TrainedRecipe, check_english_at_test,
+                                               flare_stage, result_name, run_recipe, train_english_lora)
+from polypeft.experiments.x_mixup import XMixupSettings
 from polypeft.methods.flare.layer import FLAREConfig
 from polypeft.backbones.e5 import QUERY_PREFIX, load_encoder
 from polypeft.experiments.bible_eval import SECTION_NAMES, verse_classification
 from polypeft.tasks.classification import classification_model
 from polypeft.tasks.translation.run import translation_encoder
+from polypeft.tasks.translation.translator import Translator
 
 STAGE2_RECIPES = ("translate_train", "input_fusion", "flare_add_relu", "flare_add", "flare_mul",
-                  "flare_cross_attention", "flare_mt")
+                  "flare_cross_attention", "flare_mt", "x_mixup", "translate_test")
+NEEDS_TRANSLATION_RUN = ("translate_test",)  # left out of the default list: it needs --translation-run
+
+
+def method_of(recipe: str) -> str:
+    """The run_recipe recipe of a bench recipe name (flare_<fusion> is "flare")."""
+    return "flare" if recipe.startswith("flare_") and recipe != "flare_mt" else recipe
 
 
 def load_rows(target: str, per_class_train: int, per_class_test: int, seed: int = 0) -> tuple[list, list]:
@@ -95,20 +105,45 @@ def save(args: argparse.Namespace, results: dict) -> None:
         write_json(args.json, {"settings": vars(args), "results": results})
 
 
+def english_at_test_of(recipe: str, args: argparse.Namespace) -> list[str]:
+    """Each English side the recipe is scored with: none for a recipe that reads no English at test."""
+    if method_of(recipe) not in READS_ENGLISH_AT_TEST:
+        return ["gold"]
+    return ["translated"] if recipe == "translate_test" else args.english_at_test
+
+
+def test_sets(test_rows: list, tokenizer, mt, target: str, translator, args: argparse.Namespace) -> dict:
+    """Test batches (and FLARE-MT's) per English side at test: the gold verse, or its machine translation."""
+    sides, seconds = {"gold": test_rows}, {"gold": 0.0}
+    if translator is not None:
+        start = time.perf_counter()
+        translations = translator([r["target"] for r in test_rows], target)
+        seconds["translated"] = time.perf_counter() - start
+        sides["translated"] = [{**r, "en": text} for r, text in zip(test_rows, translations)]
+    sets = {}
+    for side, rows in sides.items():
+        _, batches = make_batches(tokenizer, rows, 32, args.max_length)
+        mt_batches = mt_source_batches(batches, rows, 32, mt[1], args.max_length) if mt is not None else None
+        sets[side] = (batches, mt_batches, seconds[side])
+    return sets
+
+
 def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     encoder, tokenizer = truncated_e5(args.layers)
     label_names = list(SECTION_NAMES)
+    translates = any("translated" in english_at_test_of(recipe, args) for recipe in args.recipes)
+    translator = Translator(args.translation_run, setting="--translation-run") if translates else None
     results: dict = {}
     for target in args.targets:
         # polypeft's own translation encoder reads the English verse tagged for translation into `target`
         mt = translation_encoder(args.mt_run, target) if args.mt_run else None
         train_rows, test_rows = load_rows(target, args.per_class_train, args.per_class_test)
         english, parallel = make_batches(tokenizer, train_rows, args.batch, args.max_length)
-        _, test_batches = make_batches(tokenizer, test_rows, 32, args.max_length)
+        tests = test_sets(test_rows, tokenizer, mt, target, translator, args)
+        test_batches = tests["gold"][0]  # zero-shot reads the target verses only
         if mt is not None:
             mt_parallel = mt_source_batches(parallel, train_rows, args.batch, mt[1], args.max_length)
-            mt_test = mt_source_batches(test_batches, test_rows, 32, mt[1], args.max_length)
         for seed in args.seeds:
             torch.manual_seed(seed)
             base = classification_model(copy.deepcopy(encoder), label_names)
@@ -120,28 +155,36 @@ def run(args: argparse.Namespace) -> dict:
                 {"seed": seed, "accuracy": accuracy, "inference_s": seconds})
             print(f"{target} seed {seed} zero_shot acc {accuracy:.3f}", flush=True)
             for recipe in args.recipes:
-                method, fusion = recipe, None
-                if recipe.startswith("flare_") and recipe != "flare_mt":
-                    method, fusion = "flare", recipe[len("flare_"):]
+                method = method_of(recipe)
+                fusion = recipe[len("flare_"):] if method == "flare" else None
                 config = FLAREConfig(rank=args.rank, alpha=2 * args.rank, fusion=fusion or "add_relu",
                                      source_layer_offset=1)
                 # FLARE-MT reads the encoder of polypeft's own translation model (--mt-run); without one,
                 # a frozen copy of the untuned e5 stands in (it exercises the path, it translates nothing).
-                mt_encoder, train_pairs, test_pairs = None, parallel, test_batches
+                mt_encoder, train_pairs = None, parallel
                 if recipe == "flare_mt":
                     mt_encoder = mt[0] if mt is not None else copy.deepcopy(encoder).eval()
                     if mt is not None:
-                        train_pairs, test_pairs = mt_parallel, mt_test
+                        train_pairs = mt_parallel
                 stage2 = flare_stage(steps=args.stage2_steps, lr=args.lr, seed=seed, progress=False)
+                mixup = XMixupSettings(layer=args.mixup_layer, ratio=args.mixup_ratio)
                 start = time.perf_counter()
                 trained = run_recipe(copy.deepcopy(merged), method, [], train_pairs, lora, config, stage2=stage2,
-                                     mt_encoder=mt_encoder, pad_token_id=tokenizer.pad_token_id, skip_stage1=True)
-                step_s = (time.perf_counter() - start) / args.stage2_steps
-                accuracy, seconds = evaluate(trained, test_pairs)
-                results[target].setdefault(recipe, []).append(
-                    {"seed": seed, "accuracy": accuracy, "train_step_s": step_s, "inference_s": seconds})
-                print(f"{target} seed {seed} {recipe} acc {accuracy:.3f} step {step_s:.3f}s "
-                      f"inference {seconds:.2f}s", flush=True)
+                                     mt_encoder=mt_encoder, pad_token_id=tokenizer.pad_token_id, skip_stage1=True,
+                                     x_mixup=mixup)
+                timing = {}
+                if method not in STAGE1_ONLY:
+                    timing["train_step_s"] = (time.perf_counter() - start) / args.stage2_steps
+                for side in english_at_test_of(recipe, args):
+                    batches, mt_batches, translation_s = tests[side]
+                    accuracy, seconds = evaluate(trained, mt_batches if recipe == "flare_mt" and mt else batches)
+                    name = result_name(method, side, shown_as=recipe)
+                    # inference_s is the classifier's forward passes; translating the test set once is apart
+                    results[target].setdefault(name, []).append(
+                        {"seed": seed, "accuracy": accuracy, **timing, "inference_s": seconds,
+                         **({"translation_s": translation_s} if side == "translated" else {})})
+                    print(f"{target} seed {seed} {name} acc {accuracy:.3f} "
+                          f"step {timing.get('train_step_s', 0.0):.3f}s inference {seconds:.2f}s", flush=True)
         save(args, results)
     return results
 
@@ -163,6 +206,21 @@ def summarize(results: dict) -> str:
     return "\n".join(lines)
 
 
+def check_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every recipe's English side at test and the mixup settings, refused by value before anything loads."""
+    try:
+        XMixupSettings(layer=args.mixup_layer, ratio=args.mixup_ratio)
+        for recipe in args.recipes:
+            for side in english_at_test_of(recipe, args):
+                check_english_at_test(method_of(recipe), side, args.translation_run)
+        if args.translation_run:
+            from polypeft.tasks.translation.translator import translation_run_recipe
+
+            translation_run_recipe(args.translation_run, "--translation-run", args.targets)
+    except ValueError as error:
+        parser.error(str(error))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--targets", nargs="+", default=["fr"])
@@ -177,12 +235,22 @@ def main() -> None:
     parser.add_argument("--stage1-steps", type=int, default=60)
     parser.add_argument("--stage2-steps", type=int, default=60)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--recipes", nargs="+", default=list(STAGE2_RECIPES), choices=STAGE2_RECIPES,
+    parser.add_argument("--recipes", nargs="+", choices=STAGE2_RECIPES,
+                        default=[r for r in STAGE2_RECIPES if r not in NEEDS_TRANSLATION_RUN],
                         help="stage-2 recipes to run (translate_train is the reference of the time ratios)")
     parser.add_argument("--mt-run", default=None,
                         help="a trained translation run (e.g. runs/demo/naive-seed0) whose encoder FLARE-MT reads")
+    parser.add_argument("--translation-run", default=None,
+                        help="a trained translation run that translates the test verses into English (translate_test, "
+                             "--english-at-test translated)")
+    parser.add_argument("--english-at-test", nargs="+", choices=("gold", "translated"), default=["gold"],
+                        help="the English side at test of the recipes that read one: gold (an upper bound) and/or the "
+                             "translation by --translation-run; each is scored and named in the results")
+    parser.add_argument("--mixup-layer", type=int, default=None, help="x_mixup: the block after which it mixes")
+    parser.add_argument("--mixup-ratio", type=float, default=0.5, help="x_mixup: the share of English mixed in")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    check_settings(parser, args)
     results = run(args)
     print(summarize(results))
 
