@@ -158,3 +158,14 @@ def test_retrieval_settings_are_checked_by_the_typed_validator():
                              ({"max_length": "64"}, r"max_length='64' must be a positive int")):
         with pytest.raises(ConfigError, match=rf"RetrievalSettings.{message}"):
             RetrievalSettings(**changes)
+
+
+def test_the_lrp2_part_is_stored_under_its_choice_rule(monkeypatch):
+    # a result searched under another rule (the default changed once) must not be reused as this rule's
+    from polypeft.experiments import demo_lrp2
+    from polypeft.experiments.demo_retrieval import RetrievalSettings
+
+    now = demo_lrp2.settings(False, RetrievalSettings())
+    assert now["rule"] == "maxt"
+    monkeypatch.setattr(demo_lrp2, "DEFAULT_RULE", "split")
+    assert settings_key(demo_lrp2.settings(False, RetrievalSettings())) != settings_key(now)

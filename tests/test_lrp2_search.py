@@ -1,6 +1,6 @@
 """The robust LRP2 layer search: a cell inside the validation noise gives no LRP2, a clear one is kept.
 
-Every choice rule ("split", the default, "bonferroni", "maxt") is checked; simulated draws check their error rates."""
+Every choice rule ("maxt", the default, "bonferroni", "split") is checked; simulated draws check their error rates."""
 from __future__ import annotations
 
 import json

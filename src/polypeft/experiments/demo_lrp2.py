@@ -10,6 +10,7 @@ from typing import Any, Optional
 
 import torch
 
+from ..interventions.choice import DEFAULT_RULE
 from ..interventions.lrp2 import LRP2, language_vectors
 from ..interventions.search import lrp2_scorer, search_layers
 from ..tasks.retrieval import correct_at_1
@@ -23,7 +24,9 @@ FULL_BENCH_GAIN = 11.9  # RESULTS §5, "The issue's protocol": 76.8 -> 88.7 over
 
 
 def settings(quick: bool, retrieval_settings: retrieval.RetrievalSettings) -> dict[str, Any]:
-    return {"retrieval": retrieval_settings.as_dict(), "candidate_layers": QUICK_LAYERS if quick else FULL_LAYERS}
+    """What the part's stored result depends on, so a result computed under another choice rule is not reused."""
+    return {"retrieval": retrieval_settings.as_dict(), "candidate_layers": QUICK_LAYERS if quick else FULL_LAYERS,
+            "rule": DEFAULT_RULE}
 
 
 def choose_layers(model, tokenizer, corpus, vectors, config: retrieval.RetrievalSettings,

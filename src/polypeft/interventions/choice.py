@@ -21,7 +21,8 @@ from .capture import InterventionError
 #   differences are sign-flipped together (Westfall and Young's max-t): the bar of Bonferroni's family-wise level,
 #   but read off the cells' own correlation (neighbouring layers move the same examples), so it is lower; the
 #   largest gain among the cells that clear it is kept. Over 100-1,000 validation verses it keeps a real gain most
-#   often of the three and a loss as rarely (bench/RESULTS.md section 5, "LRP2's layer choice"), so it is the default.
+#   often of the three, and a loss in at most 0.7 % of decisions (Bonferroni 0.5 %, split 1.2 %; bench/RESULTS.md
+#   section 5, "LRP2's layer choice"), so it is the default.
 # Below MIN_VALIDATION_EXAMPLES paired examples in the test the standard error itself is too rough to trust, and
 # LRP2 is not free (a wrong layer costs points, RESULTS section 5), so the default there is no LRP2.
 RULES = ("split", "bonferroni", "maxt")
