@@ -28,9 +28,13 @@ def mmt_prepare(args) -> int:
 
     recipe = _recipe(args)
     data = prepare(recipe)
-    print(f"tokenizer: {data.tokenizer.model_path} ({data.tokenizer.vocab_size} pieces)")
+    if recipe.base is not None:
+        print(f"tokenizer: {recipe.base.encoder}'s, pruned to {data.tokenizer.source_vocab_size} source and "
+              f"{data.tokenizer.vocab_size} target pieces")
+    else:
+        print(f"tokenizer: {data.tokenizer.model_path} ({data.tokenizer.vocab_size} pieces)")
     print(f"examples: train {len(data.train):,}, valid {len(data.valid):,}, test {len(data.test):,} "
-          f"over {len(recipe.languages) - 1} languages, both directions")
+          f"over {len(recipe.languages) - 1} languages, directions: {recipe.directions}")
     return 0
 
 

@@ -130,6 +130,11 @@ ANATOMY: dict[str, Anatomy] = {
     ),
 }
 ANATOMY["mt5"] = ANATOMY["t5"]
+# transformers' EncoderDecoderModel over two BERTs (the e5-small warm start): the decoder's blocks add cross-attention.
+ANATOMY["encoder-decoder"] = Anatomy(
+    {"encoder": "encoder.encoder.layer", "decoder": "decoder.bert.encoder.layer"}, ENCODER.ffn_in, ENCODER.ffn_out,
+    r"(attention|crossattention)\.(self\.(query|key|value)|output\.dense)", r"(attention|crossattention)\.output\.dense",
+)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ import dataclasses
 import functools
 import json
 import random
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,26 +24,30 @@ from ...core.yaml_files import recipe_from_yaml
 from ...data.batching import TokenBudgetBatcher, collate, token_lengths
 from ...data.bible import BibleCorpus, BibleSplit
 from ...data.parallel import ParallelExample, english_centric
+from ...data.pruned_vocab import PrunedTokenizer, pruned_tokenizer
 from ...data.spm import SpmTokenizer, bible_spm
 from .compare import EVAL_SPLITS, WEIGHTS_NAME
 from .evaluate import score_directions, translate
-from ...core.fileio import (file_sha256, is_temporary, remove_stale_temporaries, single_path_component,
-                            write_json, write_model_weights)
+from .run_dir import RESUMABLE_KEYS, check_resumable, claim_run_dir, flat_keys, run_dir_to_replace
+from ...core.fileio import file_sha256, single_path_component, write_json, write_model_weights
 from ...methods.fd import fuse_distillation_step, token_cross_entropy
 from ...core.finite import check_finite
 from ...methods.registry import registered_methods
 from ...model.poly_model import PolyModel, wrap
 from ...backbones.seq2seq import PRESETS, build_translation_model
+from ...backbones.warm_start import WarmStart, build_warm_model, load_pretrained
 from ...training.loop import TrainSettings, seed_everything, train
 from ...training.processes import process_state
 
 # Method-block keys of Fuse Distillation (the rest are the method config's own fields).
 FD_KEYS = {"fd": bool, "kl_weight": NonNegativeFloat}
-# A run directory holds its tokenizer, so the model can be reused without the corpus (FLARE-MT).
+# A run directory holds its tokenizer, so the model can be reused without the corpus (FLARE-MT); a warm-started
+# run's is a folder (the base tokenizer and the pruned vocabulary's mapping).
 TOKENIZER_NAME = "spm.model"
-# What a resumed run may change: how long it trains, how often it saves and validates, how it is scored.
-RESUMABLE_KEYS = ("training.steps", "training.checkpoint_every", "training.valid_every", "beam", "length_penalty",
-                  "eval_batch_size")
+PRUNED_TOKENIZER_NAME = "tokenizer"
+# Which English-centric directions a run trains and is scored on.
+DIRECTIONS = {"both": lambda e, pivot: True, "into_pivot": lambda e, pivot: e.tgt_lang == pivot,
+              "out_of_pivot": lambda e, pivot: e.src_lang == pivot}
 
 
 @dataclass
@@ -57,7 +60,11 @@ class MMTRecipe(TypedConfig):
     name: str = "run"
     languages: LanguageList = field(default_factory=lambda: ["en", "fr", "es", "de", "ru", "ar", "ko"])
     pivot: str = "en"
+    directions: Literal["both", "into_pivot", "out_of_pivot"] = "both"
+    # From scratch: `preset` (a Marian shape) and a SentencePiece vocabulary of `vocab_size`. With `base`, the model
+    # is warm-started from a pretrained encoder instead, over its vocabulary pruned to the training data.
     preset: str = "tiny"
+    base: Optional[WarmStart] = None
     vocab_size: PositiveInt = 8000
     spm_max_sentences: Optional[PositiveInt] = None
     test_books: list[int] = field(default_factory=lambda: [43])
@@ -86,6 +93,12 @@ class MMTRecipe(TypedConfig):
             raise ConfigError(f"pivot {self.pivot!r} is not among languages {self.languages}")
         if self.preset not in PRESETS:
             raise ConfigError(f"preset={self.preset!r} is not allowed; choose one of {sorted(PRESETS)}")
+        targets = {self.pivot} if self.directions == "into_pivot" else set(self.languages) - (
+            {self.pivot} if self.directions == "out_of_pivot" else set())
+        if self.base is not None and self.base.frozen_layers and len(targets) > 1:
+            raise ConfigError(f"base.frozen_layers={self.base.frozen_layers} freezes the embeddings, where each "
+                              f"<2xx> tag starts as bos's row, so the {len(targets)} target languages could not be "
+                              "told apart: set directions to into_pivot (or one target language), or frozen_layers 0")
         self.method_config()  # the method block is checked now, before any data is prepared
 
     def method_config(self) -> Optional[MethodConfig]:
@@ -136,7 +149,7 @@ class MMTRecipe(TypedConfig):
 
 @dataclass
 class MMTData:
-    tokenizer: SpmTokenizer
+    tokenizer: SpmTokenizer | PrunedTokenizer
     train: list[ParallelExample]
     valid: list[ParallelExample]
     test: list[ParallelExample]
@@ -152,27 +165,39 @@ def _rows(corpus: BibleCorpus, recipe: MMTRecipe, part: str, limit: Optional[int
 
 
 def prepare(recipe: MMTRecipe) -> MMTData:
-    """The tokenizer (trained on the training books, cached) and the three splits, both directions."""
+    """The tokenizer (trained on the training books, or the base's pruned to them; cached) and the three splits."""
     corpus = BibleCorpus()
-    tokenizer = bible_spm(recipe.languages, vocab_size=recipe.vocab_size, split=recipe.split(),
-                          max_sentences=recipe.spm_max_sentences, corpus=corpus)
+    keep = DIRECTIONS[recipe.directions]
 
     def examples(part: str, limit: Optional[int]) -> list[ParallelExample]:
-        return english_centric(_rows(corpus, recipe, part, limit), recipe.languages, pivot=recipe.pivot)
+        pairs = english_centric(_rows(corpus, recipe, part, limit), recipe.languages, pivot=recipe.pivot)
+        return [example for example in pairs if keep(example, recipe.pivot)]
 
-    return MMTData(
-        tokenizer,
-        examples("train", recipe.max_train_verses),
-        examples("valid", recipe.max_eval_verses),
-        examples("test", recipe.max_eval_verses),
-    )
+    train, valid, test = (examples("train", recipe.max_train_verses), examples("valid", recipe.max_eval_verses),
+                          examples("test", recipe.max_eval_verses))
+    if recipe.base is not None:
+        tokenizer = warm_tokenizer(recipe, train)
+    else:
+        tokenizer = bible_spm(recipe.languages, vocab_size=recipe.vocab_size, split=recipe.split(),
+                              max_sentences=recipe.spm_max_sentences, corpus=corpus)
+    return MMTData(tokenizer, train, valid, test)
 
 
-def build_model(recipe: MMTRecipe, tokenizer: SpmTokenizer) -> torch.nn.Module:
-    """The preset model, wrapped with the recipe's method unless it is the naive baseline."""
+def warm_tokenizer(recipe: MMTRecipe, train: list[ParallelExample]) -> PrunedTokenizer:
+    """The base encoder's tokenizer pruned to the training examples' pieces (sources and targets apart)."""
+    tags = [lang for lang in recipe.languages if any(example.tgt_lang == lang for example in train)]
+    return pruned_tokenizer(load_pretrained(recipe.base)[1], [example.src for example in train],
+                            [example.tgt for example in train], tags)
+
+
+def build_model(recipe: MMTRecipe, tokenizer: SpmTokenizer | PrunedTokenizer) -> torch.nn.Module:
+    """The preset (or warm-started) model, wrapped with the recipe's method unless it is the naive baseline."""
     seed_everything(recipe.seed)
-    model = build_translation_model(recipe.preset, tokenizer.vocab_size, tokenizer.pad_id, tokenizer.eos_id,
-                                    tokenizer.decoder_start_id, dropout=recipe.dropout)
+    if recipe.base is not None:
+        model = build_warm_model(recipe.base, tokenizer, dropout=recipe.dropout)
+    else:
+        model = build_translation_model(recipe.preset, tokenizer.vocab_size, tokenizer.pad_id, tokenizer.eos_id,
+                                        tokenizer.decoder_start_id, dropout=recipe.dropout)
     config = recipe.method_config()
     if config is None:
         return model
@@ -277,7 +302,7 @@ def train_run(recipe: MMTRecipe, resume: bool = False, data: Optional[MMTData] =
     model = build_model(recipe, data.tokenizer)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "recipe.json", dataclasses.asdict(recipe))
-    data.tokenizer.save(run_dir / TOKENIZER_NAME)
+    data.tokenizer.save(run_dir / tokenizer_name(recipe))
     params = parameter_table(model, recipe)
     write_json(run_dir / "parameters.json", params)
     print(f"[{recipe.name} seed {recipe.seed}] extra parameters: training {params['training_extra']:,}, "
@@ -297,72 +322,16 @@ def train_run(recipe: MMTRecipe, resume: bool = False, data: Optional[MMTData] =
     return run_dir
 
 
-def claim_run_dir(recipe: MMTRecipe, run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Make `run_dir` ready for this run, before any data is prepared; never silently mix two runs in it.
-
-    Under `accelerate launch` every process decides on the same untouched folder, then one process clears it.
-    """
-    replace = run_dir_to_replace(recipe, run_dir, resume, overwrite)
-    state = process_state()
-    state.wait_for_everyone()
-    if state.is_main_process:
-        remove_stale_temporaries(run_dir)  # what killed runs left: half-written checkpoints and weights
-        if replace:
-            shutil.rmtree(run_dir)
-    state.wait_for_everyone()
-
-
-def run_dir_to_replace(recipe: MMTRecipe, run_dir: Path, resume: bool, overwrite: bool) -> bool:
-    """Whether `run_dir` holds a run that `overwrite` replaces; refuses every other way of mixing two runs."""
-    if resume and overwrite:
-        raise ConfigError(f"--resume and --overwrite both given for {run_dir}: continue the run or replace it, not both")
-    if resume:
-        check_resumable(recipe, run_dir)
-        return False
-    entries = run_dir.iterdir() if run_dir.is_dir() else ()
-    held = sorted(entry.name for entry in entries if not is_temporary(entry.name))  # leftovers are cleaned, not kept
-    if not held:
-        return False
-    if not overwrite:
-        raise ConfigError(
-            f"{run_dir} already holds a run ({', '.join(held[:5])}{', ...' if len(held) > 5 else ''}); pass --resume "
-            "(resume=True) to continue it or --overwrite (overwrite=True) to delete it and train afresh"
-        )
-    if not (run_dir / "recipe.json").is_file():
-        raise ConfigError(f"--overwrite: {run_dir} holds {held[:5]} but no recipe.json, so it is not a polypeft run "
-                          "folder; it is left alone: remove it yourself or choose another name or output_dir")
-    return True
-
-
-def check_resumable(recipe: MMTRecipe, run_dir: Path) -> None:
-    """Refuse, naming each difference, to continue a run under a recipe that would train it differently."""
-    stored_path = run_dir / "recipe.json"
-    if not stored_path.exists():
-        return
-    # Both through the recipe's own reading, so a run written with the older flat keys compares key by key.
-    stored = flat_keys(dataclasses.asdict(MMTRecipe.from_dict(json.loads(stored_path.read_text(encoding="utf-8")),
-                                                              where=str(stored_path))))
-    current = flat_keys(dataclasses.asdict(recipe))
-    differing = sorted(k for k in set(stored) | set(current) if k not in RESUMABLE_KEYS and stored.get(k) != current.get(k))
-    if differing:
-        changes = "; ".join(f"{k}: {stored.get(k)!r} in the run, {current.get(k)!r} now" for k in differing)
-        raise ConfigError(
-            f"--resume: {run_dir} was trained with another recipe ({changes}); only {list(RESUMABLE_KEYS)} may "
-            "change when a run continues: start a new run (another name or output_dir) instead"
-        )
-
-
-def flat_keys(data: Mapping[str, Any]) -> dict[str, Any]:
-    """`{"training": {"steps": 6}}` as `{"training.steps": 6}`, JSON-shaped: each setting under its own key."""
-    training = {f"training.{key}": value for key, value in data.get("training", {}).items()}
-    return json.loads(json.dumps({**{k: v for k, v in data.items() if k != "training"}, **training}))
-
-
 def load_run(run_dir: str | Path, data: Optional[MMTData] = None) -> tuple[MMTRecipe, MMTData, torch.nn.Module]:
     """A trained run with its data splits, for evaluation."""
     recipe = read_run_recipe(run_dir)
     data = data or prepare(recipe)
     return recipe, data, load_translation_model(run_dir, data.tokenizer)[2]
+
+
+def tokenizer_name(recipe: MMTRecipe) -> str:
+    """Where a run folder keeps its tokenizer: a SentencePiece file, or a warm start's pruned tokenizer folder."""
+    return PRUNED_TOKENIZER_NAME if recipe.base is not None else TOKENIZER_NAME
 
 
 def read_run_recipe(run_dir: str | Path) -> MMTRecipe:
@@ -379,10 +348,11 @@ def load_translation_model(run_dir: str | Path, tokenizer: Optional[SpmTokenizer
     from safetensors.torch import load_model
 
     recipe = read_run_recipe(run_dir)
-    saved = Path(run_dir) / TOKENIZER_NAME
+    saved = Path(run_dir) / tokenizer_name(recipe)
     if tokenizer is None:
         # Runs trained before the tokenizer was kept in the run directory find it in the cache (or retrain it).
-        tokenizer = SpmTokenizer(saved) if saved.exists() else prepare(recipe).tokenizer
+        loader = PrunedTokenizer.load if recipe.base is not None else SpmTokenizer
+        tokenizer = loader(saved) if saved.exists() else prepare(recipe).tokenizer
     model = build_model(recipe, tokenizer)
     load_model(model, str(Path(run_dir) / WEIGHTS_NAME))
     check_finite(model.state_dict(), f"{Path(run_dir) / WEIGHTS_NAME}: refused")

@@ -1,0 +1,183 @@
+"""The warm-started translation model: a tiny BERT with its own Unigram tokenizer stands in for e5-small."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+import transformers as tf
+
+import polypeft as pp
+from polypeft.backbones.warm_start import WarmStart, build_warm_model
+from polypeft.core.routed import RoutedLinear
+from polypeft.data import pruned_vocab
+from polypeft.data.parallel import ParallelExample
+from polypeft.data.pruned_vocab import PrunedTokenizer, pruned_tokenizer
+from polypeft.tasks.translation.evaluate import translate
+from polypeft.tasks.translation.run import (MMTData, MMTRecipe, batch_stream, build_model, load_translation_model,
+                                            make_loss_fn, train_run)
+from polypeft.training.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from toy_mmt import WORDS, sentences
+
+UNUSED = ["zebra", "quartz", "vulkan"]  # pieces of the base vocabulary no toy sentence uses
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    """A local folder holding a 3-layer BertModel and a Unigram tokenizer over the toy words (plus unused ones)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    words = [w for lang in WORDS for w in WORDS[lang]] + UNUSED
+    vocab = [("<s>", 0.0), ("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    vocab += [("\u2581" + w, -1.0) for w in words] + [(c, -8.0) for c in "abcdefghijklmnopqrstuvwxyz\u2581"]
+    backend = Tokenizer(models.Unigram(vocab, unk_id=3, byte_fallback=False))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    backend.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+    tokenizer = tf.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", cls_token="<s>",
+                                           sep_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    torch.manual_seed(0)
+    bert = tf.BertModel(tf.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                                      intermediate_size=48, max_position_embeddings=64, pad_token_id=1),
+                        add_pooling_layer=False)
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    bert.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("POLYPEFT_CACHE", str(tmp_path / "cache"))
+
+
+def toy_examples(count: int = 24) -> list[ParallelExample]:
+    """de->en and fr->en, word for word (xx->en, the warm start's first directions)."""
+    corpus = {lang: sentences(lang, count) for lang in WORDS}
+    return [ParallelExample(src, "en", corpus[src][i], corpus["en"][i], str(i)) for i in range(count) for src in ("de", "fr")]
+
+
+def toy_tokenizer(base_dir) -> PrunedTokenizer:
+    train = toy_examples()
+    return pruned_tokenizer(tf.AutoTokenizer.from_pretrained(base_dir), [e.src for e in train], [e.tgt for e in train],
+                            ["en"])
+
+
+def warm_recipe(output_dir, base_dir, method=None, training=None, **changes) -> MMTRecipe:
+    return MMTRecipe.from_dict({
+        "name": "warm", "languages": ["en", "de", "fr"], "directions": "into_pivot", "method": method or {"name": "naive"},
+        "base": {"encoder": str(base_dir), "decoder_layers": 2, "decoder_init": "upper", "frozen_layers": 1},
+        "training": {"steps": 6, "warmup": 2, "lr": 3e-3, "checkpoint_every": 3, "valid_every": 0, **(training or {})},
+        "max_tokens": 256, "max_length": 16, "dropout": 0.1, "output_dir": str(output_dir), "beam": 2, **changes})
+
+
+def test_pruning_maps_ids_both_ways_and_keeps_every_corpus_piece(base_dir, tmp_path):
+    base = tf.AutoTokenizer.from_pretrained(base_dir)
+    tokenizer = toy_tokenizer(base_dir)
+    train = toy_examples()
+    for side, texts in ((tokenizer.source, [e.src for e in train]), (tokenizer.target, [e.tgt for e in train])):
+        used = {i for text in texts for i in base(text, add_special_tokens=False)["input_ids"]}
+        assert used <= set(side.kept), "every piece the corpus uses is kept"
+        assert set(side.kept) == used | {0, 1, 2, 3}, "and nothing else"
+        assert side.to_old(side.to_new(sorted(used))) == sorted(used)
+        assert side.to_new(side.to_old(range(len(side)))) == list(range(len(side)))
+    unused = base.convert_tokens_to_ids(["\u2581" + w for w in UNUSED])
+    assert tokenizer.source.to_new(unused) == [tokenizer.unk_id] * 3
+    assert len(tokenizer.target) < len(tokenizer.source) < len(base), "xx->en: the decoder's side holds English only"
+    text = train[0].tgt
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+    source = tokenizer.encode(train[0].src, lang_tag="en")
+    assert source[0] == tokenizer.lang_tag_id("en") == tokenizer.source_vocab_size - 1 and source[-1] == tokenizer.eos_id
+    assert tokenizer.source.to_old([tokenizer.bos_id, *source[1:]]) == base(train[0].src)["input_ids"], "e5's format"
+    # the mapping is cached under the cache root and read back, not rebuilt
+    cached = list((tmp_path / "cache" / "pruned_vocab").glob("*.json"))
+    assert len(cached) == 1 and json.loads(cached[0].read_text())["source"] == list(tokenizer.source.kept)
+    original, pruned_vocab.build_mapping = pruned_vocab.build_mapping, None
+    try:
+        assert toy_tokenizer(base_dir).mapping == tokenizer.mapping
+    finally:
+        pruned_vocab.build_mapping = original
+    # the run folder's copy loads without the base or the corpus
+    again = PrunedTokenizer.load(tokenizer.save(tmp_path / "saved"))
+    assert again.encode(train[1].src, lang_tag="en") == tokenizer.encode(train[1].src, lang_tag="en")
+
+
+def test_the_warm_encoder_equals_the_pretrained_one_on_pruned_inputs(base_dir):
+    tokenizer = toy_tokenizer(base_dir)
+    pretrained = tf.BertModel.from_pretrained(base_dir, add_pooling_layer=False).eval()
+    model = build_warm_model(WarmStart(encoder=str(base_dir), decoder_layers=2, frozen_layers=1), tokenizer).eval()
+    inputs = tokenizer([e.src for e in toy_examples()[:6]])
+    old_ids = torch.tensor([tokenizer.source.to_old(row) for row in inputs["input_ids"].tolist()])
+    expected = pretrained(input_ids=old_ids, attention_mask=inputs["attention_mask"]).last_hidden_state
+    torch.testing.assert_close(model.encoder(**inputs).last_hidden_state, expected, rtol=0, atol=0)
+    tagged = tokenizer([e.src for e in toy_examples()[:6]], lang_tag="en")  # a tag starts as bos's row
+    torch.testing.assert_close(model.encoder(**tagged).last_hidden_state, expected, rtol=0, atol=0)
+    # the decoder starts from the top layers, its output tied to its pruned input rows
+    top = pretrained.encoder.layer[-1]
+    torch.testing.assert_close(model.decoder.bert.encoder.layer[-1].intermediate.dense.weight, top.intermediate.dense.weight)
+    words = pretrained.embeddings.word_embeddings.weight
+    torch.testing.assert_close(model.decoder.get_output_embeddings().weight, words[list(tokenizer.target.kept)])
+    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+    assert frozen and all(n.startswith(("encoder.embeddings.", "encoder.encoder.layer.0.")) for n in frozen)
+    assert model.encoder.encoder.layer[1].output.dense.weight.requires_grad
+
+
+@pytest.mark.slow
+def test_a_tiny_warm_run_trains_saves_resumes_and_translates(base_dir, tmp_path):
+    data = MMTData(toy_tokenizer(base_dir), toy_examples(), toy_examples()[:8], toy_examples()[:8])
+    full = warm_recipe(tmp_path / "full", base_dir)
+    train_run(full, data=data)
+    cut = warm_recipe(tmp_path / "cut", base_dir, training={"steps": 3})
+    train_run(cut, data=data)
+    resumed = dataclasses.replace(cut, training=dataclasses.replace(cut.training, steps=6))
+    train_run(resumed, data=data, resume=True)
+    assert load_checkpoint(cut.run_dir / CHECKPOINT_NAME)["step"] == 6
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(full.run_dir / "model.safetensors")), load_file(str(cut.run_dir / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    # longer, it learns: the loss falls and the run folder alone translates
+    longer = warm_recipe(tmp_path / "long", base_dir, training={"steps": 60, "lr": 5e-3, "warmup": 5})
+    before = mean_loss(build_model(longer, data.tokenizer), data, longer)
+    recipe, tokenizer, model = load_translation_model(train_run(longer, data=data))
+    assert mean_loss(model, data, longer) < before - 1.0
+    assert isinstance(tokenizer, PrunedTokenizer) and recipe.base == longer.base
+    hypotheses = translate(model, tokenizer, data.test, beam=2, max_new_tokens=12, progress=False)
+    assert len(hypotheses) == len(data.test) and any(hypotheses)
+    assert all(set(h.split()) <= set(WORDS["en"]) for h in hypotheses), hypotheses
+
+
+def mean_loss(model, data: MMTData, recipe: MMTRecipe, batches: int = 4) -> float:
+    loss_fn = make_loss_fn(dataclasses.replace(recipe, label_smoothing=0.0))
+    stream = batch_stream(recipe, data, model.config)
+    model.eval()
+    with torch.no_grad():
+        return sum(float(loss_fn(model, next(stream))[0]) for _ in range(batches)) / batches
+
+
+def test_lms_wraps_the_warm_model_on_both_sides(base_dir, tmp_path):
+    data = MMTData(toy_tokenizer(base_dir), toy_examples(), [], [])
+    recipe = warm_recipe(tmp_path, base_dir, method={"name": "lms", "rank": 2, "synthesis": "language"})
+    model = build_model(recipe, data.tokenizer)
+    assert isinstance(model, pp.PolyModel)
+    routed = [name for name, module in model.named_modules() if isinstance(module, RoutedLinear)]
+    assert any(".encoder.encoder.layer.2.intermediate.dense" in name for name in routed)
+    assert any(".decoder.bert.encoder.layer.1.output.dense" in name for name in routed)
+    assert not any("attention" in name for name in routed), "LMS's default targets are the FFN linears"
+    assert not model.get_base_model().encoder.encoder.layer[0].output.dense.weight.requires_grad, "still frozen"
+    batch = next(batch_stream(recipe, data, model.config))
+    loss, _ = make_loss_fn(recipe)(model, batch)
+    loss.backward()
+    factors = [p for name, p in model.named_parameters() if p.requires_grad and "decoder.bert" in name and p.grad is not None]
+    assert factors and any(float(p.grad.abs().sum()) > 0 for p in factors)
+
+
+def test_frozen_embeddings_refuse_several_target_languages(base_dir, tmp_path):
+    with pytest.raises(pp.ConfigError, match=r"base.frozen_layers=1 .* 3 target languages"):
+        warm_recipe(tmp_path, base_dir, directions="both")
+    assert warm_recipe(tmp_path, base_dir, directions="both", base={"encoder": str(base_dir)}).base.frozen_layers == 0
+    with pytest.raises(pp.ConfigError, match="base.decoder_init='middle' is not allowed"):
+        warm_recipe(tmp_path, base_dir, base={"encoder": str(base_dir), "decoder_init": "middle"})
