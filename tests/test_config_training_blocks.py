@@ -146,3 +146,26 @@ def test_the_lm_reads_its_old_flat_keys_and_trains_as_before():
     # the committed results (flat lm settings) still allow a part to be measured again
     kept = earlier_parts(LM_RESULTS, ["lens"], asdict(EnglishCentricExperiment()))
     assert sorted(kept) == ["base", "lrp2", "timings_seconds"]
+
+
+def test_a_dotted_set_changes_one_key_of_a_block_and_keeps_the_rest(tmp_path):
+    from polypeft.tasks.translation.run import MMTRecipe
+
+    file = tmp_path / "mmt.yaml"
+    file.write_text("training:\n  steps: 300\n  warmup: 50\n  checkpoint_every: 100\n", encoding="utf-8")
+    recipe = load_recipe(MMTRecipe, str(file), ["training.steps=200"])
+    assert (recipe.training.steps, recipe.training.warmup, recipe.training.checkpoint_every) == (200, 50, 100)
+    bare = tmp_path / "bare.yaml"
+    bare.write_text("name: bare\n", encoding="utf-8")  # no block in the file: the recipe's own default block
+    recipe = load_recipe(MMTRecipe, str(bare), ["training.steps=5"])
+    assert recipe.training.steps == 5 and recipe.training.valid_every == MMTRecipe().training.valid_every == 200
+    with pytest.raises(ConfigError, match=r"--set training.steps=0: training.steps=0 must be a positive int"):
+        load_recipe(MMTRecipe, str(file), ["training.steps=0"])
+    with pytest.raises(ConfigError, match=r"--set name.x=1: 'name' is not a block of keys"):
+        load_recipe(MMTRecipe, str(file), ["name.x=1"])
+
+def test_a_dotted_set_beside_the_files_old_flat_keys_reads_both(tmp_path):
+    flat = tmp_path / "flat.yaml"
+    flat.write_text("steps: 600\nseeds: [0]\n", encoding="utf-8")  # the old layout, no block in the file
+    recipe = load_recipe(ClassifyRecipe, str(flat), ["training.lr=1.0e-3"])
+    assert (recipe.training.steps, recipe.training.lr) == (600, 1e-3)

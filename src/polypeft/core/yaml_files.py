@@ -5,6 +5,7 @@ Every message names the file and line (or the `--set key=value` a value came fro
 from __future__ import annotations
 
 import dataclasses
+import typing
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -66,4 +67,29 @@ def recipe_from_yaml(cls: type, path: Any, overrides: Optional[Mapping[str, Any]
         if old in overrides and block and isinstance(data.get(block), Mapping):
             data[block] = {**data[block], key: overrides.pop(old)}
             texts[new] = texts.pop(old)
+    for dotted in [key for key in overrides if "." in key]:  # `--set training.steps=200`: one key inside a block
+        data = with_block_key(cls, data, dotted.split("."), overrides.pop(dotted), texts[dotted])
     return build(cls, {**data, **overrides}, dataclasses.replace(source, overrides=texts))
+
+
+def with_block_key(cls: Any, data: Mapping[str, Any], path: list[str], value: Any, text: str) -> dict[str, Any]:
+    """`data` with `path` set to `value`, the blocks on the way kept (taken from the recipe's defaults when the file
+    has none), so one `--set` changes one key and never resets the rest of its block."""
+    head, rest = path[0], path[1:]
+    if not rest:
+        return {**data, head: value}
+    field = {f.name: f for f in dataclasses.fields(cls)}.get(head) if dataclasses.is_dataclass(cls) else None
+    block = data.get(head)
+    if block is None and field is not None and callable(field.default_factory):
+        default = field.default_factory()
+        block = dataclasses.asdict(default) if dataclasses.is_dataclass(default) else default
+        flat = {new.partition(".")[2] for old, new in getattr(cls, "moved_keys", {}).items() if old in data}
+        block = {key: item for key, item in block.items() if key not in flat} if isinstance(block, Mapping) else block
+    elif block is None and field is not None and field.default is not dataclasses.MISSING:
+        block = field.default
+    if block is None:
+        block = {}
+    if not isinstance(block, Mapping):
+        raise ConfigError(f"--set {text}: {head!r} is not a block of keys (it holds {block!r}); set it whole")
+    inner = typing.get_type_hints(cls).get(head) if field is not None else None
+    return {**data, head: with_block_key(inner, block, rest, value, text)}
