@@ -73,7 +73,7 @@ def evaluate_all(model, tokenizer, candidates, queries, args, lrp2_layers: Optio
     `lrp2_layers` maps a language to its (LIRP layer, LSRP layer or None)."""
     scores = {}
     for language, (texts, gold) in queries.items():
-        if lrp2_layers is None:
+        if lrp2_layers is None or lrp2_layers[language][0] is None:  # the search refused LRP2 for this language
             embedded = encode(model, tokenizer, texts, args)
         else:
             lirp, lsrp = lrp2_layers[language]
@@ -209,7 +209,9 @@ def run_lrp2(report, model, tokenizer, corpus, languages, valid_books, vectors, 
     clock = time.perf_counter()
     report["lrp2"] = evaluate_all(model, tokenizer, candidates, test_queries, args, chosen, vectors)
     report["timings_s"]["test_lrp2"] = time.perf_counter() - clock
-    some_language = languages[0]
+    some_language = next((language for language in languages if chosen[language][0] is not None), None)
+    if some_language is None:  # every language refused: no hook to time
+        return
     report["lrp2_hook_overhead"] = hook_overhead(
         model, tokenizer, vectors, test_queries[some_language][0][:64], chosen[some_language][0], some_language, args
     )
