@@ -55,10 +55,10 @@ def valid_accuracy(results: dict, variant: str) -> float:
     return next(run["accuracy"]["average"] for run in results["runs"] if run["variant"] == variant)
 
 
-def choices(out: Path) -> dict[str, dict]:
+def choices(out: Path, methods: tuple[str, ...] = METHODS) -> dict[str, dict]:
     """Per method, the trial with the best valid accuracy of the variant that chooses it."""
     chosen = {}
-    for method in METHODS:
+    for method in methods:
         scored = {}
         for trial in TRIALS:
             path = out / "valid" / f"{trial}-{method}" / "classify.json"
@@ -126,7 +126,7 @@ def main(argv: list[str]) -> int:
                  score="valid")
     elif args.step == "test":
         method, seed = args.names[0], int(args.names[1])
-        trial = choices(out)[method]["trial"]
+        trial = choices(out, (method,))[method]["trial"]
         classify(out / "test" / f"{method}-seed{seed}", **TRIALS[trial], methods=[method], seeds=[seed])
     else:
         print(report(out, [int(s) for s in args.seeds.split(",")]))
