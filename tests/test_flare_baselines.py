@@ -156,6 +156,20 @@ def test_a_folder_that_is_no_translation_run_is_refused_by_name(tmp_path, transl
     assert translation_run_recipe(translation_run, languages=["fr"]).pivot == "en"
 
 
+def test_a_translation_run_whose_pivot_is_not_english_is_refused_by_name(tmp_path):
+    french_pivot = tmp_path / "fr_pivot"  # a run that translates into French: its recipe is all that is read
+    french_pivot.mkdir()
+    (french_pivot / "recipe.json").write_text(json.dumps({"languages": ["en", "fr", "de"], "pivot": "fr"}))
+    (french_pivot / "model.safetensors").write_text("")
+    with pytest.raises(ConfigError, match=r"translation_run='.*fr_pivot' translates into its pivot 'fr', not into "
+                                          r"'en'"):
+        translation_run_recipe(french_pivot, languages=["de"])
+    with pytest.raises(ConfigError, match=r"--translation-run='.*fr_pivot' translates into its pivot 'fr'"):
+        Translator(french_pivot, setting="--translation-run")
+    assert translation_run_recipe(french_pivot, pivot="fr").pivot == "fr"
+    assert translation_run_recipe(french_pivot, pivot=None).pivot == "fr"
+
+
 def test_translate_test_classifies_the_english_side_with_the_english_model():
     target, source, english = labelled()
     trained = run_recipe(tiny_bert(), "translate_test", [english], [], FLAREConfig(rank=4),

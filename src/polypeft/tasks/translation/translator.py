@@ -14,9 +14,9 @@ from .run import MMTRecipe, load_translation_model, read_run_recipe
 
 
 def translation_run_recipe(run_dir: str | Path, setting: str = "translation_run",
-                           languages: Sequence[str] = ()) -> MMTRecipe:
-    """The recipe of the translation run in `run_dir`, checked to know its pivot and every one of `languages`;
-    a ConfigError names `setting=run_dir` otherwise."""
+                           languages: Sequence[str] = (), pivot: Optional[str] = "en") -> MMTRecipe:
+    """The recipe of the translation run in `run_dir`, checked to translate into `pivot` (None: any) and from every
+    one of `languages`; a ConfigError names `setting=run_dir` otherwise."""
     try:
         recipe = read_run_recipe(run_dir)
     except FileNotFoundError as error:
@@ -24,6 +24,9 @@ def translation_run_recipe(run_dir: str | Path, setting: str = "translation_run"
     except ConfigError as error:
         raise ConfigError(f"{setting}={str(run_dir)!r} is not a `polypeft mmt` run: its recipe.json is not a "
                           f"translation recipe ({error})") from None
+    if pivot is not None and recipe.pivot != pivot:
+        raise ConfigError(f"{setting}={str(run_dir)!r} translates into its pivot {recipe.pivot!r}, not into "
+                          f"{pivot!r}: choose a run whose pivot is {pivot!r}")
     check_languages(recipe, run_dir, setting, languages)
     return recipe
 
@@ -36,14 +39,16 @@ def check_languages(recipe: MMTRecipe, run_dir: str | Path, setting: str, langua
 
 
 class Translator:
-    """A trained translation run, loaded once, turning texts of one language into its pivot (English).
+    """A trained translation run, loaded once, turning texts of one language into its pivot (`into`, English by
+    default; a run with another pivot is refused by name before it loads).
 
     FD runs translate on their shared route (FD-Share, the headline of `polypeft mmt eval`), other runs on each
     text's own route; beam, length penalty and maximum length are the run's own.
     """
 
-    def __init__(self, run_dir: str | Path, batch_size: int = 32, setting: str = "translation_run"):
-        translation_run_recipe(run_dir, setting)
+    def __init__(self, run_dir: str | Path, batch_size: int = 32, setting: str = "translation_run",
+                 into: str = "en"):
+        translation_run_recipe(run_dir, setting, pivot=into)
         self.run_dir = Path(run_dir)
         self.recipe, self.tokenizer, self.model = load_translation_model(run_dir)
         self.batch_size, self.setting = batch_size, setting
