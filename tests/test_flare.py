@@ -506,7 +506,7 @@ def test_cli_trains_saves_and_evaluates_a_recipe(tmp_path):
 
     config = cli_config(tmp_path)
     run_cli(tmp_path, config, "train", "eval")
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "run" / "metrics_gold.json").read_text())  # FLARE read the gold English
     assert metrics["recipe"] == "flare" and metrics["examples"] == 4 and 0 <= metrics["accuracy"] <= 1
     assert (tmp_path / "run" / "adapter" / "polypeft_model.safetensors").exists()
     from transformers import AutoModelForSequenceClassification
@@ -530,7 +530,7 @@ def test_cli_flare_mt_reads_a_polypeft_translation_run(tmp_path):
     with pytest.raises(FLAREError, match="target_lang"):
         run_cli(tmp_path, config, "train")
     run_cli(tmp_path, {**config, "target_lang": "fr"}, "train", "eval")
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "run" / "metrics_gold.json").read_text())
     assert metrics["recipe"] == "flare_mt" and metrics["examples"] == 4
     adapter = tmp_path / "run" / "adapter" / "polypeft_model.safetensors"
     from safetensors.torch import load_file

@@ -190,8 +190,9 @@ def test_result_names_say_where_the_english_at_test_came_from():
     assert result_name("x_mixup", "gold") == "x_mixup"
 
 
-def metrics_of(tmp_path) -> dict:
-    return json.loads((tmp_path / "run" / "metrics.json").read_text())
+def metrics_of(tmp_path, side: str | None = None) -> dict:
+    """The metrics of the last eval: `side` names the English at test of a recipe that reads one."""
+    return json.loads((tmp_path / "run" / (f"metrics_{side}.json" if side else "metrics.json")).read_text())
 
 
 def english_at_test(tmp_path) -> list[str]:
@@ -215,8 +216,8 @@ def predictions_on(tmp_path, recipe: str, english: list[str]) -> list[int]:
         return TrainedRecipe(recipe, model.eval())(target, source).logits.argmax(-1).tolist()
 
 
-def saved_predictions(tmp_path) -> list[int]:
-    lines = (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()
+def saved_predictions(tmp_path, side: str) -> list[int]:
+    lines = (tmp_path / "run" / f"predictions_{side}.jsonl").read_text().splitlines()
     return [json.loads(line)["prediction"] for line in lines]
 
 
@@ -231,30 +232,50 @@ def test_cli_translate_test_classifies_the_runs_translations(tmp_path, translati
     config = {**cli_config(tmp_path), "recipe": "translate_test", "translation_run": translation_run,
               "target_lang": "fr"}
     run_cli(tmp_path, {**config, "english_at_test": "gold", "translation_run": None}, "train", "eval")
-    assert metrics_of(tmp_path)["name"] == "translate_test (gold English, upper bound)"
+    assert metrics_of(tmp_path, "gold")["name"] == "translate_test (gold English, upper bound)"
+    gold_predictions = saved_predictions(tmp_path, "gold")
     drop_source_text(tmp_path)
     run_cli(tmp_path, config, "eval")
-    metrics = metrics_of(tmp_path)
+    metrics = metrics_of(tmp_path, "translated")
     assert metrics["name"] == "translate_test (machine-translated English)" and metrics["examples"] == 4
     assert metrics["english_at_test"] == "translated"
     assert not (tmp_path / "run" / "adapter").exists(), "translate-test trains no stage 2"
     texts = [json.loads(line)["text"] for line in (tmp_path / "fr.jsonl").read_text().splitlines()]
     translations = Translator(translation_run)(texts, "fr")
     assert english_at_test(tmp_path) == translations
-    assert saved_predictions(tmp_path) == predictions_on(tmp_path, "translate_test", translations)
+    assert saved_predictions(tmp_path, "translated") == predictions_on(tmp_path, "translate_test", translations)
+    # the gold evaluation of the same folder is kept beside it, not replaced
+    assert metrics_of(tmp_path, "gold")["english_at_test"] == "gold"
+    assert saved_predictions(tmp_path, "gold") == gold_predictions
+    assert not (tmp_path / "run" / "metrics.json").exists()
 
 
 def test_cli_flare_reads_gold_or_translated_english_at_test_and_says_which(tmp_path, translation_run):
     config = cli_config(tmp_path)
     run_cli(tmp_path, config, "train", "eval")
-    assert metrics_of(tmp_path)["name"] == "flare (gold English, upper bound)"
+    gold = metrics_of(tmp_path, "gold")
+    assert gold["name"] == "flare (gold English, upper bound)"
     assert not (tmp_path / "run" / "english_at_test.jsonl").exists()
     translated = {**config, "english_at_test": "translated", "translation_run": translation_run, "target_lang": "fr"}
     drop_source_text(tmp_path)
     run_cli(tmp_path, translated, "eval")
-    metrics = metrics_of(tmp_path)
+    metrics = metrics_of(tmp_path, "translated")
     assert metrics["name"] == "flare (machine-translated English)" and metrics["english_at_test"] == "translated"
     assert len(english_at_test(tmp_path)) == 4
+    assert metrics_of(tmp_path, "gold") == gold, "the gold score of the same folder is kept"
+
+
+def test_cli_eval_refuses_a_recipe_other_than_the_one_the_folder_was_trained_with(tmp_path, capsys):
+    from polypeft.cli.main import main
+
+    config = cli_config(tmp_path)
+    run_cli(tmp_path, config, "train")  # recipe.json says flare
+    code = main(["flare", "eval", str(tmp_path / "flare.yaml"), "--set", "recipe=translate_train"])
+    error = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in error
+    assert ("recipe='translate_train' in the eval file, but output_dir=" in error
+            and "was trained with recipe='flare'" in error)
+    assert not list((tmp_path / "run").glob("metrics*.json")), "nothing is scored"
 
 
 def test_cli_x_mixup_trains_and_evaluates_without_english_at_test(tmp_path):

@@ -158,6 +158,25 @@ def save_trained(trained: "TrainedRecipe", output_dir: str) -> None:
     write_json(os.path.join(output_dir, "recipe.json"), {"recipe": trained.recipe})
 
 
+def stored_recipe(config: "FlareRecipe") -> str:
+    """The recipe the folder was trained with (its recipe.json), refused when the eval file names another: what
+    is read at test time (English or not) follows the recipe, so the two must agree."""
+    from ..methods.flare.layer import FLAREError
+
+    with open(os.path.join(config.output_dir, "recipe.json"), encoding="utf-8") as handle:
+        recipe = json.load(handle)["recipe"]
+    if recipe != config.recipe:
+        raise FLAREError(f"recipe={config.recipe!r} in the eval file, but output_dir={config.output_dir!r} was trained "
+                         f"with recipe={recipe!r} (its recipe.json): evaluate it with the file it was trained with")
+    return recipe
+
+
+def output_name(stem: str, suffix: str, english_at_test: Optional[str]) -> str:
+    """An eval output's file name; a recipe that reads English at test keeps one per English side
+    (`metrics_gold.json`, `metrics_translated.json`), so scoring one side never replaces the other."""
+    return f"{stem}_{english_at_test}{suffix}" if english_at_test else f"{stem}{suffix}"
+
+
 def evaluate_command(args: argparse.Namespace) -> None:
     import torch
 
@@ -167,16 +186,16 @@ def evaluate_command(args: argparse.Namespace) -> None:
 
     config = read_yaml(args.config, getattr(args, "set", None))
     output_dir = config.output_dir
-    with open(os.path.join(output_dir, "recipe.json"), encoding="utf-8") as handle:
-        recipe = json.load(handle)["recipe"]
+    recipe = stored_recipe(config)
     model, tokenizer, mt_encoder, mt_tokenizer = load_models(config, os.path.join(output_dir, "stage1_merged"))
     if recipe not in STAGE1_ONLY:
         model = PolyModel.from_pretrained(model, os.path.join(output_dir, "adapter"), source_encoder=mt_encoder)
     trained = TrainedRecipe(recipe, model.eval(), tokenizer.pad_token_id or 0)
     data = Data(config, tokenizer, mt_tokenizer)
     reads_english = recipe in READS_ENGLISH_AT_TEST
+    side = config.english_at_test if reads_english else None
     english = None
-    if reads_english and config.english_at_test == "translated":
+    if side == "translated":
         english = data.translated_english("eval")
         # Kept beside the metrics, so the translations the score rests on can be read.
         write_text(os.path.join(output_dir, "english_at_test.jsonl"),
@@ -188,13 +207,14 @@ def evaluate_command(args: argparse.Namespace) -> None:
             predictions = trained(target, source).logits.argmax(-1)
             rows += [{"prediction": int(p), "label": int(l)} for p, l in zip(predictions, labels)]
     # One line per example, in the file's order: what a paired comparison of two recipes reads.
-    write_text(os.path.join(output_dir, "predictions.jsonl"), "".join(json.dumps(row) + "\n" for row in rows))
+    write_text(os.path.join(output_dir, output_name("predictions", ".jsonl", side)),
+               "".join(json.dumps(row) + "\n" for row in rows))
     correct = sum(row["prediction"] == row["label"] for row in rows)
     metrics = {"recipe": recipe, "name": result_name(recipe, config.english_at_test), "accuracy": correct / len(rows),
                "examples": len(rows)}
     if reads_english:
-        metrics["english_at_test"] = config.english_at_test
-    write_json(os.path.join(output_dir, "metrics.json"), metrics)
+        metrics["english_at_test"] = side
+    write_json(os.path.join(output_dir, output_name("metrics", ".json", side)), metrics)
     print(json.dumps(metrics))
 
 
