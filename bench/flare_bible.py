@@ -2,7 +2,8 @@
 
 Cross-lingual transfer: English task LoRA (stage 1), then each recipe's stage 2 on target-language verses.
 Usage: python bench/flare_bible.py [--targets fr --seeds 0 1 --layers 4 --stage1-steps 60 --stage2-steps 60]
-translate_test, and `--english-at-test translated`, need `--translation-run` (a `polypeft mmt` run folder).
+translate_test, and `--english-at-test translated`, need `--translation-run` (a `polypeft mmt` run folder); with one,
+the test verses come from the run's test books alone (it trained on every other book but its valid books).
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import copy
 import random
 import statistics
 import time
+from collections import defaultdict
+from typing import Optional, Sequence
 
 import torch
 
@@ -20,7 +23,7 @@ from polypeft.experiments.flare_recipe import (READS_ENGLISH_AT_TEST, STAGE1_ONL
 from polypeft.experiments.x_mixup import XMixupSettings
 from polypeft.methods.flare.layer import FLAREConfig
 from polypeft.backbones.e5 import QUERY_PREFIX, load_encoder
-from polypeft.experiments.bible_eval import SECTION_NAMES, verse_classification
+from polypeft.experiments.bible_eval import SECTION_NAMES, canon_section, verse_classification
 from polypeft.tasks.classification import classification_model
 from polypeft.tasks.translation.run import translation_encoder
 from polypeft.tasks.translation.translator import Translator
@@ -35,18 +38,55 @@ def method_of(recipe: str) -> str:
     return "flare" if recipe.startswith("flare_") and recipe != "flare_mt" else recipe
 
 
-def load_rows(target: str, per_class_train: int, per_class_test: int, seed: int = 0) -> tuple[list, list]:
+def load_rows(target: str, per_class_train: int, per_class_test: int, seed: int = 0,
+              test_books: Optional[Sequence[int]] = None, corpus=None) -> tuple[list, list]:
     """The encoder issue's canon-section task (`verse_classification`), verse-disjoint and stratified:
-    rows {en, target, label}, about `per_class_train` / `per_class_test` verses per section."""
+    rows {en, target, label}, about `per_class_train` / `per_class_test` verses per section. With `test_books` (a
+    translation run's, which it never trained on) the test verses come from those books alone, training from the rest."""
     total = per_class_train + per_class_test
     data = verse_classification(["en", target], valid_fraction=0.0, test_fraction=per_class_test / total,
-                                seed=seed, max_verses_per_section=total)
+                                seed=seed, max_verses_per_section=total, corpus=corpus, exclude_books=test_books or ())
     parts = []
     for part in ("train", "test"):
         english, other = data[part]["en"].examples, data[part][target].examples
         parts.append([{"en": e.text, "target": t.text, "label": e.label} for e, t in zip(english, other)])
+    if test_books:
+        parts[1] = book_rows(target, test_books, per_class_test, seed, corpus)
     random.Random(seed).shuffle(parts[0])
     return parts[0], parts[1]
+
+
+def book_rows(target: str, books: Sequence[int], per_class: int, seed: int, corpus=None) -> list:
+    """Rows {en, target, label} of `books` alone, at most `per_class` verses per canon section (chosen with `seed`):
+    the test verses a translation run never trained on."""
+    from polypeft.data.bible import BibleCorpus
+
+    by_label: dict[int, list] = defaultdict(list)
+    for row in (corpus or BibleCorpus()).parallel(["en", target], books=sorted(books)):
+        by_label[SECTION_NAMES.index(canon_section(int(row["ref"].split(":")[0])))].append(row)
+    generator, rows = random.Random(seed), []
+    for label in sorted(by_label):
+        section = list(by_label[label])
+        generator.shuffle(section)
+        rows += [{"en": r["en"], "target": r[target], "label": label} for r in section[:per_class]]
+    return rows
+
+
+def translation_test_books(translation_run: Optional[str], targets: Sequence[str]) -> Optional[list[int]]:
+    """The translation run's test books, the only ones the test verses may come from (None without a run); books
+    that cover one canon section are refused by value, since an accuracy over one label compares nothing."""
+    if not translation_run:
+        return None
+    from polypeft.tasks.translation.translator import translation_run_recipe
+
+    books = list(translation_run_recipe(translation_run, "--translation-run", targets).test_books)
+    sections = sorted({canon_section(book) for book in books})
+    if len(sections) < 2:
+        raise ValueError(f"--translation-run={translation_run!r} holds out test_books={books} alone (sections "
+                         f"{sections}); its other books were trained on, so the test verses come from these, and one "
+                         "section gives every test verse the same label: train a run whose test_books span two or more "
+                         "canon sections (e.g. test_books: [1, 19, 23, 43, 66])")
+    return books
 
 
 def encode(tokenizer, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
@@ -134,11 +174,16 @@ def run(args: argparse.Namespace) -> dict:
     label_names = list(SECTION_NAMES)
     translates = any("translated" in english_at_test_of(recipe, args) for recipe in args.recipes)
     translator = Translator(args.translation_run, setting="--translation-run") if translates else None
+    args.test_books = translation_test_books(args.translation_run, args.targets)  # saved with the settings
+    if args.test_books:
+        print(f"test verses from books {args.test_books} alone (the translation run's test books: it trained on every "
+              "other book but its valid books); training verses from the other books", flush=True)
     results: dict = {}
     for target in args.targets:
         # polypeft's own translation encoder reads the English verse tagged for translation into `target`
         mt = translation_encoder(args.mt_run, target) if args.mt_run else None
-        train_rows, test_rows = load_rows(target, args.per_class_train, args.per_class_test)
+        train_rows, test_rows = load_rows(target, args.per_class_train, args.per_class_test,
+                                          test_books=args.test_books)
         english, parallel = make_batches(tokenizer, train_rows, args.batch, args.max_length)
         tests = test_sets(test_rows, tokenizer, mt, target, translator, args)
         test_batches = tests["gold"][0]  # zero-shot reads the target verses only
@@ -213,10 +258,7 @@ def check_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         for recipe in args.recipes:
             for side in english_at_test_of(recipe, args):
                 check_english_at_test(method_of(recipe), side, args.translation_run)
-        if args.translation_run:
-            from polypeft.tasks.translation.translator import translation_run_recipe
-
-            translation_run_recipe(args.translation_run, "--translation-run", args.targets)
+        translation_test_books(args.translation_run, args.targets)
     except ValueError as error:
         parser.error(str(error))
 
