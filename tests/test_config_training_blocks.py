@@ -117,6 +117,32 @@ def test_the_cache_key_of_every_earlier_build_is_unchanged():
         warmup=70).key()  # a null warm-up is a tenth of the 700 steps
 
 
+def test_the_lm_settings_hash_and_their_key_does_not_move_under_them():
+    import copy
+    import pickle
+    from dataclasses import FrozenInstanceError
+
+    block = lm_schedule(steps=300, lr=1e-3, warmup=10, checkpoint_every=7)
+    settings = CausalLmSettings(training=block)
+    block.steps = 5  # the caller's object: the settings hold a copy of it
+    assert settings.training.steps == 300 and settings.key() == KEY_OF_FLAT_300
+    with pytest.raises(FrozenInstanceError, match=r"cannot set steps=9: these training settings are frozen"):
+        settings.training.steps = 9
+    assert settings.key() == KEY_OF_FLAT_300 and CausalLmSettings().key() == KEY_OF_DEFAULT
+    same = CausalLmSettings.from_values(steps=300, lr=1e-3, warmup=10, checkpoint_every=7)
+    assert hash(settings) == hash(same) and {settings: "built"}[same] == "built"
+    assert settings.training == lm_schedule(steps=300, lr=1e-3, warmup=10, checkpoint_every=7) == settings.training
+    longer = replace(settings, training=replace(settings.training, steps=400))  # a change is a new settings object
+    assert longer.training.steps == 400 and longer.key() != KEY_OF_FLAT_300
+    loop = settings.loop_settings(progress=False)
+    loop.steps = 1  # the loop's copy stays changeable and is the settings' no longer
+    assert type(loop) is TrainSettings and settings.training.steps == 300
+    for again in (copy.deepcopy(settings), pickle.loads(pickle.dumps(settings))):
+        assert again == settings and again.key() == KEY_OF_FLAT_300
+        with pytest.raises(FrozenInstanceError):
+            again.training.lr = 1.0
+
+
 @pytest.mark.parametrize("results", ["results.json", "all_languages/results.json"])
 def test_the_committed_results_read_back_to_the_key_of_their_build(results):
     data = json.loads((LM_RESULTS / results).read_text(encoding="utf-8"))

@@ -18,7 +18,7 @@ from ..core.config import ConfigError, NonNegativeInt, PositiveInt, TypedConfig
 from ..core.fileio import cache_root, write_json, write_model_weights
 from ..data.bible import BIBLE_VERSIONS, BibleCorpus, BibleSplit
 from ..data.spm import SpmTokenizer, bible_spm
-from ..training.settings import TrainSettings
+from ..training.settings import FrozenTrainSettings, TrainSettings
 
 __all__ = ["CAUSAL_LM_FORMAT", "CausalLmSettings", "CausalLmTokenizer", "build_model", "causal_lm_dir",
            "lm_schedule", "load_causal_lm", "mixture_weights", "save_causal_lm", "token_windows", "tokenizer_for",
@@ -69,6 +69,9 @@ class CausalLmSettings(TypedConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()  # every field's type (tuples stay tuples)
+        # A frozen copy: the key is read from the block, so neither the caller's object nor `training.x = ...`
+        # may change it later (and the settings hash, as a frozen dataclass should).
+        object.__setattr__(self, "training", FrozenTrainSettings.of(self.training))
         unknown = [code for code in self.languages if code not in BIBLE_VERSIONS]
         if unknown:
             raise ConfigError(f"CausalLmSettings.languages has {unknown}; allowed: {sorted(BIBLE_VERSIONS)}")
@@ -89,7 +92,7 @@ class CausalLmSettings(TypedConfig):
 
     def loop_settings(self, progress: bool = True) -> TrainSettings:
         """What the training loop runs: the block, seeded with the LM's `seed`."""
-        return replace(self.training, seed=self.seed, progress=progress)
+        return replace(self.training.thawed(), seed=self.seed, progress=progress)
 
     def flat_values(self) -> dict[str, Any]:
         """The settings laid out as before the training block: its steps, lr, warmup and checkpoint_every at the

@@ -4,8 +4,8 @@ Checked on construction by the one typed validator, so a bad value stops a run b
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Annotated, ClassVar, Literal, Mapping, Optional, get_args
+from dataclasses import FrozenInstanceError, dataclass, fields
+from typing import Annotated, Any, ClassVar, Literal, Mapping, Optional, get_args
 
 from ..core.config import (ConfigError, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Range,
                            TypedConfig)
@@ -54,3 +54,42 @@ class TrainSettings(TypedConfig):
     def warmup_steps(self) -> int:
         """The warm-up the schedule runs: `warmup`, or a tenth of `steps` (at least one) when it is null."""
         return self.warmup if self.warmup is not None else max(1, self.steps // 10)
+
+
+class FrozenTrainSettings(TrainSettings):
+    """TrainSettings that refuse every change once built, and hash: the block of a frozen settings class, whose
+    cache key is read from it and must not move under it. Equal to a TrainSettings of the same values."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "_frozen", True)
+
+    @classmethod
+    def of(cls, settings: TrainSettings) -> "FrozenTrainSettings":
+        """A frozen copy of `settings` (the same values; later changes to `settings` do not reach it)."""
+        return settings if isinstance(settings, cls) else cls(**values_of(settings))
+
+    def thawed(self) -> TrainSettings:
+        """A plain, changeable copy: what a caller that adjusts the settings gets."""
+        return TrainSettings(**values_of(self))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self.__dict__.get("_frozen"):
+            raise FrozenInstanceError(f"cannot set {name}={value!r}: these training settings are frozen (they belong "
+                                      "to a frozen settings object); build new ones with dataclasses.replace")
+        super().__setattr__(name, value)
+
+    def __delattr__(self, name: str) -> None:
+        raise FrozenInstanceError(f"cannot delete {name!r}: these training settings are frozen")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, TrainSettings):
+            return NotImplemented
+        return values_of(self) == values_of(other)
+
+    def __hash__(self) -> int:
+        return hash(tuple(values_of(self).items()))
+
+
+def values_of(settings: TrainSettings) -> dict[str, Any]:
+    return {field.name: getattr(settings, field.name) for field in fields(TrainSettings)}
