@@ -12,7 +12,7 @@ import polypeft as pp
 from polypeft.tasks.translation.evaluate import score_directions, translate
 from polypeft.tasks.translation.run import MMTData, MMTRecipe, _rows, batch_stream, build_model, make_loss_fn, train_run
 from polypeft.training.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from toy_mmt import toy_data, toy_recipe
+from toy_mmt import mean_loss, toy_data, toy_recipe
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> MMTData:
@@ -39,14 +39,6 @@ METHODS = [
     {"name": "clsr", "language_weights": "per_sublayer"},
     {"name": "lora", "rank": 4, "freeze_base": False},
 ]
-
-
-def mean_loss(model, data: MMTData, recipe: MMTRecipe, batches: int = 4) -> float:
-    loss_fn = make_loss_fn(dataclasses.replace(recipe, label_smoothing=0.0))
-    stream = batch_stream(recipe, data, model.config)
-    model.eval()
-    with torch.no_grad():
-        return sum(float(loss_fn(model, next(stream))[0]) for _ in range(batches)) / batches
 
 
 @pytest.mark.slow

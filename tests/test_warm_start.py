@@ -18,7 +18,7 @@ from polypeft.tasks.translation.evaluate import translate
 from polypeft.tasks.translation.run import (MMTData, MMTRecipe, batch_stream, build_model, load_translation_model,
                                             make_loss_fn, train_run)
 from polypeft.training.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from toy_mmt import WORDS, sentences
+from toy_mmt import WORDS, mean_loss, sentences
 
 UNUSED = ["zebra", "quartz", "vulkan"]  # pieces of the base vocabulary no toy sentence uses
 
@@ -148,14 +148,6 @@ def test_a_tiny_warm_run_trains_saves_resumes_and_translates(base_dir, tmp_path)
     hypotheses = translate(model, tokenizer, data.test, beam=2, max_new_tokens=12, progress=False)
     assert len(hypotheses) == len(data.test) and any(hypotheses)
     assert all(set(h.split()) <= set(WORDS["en"]) for h in hypotheses), hypotheses
-
-
-def mean_loss(model, data: MMTData, recipe: MMTRecipe, batches: int = 4) -> float:
-    loss_fn = make_loss_fn(dataclasses.replace(recipe, label_smoothing=0.0))
-    stream = batch_stream(recipe, data, model.config)
-    model.eval()
-    with torch.no_grad():
-        return sum(float(loss_fn(model, next(stream))[0]) for _ in range(batches)) / batches
 
 
 def test_lms_wraps_the_warm_model_on_both_sides(base_dir, tmp_path):

@@ -6,7 +6,9 @@ from pathlib import Path
 
 from polypeft.data.parallel import ParallelExample
 from polypeft.data.spm import train_spm
-from polypeft.tasks.translation.run import MMTData, MMTRecipe
+import torch
+
+from polypeft.tasks.translation.run import MMTData, MMTRecipe, batch_stream, make_loss_fn
 
 WORDS = {
     "en": ["house", "water", "light", "bread", "king", "river", "stone", "night"],
@@ -36,3 +38,12 @@ def toy_recipe(output_dir, method, **changes) -> MMTRecipe:
                                 "warmup": 2, "lr": 3e-3, "max_tokens": 256, "max_length": 16, "checkpoint_every": 3,
                                 "dropout": 0.1, "output_dir": str(output_dir), "beam": 2, **changes})
     return base
+
+
+def mean_loss(model, data: MMTData, recipe: MMTRecipe, batches: int = 4) -> float:
+    """The model's mean unsmoothed loss over the first `batches` training batches: did training lower it?"""
+    loss_fn = make_loss_fn(dataclasses.replace(recipe, label_smoothing=0.0))
+    stream = batch_stream(recipe, data, model.config)
+    model.eval()
+    with torch.no_grad():
+        return sum(float(loss_fn(model, next(stream))[0]) for _ in range(batches)) / batches

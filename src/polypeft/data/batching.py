@@ -220,6 +220,13 @@ def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
     return torch.tensor([row + [value] * (width - len(row)) for row in rows], dtype=torch.long)
 
 
+def padded_inputs(rows: list[list[int]], pad_id: int, max_length: Optional[int] = None) -> dict[str, torch.Tensor]:
+    """Right-padded `input_ids` and `attention_mask`, as a transformers tokenizer returns them, so the project's own
+    tokenizers (SentencePiece, pruned) serve code written against that interface."""
+    rows = [row[:max_length] for row in rows] if max_length else rows
+    return {"input_ids": _pad(rows, pad_id), "attention_mask": _pad([[1] * len(row) for row in rows], 0)}
+
+
 def collate(
     examples: Sequence[ParallelExample],
     tokenizer: Seq2SeqTokenizer,

@@ -15,6 +15,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 
 from ..core.fileio import atomic_write, cache_root, write_json
+from .batching import padded_inputs
 from .spm import lang_tag
 
 FORMAT = 1  # bump when the mapping's layout changes, so old cached mappings are not reused
@@ -155,15 +156,7 @@ class PrunedTokenizer:
         if return_tensors != "pt" or not padding:
             raise ValueError("PrunedTokenizer(...) returns padded PyTorch tensors only (return_tensors='pt')")
         rows = [self.encode_source(text, lang_tag) for text in texts]
-        if truncation and max_length:
-            rows = [row[:max_length] for row in rows]
-        width = max(len(row) for row in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for index, row in enumerate(rows):
-            ids[index, :len(row)] = torch.tensor(row)
-            mask[index, :len(row)] = 1
-        return {"input_ids": ids, "attention_mask": mask}
+        return padded_inputs(rows, self.pad_id, max_length if truncation else None)
 
     def tokenize(self, text: str) -> list[str]:
         return self.backend.encode(text, add_special_tokens=False).tokens

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 import sentencepiece
-import torch
 
+from .batching import padded_inputs
 from .bible import BibleCorpus, BibleSplit
 from ..core.fileio import ATOMIC_TEMPORARIES, atomic_write, cache_root, remove_stale_temporaries, write_json
 
@@ -111,15 +111,7 @@ class SpmTokenizer:
         if return_tensors != "pt" or not padding:
             raise ValueError("SpmTokenizer(...) returns padded PyTorch tensors only (return_tensors='pt')")
         rows = [self.encode(text, lang_tag=lang_tag) for text in texts]
-        if truncation and max_length:
-            rows = [row[:max_length] for row in rows]
-        width = max(len(row) for row in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for index, row in enumerate(rows):
-            ids[index, :len(row)] = torch.tensor(row)
-            mask[index, :len(row)] = 1
-        return {"input_ids": ids, "attention_mask": mask}
+        return padded_inputs(rows, self.pad_id, max_length if truncation else None)
 
     def tokenize(self, text: str) -> list[str]:
         """The pieces of `text`, to look at."""
