@@ -1,6 +1,6 @@
 """Ten GPU minutes on what the CPU cannot show: translation quality, core speed, FD step and LRP2 hook overhead.
 
-Bible translation at the `small` preset among them; one JSON + Markdown report, saved after every section.
+Bible translation warm-started from e5-small (configs/mmt_warm_e5.yaml's `base:` block, at a larger size) among them; one JSON + Markdown report, saved after every section.
 
 `--tiny` runs every section on the CPU in minutes, so the suite is known to work before a GPU is available.
 Usage: python bench/accelerator_suite.py --out DIR [--tiny] [--budget-s 570]
@@ -14,7 +14,7 @@ import json
 import sys
 import time
 from argparse import Namespace
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -36,6 +36,7 @@ RECIPES = ("naive", "lms_pair", "lms_lang", "lms_fd", "switch")
 # Training cost of each recipe per step relative to naive (FD runs every example on two routes).
 STEP_COST = {"naive": 1.0, "lms_pair": 1.2, "lms_lang": 1.2, "lms_fd": 2.4, "switch": 1.2}
 SECTIONS = ("fd_lrp2", "core_speed", "translation")
+WARM_BASE = {"encoder": "e5-small", "decoder_layers": 6, "decoder_init": "upper", "frozen_layers": 0}
 
 
 @dataclass
@@ -43,6 +44,9 @@ class Sizes:
     """Every knob of the suite; `tiny()` shrinks them all to CPU minutes."""
 
     # Translation: model, schedule (steps=None: as many as the time left allows, from a probe run's speed).
+    # `base`: the warm start of configs/mmt_warm_e5.yaml at the GPU's size (every layer trains, so both directions
+    # can be told apart, and a 6-layer decoder); null trains the from-scratch `preset` instead.
+    base: Optional[dict] = field(default_factory=lambda: dict(WARM_BASE))
     preset: str = "small"
     steps: Optional[int] = None
     probe_steps: int = 30
@@ -81,7 +85,7 @@ class Sizes:
 
     @classmethod
     def tiny(cls) -> "Sizes":
-        return cls(preset="tiny", steps=3, max_train_verses=200, eval_verses=2, eval_reserve_s=0.0, beam=5,
+        return cls(base={**WARM_BASE, "decoder_layers": 1}, preset="tiny", steps=3, max_train_verses=200, eval_verses=2, eval_reserve_s=0.0, beam=5,
                    vocab_size=1000, spm_max_sentences=1000, max_length=24, max_tokens=512, warmup=1,
                    mixed_precision="no", core_rounds=1, core_batch=2, core_length=8, core_small_model=True,
                    fd_batch=4, fd_length=8, fd_repeats=1, lrp2_layers=2, lrp2_batch=4, lrp2_length=8,
@@ -175,7 +179,8 @@ def core_speed_section(sizes: Sizes, device: str, report: Report) -> dict[str, A
 
 def recipe_overrides(sizes: Sizes, out: Path) -> dict[str, Any]:
     """What the suite changes in the configs/mmt_bible7_*.yaml recipes: size, schedule, evaluation subset."""
-    overrides = {"preset": sizes.preset, "vocab_size": sizes.vocab_size, "spm_max_sentences": sizes.spm_max_sentences,
+    overrides = {"base": sizes.base, "preset": sizes.preset, "vocab_size": sizes.vocab_size,
+                 "spm_max_sentences": sizes.spm_max_sentences,
                  "max_train_verses": sizes.max_train_verses, "max_eval_verses": sizes.eval_verses,
                  "max_length": sizes.max_length, "max_tokens": sizes.max_tokens, "beam": sizes.beam,
                  "warmup": sizes.warmup, "valid_every": 0, "output_dir": str(out / "runs")}
@@ -194,6 +199,14 @@ def precision_used(sizes: Sizes) -> str:
     if recipe_has and loop_has:
         return sizes.mixed_precision
     return f"float32 ({sizes.mixed_precision} asked for, but this checkout's recipe/loop has no mixed_precision)"
+
+
+def model_name(sizes: Sizes) -> str:
+    if sizes.base is None:
+        return f"preset {sizes.preset}, from scratch"
+    base = sizes.base
+    return (f"warm start from {base.get('encoder', 'e5-small')}, {base.get('decoder_layers', 3)}-layer decoder "
+            f"({base.get('decoder_init', 'upper')}), {base.get('frozen_layers', 0)} encoder layers frozen")
 
 
 def with_steps(recipe: mmt.MMTRecipe, steps: int, name: Optional[str] = None) -> mmt.MMTRecipe:
@@ -239,7 +252,7 @@ def translation_section(sizes: Sizes, out: Path, device: str, deadline: float, r
                for name in RECIPES}
     started = time.perf_counter()
     data = mmt.prepare(recipes["naive"])
-    figures: dict[str, Any] = {"preset": sizes.preset, "precision": precision_used(sizes),
+    figures: dict[str, Any] = {"model": model_name(sizes), "precision": precision_used(sizes),
                                "prepare_s": round(time.perf_counter() - started, 1),
                                "train_examples": len(data.train), "test_examples": len(data.test),
                                "eval_verses_per_direction": sizes.eval_verses, "beam": sizes.beam, "runs": {}}
@@ -294,7 +307,7 @@ def core_speed_markdown(figures: dict[str, Any]) -> list[str]:
 
 
 def translation_markdown(figures: dict[str, Any]) -> list[str]:
-    lines = [f"## Translation, Bible 7 languages, preset {figures['preset']}, {figures.get('steps')} steps, "
+    lines = [f"## Translation, Bible 7 languages, {figures['model']}, {figures.get('steps')} steps, "
              f"{figures['precision']}", "",
              f"Beam {figures['beam']} on {figures['eval_verses_per_direction']} verses of John per direction.", "",
              "| run | variant | train s | test CE | BLEU all | chrF all | BLEU en-xx | BLEU xx-en |",

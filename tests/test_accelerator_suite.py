@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from toy_mmt import tiny_bert_folder
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
@@ -25,10 +27,11 @@ def tiny_report(tmp_path_factory):
     """One tiny run of every section; it reads the real Bible corpus, so the tests using it are marked slow."""
     pytest.importorskip("peft")
     out = tmp_path_factory.mktemp("suite")
+    base = tiny_bert_folder(tmp_path_factory.mktemp("tiny_bert"))  # e5-small's stand-in for the warm start
     suite = load_suite()
     # steps=null: the schedule comes from a probe run's speed, as on a GPU (clamped to 1-2 steps here).
     knobs = ["steps=null", "probe_steps=1", "min_steps=1", "max_steps=2", "eval_verses=1", "max_length=12",
-             "max_train_verses=60"]
+             "max_train_verses=60", f"base={{encoder: {base}, decoder_layers: 1, frozen_layers: 0}}"]
     suite.main(["--out", str(out), "--tiny", "--budget-s", "3000"] + [f"--set={knob}" for knob in knobs])
     return json.loads((out / "suite.json").read_text()), (out / "suite.md").read_text()
 
@@ -54,6 +57,8 @@ def test_every_section_reports_its_figures_in_json(tiny_report):
         for variant, scores in run["variants"].items():
             assert len(scores["directions"]) == 12  # six languages, into and out of English
             assert scores["test_ce"] > 0 and "bleu" in scores["directions"]["fr-en"]
+    assert translation["model"].startswith("warm start from ")  # the suite trains the warm-start recipe
+    assert translation["model"].endswith("tiny_bert0, 1-layer decoder (upper), 0 encoder layers frozen")
     assert translation["schedule"]["probe_seconds_per_step"] > 0 and translation["steps"] in (1, 2)
 
 

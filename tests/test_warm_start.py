@@ -18,33 +18,14 @@ from polypeft.tasks.translation.evaluate import translate
 from polypeft.tasks.translation.run import (MMTData, MMTRecipe, batch_stream, build_model, load_translation_model,
                                             make_loss_fn, train_run)
 from polypeft.training.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from toy_mmt import WORDS, mean_loss, sentences
+from toy_mmt import WORDS, mean_loss, sentences, tiny_bert_folder
 
 UNUSED = ["zebra", "quartz", "vulkan"]  # pieces of the base vocabulary no toy sentence uses
 
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
-    """A local folder holding a 3-layer BertModel and a Unigram tokenizer over the toy words (plus unused ones)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-
-    words = [w for lang in WORDS for w in WORDS[lang]] + UNUSED
-    vocab = [("<s>", 0.0), ("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
-    vocab += [("\u2581" + w, -1.0) for w in words] + [(c, -8.0) for c in "abcdefghijklmnopqrstuvwxyz\u2581"]
-    backend = Tokenizer(models.Unigram(vocab, unk_id=3, byte_fallback=False))
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
-    backend.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
-    tokenizer = tf.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", cls_token="<s>",
-                                           sep_token="</s>", pad_token="<pad>", unk_token="<unk>")
-    torch.manual_seed(0)
-    bert = tf.BertModel(tf.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
-                                      intermediate_size=48, max_position_embeddings=64, pad_token_id=1),
-                        add_pooling_layer=False)
-    folder = tmp_path_factory.mktemp("tiny_bert")
-    bert.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return tiny_bert_folder(tmp_path_factory.mktemp("tiny_bert"), UNUSED)
 
 
 @pytest.fixture(autouse=True)

@@ -47,3 +47,27 @@ def mean_loss(model, data: MMTData, recipe: MMTRecipe, batches: int = 4) -> floa
     model.eval()
     with torch.no_grad():
         return sum(float(loss_fn(model, next(stream))[0]) for _ in range(batches)) / batches
+
+
+def tiny_bert_folder(folder: Path, unused: tuple[str, ...] | list[str] = ()) -> Path:
+    """A local folder holding a 3-layer BertModel and a Unigram tokenizer over the toy words (plus `unused`
+    ones): e5-small's stand-in for the warm start, seconds instead of minutes."""
+    import transformers as tf
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    words = [w for lang in WORDS for w in WORDS[lang]] + list(unused)
+    vocab = [("<s>", 0.0), ("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    vocab += [("\u2581" + w, -1.0) for w in words] + [(c, -8.0) for c in "abcdefghijklmnopqrstuvwxyz\u2581"]
+    backend = Tokenizer(models.Unigram(vocab, unk_id=3, byte_fallback=False))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    backend.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+    tokenizer = tf.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", cls_token="<s>",
+                                           sep_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    torch.manual_seed(0)
+    bert = tf.BertModel(tf.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                                      intermediate_size=48, max_position_embeddings=64, pad_token_id=1),
+                        add_pooling_layer=False)
+    bert.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
