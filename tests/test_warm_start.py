@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 import transformers as tf
@@ -13,10 +14,12 @@ from polypeft.backbones.warm_start import WarmStart, build_warm_model
 from polypeft.core.routed import RoutedLinear
 from polypeft.data import pruned_vocab
 from polypeft.data.parallel import ParallelExample
+from polypeft.cli.main import print_scores
+from polypeft.experiments.confidence import bleu_intervals, corpus_bleu
 from polypeft.data.pruned_vocab import PrunedTokenizer, pruned_tokenizer
 from polypeft.tasks.translation.evaluate import translate
-from polypeft.tasks.translation.run import (MMTData, MMTRecipe, batch_stream, build_model, load_translation_model,
-                                            make_loss_fn, train_run)
+from polypeft.tasks.translation.run import (MMTData, MMTRecipe, batch_stream, build_model, evaluate_run,
+                                            load_translation_model, make_loss_fn, train_run)
 from polypeft.training.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from toy_mmt import WORDS, mean_loss, sentences, tiny_bert_folder
 
@@ -105,7 +108,7 @@ def test_the_warm_encoder_equals_the_pretrained_one_on_pruned_inputs(base_dir):
 
 
 @pytest.mark.slow
-def test_a_tiny_warm_run_trains_saves_resumes_and_translates(base_dir, tmp_path):
+def test_a_tiny_warm_run_trains_saves_resumes_and_translates(base_dir, tmp_path, capsys):
     data = MMTData(toy_tokenizer(base_dir), toy_examples(), toy_examples()[:8], toy_examples()[:8])
     full = warm_recipe(tmp_path / "full", base_dir)
     train_run(full, data=data)
@@ -129,6 +132,20 @@ def test_a_tiny_warm_run_trains_saves_resumes_and_translates(base_dir, tmp_path)
     hypotheses = translate(model, tokenizer, data.test, beam=2, max_new_tokens=12, progress=False)
     assert len(hypotheses) == len(data.test) and any(hypotheses)
     assert all(set(h.split()) <= set(WORDS["en"]) for h in hypotheses), hypotheses
+    # scored, each verse's hypothesis and BLEU statistics are kept, so intervals need no second decoding
+    results = evaluate_run(recipe.run_dir, data=data)
+    sentences = results["variants"]["default"]["sentences"]
+    assert sorted(sentences) == ["de-en", "fr-en"] and results["pivot"] == "en"
+    for direction, rows in sentences.items():
+        kept = [e for e in data.test if f"{e.src_lang}-{e.tgt_lang}" == direction]
+        assert rows["refs"] == [e.ref for e in kept] and len(rows["hypotheses"]) == len(kept)
+        summed = np.sum(rows["bleu_statistics"], axis=0)
+        assert corpus_bleu(summed) == pytest.approx(results["variants"]["default"]["directions"][direction]["bleu"],
+                                                    abs=0.006)
+    print_scores(results)  # what `polypeft mmt eval` prints: the averages, then their intervals
+    printed = capsys.readouterr().out
+    xx_en = bleu_intervals(sentences)["xx_en"]
+    assert f"BLEU 95 % intervals (verses resampled): xx_en [{xx_en['low']:.2f}, {xx_en['high']:.2f}]" in printed
 
 
 def test_lms_wraps_the_warm_model_on_both_sides(base_dir, tmp_path):

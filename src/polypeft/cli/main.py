@@ -48,7 +48,7 @@ def mmt_train(args) -> int:
         return 0
     print(f"trained: {run_dir}")
     if args.eval:
-        _print_scores(evaluate_run(run_dir))
+        print_scores(evaluate_run(run_dir))
     return 0
 
 
@@ -57,15 +57,21 @@ def mmt_eval(args) -> int:
 
     read_run_recipe(args.run)  # the run's recipe and weights are checked before any data is prepared
     check_safetensors(Path(args.run) / "model.safetensors")
-    _print_scores(evaluate_run(args.run, split=args.split))
+    print_scores(evaluate_run(args.run, split=args.split))
     return 0
 
 
-def _print_scores(results: dict) -> None:
+def print_scores(results: dict) -> None:
+    from ..experiments.confidence import bleu_intervals
+
     for variant, scores in results["variants"].items():
         averages = scores["averages"]
         print(f"{results['name']} seed {results['seed']} [{variant}] " +
               ", ".join(f"{k} {v}" for k, v in averages.items() if v is not None))
+        intervals = bleu_intervals(scores["sentences"], results["pivot"])
+        print("  BLEU 95 % intervals (verses resampled): " + ", ".join(
+            f"{group} [{found['low']:.2f}, {found['high']:.2f}]" for group, found in intervals.items()
+            if group != "directions"))
 
 
 def mmt_compare(args) -> int:

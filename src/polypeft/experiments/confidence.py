@@ -22,20 +22,78 @@ def seed_draws(seeds: int, replicates: int, rng: np.random.Generator) -> np.ndar
     return counts / seeds
 
 
+STATISTICS = ("accuracy", "perplexity", "bleu")
+
+
 def per_seed_scores(values: np.ndarray, weights: np.ndarray, statistic: str) -> np.ndarray:
     """(seeds, replicates) scores under example weights (replicates, examples): the weighted mean of 0/1 outcomes
-    ("accuracy", values (seeds, examples)), or exp of the weighted token NLL ("perplexity", values (seeds, examples,
-    2) holding each example's NLL sum and token count)."""
+    ("accuracy", values (seeds, examples)), exp of the weighted token NLL ("perplexity", values (seeds, examples,
+    2) holding each example's NLL sum and token count), or the corpus BLEU of the weighted sentence statistics
+    ("bleu", values (seeds, examples, 10) from `translation.evaluate.sentence_statistics`)."""
     if statistic == "accuracy":
         return values @ weights.T / weights.sum(1)
     if statistic == "perplexity":
         return np.exp((values[..., 0] @ weights.T) / (values[..., 1] @ weights.T))
-    raise ValueError(f"statistic={statistic!r}; allowed: 'accuracy', 'perplexity'")
+    if statistic == "bleu":
+        return corpus_bleu(np.einsum("sek,re->srk", values, weights))
+    raise ValueError(f"statistic={statistic!r}; allowed: {list(STATISTICS)}")
+
+
+def corpus_bleu(statistics: np.ndarray) -> np.ndarray:
+    """sacreBLEU's corpus BLEU (exp smoothing) of summed sentence statistics (..., 10): hypothesis length,
+    reference length, then matches and totals for 1- to 4-grams."""
+    from sacrebleu.metrics import BLEU
+
+    flat = np.rint(statistics.reshape(-1, statistics.shape[-1])).astype(np.int64)  # resample counts are whole
+    scores = [BLEU.compute_bleu(correct=row[2:6].tolist(), total=row[6:10].tolist(), sys_len=int(row[0]),
+                                ref_len=int(row[1])).score for row in flat]
+    return np.asarray(scores).reshape(statistics.shape[:-1])
 
 
 def compared(a, b, statistic: str):
-    """Accuracy: the difference in points; perplexity: the relative change in % (negative = lower = better)."""
-    return 100.0 * (a - b) if statistic == "accuracy" else 100.0 * (a / b - 1.0)
+    """Accuracy: the difference in points; BLEU: in BLEU points; perplexity: the relative change in % (negative =
+    lower = better)."""
+    if statistic == "accuracy":
+        return 100.0 * (a - b)
+    return a - b if statistic == "bleu" else 100.0 * (a / b - 1.0)
+
+
+def score_intervals(scores: Mapping[str, Sequence], replicates: int = 1000, seed: int = 0,
+                    statistic: str = "bleu") -> dict[str, dict[str, float]]:
+    """Per language and for the mean over languages: one method's score with its 95 % interval (examples and seeds
+    resampled, as `difference_intervals` does for a difference); `scores` holds per-example values per seed."""
+    rng = np.random.default_rng(seed)
+    arrays = {lang: np.asarray(values, float) for lang, values in scores.items()}
+    seeds = seed_draws(len(next(iter(arrays.values()))), replicates, rng)
+    scale = 100.0 if statistic == "accuracy" else 1.0
+    result, replicate_scores = {}, []
+    for lang, values in arrays.items():
+        replicated = scale * (seeds * per_seed_scores(values, example_weights(values.shape[1], replicates, rng),
+                                                      statistic).T).sum(1)
+        replicate_scores.append(replicated)
+        point = scale * per_seed_scores(values, np.ones((1, values.shape[1])), statistic)[:, 0]
+        result[lang] = interval(float(point.mean()), replicated)
+    points = [result[lang]["score"] for lang in arrays]
+    result["mean"] = interval(float(np.mean(points)), np.mean(replicate_scores, axis=0))
+    return result
+
+
+def bleu_intervals(sentences: Mapping[str, Mapping], pivot: str = "en", replicates: int = 1000) -> dict:
+    """One translation run's corpus BLEU with 95 % intervals, verses resampled: per direction and the means into
+    the pivot, out of it and over all (`sentences`: an eval JSON variant's per-direction `bleu_statistics`)."""
+    statistics = {name: [rows["bleu_statistics"]] for name, rows in sentences.items()}
+    groups = {f"xx_{pivot}": [n for n in statistics if n.endswith(f"-{pivot}")],
+              f"{pivot}_xx": [n for n in statistics if n.startswith(f"{pivot}-")], "all": list(statistics)}
+    result = {"directions": {name: score_intervals({name: rows}, replicates)[name] for name, rows in statistics.items()}}
+    for group, names in groups.items():
+        if names:
+            result[group] = score_intervals({name: statistics[name] for name in names}, replicates)["mean"]
+    return result
+
+
+def interval(point: float, replicated: np.ndarray) -> dict[str, float]:
+    return {"score": round(point, 3), "low": round(float(np.percentile(replicated, 2.5)), 3),
+            "high": round(float(np.percentile(replicated, 97.5)), 3)}
 
 
 def difference_intervals(method: Mapping[str, Sequence], reference: Mapping[str, Sequence], replicates: int = 2000,

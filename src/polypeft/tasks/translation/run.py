@@ -27,7 +27,7 @@ from ...data.parallel import ParallelExample, english_centric
 from ...data.pruned_vocab import PrunedTokenizer, pruned_tokenizer
 from ...data.spm import SpmTokenizer, bible_spm
 from .compare import EVAL_SPLITS, WEIGHTS_NAME
-from .evaluate import score_directions, translate
+from .evaluate import score_directions, sentences_by_direction, translate
 from .run_dir import RESUMABLE_KEYS, check_resumable, claim_run_dir, flat_keys, run_dir_to_replace
 from ...core.fileio import file_sha256, single_path_component, write_json, write_model_weights
 from ...methods.fd import fuse_distillation_step, token_cross_entropy
@@ -397,7 +397,8 @@ def eval_variants(recipe: MMTRecipe) -> dict[str, Optional[str]]:
 
 
 def evaluate_run(run_dir: str | Path, data: Optional[MMTData] = None, split: str = "test") -> dict:
-    """Beam search on the split, BLEU/chrF per direction and averages, written as JSON next to the run.
+    """Beam search on the split, BLEU/chrF per direction and averages, written as JSON next to the run with each
+    verse's hypothesis and BLEU statistics (so intervals and paired tests need no second decoding).
 
     The JSON records the SHA-256 of the weights it scored, so a later comparison can tell it is stale.
     """
@@ -406,7 +407,7 @@ def evaluate_run(run_dir: str | Path, data: Optional[MMTData] = None, split: str
     recipe, data, model = load_run(run_dir, data)
     weights_sha256 = file_sha256(Path(run_dir) / WEIGHTS_NAME)
     examples = data.test if split == "test" else data.valid
-    results = {"name": recipe.name, "seed": recipe.seed, "method": recipe.method, "split": split,
+    results = {"name": recipe.name, "seed": recipe.seed, "method": recipe.method, "split": split, "pivot": recipe.pivot,
                "weights_sha256": weights_sha256, "parameters": parameter_table(model, recipe), "variants": {}}
     for variant, route in eval_variants(recipe).items():
         started = time.perf_counter()
@@ -415,6 +416,7 @@ def evaluate_run(run_dir: str | Path, data: Optional[MMTData] = None, split: str
                                max_source_length=recipe.max_length, max_new_tokens=recipe.max_length)
         scores = score_directions(examples, hypotheses, pivot=recipe.pivot)
         scores["decode_seconds"] = round(time.perf_counter() - started, 1)
+        scores["sentences"] = sentences_by_direction(examples, hypotheses)
         results["variants"][variant] = scores
     write_json(Path(run_dir) / f"eval_{split}.json", results)
     return results
