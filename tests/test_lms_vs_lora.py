@@ -53,7 +53,7 @@ def test_perplexity_differences_are_relative_and_lower_is_better():
     assert result["method"] == pytest.approx(20.0) and result["reference"] == pytest.approx(40.0)
     assert verdict(result, higher_is_better=False) == "better"
     with pytest.raises(ValueError, match="statistic"):
-        difference_intervals(method, reference, statistic="bleu")
+        difference_intervals(method, reference, statistic="chrf")
 
 
 def test_the_choice_follows_the_metric_direction_and_prefers_fewer_steps_on_a_tie():
