@@ -171,3 +171,42 @@ def test_frozen_embeddings_refuse_several_target_languages(base_dir, tmp_path):
     assert warm_recipe(tmp_path, base_dir, directions="both", base={"encoder": str(base_dir)}).base.frozen_layers == 0
     with pytest.raises(pp.ConfigError, match="base.decoder_init='middle' is not allowed"):
         warm_recipe(tmp_path, base_dir, base={"encoder": str(base_dir), "decoder_init": "middle"})
+
+
+@pytest.mark.slow
+def test_a_cached_build_is_reused_and_a_stopped_one_continues(base_dir, tmp_path, monkeypatch):
+    from polypeft.tasks.translation import run as mmt
+    from polypeft.tasks.translation.cached import build_cached, cached_recipe, recipe_key
+
+    data = MMTData(toy_tokenizer(base_dir), toy_examples(), toy_examples()[:8], toy_examples()[:8])
+    recipe = warm_recipe(tmp_path / "ignored", base_dir)
+    straight = build_cached(recipe, data=data, cache_dir=tmp_path / "straight")
+    assert straight == tmp_path / "straight" / f"warm-{recipe_key(recipe)}-seed0"
+    written = (straight / "model.safetensors").stat().st_mtime_ns
+    assert build_cached(recipe, data=data, cache_dir=tmp_path / "straight") == straight  # reused, not retrained
+    assert (straight / "model.safetensors").stat().st_mtime_ns == written
+    # the key follows what shapes the model, not where it is written or how often it is scored
+    assert recipe_key(dataclasses.replace(recipe, output_dir="elsewhere", name="other", beam=4)) == recipe_key(recipe)
+    assert recipe_key(dataclasses.replace(recipe, training=dataclasses.replace(recipe.training, steps=7))) != \
+        recipe_key(recipe)
+
+    real_stream = mmt.batch_stream
+
+    def stopping_stream(*args):  # the build is killed while drawing its fifth batch, after the step-3 checkpoint
+        for index, batch in enumerate(real_stream(*args)):
+            if index == 4:
+                raise KeyboardInterrupt
+            yield batch
+
+    monkeypatch.setattr(mmt, "batch_stream", stopping_stream)
+    with pytest.raises(KeyboardInterrupt):
+        build_cached(recipe, data=data, cache_dir=tmp_path / "stopped")
+    stopped = cached_recipe(recipe, tmp_path / "stopped").run_dir
+    assert load_checkpoint(stopped / CHECKPOINT_NAME)["step"] == 3 and not (stopped / "model.safetensors").exists()
+    monkeypatch.setattr(mmt, "batch_stream", real_stream)
+    assert build_cached(recipe, data=data, cache_dir=tmp_path / "stopped") == stopped
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(straight / "model.safetensors")), load_file(str(stopped / "model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)

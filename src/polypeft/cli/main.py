@@ -4,6 +4,8 @@ Each subcommand reads a YAML recipe; `--set key=value` overrides single keys fro
 """
 from __future__ import annotations
 
+import json
+
 import argparse
 import os
 import sys
@@ -49,6 +51,21 @@ def mmt_train(args) -> int:
     print(f"trained: {run_dir}")
     if args.eval:
         print_scores(evaluate_run(run_dir))
+    return 0
+
+
+def mmt_build(args) -> int:
+    from ..tasks.translation.cached import build_cached
+    from ..tasks.translation.run import evaluate_run
+    from ..training.processes import process_state
+
+    run_dir = build_cached(_recipe(args))
+    if not process_state().is_main_process:
+        return 0
+    print(f"built: {run_dir}")
+    if args.eval:  # a finished build never changes, so its scores are read back once written
+        scored = run_dir / "eval_test.json"
+        print_scores(json.loads(scored.read_text(encoding="utf-8")) if scored.is_file() else evaluate_run(run_dir))
     return 0
 
 
@@ -104,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     mmt = commands.add_parser("mmt", help="multilingual translation on the Bible corpus")
     mmt_commands = mmt.add_subparsers(dest="mmt_command", required=True)
     for name, func, help_text in (("prepare", mmt_prepare, "train the tokenizer, build the splits"),
-                                  ("train", mmt_train, "train one run of a recipe")):
+                                  ("train", mmt_train, "train one run of a recipe"),
+                                  ("build", mmt_build, "train a recipe once into the cache root (reused, resumed)")):
         sub = mmt_commands.add_parser(name, help=help_text)
         add_recipe_arguments(sub)
         sub.add_argument("--seed", type=int)
@@ -112,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "train":
             sub.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
             sub.add_argument("--overwrite", action="store_true", help="delete the run's folder and train afresh")
+        if name != "prepare":
             sub.add_argument("--eval", action="store_true", help="evaluate on the test book afterwards")
     evaluate = mmt_commands.add_parser("eval", help="beam search + BLEU/chrF per direction of a trained run")
     evaluate.add_argument("run", help="run directory written by `mmt train`")

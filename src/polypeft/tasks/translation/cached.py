@@ -1,0 +1,46 @@
+"""A translation model built once per recipe under the cache root, so the commands that read one (FLARE-MT,
+translate-test) reuse it, and a build that was stopped continues from its last checkpoint.
+
+The folder is named by the recipe's name and a hash of every setting that shapes the model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Optional
+
+from ...core.fileio import cache_root
+from ...training.checkpoint import CHECKPOINT_NAME
+from .compare import WEIGHTS_NAME
+from .run import MMTData, MMTRecipe, train_run
+from .run_dir import RESUMABLE_KEYS, flat_keys
+
+NOT_SHAPING = (*RESUMABLE_KEYS, "name", "output_dir", "max_eval_verses")
+FORMAT = 1  # bump when what a cached translation folder holds changes
+
+
+def recipe_key(recipe: MMTRecipe) -> str:
+    """A short hash of the recipe's model-shaping settings; the step count shapes it too (more steps, a new model)."""
+    shaping = {key: value for key, value in flat_keys(dataclasses.asdict(recipe)).items()
+               if key not in NOT_SHAPING or key == "training.steps"}
+    return hashlib.sha256(json.dumps({"format": FORMAT, **shaping}, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cached_recipe(recipe: MMTRecipe, cache_dir: Optional[str | Path] = None) -> MMTRecipe:
+    """The recipe with its run folder moved to `cache_root()/translation/<name>-<key>-seed<seed>`."""
+    folder = Path(cache_dir) if cache_dir is not None else cache_root() / "translation"
+    return dataclasses.replace(recipe, output_dir=str(folder), name=f"{recipe.name}-{recipe_key(recipe)}")
+
+
+def build_cached(recipe: MMTRecipe, data: Optional[MMTData] = None, cache_dir: Optional[str | Path] = None) -> Path:
+    """The recipe's trained run folder: reused when finished, continued from its checkpoint when a build stopped,
+    trained from nothing otherwise (a folder a build left before its first checkpoint is started again)."""
+    cached = cached_recipe(recipe, cache_dir)
+    run_dir = cached.run_dir
+    if (run_dir / WEIGHTS_NAME).is_file():
+        return run_dir
+    resume = (run_dir / CHECKPOINT_NAME).is_file()
+    started = run_dir.is_dir() and any(run_dir.iterdir())
+    return train_run(cached, resume=resume, data=data, overwrite=started and not resume)
