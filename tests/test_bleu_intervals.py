@@ -51,3 +51,11 @@ def test_paired_bleu_differences_see_a_better_system():
     assert found["difference"] == pytest.approx(point, abs=1e-3) and found["low"] > 0
     with pytest.raises(ValueError, match="statistic='chrf'"):
         score_intervals({"fr": [worse]}, statistic="chrf")
+
+
+def test_scores_written_before_the_statistics_still_print(capsys):
+    from polypeft.cli.main import print_scores
+
+    averages = {"bleu_xx_en": 3.1, "bleu_en_xx": None}
+    print_scores({"name": "old", "seed": 0, "variants": {"default": {"averages": averages, "directions": {}}}})
+    assert capsys.readouterr().out == "old seed 0 [default] bleu_xx_en 3.1\n"

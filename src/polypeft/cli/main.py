@@ -4,9 +4,8 @@ Each subcommand reads a YAML recipe; `--set key=value` overrides single keys fro
 """
 from __future__ import annotations
 
-import json
-
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -85,7 +84,9 @@ def print_scores(results: dict) -> None:
         averages = scores["averages"]
         print(f"{results['name']} seed {results['seed']} [{variant}] " +
               ", ".join(f"{k} {v}" for k, v in averages.items() if v is not None))
-        intervals = bleu_intervals(scores["sentences"], results["pivot"])
+        if "sentences" not in scores:  # scored by a polypeft that kept no per-verse statistics
+            continue
+        intervals = bleu_intervals(scores["sentences"], results.get("pivot", "en"))
         print("  BLEU 95 % intervals (verses resampled): " + ", ".join(
             f"{group} [{found['low']:.2f}, {found['high']:.2f}]" for group, found in intervals.items()
             if group != "directions"))

@@ -29,7 +29,7 @@ def per_seed_scores(values: np.ndarray, weights: np.ndarray, statistic: str) -> 
     """(seeds, replicates) scores under example weights (replicates, examples): the weighted mean of 0/1 outcomes
     ("accuracy", values (seeds, examples)), exp of the weighted token NLL ("perplexity", values (seeds, examples,
     2) holding each example's NLL sum and token count), or the corpus BLEU of the weighted sentence statistics
-    ("bleu", values (seeds, examples, 10) from `translation.evaluate.sentence_statistics`)."""
+    ("bleu", values (seeds, examples, 10): the `bleu_statistics` of `translation.evaluate.sentences_by_direction`)."""
     if statistic == "accuracy":
         return values @ weights.T / weights.sum(1)
     if statistic == "perplexity":

@@ -17,14 +17,14 @@ from .compare import WEIGHTS_NAME
 from .run import MMTData, MMTRecipe, train_run
 from .run_dir import RESUMABLE_KEYS, flat_keys
 
-NOT_SHAPING = (*RESUMABLE_KEYS, "name", "output_dir", "max_eval_verses")
+# How often a run checkpoints, validates and decodes does not change its weights; its step count does.
+NOT_SHAPING = (*(key for key in RESUMABLE_KEYS if key != "training.steps"), "name", "output_dir", "max_eval_verses")
 FORMAT = 1  # bump when what a cached translation folder holds changes
 
 
 def recipe_key(recipe: MMTRecipe) -> str:
-    """A short hash of the recipe's model-shaping settings; the step count shapes it too (more steps, a new model)."""
-    shaping = {key: value for key, value in flat_keys(dataclasses.asdict(recipe)).items()
-               if key not in NOT_SHAPING or key == "training.steps"}
+    """A short hash of the recipe's model-shaping settings (more steps: another model, another folder)."""
+    shaping = {key: value for key, value in flat_keys(dataclasses.asdict(recipe)).items() if key not in NOT_SHAPING}
     return hashlib.sha256(json.dumps({"format": FORMAT, **shaping}, sort_keys=True).encode()).hexdigest()[:16]
 
 
