@@ -33,6 +33,14 @@ def test_summed_sentence_statistics_are_sacrebleus_corpus_bleu():
     assert corpus_bleu(half) == pytest.approx(sacrebleu.corpus_bleu(HYPOTHESES[:5], [REFERENCES[:5]]).score, abs=1e-9)
 
 
+def test_a_resample_without_four_gram_matches_is_smoothed_as_sacrebleu_does():
+    hypotheses, references = ["Jesus cried out loudly.", "We found him."], ["Jesus wept.", "We have found the Messiah."]
+    rows = sentences_by_direction([ParallelExample("fr", "en", "x", r, f"43:{i}") for i, r in enumerate(references)],
+                                  hypotheses)["fr-en"]
+    expected = sacrebleu.corpus_bleu(hypotheses, [references], tokenize="13a").score
+    assert expected > 0 and corpus_bleu(np.sum(rows["bleu_statistics"], axis=0)) == pytest.approx(expected, abs=1e-9)
+
+
 def test_intervals_hold_the_point_and_are_empty_only_without_spread():
     sentences = sentences_by_direction(examples("fr") + examples("de"), HYPOTHESES + REFERENCES)
     intervals = bleu_intervals(sentences, "en", replicates=300)

@@ -138,7 +138,7 @@ def test_a_tiny_warm_run_trains_saves_resumes_and_translates(base_dir, tmp_path,
     assert sorted(sentences) == ["de-en", "fr-en"] and results["pivot"] == "en"
     for direction, rows in sentences.items():
         kept = [e for e in data.test if f"{e.src_lang}-{e.tgt_lang}" == direction]
-        assert rows["refs"] == [e.ref for e in kept] and len(rows["hypotheses"]) == len(kept)
+        assert rows["verse_ids"] == [e.ref for e in kept] and len(rows["hypotheses"]) == len(kept)
         summed = np.sum(rows["bleu_statistics"], axis=0)
         assert corpus_bleu(summed) == pytest.approx(results["variants"]["default"]["directions"][direction]["bleu"],
                                                     abs=0.006)
@@ -176,6 +176,7 @@ def test_frozen_embeddings_refuse_several_target_languages(base_dir, tmp_path):
 @pytest.mark.slow
 def test_a_cached_build_is_reused_and_a_stopped_one_continues(base_dir, tmp_path, monkeypatch):
     from polypeft.tasks.translation import run as mmt
+    from polypeft.tasks.translation import cached as cached_module
     from polypeft.tasks.translation.cached import build_cached, cached_recipe, recipe_key
 
     data = MMTData(toy_tokenizer(base_dir), toy_examples(), toy_examples()[:8], toy_examples()[:8])
@@ -204,7 +205,15 @@ def test_a_cached_build_is_reused_and_a_stopped_one_continues(base_dir, tmp_path
     stopped = cached_recipe(recipe, tmp_path / "stopped").run_dir
     assert load_checkpoint(stopped / CHECKPOINT_NAME)["step"] == 3 and not (stopped / "model.safetensors").exists()
     monkeypatch.setattr(mmt, "batch_stream", real_stream)
+    calls = []
+
+    def spied_train_run(recipe, **kwargs):
+        calls.append(kwargs)
+        return mmt.train_run(recipe, **kwargs)
+
+    monkeypatch.setattr(cached_module, "train_run", spied_train_run)
     assert build_cached(recipe, data=data, cache_dir=tmp_path / "stopped") == stopped
+    assert [call["resume"] for call in calls] == [True]  # continued from the step-3 checkpoint, not retrained
     from safetensors.torch import load_file
 
     a, b = load_file(str(straight / "model.safetensors")), load_file(str(stopped / "model.safetensors"))

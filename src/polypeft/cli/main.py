@@ -5,7 +5,6 @@ Each subcommand reads a YAML recipe; `--set key=value` overrides single keys fro
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -62,9 +61,8 @@ def mmt_build(args) -> int:
     if not process_state().is_main_process:
         return 0
     print(f"built: {run_dir}")
-    if args.eval:  # a finished build never changes, so its scores are read back once written
-        scored = run_dir / "eval_test.json"
-        print_scores(json.loads(scored.read_text(encoding="utf-8")) if scored.is_file() else evaluate_run(run_dir))
+    if args.eval:
+        print_scores(evaluate_run(run_dir))
     return 0
 
 
@@ -84,7 +82,7 @@ def print_scores(results: dict) -> None:
         averages = scores["averages"]
         print(f"{results['name']} seed {results['seed']} [{variant}] " +
               ", ".join(f"{k} {v}" for k, v in averages.items() if v is not None))
-        if "sentences" not in scores:  # scored by a polypeft that kept no per-verse statistics
+        if not scores.get("sentences"):  # scored by a polypeft that kept no per-verse statistics
             continue
         intervals = bleu_intervals(scores["sentences"], results.get("pivot", "en"))
         print("  BLEU 95 % intervals (verses resampled): " + ", ".join(

@@ -46,7 +46,7 @@ def corpus_bleu(statistics: np.ndarray) -> np.ndarray:
 
     flat = np.rint(statistics.reshape(-1, statistics.shape[-1])).astype(np.int64)  # resample counts are whole
     scores = [BLEU.compute_bleu(correct=row[2:6].tolist(), total=row[6:10].tolist(), sys_len=int(row[0]),
-                                ref_len=int(row[1])).score for row in flat]
+                                ref_len=int(row[1]), smooth_method="exp").score for row in flat]
     return np.asarray(scores).reshape(statistics.shape[:-1])
 
 
@@ -62,6 +62,8 @@ def score_intervals(scores: Mapping[str, Sequence], replicates: int = 1000, seed
                     statistic: str = "bleu") -> dict[str, dict[str, float]]:
     """Per language and for the mean over languages: one method's score with its 95 % interval (examples and seeds
     resampled, as `difference_intervals` does for a difference); `scores` holds per-example values per seed."""
+    if not scores:
+        raise ValueError("score_intervals: no languages to score")
     rng = np.random.default_rng(seed)
     arrays = {lang: np.asarray(values, float) for lang, values in scores.items()}
     seeds = seed_draws(len(next(iter(arrays.values()))), replicates, rng)

@@ -1,5 +1,5 @@
-"""A translation model built once per recipe under the cache root, so the commands that read one (FLARE-MT,
-translate-test) reuse it, and a build that was stopped continues from its last checkpoint.
+"""A translation model built once per recipe under the cache root, so a later command can reuse it (the folder
+is what FLARE's --translation-run takes), and a build that was stopped continues from its last checkpoint.
 
 The folder is named by the recipe's name and a hash of every setting that shapes the model.
 """
@@ -18,7 +18,7 @@ from .run import MMTData, MMTRecipe, train_run
 from .run_dir import RESUMABLE_KEYS, flat_keys
 
 # How often a run checkpoints, validates and decodes does not change its weights; its step count does.
-NOT_SHAPING = (*(key for key in RESUMABLE_KEYS if key != "training.steps"), "name", "output_dir", "max_eval_verses")
+NOT_SHAPING = (*(key for key in RESUMABLE_KEYS if key != "training.steps"), "name", "output_dir")
 FORMAT = 1  # bump when what a cached translation folder holds changes
 
 

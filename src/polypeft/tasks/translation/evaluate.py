@@ -78,15 +78,15 @@ def score_directions(
 
 
 def sentences_by_direction(examples: Sequence[ParallelExample], hypotheses: Sequence[str]) -> dict:
-    """Per direction, each verse's reference id, hypothesis and sacreBLEU (13a) sufficient statistics (hypothesis
+    """Per direction, each verse's id (book:chapter:verse), hypothesis and sacreBLEU (13a) sufficient statistics (hypothesis
     and reference length, then matches and totals of 1- to 4-grams): their sum over any resample of the verses is
     that resample's corpus BLEU, so intervals and paired tests need no second decoding."""
     bleu = sacrebleu.metrics.BLEU(tokenize="13a", effective_order=True)  # changes the sentence score, not its counts
-    grouped: dict[str, dict[str, list]] = defaultdict(lambda: {"refs": [], "hypotheses": [], "bleu_statistics": []})
+    grouped: dict[str, dict[str, list]] = defaultdict(lambda: {"verse_ids": [], "hypotheses": [], "bleu_statistics": []})
     for example, hypothesis in zip(examples, hypotheses):
         score = bleu.sentence_score(hypothesis, [example.tgt])
         rows = grouped[f"{example.src_lang}-{example.tgt_lang}"]
-        rows["refs"].append(example.ref)
+        rows["verse_ids"].append(example.ref)
         rows["hypotheses"].append(hypothesis)
         rows["bleu_statistics"].append([score.sys_len, score.ref_len, *score.counts, *score.totals])
     return {name: grouped[name] for name in sorted(grouped)}
