@@ -11,12 +11,13 @@ from pathlib import Path
 
 from polypeft.core.fileio import write_text
 from polypeft.experiments.confidence import bleu_intervals
+from polypeft.training.loop import LOG_NAME
 
 
 def validation_curve(run_dir: Path) -> dict[int, float]:
     """Step -> validation CE, from the run's training log."""
     curve = {}
-    for line in (run_dir / "train_log.jsonl").read_text(encoding="utf-8").splitlines():
+    for line in (run_dir / LOG_NAME).read_text(encoding="utf-8").splitlines():
         row = json.loads(line)
         if "valid_loss" in row:
             curve[int(row["step"])] = float(row["valid_loss"])

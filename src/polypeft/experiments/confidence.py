@@ -87,9 +87,12 @@ def bleu_intervals(sentences: Mapping[str, Mapping], pivot: str = "en", replicat
     groups = {f"xx_{pivot}": [n for n in statistics if n.endswith(f"-{pivot}")],
               f"{pivot}_xx": [n for n in statistics if n.startswith(f"{pivot}-")], "all": list(statistics)}
     result = {"directions": {name: score_intervals({name: rows}, replicates)[name] for name, rows in statistics.items()}}
+    means: dict[tuple[str, ...], dict] = {}  # "all" is often the one-sided group again: resampled once
     for group, names in groups.items():
         if names:
-            result[group] = score_intervals({name: statistics[name] for name in names}, replicates)["mean"]
+            if tuple(names) not in means:
+                means[tuple(names)] = score_intervals({name: statistics[name] for name in names}, replicates)["mean"]
+            result[group] = means[tuple(names)]
     return result
 
 
