@@ -57,7 +57,7 @@ def refused_or_built(build):
 
 VALID_TRAIN = st.fixed_dictionaries({}, optional={
     "steps": st.integers(1, 10**6), "lr": st.floats(1e-9, 10.0), "warmup": st.integers(0, 10**4),
-    "schedule": st.sampled_from(["inverse_sqrt", "linear", "constant"]),
+    "schedule": st.sampled_from(["inverse_sqrt", "linear", "constant", "wsd"]),
     "betas": st.tuples(st.floats(0, 0.999), st.floats(0, 0.999)), "weight_decay": st.floats(0, 1),
     "accumulation": st.integers(1, 64), "clip_norm": st.floats(0, 100), "seed": st.none() | st.integers(0, 2**31),
     "mixed_precision": st.sampled_from(["no", "bf16", "fp16"]), "progress": st.booleans()})

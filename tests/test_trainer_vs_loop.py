@@ -10,12 +10,14 @@ import pytest
 import torch
 from datasets import Dataset
 from transformers.models.marian.modeling_marian import shift_tokens_right
+from transformers.optimization import get_scheduler
 
 import polypeft as pp
 from polypeft.backbones.seq2seq import build_translation_model
 from polypeft.data.batching import LABEL_PAD_ID
 from polypeft.tasks.hf_trainer import DataCollatorWithRoutes, PolyTrainer, trainer_arguments
 from polypeft.training.loop import TrainSettings, train
+from polypeft.training.schedules import SCHEDULES, schedule
 
 LANGS = ["en", "de", "fr"]
 VOCAB, PAD, EOS, START = 40, 1, 2, 0
@@ -143,3 +145,26 @@ def test_trainer_arguments_carry_the_loop_settings(tmp_path):
         trainer_arguments(settings, str(tmp_path), not_a_field=1)
     with pytest.raises(TypeError, match="TrainSettings"):
         trainer_arguments({"lr": 1e-3}, str(tmp_path))
+
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_every_loop_schedule_has_a_trainer_schedule_with_the_same_decay(name, tmp_path):
+    """A Trainer given the loop's settings alone (no loop_schedule) decays as the loop does once warm-up ends
+    (transformers' warm-up starts at 0; its inverse_sqrt counts one step later than fairseq's)."""
+    arguments = trainer_arguments(dataclasses.replace(SETTINGS, steps=20, warmup=4, schedule=name), str(tmp_path))
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    trainer_schedule = get_scheduler(arguments.lr_scheduler_type, optimizer, num_warmup_steps=arguments.warmup_steps,
+                                     num_training_steps=arguments.max_steps,
+                                     scheduler_specific_kwargs=arguments.lr_scheduler_kwargs)
+    trainer_rates = []
+    for _ in range(20):
+        trainer_rates.append(trainer_schedule.get_last_lr()[0])
+        optimizer.step()
+        trainer_schedule.step()
+    loop_rates = [schedule(name, 4, 20)(k) for k in range(20)]
+    if name == "inverse_sqrt":
+        assert trainer_rates[5:] == pytest.approx(loop_rates[4:-1])
+    else:
+        assert trainer_rates[4:] == pytest.approx(loop_rates[4:])
+    assert min(loop_rates[4:]) < 1.0 or name == "constant", "the steps after warm-up must show the decay"

@@ -17,7 +17,7 @@ import polypeft as pp
 from polypeft.core.config import ConfigError
 from polypeft.training.checkpoint import CHECKPOINT_NAME, PICKLED_CHECKPOINT_NAME, load_checkpoint
 from polypeft.training.loop import BatchStreamEnded, TrainSettings, train
-from polypeft.training.schedules import constant, linear
+from polypeft.training.schedules import constant, linear, warmup_stable_decay
 from tiny_models import build, random_batch, randomize_added
 
 
@@ -160,6 +160,12 @@ def test_linear_and_constant_schedules():
     assert [round(linear(2, 6)(k), 4) for k in range(6)] == [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]
     assert [constant(3)(k) for k in range(5)] == pytest.approx([1 / 3, 2 / 3, 1, 1, 1])
     assert constant(0)(0) == 1.0 and math.isclose(linear(0, 4)(3), 1 / 3)
+
+
+def test_wsd_holds_the_peak_then_decays_to_zero_over_the_last_fifth():
+    rates = [warmup_stable_decay(2, 10)(k) for k in range(10)]
+    assert rates == pytest.approx([0.5, 1, 1, 1, 1, 1, 1, 1, 1.0, 0.5])
+    assert warmup_stable_decay(0, 100)(79) == 1.0 and warmup_stable_decay(0, 100)(99) == pytest.approx(0.05)
 
 
 def test_exactly_one_place_in_the_package_runs_a_backward_pass():

@@ -14,12 +14,13 @@ from ..model.export import ADAPTER_WEIGHTS_NAME
 from ..model.poly_model import PolyModel
 from ..model.savefiles import WEIGHTS_NAME, read_weights
 from ..methods.fd import fuse_distillation_step
-from ..training.schedules import schedule
+from ..training.schedules import schedule, wsd_decay_steps
 from ..training.settings import TrainSettings
 
 ROUTE_COLUMNS = ("src_lang", "tgt_lang", "lang")
 # transformers' nearest schedule to each of the loop's; they differ by one step, so pass `loop_schedule` for the same.
-NEAREST_HF_SCHEDULE = {"linear": "linear", "constant": "constant_with_warmup", "inverse_sqrt": "inverse_sqrt"}
+NEAREST_HF_SCHEDULE = {"linear": "linear", "constant": "constant_with_warmup", "inverse_sqrt": "inverse_sqrt",
+                       "wsd": "warmup_stable_decay"}
 
 
 def trainer_arguments(settings: TrainSettings, output_dir: str, **changes: Any) -> TrainingArguments:
@@ -44,6 +45,8 @@ def trainer_arguments(settings: TrainSettings, output_dir: str, **changes: Any) 
                   fp16=settings.mixed_precision == "fp16", seed=42 if settings.seed is None else settings.seed,
                   per_device_train_batch_size=1, train_sampling_strategy="sequential", logging_steps=settings.log_every,
                   save_strategy="no", report_to=[], disable_tqdm=not settings.progress, dataloader_pin_memory=False)
+    if settings.schedule == "wsd":
+        values["lr_scheduler_kwargs"] = {"num_decay_steps": wsd_decay_steps(settings.steps), "decay_type": "linear"}
     unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(TrainingArguments)})
     if unknown:
         raise TypeError(f"trainer_arguments: {unknown} are not TrainingArguments fields")

@@ -7,8 +7,9 @@ from __future__ import annotations
 import math
 from typing import Callable, Literal, get_args
 
-Schedule = Literal["inverse_sqrt", "linear", "constant"]
+Schedule = Literal["inverse_sqrt", "linear", "constant", "wsd"]
 SCHEDULES = get_args(Schedule)
+WSD_DECAY_FRACTION = 0.2  # the share of `steps` over which "wsd" decays to zero
 
 
 def inverse_sqrt(warmup: int) -> Callable[[int], float]:
@@ -29,6 +30,18 @@ def constant(warmup: int) -> Callable[[int], float]:
     return lambda step: min(1.0, (step + 1) / warmup)
 
 
+def wsd_decay_steps(steps: int) -> int:
+    """How many final steps "wsd" decays over: a fifth of `steps`, at least one."""
+    return max(1, round(steps * WSD_DECAY_FRACTION))
+
+
+def warmup_stable_decay(warmup: int, steps: int) -> Callable[[int], float]:
+    """Linear warm-up, the peak, then linear decay to zero over the last fifth of `steps`: a long constant run
+    that still ends annealed, which a short budget needs (a fully linear decay halves the mean rate)."""
+    warmup, decay = max(1, warmup), wsd_decay_steps(steps)
+    return lambda step: min((step + 1) / warmup, 1.0, max(0.0, (steps - step) / decay))
+
+
 def schedule(name: str, warmup: int, steps: int) -> Callable[[int], float]:
     """The multiplier function of schedule `name` (one of SCHEDULES)."""
     if name == "inverse_sqrt":
@@ -37,4 +50,6 @@ def schedule(name: str, warmup: int, steps: int) -> Callable[[int], float]:
         return linear(warmup, steps)
     if name == "constant":
         return constant(warmup)
+    if name == "wsd":
+        return warmup_stable_decay(warmup, steps)
     raise ValueError(f"schedule={name!r} is not allowed; choose one of {list(SCHEDULES)}")
