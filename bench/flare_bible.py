@@ -122,9 +122,10 @@ def truncated_e5(layers: int):
     return encoder, tokenizer
 
 
-def evaluate(trained: TrainedRecipe, batches: list) -> tuple[float, float]:
-    """Accuracy and seconds spent in the forward passes."""
-    correct = total = 0
+def evaluate(trained: TrainedRecipe, batches: list) -> tuple[float, float, list[int]]:
+    """Accuracy, seconds spent in the forward passes, and each test verse's 0/1 outcome in order (what the
+    report's verse-resampled intervals and paired differences read)."""
+    outcomes: list[int] = []
     elapsed = 0.0
     trained.model.eval()
     with torch.no_grad():
@@ -134,15 +135,26 @@ def evaluate(trained: TrainedRecipe, batches: list) -> tuple[float, float]:
             start = time.perf_counter()
             logits = trained(inputs, source).logits
             elapsed += time.perf_counter() - start
-            correct += int((logits.argmax(-1) == labels).sum())
-            total += len(labels)
-    return correct / total, elapsed
+            outcomes += (logits.argmax(-1) == labels).int().tolist()
+    return sum(outcomes) / len(outcomes), elapsed, outcomes
 
 
-def save(args: argparse.Namespace, results: dict) -> None:
-    """Write the settings and every finished result, so a run stopped between languages keeps what it measured."""
+def save(args: argparse.Namespace, results: dict, translations: Optional[dict] = None) -> None:
+    """Write the settings, every finished result and the test verses' machine translations (with their BLEU
+    against the gold English), so a run stopped between languages keeps what it measured."""
     if args.json:
-        write_json(args.json, {"settings": vars(args), "results": results})
+        write_json(args.json, {"settings": vars(args), "results": results, "translations": translations or {}})
+
+
+def translation_record(test_rows: list, translated_rows: list) -> dict:
+    """The machine-translated English of the test verses beside the gold, and their sacreBLEU (13a) and chrF."""
+    import sacrebleu
+
+    hypotheses, references = [r["en"] for r in translated_rows], [r["en"] for r in test_rows]
+    return {"bleu": round(sacrebleu.corpus_bleu(hypotheses, [references]).score, 2),
+            "chrf": round(sacrebleu.corpus_chrf(hypotheses, [references]).score, 2),
+            "verses": [{"source": r["target"], "translation": h, "gold": g}
+                       for r, h, g in zip(test_rows, hypotheses, references)]}
 
 
 def english_at_test_of(recipe: str, args: argparse.Namespace) -> list[str]:
@@ -165,6 +177,8 @@ def test_sets(test_rows: list, tokenizer, mt, target: str, translator, args: arg
         _, batches = make_batches(tokenizer, rows, 32, args.max_length)
         mt_batches = mt_source_batches(batches, rows, 32, mt[1], args.max_length) if mt is not None else None
         sets[side] = (batches, mt_batches, seconds[side])
+    if translator is not None:
+        sets["record"] = translation_record(test_rows, sides["translated"])
     return sets
 
 
@@ -179,6 +193,7 @@ def run(args: argparse.Namespace) -> dict:
         print(f"test verses from books {args.test_books} alone (the translation run's test books: it trained on every "
               "other book but its valid books); training verses from the other books", flush=True)
     results: dict = {}
+    translations: dict = {}
     for target in args.targets:
         # polypeft's own translation encoder reads the English verse tagged for translation into `target`
         mt = translation_encoder(args.mt_run, target) if args.mt_run else None
@@ -187,6 +202,10 @@ def run(args: argparse.Namespace) -> dict:
         english, parallel = make_batches(tokenizer, train_rows, args.batch, args.max_length)
         tests = test_sets(test_rows, tokenizer, mt, target, translator, args)
         test_batches = tests["gold"][0]  # zero-shot reads the target verses only
+        if "record" in tests:
+            translations[target] = tests.pop("record")
+            print(f"{target}->en test verses: BLEU {translations[target]['bleu']}, chrF {translations[target]['chrf']} "
+                  f"({tests['translated'][2]:.0f} s)", flush=True)
         if mt is not None:
             mt_parallel = mt_source_batches(parallel, train_rows, args.batch, mt[1], args.max_length)
         for seed in args.seeds:
@@ -195,9 +214,9 @@ def run(args: argparse.Namespace) -> dict:
             lora = FLAREConfig(rank=args.rank, alpha=2 * args.rank, fusion=None)
             stage1 = flare_stage(steps=args.stage1_steps, lr=args.lr, seed=seed, progress=False)
             merged = train_english_lora(base, english, lora, stage1)
-            accuracy, seconds = evaluate(TrainedRecipe("zero_shot", merged), test_batches)
+            accuracy, seconds, outcomes = evaluate(TrainedRecipe("zero_shot", merged), test_batches)
             results.setdefault(target, {}).setdefault("zero_shot", []).append(
-                {"seed": seed, "accuracy": accuracy, "inference_s": seconds})
+                {"seed": seed, "accuracy": accuracy, "inference_s": seconds, "correct": outcomes})
             print(f"{target} seed {seed} zero_shot acc {accuracy:.3f}", flush=True)
             for recipe in args.recipes:
                 method = method_of(recipe)
@@ -222,15 +241,16 @@ def run(args: argparse.Namespace) -> dict:
                     timing["train_step_s"] = (time.perf_counter() - start) / args.stage2_steps
                 for side in english_at_test_of(recipe, args):
                     batches, mt_batches, translation_s = tests[side]
-                    accuracy, seconds = evaluate(trained, mt_batches if recipe == "flare_mt" and mt else batches)
+                    scored = mt_batches if recipe == "flare_mt" and mt else batches
+                    accuracy, seconds, outcomes = evaluate(trained, scored)
                     name = result_name(method, side, shown_as=recipe)
                     # inference_s is the classifier's forward passes; translating the test set once is apart
                     results[target].setdefault(name, []).append(
                         {"seed": seed, "accuracy": accuracy, **timing, "inference_s": seconds,
-                         **({"translation_s": translation_s} if side == "translated" else {})})
+                         **({"translation_s": translation_s} if side == "translated" else {}), "correct": outcomes})
                     print(f"{target} seed {seed} {name} acc {accuracy:.3f} "
                           f"step {timing.get('train_step_s', 0.0):.3f}s inference {seconds:.2f}s", flush=True)
-        save(args, results)
+        save(args, results, translations)
     return results
 
 

@@ -53,3 +53,70 @@ def test_test_books_of_one_section_are_refused_naming_them(tmp_path):
     with pytest.raises(ValueError, match=r"test_books=\[43\] alone \(sections \['gospels_acts'\]\)"):
         bench.translation_test_books(john, ["fr"])
     assert bench.translation_test_books(fake_translation_run(tmp_path / "wide", [1, 43]), ["fr"]) == [1, 43]
+
+
+def bench_results(flare_correct: list[int], reference_correct: list[int], targets=("fr", "ko")) -> dict:
+    """flare_bible.py's results layout: per target and recipe, one run per seed with each verse's outcome."""
+    def runs(correct, step):
+        return [{"seed": seed, "accuracy": sum(correct) / len(correct), "train_step_s": step, "inference_s": 1.0,
+                 "correct": correct} for seed in (0, 1)]
+    return {target: {"translate_train": runs(reference_correct, 1.0), "flare_add_relu": runs(flare_correct, 1.5)}
+            for target in targets}
+
+
+def test_report_compares_each_recipe_with_translate_train_on_the_same_verses(tmp_path):
+    import flare_report
+
+    results = bench_results([1] * 30 + [0] * 10, [1] * 10 + [0] * 30)
+    summary = flare_report.figures(results, replicates=300)
+    flare = summary["recipes"]["flare_add_relu"]
+    assert flare["accuracy"]["mean"]["score"] == 75.0 and flare["step_over_lora"] == 1.5
+    assert flare["vs_translate_train"]["mean"]["difference"] == 50.0 and flare["vs_translate_train"]["mean"]["low"] > 0
+    text = flare_report.markdown(summary, {"fr": {"bleu": 12.3, "chrf": 40.1}})
+    assert "| flare_add_relu | 2 | 75.0 [" in text and "better" in text and "| BLEU | 12.3 |" in text
+    even = flare_report.figures(bench_results([1, 0] * 20, [0, 1] * 20), replicates=300)
+    assert flare_report.verdict(even["recipes"]["flare_add_relu"]["vs_translate_train"]["mean"]) == "within noise"
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps({"settings": {}, "results": results}))
+    flare_report.plot(summary, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").stat().st_size > 1000
+
+
+def test_report_refuses_a_target_twice_and_results_without_verse_outcomes(tmp_path):
+    import flare_report
+
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    for path in (first, second):
+        path.write_text(json.dumps({"settings": {}, "results": bench_results([1, 0], [0, 1], targets=("fr",))}))
+    with pytest.raises(ValueError, match=r"b.json: target 'fr' is in an earlier file too"):
+        flare_report.merged([first, second])
+    old = bench_results([1, 0], [0, 1])
+    del old["ko"]["flare_add_relu"][1]["correct"]
+    with pytest.raises(ValueError, match=r"ko/flare_add_relu: written before flare_bible.py kept each verse's outcome"):
+        flare_report.figures(old, replicates=10)
+
+
+def test_evaluate_keeps_each_verse_outcome_in_order():
+    import torch
+    from types import SimpleNamespace
+
+    class Fixed:
+        """Predicts class 1 for every verse."""
+        model = torch.nn.Linear(1, 1)
+
+        def __call__(self, inputs, source):
+            return SimpleNamespace(logits=torch.tensor([[0.0, 1.0]] * len(inputs["input_ids"])))
+
+    batches = [({"input_ids": torch.zeros(2, 3), "labels": torch.tensor([1, 0])}, None),
+               ({"input_ids": torch.zeros(1, 3), "labels": torch.tensor([1])}, None)]
+    accuracy, _, outcomes = bench.evaluate(Fixed(), batches)
+    assert outcomes == [1, 0, 1] and accuracy == 2 / 3
+
+
+def test_translation_record_scores_the_translations_against_the_gold_english():
+    rows = [{"en": "in the beginning god created the heaven and the earth", "target": "au commencement", "label": 0}]
+    exact = bench.translation_record(rows, rows)
+    assert exact["bleu"] == 100.0 and exact["verses"][0] == {"source": "au commencement", "translation": rows[0]["en"],
+                                                            "gold": rows[0]["en"]}
+    wrong = bench.translation_record(rows, [{**rows[0], "en": "a cat sat"}])
+    assert wrong["bleu"] < 5 and wrong["verses"][0]["translation"] == "a cat sat"

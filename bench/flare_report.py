@@ -1,0 +1,139 @@
+"""FLARE against its baselines in one table and one plot, from bench/flare_bible.py JSONs: accuracy with 95 %
+intervals and each recipe's paired difference to LoRA translate-train, test verses and seeds resampled.
+
+Usage: python bench/flare_report.py RESULTS.json [MORE.json ...] --out DIR
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from polypeft.core.fileio import write_json, write_text
+from polypeft.experiments.confidence import difference_intervals, score_intervals, verdict
+
+REFERENCE = "translate_train"
+
+
+def merged(paths: list[Path]) -> tuple[dict, dict, list]:
+    """Every file's results and test-verse translations per target, and each file's settings; a target found in
+    two files is refused by name (its seeds would be mixed across settings)."""
+    results: dict = {}
+    translations: dict = {}
+    settings = []
+    for path in paths:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        for target, recipes in data["results"].items():
+            if target in results:
+                raise ValueError(f"{path}: target {target!r} is in an earlier file too; give each target once")
+            results[target] = recipes
+        translations.update(data.get("translations", {}))
+        settings.append({"file": str(path), **data["settings"]})
+    return results, translations, settings
+
+
+def outcomes(runs: list, where: str) -> list[list[int]]:
+    """Per seed (in seed order), each test verse's 0/1 outcome."""
+    if any("correct" not in run for run in runs):
+        raise ValueError(f"{where}: written before flare_bible.py kept each verse's outcome; run it again")
+    return [run["correct"] for run in sorted(runs, key=lambda run: run["seed"])]
+
+
+def figures(results: dict, replicates: int = 2000) -> dict:
+    """Per recipe found for every target: accuracy with its interval, the paired difference to translate-train
+    (same test verses), and the training step over translate-train's, all means over the targets."""
+    targets = list(results)
+    missing = [target for target in targets if REFERENCE not in results[target]]
+    if missing:
+        raise ValueError(f"targets {missing} have no {REFERENCE} results, the reference every recipe is compared with")
+    recipes = [name for name in results[targets[0]] if all(name in results[target] for target in targets)]
+    reference = {target: outcomes(results[target][REFERENCE], f"{target}/{REFERENCE}") for target in targets}
+    rows = {}
+    for recipe in recipes:
+        scores = {target: outcomes(results[target][recipe], f"{target}/{recipe}") for target in targets}
+        row = {"seeds": sorted(run["seed"] for run in results[targets[0]][recipe]),
+               "accuracy": score_intervals(scores, replicates=replicates, statistic="accuracy")}
+        if recipe != REFERENCE:
+            row["vs_translate_train"] = difference_intervals(scores, reference, replicates=replicates)
+        if all("train_step_s" in run for target in targets for run in results[target][recipe]):
+            row["step_over_lora"] = round(statistics.mean(
+                statistics.mean(run["train_step_s"] for run in results[target][recipe])
+                / statistics.mean(run["train_step_s"] for run in results[target][REFERENCE]) for target in targets), 2)
+        rows[recipe] = row
+    return {"targets": targets, "test_verses": {t: len(reference[t][0]) for t in targets}, "recipes": rows}
+
+
+def markdown(summary: dict, translations: dict) -> str:
+    targets = summary["targets"]
+    lines = ["| recipe | seeds | accuracy, mean of targets [95 % CI] | vs LoRA translate-train, points [95 % CI] | "
+             "step / LoRA |", "|---|---|---|---|---|"]
+    for recipe, row in summary["recipes"].items():
+        mean = row["accuracy"]["mean"]
+        difference = row.get("vs_translate_train", {}).get("mean")
+        compared = (f"{difference['difference']:+.1f} [{difference['low']:+.1f}, {difference['high']:+.1f}] "
+                    f"{verdict(difference)}" if difference else "reference")
+        lines.append(f"| {recipe} | {len(row['seeds'])} | {mean['score']:.1f} [{mean['low']:.1f}, {mean['high']:.1f}]"
+                     f" | {compared} | {row.get('step_over_lora', '-')} |")
+    lines += ["", "| recipe | " + " | ".join(targets) + " |", "|---|" + "---|" * len(targets)]
+    for recipe, row in summary["recipes"].items():
+        cells = []
+        for target in targets:
+            cell = f"{row['accuracy'][target]['score']:.1f}"
+            difference = row.get("vs_translate_train", {}).get(target)
+            if difference:
+                cell += f" ({difference['difference']:+.1f} [{difference['low']:+.1f}, {difference['high']:+.1f}])"
+            cells.append(cell)
+        lines.append(f"| {recipe} | " + " | ".join(cells) + " |")
+    if translations:
+        lines += ["", "Machine-translated English of the test verses against the gold English verse (sacreBLEU 13a):",
+                  "", "| | " + " | ".join(t for t in targets if t in translations) + " |",
+                  "|---|" + "---|" * sum(t in translations for t in targets),
+                  "| BLEU | " + " | ".join(f"{translations[t]['bleu']:.1f}" for t in targets if t in translations) + " |",
+                  "| chrF | " + " | ".join(f"{translations[t]['chrf']:.1f}" for t in targets if t in translations) + " |"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, path: Path) -> None:
+    """Each recipe's mean accuracy with its 95 % interval, and every target's accuracy as a dot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recipes = list(summary["recipes"])
+    figure, axis = plt.subplots(figsize=(8, 0.5 * len(recipes) + 1.5))
+    for position, recipe in enumerate(recipes):
+        accuracy = summary["recipes"][recipe]["accuracy"]
+        mean = accuracy["mean"]
+        axis.errorbar(mean["score"], position, xerr=[[mean["score"] - mean["low"]], [mean["high"] - mean["score"]]],
+                      fmt="o", color="black", capsize=3)
+        axis.scatter([accuracy[target]["score"] for target in summary["targets"]], [position] * len(summary["targets"]),
+                     s=12, alpha=0.5)
+    axis.set_yticks(range(len(recipes)), recipes)
+    axis.set_xlabel("accuracy (%): mean of targets with 95 % CI (black); each target (dots)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", nargs="+", type=Path)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--replicates", type=int, default=2000)
+    args = parser.parse_args()
+    try:
+        results, translations, settings = merged(args.results)
+        summary = figures(results, args.replicates)
+    except ValueError as error:
+        parser.error(str(error))
+    text = markdown(summary, translations)
+    write_text(args.out / "flare_report.md", text)
+    write_json(args.out / "flare_report.json", {"settings": settings, **summary})
+    plot(summary, args.out / "flare_report.png")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
