@@ -3,7 +3,8 @@
 Cross-lingual transfer: English task LoRA (stage 1), then each recipe's stage 2 on target-language verses.
 Usage: python bench/flare_bible.py [--targets fr --seeds 0 1 --layers 4 --stage1-steps 60 --stage2-steps 60]
 translate_test, and `--english-at-test translated`, need `--translation-run` (a `polypeft mmt` run folder); with one,
-the test verses come from the run's test books alone (it trained on every other book but its valid books).
+the test verses come from the run's test books alone (it trained on every other book but its valid books); so do they
+with `--test-books`, for recipes that read no translation (scored on the same verses before the run exists).
 """
 from __future__ import annotations
 
@@ -72,20 +73,29 @@ def book_rows(target: str, books: Sequence[int], per_class: int, seed: int, corp
     return rows
 
 
-def translation_test_books(translation_run: Optional[str], targets: Sequence[str]) -> Optional[list[int]]:
-    """The translation run's test books, the only ones the test verses may come from (None without a run); books
-    that cover one canon section are refused by value, since an accuracy over one label compares nothing."""
-    if not translation_run:
+def translation_test_books(translation_run: Optional[str], targets: Sequence[str],
+                           test_books: Optional[Sequence[int]] = None) -> Optional[list[int]]:
+    """The books the test verses come from: the translation run's test books (the only ones it never trained on),
+    else `test_books` (--test-books: a run's gold-English recipes scored on the verses a later run with a translation
+    model will score); None without either. Both given must agree. Books of one canon section are refused by value,
+    since an accuracy over one label compares nothing."""
+    if not translation_run and not test_books:
         return None
-    from polypeft.tasks.translation.translator import translation_run_recipe
+    books = sorted(test_books or ())
+    if translation_run:
+        from polypeft.tasks.translation.translator import translation_run_recipe
 
-    books = list(translation_run_recipe(translation_run, "--translation-run", targets).test_books)
+        held_out = sorted(translation_run_recipe(translation_run, "--translation-run", targets).test_books)
+        if test_books and books != held_out:
+            raise ValueError(f"--test-books={books} differs from the test_books={held_out} of --translation-run="
+                             f"{translation_run!r}: leave --test-books out, or give the run's")
+        books = held_out
+    setting = f"--translation-run={translation_run!r} holds out" if translation_run else "--test-books is"
     sections = sorted({canon_section(book) for book in books})
     if len(sections) < 2:
-        raise ValueError(f"--translation-run={translation_run!r} holds out test_books={books} alone (sections "
-                         f"{sections}); its other books were trained on, so the test verses come from these, and one "
-                         "section gives every test verse the same label: train a run whose test_books span two or more "
-                         "canon sections (e.g. test_books: [1, 19, 23, 43, 66])")
+        raise ValueError(f"{setting} test_books={books} alone (sections {sections}); the test verses come from "
+                         "these, and one section gives every test verse the same label: choose books that span two "
+                         "or more canon sections (e.g. test_books: [1, 19, 23, 43, 66])")
     return books
 
 
@@ -188,9 +198,9 @@ def run(args: argparse.Namespace) -> dict:
     label_names = list(SECTION_NAMES)
     translates = any("translated" in english_at_test_of(recipe, args) for recipe in args.recipes)
     translator = Translator(args.translation_run, setting="--translation-run") if translates else None
-    args.test_books = translation_test_books(args.translation_run, args.targets)  # saved with the settings
+    args.test_books = translation_test_books(args.translation_run, args.targets, args.test_books)  # saved
     if args.test_books:
-        print(f"test verses from books {args.test_books} alone (the translation run's test books: it trained on every "
+        print(f"test verses from books {args.test_books} alone (a translation run's test books: it trains on every "
               "other book but its valid books); training verses from the other books", flush=True)
     results: dict = {}
     translations: dict = {}
@@ -278,7 +288,7 @@ def check_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         for recipe in args.recipes:
             for side in english_at_test_of(recipe, args):
                 check_english_at_test(method_of(recipe), side, args.translation_run)
-        translation_test_books(args.translation_run, args.targets)
+        translation_test_books(args.translation_run, args.targets, args.test_books)
     except ValueError as error:
         parser.error(str(error))
 
@@ -305,6 +315,9 @@ def main() -> None:
     parser.add_argument("--translation-run", default=None,
                         help="a trained translation run that translates the test verses into English (translate_test, "
                              "--english-at-test translated)")
+    parser.add_argument("--test-books", nargs="+", type=int, default=None,
+                        help="score on verses of these books alone, training on the others (a --translation-run's "
+                             "test books by default)")
     parser.add_argument("--english-at-test", nargs="+", choices=("gold", "translated"), default=["gold"],
                         help="the English side at test of the recipes that read one: gold (an upper bound) and/or the "
                              "translation by --translation-run; each is scored and named in the results")

@@ -120,3 +120,13 @@ def test_translation_record_scores_the_translations_against_the_gold_english():
                                                             "gold": rows[0]["en"]}
     wrong = bench.translation_record(rows, [{**rows[0], "en": "a cat sat"}])
     assert wrong["bleu"] < 5 and wrong["verses"][0]["translation"] == "a cat sat"
+
+
+def test_test_books_alone_or_agreeing_with_the_translation_run(tmp_path):
+    wide = fake_translation_run(tmp_path / "wide", [1, 43])
+    assert bench.translation_test_books(None, ["fr"], [43, 1]) == [1, 43]
+    assert bench.translation_test_books(wide, ["fr"], [1, 43]) == [1, 43]
+    with pytest.raises(ValueError, match=r"--test-books=\[1, 66\] differs from the test_books=\[1, 43\]"):
+        bench.translation_test_books(wide, ["fr"], [1, 66])
+    with pytest.raises(ValueError, match=r"--test-books is test_books=\[43\] alone"):
+        bench.translation_test_books(None, ["fr"], [43])
