@@ -264,20 +264,25 @@ def run(args: argparse.Namespace) -> dict:
     return results
 
 
+def mean_of(runs: list, key: str) -> float:
+    return statistics.mean(run[key] for run in runs)
+
+
 def summarize(results: dict) -> str:
     lines = ["| target | recipe | accuracy mean (± spread) | train step / LoRA | inference / LoRA |",
              "|---|---|---|---|---|"]
     for target, recipes in results.items():
-        lora_step = statistics.mean(r["train_step_s"] for r in recipes["translate_train"])
-        lora_inference = statistics.mean(r["inference_s"] for r in recipes["translate_train"])
+        lora = recipes.get("translate_train")  # the ratios' reference; a run without it prints none
         for recipe, runs in recipes.items():
             accuracies = [r["accuracy"] for r in runs]
             spread = (max(accuracies) - min(accuracies)) / 2
-            step = (f"{statistics.mean(r['train_step_s'] for r in runs) / lora_step:.2f}"
-                    if "train_step_s" in runs[0] else "-")
-            inference = statistics.mean(r["inference_s"] for r in runs) / lora_inference
+            step = inference = "-"
+            if lora:
+                if "train_step_s" in runs[0]:
+                    step = f"{mean_of(runs, 'train_step_s') / mean_of(lora, 'train_step_s'):.2f}"
+                inference = f"{mean_of(runs, 'inference_s') / mean_of(lora, 'inference_s'):.2f}"
             lines.append(f"| {target} | {recipe} | {statistics.mean(accuracies):.3f} (± {spread:.3f}) | {step} | "
-                         f"{inference:.2f} |")
+                         f"{inference} |")
     return "\n".join(lines)
 
 

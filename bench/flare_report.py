@@ -9,6 +9,7 @@ import argparse
 import json
 import statistics
 from pathlib import Path
+from typing import Optional
 
 from polypeft.core.fileio import write_json, write_text
 from polypeft.experiments.confidence import difference_intervals, score_intervals, verdict
@@ -17,20 +18,52 @@ REFERENCE = "translate_train"
 
 
 def merged(paths: list[Path]) -> tuple[dict, dict, list]:
-    """Every file's results and test-verse translations per target, and each file's settings; a target found in
-    two files is refused by name (its seeds would be mixed across settings)."""
+    """Every file's runs per target and recipe, its test-verse translations, and each file's settings with its step
+    ratios. Files add seeds or recipes; a run (target, recipe, seed) found in two files must have the same outcome
+    on every verse (a deterministic rerun, e.g. the stage-1 model every file trains), else it is refused by name."""
     results: dict = {}
     translations: dict = {}
     settings = []
     for path in paths:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
         for target, recipes in data["results"].items():
-            if target in results:
-                raise ValueError(f"{path}: target {target!r} is in an earlier file too; give each target once")
-            results[target] = recipes
+            for recipe, runs in recipes.items():
+                kept = results.setdefault(target, {}).setdefault(recipe, [])
+                for run in runs:
+                    earlier = next((seen for seen in kept if seen["seed"] == run["seed"]), None)
+                    if earlier is None:
+                        kept.append({**run, "file": str(path)})
+                    elif earlier.get("correct") != run.get("correct"):
+                        raise ValueError(f"{path}: {target}/{recipe} seed {run['seed']} is in {earlier['file']} too, "
+                                         "with other outcomes; give each run once")
         translations.update(data.get("translations", {}))
-        settings.append({"file": str(path), **data["settings"]})
+        settings.append({"file": str(path), **data["settings"], "step_ratios": step_ratios(data["results"])})
     return results, translations, settings
+
+
+def step_ratios(results: dict) -> dict:
+    """Per recipe and target of one file (one machine load): its training step over translate-train's."""
+    ratios: dict = {}
+    for target, recipes in results.items():
+        reference = [run["train_step_s"] for run in recipes.get(REFERENCE, []) if "train_step_s" in run]
+        for recipe, runs in recipes.items():
+            steps = [run["train_step_s"] for run in runs if "train_step_s" in run]
+            if reference and steps:
+                ratios.setdefault(recipe, {})[target] = statistics.mean(steps) / statistics.mean(reference)
+    return ratios
+
+
+def step_ratio(settings: list, recipe: str, targets: list) -> Optional[float]:
+    """The recipe's step over translate-train's, mean over targets of the files that ran both; None when a target
+    has no such file."""
+    per_target = []
+    for target in targets:
+        found = [one["step_ratios"][recipe][target] for one in settings
+                 if target in one["step_ratios"].get(recipe, {})]
+        if not found:
+            return None
+        per_target.append(statistics.mean(found))
+    return round(statistics.mean(per_target), 2)
 
 
 def outcomes(runs: list, where: str) -> list[list[int]]:
@@ -40,7 +73,7 @@ def outcomes(runs: list, where: str) -> list[list[int]]:
     return [run["correct"] for run in sorted(runs, key=lambda run: run["seed"])]
 
 
-def figures(results: dict, replicates: int = 2000) -> dict:
+def figures(results: dict, settings: list, replicates: int = 2000) -> dict:
     """Per recipe found for every target: accuracy with its interval, the paired difference to translate-train
     (same test verses), and the training step over translate-train's, all means over the targets."""
     targets = list(results)
@@ -56,10 +89,9 @@ def figures(results: dict, replicates: int = 2000) -> dict:
                "accuracy": score_intervals(scores, replicates=replicates, statistic="accuracy")}
         if recipe != REFERENCE:
             row["vs_translate_train"] = difference_intervals(scores, reference, replicates=replicates)
-        if all("train_step_s" in run for target in targets for run in results[target][recipe]):
-            row["step_over_lora"] = round(statistics.mean(
-                statistics.mean(run["train_step_s"] for run in results[target][recipe])
-                / statistics.mean(run["train_step_s"] for run in results[target][REFERENCE]) for target in targets), 2)
+        ratio = step_ratio(settings, recipe, targets)
+        if ratio is not None:
+            row["step_over_lora"] = ratio
         rows[recipe] = row
     return {"targets": targets, "test_verses": {t: len(reference[t][0]) for t in targets}, "recipes": rows}
 
@@ -125,7 +157,7 @@ def main() -> None:
     args = parser.parse_args()
     try:
         results, translations, settings = merged(args.results)
-        summary = figures(results, args.replicates)
+        summary = figures(results, settings, args.replicates)
     except ValueError as error:
         parser.error(str(error))
     text = markdown(summary, translations)

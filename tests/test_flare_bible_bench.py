@@ -68,13 +68,13 @@ def test_report_compares_each_recipe_with_translate_train_on_the_same_verses(tmp
     import flare_report
 
     results = bench_results([1] * 30 + [0] * 10, [1] * 10 + [0] * 30)
-    summary = flare_report.figures(results, replicates=300)
+    summary = flare_report.figures(results, [{"step_ratios": flare_report.step_ratios(results)}], replicates=300)
     flare = summary["recipes"]["flare_add_relu"]
     assert flare["accuracy"]["mean"]["score"] == 75.0 and flare["step_over_lora"] == 1.5
     assert flare["vs_translate_train"]["mean"]["difference"] == 50.0 and flare["vs_translate_train"]["mean"]["low"] > 0
     text = flare_report.markdown(summary, {"fr": {"bleu": 12.3, "chrf": 40.1}})
     assert "| flare_add_relu | 2 | 75.0 [" in text and "better" in text and "| BLEU | 12.3 |" in text
-    even = flare_report.figures(bench_results([1, 0] * 20, [0, 1] * 20), replicates=300)
+    even = flare_report.figures(bench_results([1, 0] * 20, [0, 1] * 20), [], replicates=300)
     assert flare_report.verdict(even["recipes"]["flare_add_relu"]["vs_translate_train"]["mean"]) == "within noise"
     path = tmp_path / "a.json"
     path.write_text(json.dumps({"settings": {}, "results": results}))
@@ -82,18 +82,35 @@ def test_report_compares_each_recipe_with_translate_train_on_the_same_verses(tmp
     assert (tmp_path / "plot.png").stat().st_size > 1000
 
 
-def test_report_refuses_a_target_twice_and_results_without_verse_outcomes(tmp_path):
+def test_report_merges_seeds_and_recipes_across_files_and_refuses_a_run_that_differs(tmp_path):
     import flare_report
 
-    first, second = tmp_path / "a.json", tmp_path / "b.json"
-    for path in (first, second):
-        path.write_text(json.dumps({"settings": {}, "results": bench_results([1, 0], [0, 1], targets=("fr",))}))
-    with pytest.raises(ValueError, match=r"b.json: target 'fr' is in an earlier file too"):
-        flare_report.merged([first, second])
+    first, second, third = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "c.json"
+    gold = bench_results([1, 0], [0, 1], targets=("fr",))
+    first.write_text(json.dumps({"settings": {}, "results": gold}))
+    later = bench_results([1, 1], [0, 1], targets=("fr",))
+    later["fr"] = {"translate_train": gold["fr"]["translate_train"],  # a rerun: the same outcomes, kept once
+                   "translate_test": [{**run, "seed": run["seed"] + 2} for run in later["fr"]["flare_add_relu"]]}
+    second.write_text(json.dumps({"settings": {}, "results": later}))
+    results, _, settings = flare_report.merged([first, second])
+    assert [run["seed"] for run in results["fr"]["translate_train"]] == [0, 1] and len(settings) == 2
+    assert [run["seed"] for run in results["fr"]["translate_test"]] == [2, 3]
+    assert flare_report.step_ratio(settings, "flare_add_relu", ["fr"]) == 1.5
+    assert flare_report.step_ratio(settings, "translate_test", ["fr"]) == 1.5, "b.json ran translate-train too"
+    assert flare_report.step_ratio(settings[:1], "translate_test", ["fr"]) is None
+    changed = bench_results([1, 0], [1, 1], targets=("fr",))
+    third.write_text(json.dumps({"settings": {}, "results": changed}))
+    with pytest.raises(ValueError, match=r"c.json: fr/translate_train seed 0 is in .*a.json too, with other outcomes"):
+        flare_report.merged([first, third])
+
+
+def test_report_refuses_results_without_verse_outcomes():
+    import flare_report
+
     old = bench_results([1, 0], [0, 1])
     del old["ko"]["flare_add_relu"][1]["correct"]
     with pytest.raises(ValueError, match=r"ko/flare_add_relu: written before flare_bible.py kept each verse's outcome"):
-        flare_report.figures(old, replicates=10)
+        flare_report.figures(old, [], replicates=10)
 
 
 def test_evaluate_keeps_each_verse_outcome_in_order():
@@ -130,3 +147,10 @@ def test_test_books_alone_or_agreeing_with_the_translation_run(tmp_path):
         bench.translation_test_books(wide, ["fr"], [1, 66])
     with pytest.raises(ValueError, match=r"--test-books is test_books=\[43\] alone"):
         bench.translation_test_books(None, ["fr"], [43])
+
+
+def test_summary_without_translate_train_prints_no_ratios():
+    results = bench_results([1, 0], [0, 1], targets=("fr",))
+    assert "| fr | flare_add_relu | 0.500 (± 0.000) | 1.50 | 1.00 |" in bench.summarize(results)
+    del results["fr"]["translate_train"]
+    assert "| fr | flare_add_relu | 0.500 (± 0.000) | - | - |" in bench.summarize(results)
