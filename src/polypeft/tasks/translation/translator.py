@@ -1,6 +1,7 @@
 """Texts translated by a trained `polypeft mmt` run: what translate-test and FLARE's machine-translated English read.
 
-A folder that is not such a run, or a language it was not trained on, is refused by name before anything loads.
+The run is its folder, or the recipe file `polypeft mmt build` trained under the cache root. A folder that is not
+such a run, or a language it was not trained on, is refused by name before anything loads.
 """
 from __future__ import annotations
 
@@ -9,14 +10,32 @@ from typing import Optional, Sequence
 
 from ...core.config import ConfigError
 from ...data.parallel import ParallelExample
+from .compare import WEIGHTS_NAME
 from .evaluate import translate
 from .run import MMTRecipe, load_translation_model, read_run_recipe
 
 
+def translation_run_folder(run: str | Path, setting: str = "translation_run") -> Path:
+    """The run folder `run` names: the folder itself, or for a recipe file (.yaml) the folder `polypeft mmt build`
+    trained it into under the cache root, refused by name until that build has finished."""
+    if Path(run).suffix not in (".yaml", ".yml"):
+        return Path(run)
+    from .cached import cached_recipe
+
+    if not Path(run).is_file():
+        raise ConfigError(f"{setting}={str(run)!r}: no such recipe file")
+    folder = cached_recipe(MMTRecipe.from_yaml(run)).run_dir
+    if not (folder / WEIGHTS_NAME).is_file():
+        raise ConfigError(f"{setting}={str(run)!r} is a recipe whose build has not finished (its folder: {folder}); "
+                          f"run `polypeft mmt build {run}` first")
+    return folder
+
+
 def translation_run_recipe(run_dir: str | Path, setting: str = "translation_run",
                            languages: Sequence[str] = (), pivot: Optional[str] = "en") -> MMTRecipe:
-    """The recipe of the translation run in `run_dir`, checked to translate into `pivot` (None: any) and from every
-    one of `languages`; a ConfigError names `setting=run_dir` otherwise."""
+    """The recipe of the translation run in `run_dir` (a folder, or a built recipe file), checked to translate into
+    `pivot` (None: any) and from every one of `languages`; a ConfigError names `setting=run_dir` otherwise."""
+    run_dir = translation_run_folder(run_dir, setting)
     try:
         recipe = read_run_recipe(run_dir)
     except FileNotFoundError as error:
@@ -48,9 +67,9 @@ class Translator:
 
     def __init__(self, run_dir: str | Path, batch_size: int = 32, setting: str = "translation_run",
                  into: str = "en"):
-        translation_run_recipe(run_dir, setting, pivot=into)
-        self.run_dir = Path(run_dir)
-        self.recipe, self.tokenizer, self.model = load_translation_model(run_dir)
+        self.run_dir = translation_run_folder(run_dir, setting)
+        translation_run_recipe(self.run_dir, setting, pivot=into)
+        self.recipe, self.tokenizer, self.model = load_translation_model(self.run_dir)
         self.batch_size, self.setting = batch_size, setting
 
     def __call__(self, texts: Sequence[str], source_lang: str, target_lang: Optional[str] = None) -> list[str]:
