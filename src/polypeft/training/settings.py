@@ -22,7 +22,8 @@ class TrainSettings(TypedConfig):
 
     `schedule` shapes the rate after `warmup` linear warm-up steps (null: a tenth of `steps`, at least one, so a
     recipe that changes `steps` keeps its warm-up in proportion): "inverse_sqrt" (fairseq), "linear" decay to
-    zero at `steps`, "constant", or "wsd" (constant, then linear decay to zero over the last fifth). `mixed_precision` goes to accelerate: parameters stay float32 and the
+    zero at `steps`, "constant", or "wsd" (constant, then linear decay to zero over the last fifth of `steps`, so
+    more steps on resume move the decay). `mixed_precision` goes to accelerate: parameters stay float32 and the
     forward pass autocasts. `seed` None leaves the global generators as the caller set them. `clip_norm` 0
     does not clip; `checkpoint_every`, `valid_every` (0: never) and `log_every` count optimiser steps.
     """
