@@ -90,12 +90,13 @@ def translation_test_books(translation_run: Optional[str], targets: Sequence[str
             raise ValueError(f"--test-books={books} differs from the test_books={held_out} of --translation-run="
                              f"{translation_run!r}: leave --test-books out, or give the run's")
         books = held_out
-    setting = f"--translation-run={translation_run!r} holds out" if translation_run else "--test-books is"
+    setting = (f"--translation-run={translation_run!r} holds out test_books={books}" if translation_run
+               else f"--test-books={books}")
     sections = sorted({canon_section(book) for book in books})
     if len(sections) < 2:
-        raise ValueError(f"{setting} test_books={books} alone (sections {sections}); the test verses come from "
-                         "these, and one section gives every test verse the same label: choose books that span two "
-                         "or more canon sections (e.g. test_books: [1, 19, 23, 43, 66])")
+        raise ValueError(f"{setting}, one canon section ({sections}); the test verses come from these books, and one "
+                         "section gives every test verse the same label: choose books that span two or more canon "
+                         "sections (e.g. test_books: [1, 19, 23, 43, 66])")
     return books
 
 
@@ -200,8 +201,8 @@ def run(args: argparse.Namespace) -> dict:
     translator = Translator(args.translation_run, setting="--translation-run") if translates else None
     args.test_books = translation_test_books(args.translation_run, args.targets, args.test_books)  # saved
     if args.test_books:
-        print(f"test verses from books {args.test_books} alone (a translation run's test books: it trains on every "
-              "other book but its valid books); training verses from the other books", flush=True)
+        print(f"test verses from books {args.test_books} alone (a translation run's test books, which it never "
+              "trained on); training verses from the other books", flush=True)
     results: dict = {}
     translations: dict = {}
     for target in args.targets:
@@ -318,8 +319,8 @@ def main() -> None:
     parser.add_argument("--mt-run", default=None,
                         help="a trained translation run (e.g. runs/demo/naive-seed0) whose encoder FLARE-MT reads")
     parser.add_argument("--translation-run", default=None,
-                        help="a trained translation run that translates the test verses into English (translate_test, "
-                             "--english-at-test translated)")
+                        help="a trained translation run (its folder, or a recipe `polypeft mmt build` trained) that "
+                             "translates the test verses into English (translate_test, --english-at-test translated)")
     parser.add_argument("--test-books", nargs="+", type=int, default=None,
                         help="score on verses of these books alone, training on the others (a --translation-run's "
                              "test books by default)")

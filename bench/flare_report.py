@@ -17,15 +17,29 @@ from polypeft.experiments.confidence import difference_intervals, score_interval
 REFERENCE = "translate_train"
 
 
+# Settings that decide which verses are scored and how every model is trained: equal in every merged file, so runs
+# pair verse for verse (the test verses depend on the books and the per-section count, not on the seed).
+SAME_IN_EVERY_FILE = ("layers", "rank", "lr", "batch", "max_length", "per_class_train", "per_class_test",
+                      "stage1_steps", "stage2_steps", "test_books", "translation_run", "mixup_layer", "mixup_ratio")
+
+
 def merged(paths: list[Path]) -> tuple[dict, dict, list]:
     """Every file's runs per target and recipe, its test-verse translations, and each file's settings with its step
-    ratios. Files add seeds or recipes; a run (target, recipe, seed) found in two files must have the same outcome
-    on every verse (a deterministic rerun, e.g. the stage-1 model every file trains), else it is refused by name."""
+    ratios. Files add seeds, targets or recipes of one protocol (SAME_IN_EVERY_FILE); a run (target, recipe, seed)
+    found in two files must have the same outcome on every verse (a deterministic rerun, e.g. the stage-1 model
+    every file trains), else it is refused by name, as are two different translations of one target's verses."""
     results: dict = {}
     translations: dict = {}
-    settings = []
+    settings: list = []
     for path in paths:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
+        if settings:
+            mine = data["settings"]
+            differing = [key for key in SAME_IN_EVERY_FILE if mine.get(key) != settings[0].get(key)]
+            if differing:
+                shown = ", ".join(f"{key}={mine.get(key)!r}" for key in differing)
+                raise ValueError(f"{path}: {shown} where {settings[0]['file']} has "
+                                 f"{[settings[0].get(key) for key in differing]}; merge files of one protocol only")
         for target, recipes in data["results"].items():
             for recipe, runs in recipes.items():
                 kept = results.setdefault(target, {}).setdefault(recipe, [])
@@ -33,10 +47,16 @@ def merged(paths: list[Path]) -> tuple[dict, dict, list]:
                     earlier = next((seen for seen in kept if seen["seed"] == run["seed"]), None)
                     if earlier is None:
                         kept.append({**run, "file": str(path)})
-                    elif earlier.get("correct") != run.get("correct"):
+                    elif "correct" not in earlier or "correct" not in run:
+                        raise ValueError(f"{path}: {target}/{recipe} seed {run['seed']}: written before "
+                                         "flare_bible.py kept each verse's outcome; run it again")
+                    elif earlier["correct"] != run["correct"]:
                         raise ValueError(f"{path}: {target}/{recipe} seed {run['seed']} is in {earlier['file']} too, "
                                          "with other outcomes; give each run once")
-        translations.update(data.get("translations", {}))
+        for target, record in data.get("translations", {}).items():
+            if target in translations and translations[target] != record:
+                raise ValueError(f"{path}: the {target} test verses were translated differently in an earlier file")
+            translations[target] = record
         settings.append({"file": str(path), **data["settings"], "step_ratios": step_ratios(data["results"])})
     return results, translations, settings
 
@@ -84,8 +104,13 @@ def figures(results: dict, settings: list, replicates: int = 2000) -> dict:
     reference = {target: outcomes(results[target][REFERENCE], f"{target}/{REFERENCE}") for target in targets}
     rows = {}
     for recipe in recipes:
+        seeds = {target: sorted(run["seed"] for run in results[target][recipe]) for target in targets}
+        uneven = [target for target in targets if seeds[target] != seeds[targets[0]]]
+        if uneven:
+            raise ValueError(f"{recipe}: seeds {seeds[targets[0]]} for {targets[0]} but "
+                             f"{ {target: seeds[target] for target in uneven} }; every target needs the same seeds")
         scores = {target: outcomes(results[target][recipe], f"{target}/{recipe}") for target in targets}
-        row = {"seeds": sorted(run["seed"] for run in results[targets[0]][recipe]),
+        row = {"seeds": seeds[targets[0]],
                "accuracy": score_intervals(scores, replicates=replicates, statistic="accuracy")}
         if recipe != REFERENCE:
             row["vs_translate_train"] = difference_intervals(scores, reference, replicates=replicates)
@@ -121,8 +146,8 @@ def markdown(summary: dict, translations: dict) -> str:
         lines += ["", "Machine-translated English of the test verses against the gold English verse (sacreBLEU 13a):",
                   "", "| | " + " | ".join(t for t in targets if t in translations) + " |",
                   "|---|" + "---|" * sum(t in translations for t in targets),
-                  "| BLEU | " + " | ".join(f"{translations[t]['bleu']:.1f}" for t in targets if t in translations) + " |",
-                  "| chrF | " + " | ".join(f"{translations[t]['chrf']:.1f}" for t in targets if t in translations) + " |"]
+                  *(f"| {label} | " + " | ".join(f"{translations[t][key]:.1f}" for t in targets if t in translations)
+                    + " |" for label, key in (("BLEU", "bleu"), ("chrF", "chrf")))]
     return "\n".join(lines) + "\n"
 
 
@@ -140,8 +165,8 @@ def plot(summary: dict, path: Path) -> None:
         mean = accuracy["mean"]
         axis.errorbar(mean["score"], position, xerr=[[mean["score"] - mean["low"]], [mean["high"] - mean["score"]]],
                       fmt="o", color="black", capsize=3)
-        axis.scatter([accuracy[target]["score"] for target in summary["targets"]], [position] * len(summary["targets"]),
-                     s=12, alpha=0.5)
+        targets = summary["targets"]
+        axis.scatter([accuracy[target]["score"] for target in targets], [position] * len(targets), s=12, alpha=0.5)
     axis.set_yticks(range(len(recipes)), recipes)
     axis.set_xlabel("accuracy (%): mean of targets with 95 % CI (black); each target (dots)")
     figure.tight_layout()

@@ -168,14 +168,17 @@ def test_a_recipe_file_names_the_folder_its_build_trained_under_the_cache_root(t
 
     monkeypatch.setenv("POLYPEFT_CACHE", str(tmp_path / "cache"))
     recipe_file = tmp_path / "translation.yaml"
-    recipe_file.write_text(yaml.safe_dump(json.loads(json.dumps(dataclasses.asdict(read_run_recipe(translation_run))))))
+    recipe = read_run_recipe(translation_run)
+    recipe_file.write_text(yaml.safe_dump(json.loads(json.dumps(dataclasses.asdict(recipe)))))
     with pytest.raises(ConfigError, match=r"is a recipe whose build has not finished .* run `polypeft mmt build "):
         translation_run_recipe(recipe_file)
     shutil.copytree(translation_run, cached_recipe(read_run_recipe(translation_run)).run_dir)
-    assert translation_run_recipe(recipe_file, languages=["fr"]).test_books == read_run_recipe(translation_run).test_books
+    assert translation_run_recipe(recipe_file, languages=["fr"]).test_books == recipe.test_books
     assert Translator(recipe_file)(["pain roi"], "fr") == Translator(translation_run)(["pain roi"], "fr")
     with pytest.raises(ConfigError, match=r"translation_run='.*missing.yaml': no such recipe file"):
         translation_run_recipe(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match=r"translation.yaml' \(built in .*cache.*\) was trained on .*\['ko'\]"):
+        translation_run_recipe(recipe_file, languages=["ko"])
 
 
 def test_a_translation_run_whose_pivot_is_not_english_is_refused_by_name(tmp_path):

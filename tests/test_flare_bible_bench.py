@@ -50,7 +50,7 @@ def test_without_a_translation_run_the_split_is_unchanged():
 
 def test_test_books_of_one_section_are_refused_naming_them(tmp_path):
     john = fake_translation_run(tmp_path / "john", [43])
-    with pytest.raises(ValueError, match=r"test_books=\[43\] alone \(sections \['gospels_acts'\]\)"):
+    with pytest.raises(ValueError, match=r"test_books=\[43\], one canon section \(\['gospels_acts'\]\)"):
         bench.translation_test_books(john, ["fr"])
     assert bench.translation_test_books(fake_translation_run(tmp_path / "wide", [1, 43]), ["fr"]) == [1, 43]
 
@@ -76,10 +76,25 @@ def test_report_compares_each_recipe_with_translate_train_on_the_same_verses(tmp
     assert "| flare_add_relu | 2 | 75.0 [" in text and "better" in text and "| BLEU | 12.3 |" in text
     even = flare_report.figures(bench_results([1, 0] * 20, [0, 1] * 20), [], replicates=300)
     assert flare_report.verdict(even["recipes"]["flare_add_relu"]["vs_translate_train"]["mean"]) == "within noise"
+    uneven = bench_results([1, 0], [0, 1])
+    del uneven["ko"]["flare_add_relu"][1]
+    with pytest.raises(ValueError, match=r"flare_add_relu: seeds \[0, 1\] for fr but \{'ko': \[0\]\}"):
+        flare_report.figures(uneven, [], replicates=10)
+
+
+def test_report_command_writes_its_table_figures_and_plot(tmp_path, monkeypatch, capsys):
+    import flare_report
+
     path = tmp_path / "a.json"
-    path.write_text(json.dumps({"settings": {}, "results": results}))
-    flare_report.plot(summary, tmp_path / "plot.png")
-    assert (tmp_path / "plot.png").stat().st_size > 1000
+    path.write_text(json.dumps({"settings": {"layers": 12}, "results": bench_results([1] * 30 + [0] * 10,
+                                                                                      [1] * 10 + [0] * 30)}))
+    monkeypatch.setattr(sys, "argv", ["flare_report.py", str(path), "--out", str(tmp_path / "out"), "--replicates",
+                                      "100"])
+    flare_report.main()
+    written = json.loads((tmp_path / "out" / "flare_report.json").read_text())
+    assert written["recipes"]["flare_add_relu"]["step_over_lora"] == 1.5 and written["targets"] == ["fr", "ko"]
+    assert "| flare_add_relu | 2 | 75.0 [" in (tmp_path / "out" / "flare_report.md").read_text()
+    assert (tmp_path / "out" / "flare_report.png").read_bytes()[:4] == b"\x89PNG" and "75.0" in capsys.readouterr().out
 
 
 def test_report_merges_seeds_and_recipes_across_files_and_refuses_a_run_that_differs(tmp_path):
@@ -102,6 +117,15 @@ def test_report_merges_seeds_and_recipes_across_files_and_refuses_a_run_that_dif
     third.write_text(json.dumps({"settings": {}, "results": changed}))
     with pytest.raises(ValueError, match=r"c.json: fr/translate_train seed 0 is in .*a.json too, with other outcomes"):
         flare_report.merged([first, third])
+    other_books = tmp_path / "d.json"
+    other_books.write_text(json.dumps({"settings": {"test_books": [1, 43]}, "results": gold}))
+    with pytest.raises(ValueError, match=r"d.json: test_books=\[1, 43\] where .*a.json has \[None\]"):
+        flare_report.merged([first, other_books])
+    retranslated = tmp_path / "e.json"
+    for path, bleu in ((second, 1.0), (retranslated, 2.0)):
+        path.write_text(json.dumps({"settings": {}, "results": later, "translations": {"fr": {"bleu": bleu}}}))
+    with pytest.raises(ValueError, match=r"e.json: the fr test verses were translated differently"):
+        flare_report.merged([second, retranslated])
 
 
 def test_report_refuses_results_without_verse_outcomes():
@@ -145,7 +169,7 @@ def test_test_books_alone_or_agreeing_with_the_translation_run(tmp_path):
     assert bench.translation_test_books(wide, ["fr"], [1, 43]) == [1, 43]
     with pytest.raises(ValueError, match=r"--test-books=\[1, 66\] differs from the test_books=\[1, 43\]"):
         bench.translation_test_books(wide, ["fr"], [1, 66])
-    with pytest.raises(ValueError, match=r"--test-books is test_books=\[43\] alone"):
+    with pytest.raises(ValueError, match=r"--test-books=\[43\], one canon section"):
         bench.translation_test_books(None, ["fr"], [43])
 
 

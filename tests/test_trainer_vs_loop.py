@@ -147,7 +147,6 @@ def test_trainer_arguments_carry_the_loop_settings(tmp_path):
         trainer_arguments({"lr": 1e-3}, str(tmp_path))
 
 
-
 @pytest.mark.parametrize("name", SCHEDULES)
 def test_every_loop_schedule_has_a_trainer_schedule_with_the_same_decay(name, tmp_path):
     """A Trainer given the loop's settings alone (no loop_schedule) decays as the loop does once warm-up ends
@@ -168,3 +167,9 @@ def test_every_loop_schedule_has_a_trainer_schedule_with_the_same_decay(name, tm
     else:
         assert trainer_rates[4:] == pytest.approx(loop_rates[4:])
     assert min(loop_rates[4:]) < 1.0 or name == "constant", "the steps after warm-up must show the decay"
+
+
+def test_a_wsd_trainer_decays_over_the_steps_it_runs_and_another_schedule_gets_no_wsd_arguments(tmp_path):
+    settings = dataclasses.replace(SETTINGS, steps=20, warmup=4, schedule="wsd")
+    assert trainer_arguments(settings, str(tmp_path), max_steps=50).lr_scheduler_kwargs["num_decay_steps"] == 10
+    assert not trainer_arguments(settings, str(tmp_path), lr_scheduler_type="linear").lr_scheduler_kwargs

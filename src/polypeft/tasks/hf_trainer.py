@@ -45,12 +45,14 @@ def trainer_arguments(settings: TrainSettings, output_dir: str, **changes: Any) 
                   fp16=settings.mixed_precision == "fp16", seed=42 if settings.seed is None else settings.seed,
                   per_device_train_batch_size=1, train_sampling_strategy="sequential", logging_steps=settings.log_every,
                   save_strategy="no", report_to=[], disable_tqdm=not settings.progress, dataloader_pin_memory=False)
-    if settings.schedule == "wsd":
-        values["lr_scheduler_kwargs"] = {"num_decay_steps": wsd_decay_steps(settings.steps), "decay_type": "linear"}
     unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(TrainingArguments)})
     if unknown:
         raise TypeError(f"trainer_arguments: {unknown} are not TrainingArguments fields")
-    return TrainingArguments(**{**values, **changes})
+    values = {**values, **changes}
+    if values["lr_scheduler_type"] == "warmup_stable_decay" and "lr_scheduler_kwargs" not in changes:
+        values["lr_scheduler_kwargs"] = {"num_decay_steps": wsd_decay_steps(values["max_steps"]),
+                                         "decay_type": "linear"}
+    return TrainingArguments(**values)
 
 
 class DataCollatorWithRoutes:

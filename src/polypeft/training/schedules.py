@@ -37,7 +37,8 @@ def wsd_decay_steps(steps: int) -> int:
 
 def warmup_stable_decay(warmup: int, steps: int) -> Callable[[int], float]:
     """Linear warm-up, the peak, then linear decay to zero over the last fifth of `steps`: a long constant run
-    that still ends annealed, which a short budget needs (a fully linear decay halves the mean rate)."""
+    that still ends annealed, which a short budget needs (a fully linear decay halves the mean rate). Where warm-up
+    and decay overlap (warmup beyond four fifths of `steps`) the lower rate wins; transformers' warms up first."""
     warmup, decay = max(1, warmup), wsd_decay_steps(steps)
     return lambda step: min((step + 1) / warmup, 1.0, max(0.0, (steps - step) / decay))
 

@@ -27,7 +27,8 @@ def translation_run_folder(run: str | Path, setting: str = "translation_run") ->
     folder = cached_recipe(MMTRecipe.from_yaml(run)).run_dir
     if not (folder / WEIGHTS_NAME).is_file():
         raise ConfigError(f"{setting}={str(run)!r} is a recipe whose build has not finished (its folder: {folder}); "
-                          f"run `polypeft mmt build {run}` first")
+                          f"run `polypeft mmt build {run}` first, or give the folder of a build made with --set "
+                          "changes (they change the folder)")
     return folder
 
 
@@ -35,25 +36,27 @@ def translation_run_recipe(run_dir: str | Path, setting: str = "translation_run"
                            languages: Sequence[str] = (), pivot: Optional[str] = "en") -> MMTRecipe:
     """The recipe of the translation run in `run_dir` (a folder, or a built recipe file), checked to translate into
     `pivot` (None: any) and from every one of `languages`; a ConfigError names `setting=run_dir` otherwise."""
-    run_dir = translation_run_folder(run_dir, setting)
+    folder = translation_run_folder(run_dir, setting)
+    named = repr(str(run_dir)) + ("" if folder == Path(run_dir) else f" (built in {folder})")
     try:
-        recipe = read_run_recipe(run_dir)
+        recipe = read_run_recipe(folder)
     except FileNotFoundError as error:
-        raise ConfigError(f"{setting}={str(run_dir)!r} is not a trained `polypeft mmt` run: {error}") from None
+        raise ConfigError(f"{setting}={named} is not a trained `polypeft mmt` run: {error}") from None
     except ConfigError as error:
-        raise ConfigError(f"{setting}={str(run_dir)!r} is not a `polypeft mmt` run: its recipe.json is not a "
+        raise ConfigError(f"{setting}={named} is not a `polypeft mmt` run: its recipe.json is not a "
                           f"translation recipe ({error})") from None
     if pivot is not None and recipe.pivot != pivot:
-        raise ConfigError(f"{setting}={str(run_dir)!r} translates into its pivot {recipe.pivot!r}, not into "
+        raise ConfigError(f"{setting}={named} translates into its pivot {recipe.pivot!r}, not into "
                           f"{pivot!r}: choose a run whose pivot is {pivot!r}")
-    check_languages(recipe, run_dir, setting, languages)
+    check_languages(recipe, named, setting, languages)
     return recipe
 
 
-def check_languages(recipe: MMTRecipe, run_dir: str | Path, setting: str, languages: Sequence[str]) -> None:
+def check_languages(recipe: MMTRecipe, named: str, setting: str, languages: Sequence[str]) -> None:
+    """Refuse languages the run was not trained on; `named` is how the run was given, quoted."""
     unknown = [lang for lang in languages if lang not in recipe.languages]
     if unknown:
-        raise ConfigError(f"{setting}={str(run_dir)!r} was trained on {recipe.languages}, not on {unknown}: "
+        raise ConfigError(f"{setting}={named} was trained on {recipe.languages}, not on {unknown}: "
                           "choose a run that translates from that language")
 
 
@@ -75,7 +78,7 @@ class Translator:
     def __call__(self, texts: Sequence[str], source_lang: str, target_lang: Optional[str] = None) -> list[str]:
         """Each text translated from `source_lang` into `target_lang` (the run's pivot by default), in order."""
         target_lang = target_lang or self.recipe.pivot
-        check_languages(self.recipe, self.run_dir, self.setting, [source_lang, target_lang])
+        check_languages(self.recipe, repr(str(self.run_dir)), self.setting, [source_lang, target_lang])
         examples = [ParallelExample(source_lang, target_lang, text, "", str(number))
                     for number, text in enumerate(texts)]
         route = "shared" if self.recipe.uses_fd else None
