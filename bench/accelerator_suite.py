@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import sys
 import time
@@ -29,12 +30,13 @@ import fd_speed  # noqa: E402
 from polypeft.core.fileio import write_json, write_text  # noqa: E402
 from polypeft.interventions.lrp2 import LRP2, LanguageVectors, model_identity  # noqa: E402
 from polypeft.tasks.translation import run as mmt  # noqa: E402
-from polypeft.tasks.translation.evaluate import score_directions, translate  # noqa: E402
+from polypeft.experiments.confidence import difference_intervals, verdict  # noqa: E402
+from polypeft.tasks.translation.evaluate import score_directions, sentences_by_direction, translate  # noqa: E402
 from polypeft.training.loop import TrainSettings  # noqa: E402
 
-RECIPES = ("naive", "lms_pair", "lms_lang", "lms_fd", "switch")
+RECIPES = ("naive", "lms_pair", "lms_lang", "lms_fd", "switch", "ls_ffn", "lora")  # the LMS paper's table, and LoRA
 # Training cost of each recipe per step relative to naive (FD runs every example on two routes).
-STEP_COST = {"naive": 1.0, "lms_pair": 1.2, "lms_lang": 1.2, "lms_fd": 2.4, "switch": 1.2}
+STEP_COST = {"naive": 1.0, "lms_pair": 1.2, "lms_lang": 1.2, "lms_fd": 2.4, "switch": 1.2, "ls_ffn": 1.3, "lora": 1.1}
 SECTIONS = ("fd_lrp2", "core_speed", "translation")
 WARM_BASE = {"encoder": "e5-small", "decoder_layers": 6, "decoder_init": "upper", "frozen_layers": 0}
 
@@ -49,6 +51,7 @@ class Sizes:
     base: Optional[dict] = field(default_factory=lambda: dict(WARM_BASE))
     preset: str = "small"
     steps: Optional[int] = None
+    seeds: tuple[int, ...] = (0, 1)  # every recipe trains once per seed; the paired bootstrap resamples seeds too
     probe_steps: int = 30
     min_steps: int = 200
     max_steps: int = 20000
@@ -216,12 +219,13 @@ def with_steps(recipe: mmt.MMTRecipe, steps: int, name: Optional[str] = None) ->
 
 
 def calibrated_steps(recipes: dict[str, mmt.MMTRecipe], data: mmt.MMTData, sizes: Sizes, seconds: float) -> dict:
-    """Steps for every run so that all five train in `seconds`, from the naive model's speed in a probe run."""
+    """Steps for every run so that every recipe trains once per seed in `seconds`, from the naive model's speed in
+    a probe run."""
     probe = with_steps(recipes["naive"], sizes.probe_steps, name="probe")
     mmt.train_run(probe, data=data)
     summary = json.loads((probe.run_dir / "train_summary.json").read_text(encoding="utf-8"))
     per_step = max(summary["wall_seconds"], 1e-3) / sizes.probe_steps
-    steps = int(seconds / (per_step * sum(STEP_COST[name] for name in recipes)))
+    steps = int(seconds / (per_step * len(sizes.seeds) * sum(STEP_COST[name] for name in recipes)))
     return {"probe_seconds_per_step": round(per_step, 4), "budget_s": round(seconds, 1),
             "steps": max(sizes.min_steps, min(sizes.max_steps, steps))}
 
@@ -242,7 +246,8 @@ def evaluate_on_device(run_dir: Path, data: mmt.MMTData, device: str) -> dict[st
             cross_entropy = mmt.valid_loss_fn(recipe, data, model.config, examples=data.test, route=route)(model)
         variants[variant] = {**score_directions(data.test, hypotheses, pivot=recipe.pivot),
                              "test_ce": round(float(cross_entropy), 4),
-                             "eval_s": round(time.perf_counter() - started, 1)}
+                             "eval_s": round(time.perf_counter() - started, 1),
+                             "sentences": sentences_by_direction(data.test, hypotheses)}
     return {"parameters": mmt.parameter_table(model, recipe), "variants": variants}
 
 
@@ -262,15 +267,49 @@ def translation_section(sizes: Sizes, out: Path, device: str, deadline: float, r
         steps = figures["schedule"]["steps"]
     else:
         steps = sizes.steps
-    figures["steps"] = steps
-    for name, recipe in recipes.items():
-        recipe = with_steps(recipe, steps)
-        run_started = time.perf_counter()
-        run_dir = mmt.train_run(recipe, data=data)
-        trained_s = time.perf_counter() - run_started
-        figures["runs"][name] = {"train_s": round(trained_s, 1), **evaluate_on_device(run_dir, data, device)}
-        report.record("translation", figures)
+    figures["steps"], figures["seeds"] = steps, list(sizes.seeds)
+    for seed in sizes.seeds:  # every recipe's first seed before any second one, so a cut run still compares
+        for name, recipe in recipes.items():
+            recipe = dataclasses.replace(with_steps(recipe, steps), seed=seed)
+            run_started = time.perf_counter()
+            run_dir = mmt.train_run(recipe, data=data)
+            trained_s = time.perf_counter() - run_started
+            evaluated = evaluate_on_device(run_dir, data, device)
+            run = figures["runs"].setdefault(name, {"parameters": evaluated.pop("parameters"), "seeds": {}})
+            run["seeds"][str(seed)] = {"train_s": round(trained_s, 1), "variants": evaluated["variants"]}
+            figures["against_naive"] = against_naive(figures["runs"])
+            report.record("translation", figures)
     return figures
+
+
+def bleu_statistics(run: dict[str, Any], variant: str, seeds: list[str]) -> dict[str, list]:
+    """Per direction, one row of per-verse sacreBLEU statistics per seed (what `difference_intervals` resamples)."""
+    sentences = {seed: run["seeds"][seed]["variants"][variant]["sentences"] for seed in seeds}
+    return {direction: [sentences[seed][direction]["bleu_statistics"] for seed in seeds]
+            for direction in sentences[seeds[0]]}
+
+
+def against_naive(runs: dict[str, Any]) -> dict[str, Any]:
+    """Each run variant's BLEU difference to naive with sacreBLEU-style paired bootstrap intervals (the same verses
+    resampled on both sides, and the seeds both ran), per direction and for the mean; and its win ratio."""
+    naive = runs.get("naive")
+    if not naive:
+        return {}
+    compared = {}
+    for name, run in runs.items():
+        seeds = [seed for seed in run["seeds"] if seed in naive["seeds"]]
+        if name == "naive" or not seeds:
+            continue
+        for variant in run["seeds"][seeds[0]]["variants"]:
+            differences = difference_intervals(bleu_statistics(run, variant, seeds),
+                                               bleu_statistics(naive, "default", seeds), statistic="bleu")
+            directions = [key for key in differences if key != "mean"]
+            wins = sum(differences[direction]["difference"] > 0 for direction in directions)
+            label = name if variant == "default" else f"{name} ({variant})"
+            compared[label] = {"seeds": [int(seed) for seed in seeds], "mean": differences["mean"],
+                               "verdict": verdict(differences["mean"]), "win_ratio": f"{wins}/{len(directions)}",
+                               "directions": {d: differences[d] for d in directions}}
+    return compared
 
 
 # ----------------------------------------------------------------------------- report
@@ -306,23 +345,48 @@ def core_speed_markdown(figures: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def seed_mean(scored: list[dict], select: Callable[[dict], Any]) -> str:
+    """The mean over seeds of one figure of each seed's scores, printed; empty where a seed has none."""
+    values = [select(one) for one in scored]
+    return "" if None in values else f"{sum(values) / len(values):.2f}"
+
+
 def translation_markdown(figures: dict[str, Any]) -> list[str]:
+    seeds = figures.get("seeds", [0])
     lines = [f"## Translation, Bible 7 languages, {figures['model']}, {figures.get('steps')} steps, "
              f"{figures['precision']}", "",
-             f"Beam {figures['beam']} on {figures['eval_verses_per_direction']} verses of John per direction.", "",
-             "| run | variant | train s | test CE | BLEU all | chrF all | BLEU en-xx | BLEU xx-en |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"Beam {figures['beam']} on {figures['eval_verses_per_direction']} verses of John per direction; seeds "
+             f"{seeds}, scores the mean over seeds; against naive: the BLEU difference with its 95 % paired bootstrap "
+             "interval (verses and seeds resampled), and the directions where the run is ahead.", "",
+             "| run | variant | train s | test CE | BLEU all | chrF all | BLEU en-xx | BLEU xx-en | vs naive, BLEU "
+             "[95 % CI] | wins | extra parameters: training / inference |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     directions: dict[str, dict[str, str]] = {}
+    against = figures.get("against_naive", {})
     for name, run in figures["runs"].items():
-        for variant, scores in run["variants"].items():
+        finished = list(run["seeds"].values())
+        counts = run["parameters"]
+        extra = (f"{counts.get('training_extra', 0):,} / {counts.get('inference_extra_language_routes', 0):,}"
+                 f" (shared route {counts.get('inference_extra_shared_route', 0):,})")
+        for variant in finished[0]["variants"]:
             label = name if variant == "default" else f"{name} ({variant})"
-            means = scores["averages"]
-            lines.append(f"| {name} | {variant} | {run['train_s']} | {scores['test_ce']} | "
-                         f"{means['bleu_all']} | {means['chrf_all']} | {means['bleu_en_xx']} | {means['bleu_xx_en']} |")
-            for direction, score in scores["directions"].items():
-                directions.setdefault(direction, {})[label] = f"{score['bleu']} / {score['chrf']}"
+            scored = [one["variants"][variant] for one in finished]
+            mean = functools.partial(seed_mean, scored)
+            compared = against.get(label)
+            difference = (f"{compared['mean']['difference']:+.2f} [{compared['mean']['low']:+.2f}, "
+                          f"{compared['mean']['high']:+.2f}] {compared['verdict']}" if compared else "reference")
+            train_s = sum(one["train_s"] for one in finished) / len(finished)
+            averages = [mean(lambda v, key=key: v["averages"][key]) for key in ("bleu_all", "chrf_all", "bleu_en_xx",
+                                                                                 "bleu_xx_en")]
+            lines.append(f"| {name} | {variant} | {train_s:.1f} | {mean(lambda v: v['test_ce'])} | "
+                         + " | ".join(averages) + f" | {difference} | {compared['win_ratio'] if compared else ''} | "
+                         f"{extra} |")
+            for direction in scored[0]["directions"]:
+                bleu = sum(v["directions"][direction]["bleu"] for v in scored) / len(scored)
+                chrf = sum(v["directions"][direction]["chrf"] for v in scored) / len(scored)
+                directions.setdefault(direction, {})[label] = f"{bleu:.2f} / {chrf:.2f}"
     labels = sorted({label for by_run in directions.values() for label in by_run})
-    lines += ["", "BLEU / chrF per direction:", "", "| direction | " + " | ".join(labels) + " |",
+    lines += ["", "BLEU / chrF per direction (mean over seeds):", "", "| direction | " + " | ".join(labels) + " |",
               "|---|" + "---|" * len(labels)]
     lines += [f"| {direction} | " + " | ".join(by_run.get(label, "") for label in labels) + " |"
               for direction, by_run in sorted(directions.items())]

@@ -9,7 +9,7 @@ steps=${1:-1000}; shift || true
 seeds=${*:-0 1}
 jobs=${JOBS:-1}
 [ "$jobs" -ge 1 ] || { echo "JOBS must be at least 1, not '$jobs'" >&2; exit 2; }
-methods="lms_fd switch naive lms_pair lms_lang"   # the slowest first, so parallel workers finish together
+methods="lms_fd ls_ffn switch lora naive lms_pair lms_lang"   # the slowest first, so parallel workers finish together
 out=runs/mmt_bible7${EXTRA:+-$(printf %s "$EXTRA" | tr -c 'A-Za-z0-9._-' '_')}   # other overrides, other runs
 # shellcheck disable=SC2086
 polypeft mmt prepare configs/mmt_bible7_naive.yaml ${EXTRA:+--set $EXTRA}

@@ -51,12 +51,24 @@ def test_every_section_reports_its_figures_in_json(tiny_report):
     assert core["mixed_inference_vs_peft"]["generate_speedup"] > 0
     assert core["route_groups"]["beam_search"]["polypeft_over_plain"] > 0
     translation = sections["translation"]
-    assert set(translation["runs"]) == {"naive", "lms_pair", "lms_lang", "lms_fd", "switch"}
-    assert set(translation["runs"]["lms_fd"]["variants"]) == {"fd_share", "fd_ls"}
+    assert set(translation["runs"]) == {"naive", "lms_pair", "lms_lang", "lms_fd", "switch", "ls_ffn", "lora"}
+    assert translation["seeds"] == [0, 1]
     for run in translation["runs"].values():
-        for variant, scores in run["variants"].items():
-            assert len(scores["directions"]) == 12  # six languages, into and out of English
-            assert scores["test_ce"] > 0 and "bleu" in scores["directions"]["fr-en"]
+        assert set(run["seeds"]) == {"0", "1"}
+        for seed in run["seeds"].values():
+            for variant, scores in seed["variants"].items():
+                assert len(scores["directions"]) == 12  # six languages, into and out of English
+                assert scores["test_ce"] > 0 and "bleu" in scores["directions"]["fr-en"]
+                assert len(scores["sentences"]["fr-en"]["bleu_statistics"][0]) == 10
+    assert set(translation["runs"]["lms_fd"]["seeds"]["1"]["variants"]) == {"fd_share", "fd_ls"}
+    against = translation["against_naive"]
+    assert set(against) == {"lms_pair", "lms_lang", "lms_fd (fd_share)", "lms_fd (fd_ls)", "switch", "ls_ffn", "lora"}
+    for compared in against.values():
+        assert compared["seeds"] == [0, 1] and compared["win_ratio"].endswith("/12")
+        assert len(compared["directions"]) == 12
+        assert compared["mean"]["low"] <= compared["mean"]["difference"] <= compared["mean"]["high"]
+    counts = {name: run["parameters"]["training_extra"] for name, run in translation["runs"].items()}
+    assert counts["lora"] == counts["lms_pair"] > 0, "LoRA trains as many extra parameters as pair-wise LMS"
     assert translation["model"].startswith("warm start from ")  # the suite trains the warm-start recipe
     assert translation["model"].endswith(", 1-layer decoder (upper), 0 encoder layers frozen")
     assert "suite_bert" in translation["model"]  # the tiny BERT the fixture wrote
@@ -72,8 +84,11 @@ def test_the_markdown_report_shows_every_section(tiny_report):
     assert f"{sections['fd_lrp2']['fd_step']['over_lms']['fd_after']:.2f}" in text
     assert f"ratio **{sections['fd_lrp2']['lrp2_hook']['ratio']:.3f}**" in text
     assert f"mixed_ratio {sections['core_speed']['training']['mixed_ratio']:.3f}" in text
-    fd_share = sections["translation"]["runs"]["lms_fd"]["variants"]["fd_share"]
-    assert f"| lms_fd | fd_share |" in text and f"{fd_share['averages']['chrf_all']}" in text
+    runs = sections["translation"]["runs"]
+    chrf = [one["variants"]["fd_share"]["averages"]["chrf_all"] for one in runs["lms_fd"]["seeds"].values()]
+    assert f"| lms_fd | fd_share |" in text and f"{sum(chrf) / 2:.2f}" in text
+    difference = sections["translation"]["against_naive"]["lora"]["mean"]["difference"]
+    assert f"| lora | default |" in text and f"{difference:+.2f} [" in text
     assert "| fr-en |" in text and "| en-ko |" in text
 
 
