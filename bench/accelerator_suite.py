@@ -52,6 +52,7 @@ class Sizes:
     preset: str = "small"
     steps: Optional[int] = None
     seeds: tuple[int, ...] = (0, 1)  # every recipe trains once per seed; the paired bootstrap resamples seeds too
+    lms_rank: int = 8  # LMS's rank; LoRA's is 7 languages x this, LMS's trainable parameters
     probe_steps: int = 30
     min_steps: int = 200
     max_steps: int = 20000
@@ -218,6 +219,17 @@ def with_steps(recipe: mmt.MMTRecipe, steps: int, name: Optional[str] = None) ->
     return dataclasses.replace(recipe, training=training, name=name or recipe.name)
 
 
+def with_ranks(recipe: mmt.MMTRecipe, lms_rank: int) -> mmt.MMTRecipe:
+    """LMS at `lms_rank`, and LoRA at LMS's trainable parameters: pair-wise LMS trains a rank-`lms_rank` V[src] and
+    F[tgt] per language, as many as one LoRA of rank languages x `lms_rank` (alpha twice the rank)."""
+    method = dict(recipe.method)
+    if method["name"] == "lms":
+        method["rank"] = lms_rank
+    elif method["name"] == "lora":
+        method.update(rank=len(recipe.languages) * lms_rank, alpha=2 * len(recipe.languages) * lms_rank)
+    return dataclasses.replace(recipe, method=method)
+
+
 def calibrated_steps(recipes: dict[str, mmt.MMTRecipe], data: mmt.MMTData, sizes: Sizes, seconds: float) -> dict:
     """Steps for every run so that every recipe trains once per seed in `seconds`, from the naive model's speed in
     a probe run."""
@@ -253,7 +265,8 @@ def evaluate_on_device(run_dir: Path, data: mmt.MMTData, device: str) -> dict[st
 
 def translation_section(sizes: Sizes, out: Path, device: str, deadline: float, report: Report) -> dict[str, Any]:
     overrides = recipe_overrides(sizes, out)
-    recipes = {name: mmt.MMTRecipe.from_yaml(BENCH.parent / "configs" / f"mmt_bible7_{name}.yaml", overrides)
+    recipes = {name: with_ranks(mmt.MMTRecipe.from_yaml(BENCH.parent / "configs" / f"mmt_bible7_{name}.yaml",
+                                                        overrides), sizes.lms_rank)
                for name in RECIPES}
     started = time.perf_counter()
     data = mmt.prepare(recipes["naive"])

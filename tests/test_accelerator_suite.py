@@ -31,7 +31,8 @@ def tiny_report(tmp_path_factory):
     suite = load_suite()
     # steps=null: the schedule comes from a probe run's speed, as on a GPU (clamped to 1-2 steps here).
     knobs = ["steps=null", "probe_steps=1", "min_steps=1", "max_steps=2", "eval_verses=1", "max_length=12",
-             "max_train_verses=60", f"base={{encoder: {base}, decoder_layers: 1, frozen_layers: 0}}"]
+             "max_train_verses=60", f"base={{encoder: {base}, decoder_layers: 1, frozen_layers: 0}}",
+             "lms_rank=4"]  # LoRA of rank 7 x 4 = 28 fits the tiny BERT's width of 32
     suite.main(["--out", str(out), "--tiny", "--budget-s", "3000"] + [f"--set={knob}" for knob in knobs])
     return json.loads((out / "suite.json").read_text()), (out / "suite.md").read_text()
 

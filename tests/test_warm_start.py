@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 
 import numpy as np
 import pytest
@@ -124,7 +125,8 @@ def test_a_tiny_warm_run_trains_saves_resumes_and_translates(base_dir, tmp_path,
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
     # longer, it learns: the loss falls and the run folder alone translates
-    longer = warm_recipe(tmp_path / "long", base_dir, training={"steps": 60, "lr": 5e-3, "warmup": 5})
+    longer = warm_recipe(tmp_path / "long", base_dir, training={"steps": 60, "lr": 5e-3, "warmup": 5},
+                         max_eval_verses=3)
     before = mean_loss(build_model(longer, data.tokenizer), data, longer)
     recipe, tokenizer, model = load_translation_model(train_run(longer, data=data))
     assert mean_loss(model, data, longer) < before - 1.0
@@ -142,6 +144,15 @@ def test_a_tiny_warm_run_trains_saves_resumes_and_translates(base_dir, tmp_path,
         summed = np.sum(rows["bleu_statistics"], axis=0)
         assert corpus_bleu(summed) == pytest.approx(results["variants"]["default"]["directions"][direction]["bleu"],
                                                     abs=0.006)
+    # one of its test books alone, with the run's own tokenizer: the verses a run holding out that book draws
+    john = evaluate_run(recipe.run_dir, books=[43])
+    from polypeft.data.bible import BibleCorpus
+
+    drawn = random.Random("bible-test").sample(BibleCorpus().parallel(["en", "de", "fr"], books=[43]), 3)
+    assert john["books"] == [43] and (recipe.run_dir / "eval_test_books-43.json").is_file()
+    assert john["variants"]["default"]["sentences"]["fr-en"]["verse_ids"] == [row["ref"] for row in drawn]
+    with pytest.raises(pp.ConfigError, match=r"books=\[1, 43\]: \[1\] not among the run's test_books \[43\]"):
+        evaluate_run(recipe.run_dir, books=[1, 43])
     print_scores(results)  # what `polypeft mmt eval` prints: the averages, then their intervals
     printed = capsys.readouterr().out
     xx_en = bleu_intervals(sentences)["xx_en"]

@@ -71,7 +71,7 @@ def mmt_eval(args) -> int:
 
     read_run_recipe(args.run)  # the run's recipe and weights are checked before any data is prepared
     check_safetensors(Path(args.run) / "model.safetensors")
-    print_scores(evaluate_run(args.run, split=args.split))
+    print_scores(evaluate_run(args.run, split=args.split, books=args.books))
     return 0
 
 
@@ -134,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = mmt_commands.add_parser("eval", help="beam search + BLEU/chrF per direction of a trained run")
     evaluate.add_argument("run", help="run directory written by `mmt train`")
     evaluate.add_argument("--split", default="test", choices=("test", "valid"))
+    evaluate.add_argument("--books", nargs="+", type=int, default=None,
+                          help="score these of the run's test books alone (eval_test_books-<ids>.json)")
     evaluate.set_defaults(func=mmt_eval)
     comparison = mmt_commands.add_parser("compare", help="table, win ratios and plot over evaluated runs")
     comparison.add_argument("runs", nargs="+", help="run directories (or eval JSON files)")

@@ -12,7 +12,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Literal, Mapping, Optional
+from typing import Any, ClassVar, Iterator, Literal, Mapping, Optional, Sequence
 
 import torch
 from transformers.models.marian.modeling_marian import shift_tokens_right
@@ -164,17 +164,20 @@ def _rows(corpus: BibleCorpus, recipe: MMTRecipe, part: str, limit: Optional[int
     return rows
 
 
+def split_examples(recipe: MMTRecipe, part: str, limit: Optional[int], corpus: Optional[BibleCorpus] = None
+                   ) -> list[ParallelExample]:
+    """One split's translation pairs in the recipe's directions (at most `limit` verses, drawn as `_rows` does)."""
+    keep = DIRECTIONS[recipe.directions]
+    pairs = english_centric(_rows(corpus or BibleCorpus(), recipe, part, limit), recipe.languages, pivot=recipe.pivot)
+    return [example for example in pairs if keep(example, recipe.pivot)]
+
+
 def prepare(recipe: MMTRecipe) -> MMTData:
     """The tokenizer (trained on the training books, or the base's pruned to them; cached) and the three splits."""
     corpus = BibleCorpus()
-    keep = DIRECTIONS[recipe.directions]
-
-    def examples(part: str, limit: Optional[int]) -> list[ParallelExample]:
-        pairs = english_centric(_rows(corpus, recipe, part, limit), recipe.languages, pivot=recipe.pivot)
-        return [example for example in pairs if keep(example, recipe.pivot)]
-
-    train, valid, test = (examples("train", recipe.max_train_verses), examples("valid", recipe.max_eval_verses),
-                          examples("test", recipe.max_eval_verses))
+    train, valid, test = (split_examples(recipe, "train", recipe.max_train_verses, corpus),
+                          split_examples(recipe, "valid", recipe.max_eval_verses, corpus),
+                          split_examples(recipe, "test", recipe.max_eval_verses, corpus))
     if recipe.base is not None:
         tokenizer = warm_tokenizer(recipe, train)
     else:
@@ -396,27 +399,48 @@ def eval_variants(recipe: MMTRecipe) -> dict[str, Optional[str]]:
     return {"fd_share": "shared", "fd_ls": None} if recipe.uses_fd else {"default": None}
 
 
-def evaluate_run(run_dir: str | Path, data: Optional[MMTData] = None, split: str = "test") -> dict:
+def book_examples(recipe: MMTRecipe, books: Sequence[int]) -> list[ParallelExample]:
+    """The test pairs of some of the run's test books alone (at most `max_eval_verses` verses, drawn as a run whose
+    test books were these would draw them); a book the run trained on, or validated on, is refused by name."""
+    foreign = sorted(set(books) - set(recipe.test_books))
+    if not books or foreign:
+        raise ConfigError(f"books={list(books)}: {foreign or 'none'} not among the run's test_books "
+                          f"{recipe.test_books}; score only books the run never trained on")
+    return split_examples(dataclasses.replace(recipe, test_books=sorted(books)), "test", recipe.max_eval_verses)
+
+
+def evaluate_run(run_dir: str | Path, data: Optional[MMTData] = None, split: str = "test",
+                 books: Optional[Sequence[int]] = None) -> dict:
     """Beam search on the split, BLEU/chrF per direction and averages, written as JSON next to the run with each
     verse's hypothesis and BLEU statistics (so intervals and paired tests need no second decoding).
 
-    The JSON records the SHA-256 of the weights it scored, so a later comparison can tell it is stale.
+    `books` scores some of the test books alone (eval_test_books-<ids>.json), with the run's own tokenizer: a run
+    holding out several books is then comparable with one that held out those alone. The JSON records the
+    SHA-256 of the weights it scored, so a later comparison can tell it is stale.
     """
     if split not in EVAL_SPLITS:
         raise ValueError(f"evaluate_run: split={split!r}; choose one of {list(EVAL_SPLITS)}")
-    recipe, data, model = load_run(run_dir, data)
+    if books is not None:
+        if split != "test":
+            raise ValueError(f"evaluate_run: books={list(books)} score test books; split={split!r} has none")
+        recipe, tokenizer, model = load_translation_model(run_dir)
+        examples = book_examples(recipe, books)
+    else:
+        recipe, data, model = load_run(run_dir, data)
+        tokenizer, examples = data.tokenizer, data.test if split == "test" else data.valid
     weights_sha256 = file_sha256(Path(run_dir) / WEIGHTS_NAME)
-    examples = data.test if split == "test" else data.valid
     results = {"name": recipe.name, "seed": recipe.seed, "method": recipe.method, "split": split, "pivot": recipe.pivot,
-               "weights_sha256": weights_sha256, "parameters": parameter_table(model, recipe), "variants": {}}
+               "weights_sha256": weights_sha256, "parameters": parameter_table(model, recipe), "variants": {},
+               **({"books": sorted(books)} if books is not None else {})}
     for variant, route in eval_variants(recipe).items():
         started = time.perf_counter()
-        hypotheses = translate(model, data.tokenizer, examples, beam=recipe.beam,
+        hypotheses = translate(model, tokenizer, examples, beam=recipe.beam,
                                length_penalty=recipe.length_penalty, batch_size=recipe.eval_batch_size, route=route,
                                max_source_length=recipe.max_length, max_new_tokens=recipe.max_length)
         scores = score_directions(examples, hypotheses, pivot=recipe.pivot)
         scores["decode_seconds"] = round(time.perf_counter() - started, 1)
         scores["sentences"] = sentences_by_direction(examples, hypotheses)
         results["variants"][variant] = scores
-    write_json(Path(run_dir) / f"eval_{split}.json", results)
+    suffix = "" if books is None else "_books-" + "-".join(str(book) for book in sorted(books))
+    write_json(Path(run_dir) / f"eval_{split}{suffix}.json", results)
     return results
