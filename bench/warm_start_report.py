@@ -24,7 +24,7 @@ def validation_curve(run_dir: Path) -> dict[int, float]:
     return curve
 
 
-def report(chosen: Path, options: list[Path], out: Path) -> str:
+def report(chosen: Path, options: list[Path], out: Path, scored: str = "eval_test.json") -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -35,7 +35,7 @@ def report(chosen: Path, options: list[Path], out: Path) -> str:
     lines = ["| step | " + " | ".join(curves) + " |", "|---|" + "---|" * len(curves)]
     lines += [f"| {step} | " + " | ".join(f"{curve[step]:.3f}" if step in curve else "" for curve in curves.values())
               + " |" for step in steps]
-    evaluated = json.loads((chosen / "eval_test.json").read_text(encoding="utf-8"))
+    evaluated = json.loads((chosen / scored).read_text(encoding="utf-8"))
     scores = evaluated["variants"]["default"]
     intervals = bleu_intervals(scores["sentences"], evaluated["pivot"], replicates=2000)
     lines += ["", f"Test ({chosen.name}, beam search, sacreBLEU 13a; 95 % intervals with the verses resampled):", "",
@@ -75,8 +75,10 @@ def main() -> None:
     parser.add_argument("--chosen", required=True, type=Path)
     parser.add_argument("--options", nargs="+", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--scored", default="eval_test.json",
+                        help="the chosen run's eval JSON to report (e.g. eval_test_books-43.json, `mmt eval --books 43`)")
     args = parser.parse_args()
-    print(report(args.chosen, args.options, args.out))
+    print(report(args.chosen, args.options, args.out, args.scored))
 
 
 if __name__ == "__main__":

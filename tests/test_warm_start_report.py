@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 from polypeft.data.parallel import ParallelExample
 from polypeft.tasks.translation.evaluate import score_directions, sentences_by_direction
 
@@ -48,3 +50,12 @@ def test_the_report_tables_both_curves_and_the_chosen_runs_intervals(tmp_path):
     assert low < float(fr.split("|")[3]) < high
     assert "| mean xx_en |" in text and (tmp_path / "out" / "warm_start.png").stat().st_size > 0
     assert (tmp_path / "out" / "warm_start.md").read_text(encoding="utf-8") == text
+
+
+def test_the_report_reads_the_eval_file_it_is_given(tmp_path):
+    chosen = run_folder(tmp_path / "upper", {100: 4.9}, evaluated=True)
+    (chosen / "eval_test.json").rename(chosen / "eval_test_books-43.json")
+    text = load_report().report(chosen, [chosen], tmp_path / "out", scored="eval_test_books-43.json")
+    assert "| de-en | 4 | 100.00 | [100.00, 100.00] |" in text
+    with pytest.raises(FileNotFoundError, match="eval_test.json"):
+        load_report().report(chosen, [chosen], tmp_path / "again")
