@@ -56,7 +56,7 @@ def run(run_dir, steps: int, resume: bool = False, **changes) -> tuple[pp.PolyMo
     ({"weight_decay": float("nan")}, r"TrainSettings.weight_decay=nan must be a finite number"),
     ({"clip_norm": float("-inf")}, r"TrainSettings.clip_norm=-inf must be a finite number"),
     ({"schedule": "cosine"}, r"TrainSettings.schedule='cosine' is not allowed; choose one of \['inverse_sqrt', "
-                             r"'linear', 'constant'\]"),
+                             r"'linear', 'constant', 'wsd'\]"),
     ({"mixed_precision": "fp8"}, r"TrainSettings.mixed_precision='fp8' is not allowed; choose one of \['no', "
                                  r"'bf16', 'fp16'\]"),
     ({"progress": "false"}, r"TrainSettings.progress='false' must be true or false"),
