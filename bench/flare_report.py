@@ -159,7 +159,7 @@ def plot(summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     recipes = list(summary["recipes"])
-    figure, axis = plt.subplots(figsize=(8, 0.5 * len(recipes) + 1.5))
+    figure, axis = plt.subplots(figsize=(10, 0.5 * len(recipes) + 1.5))
     for position, recipe in enumerate(recipes):
         accuracy = summary["recipes"][recipe]["accuracy"]
         mean = accuracy["mean"]
@@ -168,7 +168,7 @@ def plot(summary: dict, path: Path) -> None:
         targets = summary["targets"]
         axis.scatter([accuracy[target]["score"] for target in targets], [position] * len(targets), s=12, alpha=0.5)
     axis.set_yticks(range(len(recipes)), recipes)
-    axis.set_xlabel("accuracy (%): mean of targets with 95 % CI (black); each target (dots)")
+    axis.set_xlabel("accuracy (%): mean of targets, 95 % CI (black); each target (dots)")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
