@@ -290,7 +290,9 @@ def translation_section(sizes: Sizes, out: Path, device: str, deadline: float, r
             evaluated = evaluate_on_device(run_dir, data, device)
             run = figures["runs"].setdefault(name, {"parameters": evaluated.pop("parameters"), "seeds": {}})
             run["seeds"][str(seed)] = {"train_s": round(trained_s, 1), "variants": evaluated["variants"]}
-            figures["against_naive"] = against_naive(figures["runs"])
+            # naive's new seed changes every comparison; another run's changes only its own
+            figures["against_naive"] = {**figures.get("against_naive", {}),
+                                        **against_naive(figures["runs"], None if name == "naive" else name)}
             report.record("translation", figures)
     return figures
 
@@ -302,14 +304,17 @@ def bleu_statistics(run: dict[str, Any], variant: str, seeds: list[str]) -> dict
             for direction in sentences[seeds[0]]}
 
 
-def against_naive(runs: dict[str, Any]) -> dict[str, Any]:
-    """Each run variant's BLEU difference to naive with sacreBLEU-style paired bootstrap intervals (the same verses
-    resampled on both sides, and the seeds both ran), per direction and for the mean; and its win ratio."""
+def against_naive(runs: dict[str, Any], only: Optional[str] = None) -> dict[str, Any]:
+    """Each run variant's (or run `only`'s) BLEU difference to naive with sacreBLEU-style paired bootstrap intervals
+    (the same verses resampled on both sides, and the seeds both ran), per direction and for the mean; and its win
+    ratio."""
     naive = runs.get("naive")
     if not naive:
         return {}
     compared = {}
     for name, run in runs.items():
+        if only is not None and name != only:
+            continue
         seeds = [seed for seed in run["seeds"] if seed in naive["seeds"]]
         if name == "naive" or not seeds:
             continue

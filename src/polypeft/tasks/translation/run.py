@@ -423,8 +423,8 @@ def evaluate_run(run_dir: str | Path, data: Optional[MMTData] = None, split: str
     if books is not None:
         if split != "test":
             raise ValueError(f"evaluate_run: books={list(books)} score test books; split={split!r} has none")
+        examples = book_examples(read_run_recipe(run_dir), books)  # a wrong book is refused before the model loads
         recipe, tokenizer, model = load_translation_model(run_dir)
-        examples = book_examples(recipe, books)
     else:
         recipe, data, model = load_run(run_dir, data)
         tokenizer, examples = data.tokenizer, data.test if split == "test" else data.valid
