@@ -5,11 +5,14 @@ Usage: python bench/flare_bible.py [--targets fr --seeds 0 1 --layers 4 --stage1
 translate_test, and `--english-at-test translated`, need `--translation-run` (a `polypeft mmt` run folder); with one,
 the test verses come from the run's test books alone (it trained on every other book but its valid books); so do they
 with `--test-books`, for recipes that read no translation (scored on the same verses before the run exists).
+`--translations-from` reuses the test verses' translations an earlier result file of the same translation run
+recorded (they do not change with the seed), so a further seed needs no translation model on the machine.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import random
 import statistics
 import time
@@ -168,6 +171,30 @@ def translation_record(test_rows: list, translated_rows: list) -> dict:
                        for r, h, g in zip(test_rows, hypotheses, references)]}
 
 
+class RecordedTranslations:
+    """The test verses' English as an earlier result file recorded it, checked verse by verse, for seeds run where
+    the translation model is not built (its translations of these verses do not depend on the classifier's seed)."""
+
+    def __init__(self, path: str, translation_run: Optional[str]):
+        with open(path, encoding="utf-8") as handle:
+            earlier = json.load(handle)
+        recorded_run = earlier.get("settings", {}).get("translation_run")
+        if recorded_run != translation_run:
+            raise ValueError(f"--translations-from {path!r} was translated by --translation-run={recorded_run!r}, "
+                             f"not {translation_run!r}")
+        self.path, self.records = path, earlier.get("translations", {})
+
+    def __call__(self, sources: Sequence[str], target: str) -> list[str]:
+        verses = self.records.get(target, {}).get("verses")
+        if verses is None:
+            raise ValueError(f"--translations-from {self.path!r} holds no translations from {target!r}; it holds "
+                             f"{sorted(self.records)}")
+        if [verse["source"] for verse in verses] != list(sources):
+            raise ValueError(f"--translations-from {self.path!r}: its {target!r} verses are not this run's test "
+                             "verses (other --test-books or --per-class-test)")
+        return [verse["translation"] for verse in verses]
+
+
 def english_at_test_of(recipe: str, args: argparse.Namespace) -> list[str]:
     """Each English side the recipe is scored with: none for a recipe that reads no English at test."""
     if method_of(recipe) not in READS_ENGLISH_AT_TEST:
@@ -177,11 +204,12 @@ def english_at_test_of(recipe: str, args: argparse.Namespace) -> list[str]:
 
 def test_sets(test_rows: list, tokenizer, mt, target: str, translator, args: argparse.Namespace) -> dict:
     """Test batches (and FLARE-MT's) per English side at test: the gold verse, or its machine translation."""
-    sides, seconds = {"gold": test_rows}, {"gold": 0.0}
+    sides, seconds = {"gold": test_rows}, {"gold": None}
     if translator is not None:
         start = time.perf_counter()
         translations = translator([r["target"] for r in test_rows], target)
-        seconds["translated"] = time.perf_counter() - start
+        # recorded translations took no time here: their cost is the earlier file's
+        seconds["translated"] = None if isinstance(translator, RecordedTranslations) else time.perf_counter() - start
         sides["translated"] = [{**r, "en": text} for r, text in zip(test_rows, translations)]
     sets = {}
     for side, rows in sides.items():
@@ -198,7 +226,10 @@ def run(args: argparse.Namespace) -> dict:
     encoder, tokenizer = truncated_e5(args.layers)
     label_names = list(SECTION_NAMES)
     translates = any("translated" in english_at_test_of(recipe, args) for recipe in args.recipes)
-    translator = Translator(args.translation_run, setting="--translation-run") if translates else None
+    translator = None
+    if translates:
+        translator = (RecordedTranslations(args.translations_from, args.translation_run) if args.translations_from
+                      else Translator(args.translation_run, setting="--translation-run"))
     args.test_books = translation_test_books(args.translation_run, args.targets, args.test_books)  # saved
     if args.test_books:
         print(f"test verses from books {args.test_books} alone (a translation run's test books, which it never "
@@ -216,7 +247,7 @@ def run(args: argparse.Namespace) -> dict:
         if "record" in tests:
             translations[target] = tests.pop("record")
             print(f"{target}->en test verses: BLEU {translations[target]['bleu']}, chrF {translations[target]['chrf']} "
-                  f"({tests['translated'][2]:.0f} s)", flush=True)
+                  f"({tests['translated'][2] or 0:.0f} s)", flush=True)
         if mt is not None:
             mt_parallel = mt_source_batches(parallel, train_rows, args.batch, mt[1], args.max_length)
         for seed in args.seeds:
@@ -258,7 +289,7 @@ def run(args: argparse.Namespace) -> dict:
                     # inference_s is the classifier's forward passes; translating the test set once is apart
                     results[target].setdefault(name, []).append(
                         {"seed": seed, "accuracy": accuracy, **timing, "inference_s": seconds,
-                         **({"translation_s": translation_s} if side == "translated" else {}), "correct": outcomes})
+                         **({"translation_s": translation_s} if translation_s is not None else {}), "correct": outcomes})
                     print(f"{target} seed {seed} {name} acc {accuracy:.3f} "
                           f"step {timing.get('train_step_s', 0.0):.3f}s inference {seconds:.2f}s", flush=True)
         save(args, results, translations)
@@ -295,7 +326,9 @@ def check_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
             for side in english_at_test_of(recipe, args):
                 check_english_at_test(method_of(recipe), side, args.translation_run)
         translation_test_books(args.translation_run, args.targets, args.test_books)
-    except ValueError as error:
+        if args.translations_from:
+            RecordedTranslations(args.translations_from, args.translation_run)
+    except (ValueError, OSError) as error:
         parser.error(str(error))
 
 
@@ -321,6 +354,9 @@ def main() -> None:
     parser.add_argument("--translation-run", default=None,
                         help="a trained translation run (its folder, or a recipe `polypeft mmt build` trained) that "
                              "translates the test verses into English (translate_test, --english-at-test translated)")
+    parser.add_argument("--translations-from", default=None,
+                        help="an earlier result file (--json) of the same --translation-run whose recorded test-verse "
+                             "translations are reused instead of translating again")
     parser.add_argument("--test-books", nargs="+", type=int, default=None,
                         help="score on verses of these books alone, training on the others (a --translation-run's "
                              "test books by default)")

@@ -178,3 +178,37 @@ def test_summary_without_translate_train_prints_no_ratios():
     assert "| fr | flare_add_relu | 0.500 (± 0.000) | 1.50 | 1.00 |" in bench.summarize(results)
     del results["fr"]["translate_train"]
     assert "| fr | flare_add_relu | 0.500 (± 0.000) | - | - |" in bench.summarize(results)
+
+
+def test_recorded_translations_are_reused_only_for_the_same_run_and_the_same_verses(tmp_path):
+    earlier = tmp_path / "seed0.json"
+    verses = [{"source": "Au commencement", "translation": "In the beginning", "gold": "In the beginning"},
+              {"source": "Dieu dit", "translation": "God said", "gold": "And God said"}]
+    earlier.write_text(json.dumps({"settings": {"translation_run": "mt.yaml"},
+                                   "translations": {"fr": {"bleu": 50.0, "verses": verses}}}))
+    recorded = bench.RecordedTranslations(str(earlier), "mt.yaml")
+    assert recorded(["Au commencement", "Dieu dit"], "fr") == ["In the beginning", "God said"]
+    with pytest.raises(ValueError, match=r"seed0.json' holds no translations from 'de'; it holds \['fr'\]"):
+        recorded(["Am Anfang"], "de")
+    with pytest.raises(ValueError, match=r"its 'fr' verses are not this run's test verses"):
+        recorded(["Dieu dit", "Au commencement"], "fr")
+    with pytest.raises(ValueError, match=r"was translated by --translation-run='mt.yaml', not 'other.yaml'"):
+        bench.RecordedTranslations(str(earlier), "other.yaml")
+    rows = [{"en": "In the beginning", "target": "Au commencement", "label": 0},
+            {"en": "And God said", "target": "Dieu dit", "label": 0}]
+    sets = bench.test_sets(rows, FakeTokenizer(), None, "fr", recorded, argparse_namespace(max_length=8))
+    assert sets["record"]["verses"] == verses and sets["translated"][2] is None, "no time is claimed for a lookup"
+
+
+class FakeTokenizer:
+    """Just enough of a tokenizer for make_batches: every text four tokens."""
+
+    def __call__(self, texts, **_):
+        import torch
+        return {"input_ids": torch.ones(len(texts), 4, dtype=torch.long),
+                "attention_mask": torch.ones(len(texts), 4, dtype=torch.long)}
+
+
+def argparse_namespace(**values):
+    import argparse
+    return argparse.Namespace(**values)
