@@ -88,7 +88,8 @@ def translation_test_books(translation_run: Optional[str], targets: Sequence[str
     if translation_run:
         from polypeft.tasks.translation.translator import translation_run_recipe
 
-        held_out = sorted(translation_run_recipe(translation_run, "--translation-run", targets).test_books)
+        held_out = sorted(translation_run_recipe(translation_run, "--translation-run", targets,
+                                                 built=False).test_books)
         if test_books and books != held_out:
             raise ValueError(f"--test-books={books} differs from the test_books={held_out} of --translation-run="
                              f"{translation_run!r}: leave --test-books out, or give the run's")

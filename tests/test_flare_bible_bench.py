@@ -212,3 +212,16 @@ class FakeTokenizer:
 def argparse_namespace(**values):
     import argparse
     return argparse.Namespace(**values)
+
+
+def test_a_recipe_files_test_books_are_read_before_its_build_exists(tmp_path, monkeypatch):
+    from polypeft.core.fileio import CACHE_ENV
+    from polypeft.tasks.translation.translator import Translator
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))  # an empty cache: nothing is built
+    recipe = str(Path(__file__).resolve().parents[1] / "bench" / "experiments" / "flare_translate" / "translation.yaml")
+    assert bench.translation_test_books(recipe, ["fr", "ko"]) == [3, 8, 22, 32, 43, 59]
+    with pytest.raises(Exception, match="is a recipe whose build has not finished"):
+        Translator(recipe)  # translating still needs the build
+    with pytest.raises(Exception, match=r"was trained on .*not on \['xx'\]"):
+        bench.translation_test_books(recipe, ["xx"])

@@ -33,9 +33,14 @@ def translation_run_folder(run: str | Path, setting: str = "translation_run") ->
 
 
 def translation_run_recipe(run_dir: str | Path, setting: str = "translation_run",
-                           languages: Sequence[str] = (), pivot: Optional[str] = "en") -> MMTRecipe:
+                           languages: Sequence[str] = (), pivot: Optional[str] = "en",
+                           built: bool = True) -> MMTRecipe:
     """The recipe of the translation run in `run_dir` (a folder, or a built recipe file), checked to translate into
-    `pivot` (None: any) and from every one of `languages`; a ConfigError names `setting=run_dir` otherwise."""
+    `pivot` (None: any) and from every one of `languages`; a ConfigError names `setting=run_dir` otherwise.
+    With built=False a recipe file is read as written, whether or not its build has finished (its split is known)."""
+    if not built and Path(run_dir).suffix in (".yaml", ".yml") and Path(run_dir).is_file():
+        recipe = MMTRecipe.from_yaml(run_dir)
+        return checked_recipe(recipe, repr(str(run_dir)), setting, languages, pivot)
     folder = translation_run_folder(run_dir, setting)
     named = repr(str(run_dir)) + ("" if folder == Path(run_dir) else f" (built in {folder})")
     try:
@@ -45,6 +50,12 @@ def translation_run_recipe(run_dir: str | Path, setting: str = "translation_run"
     except ConfigError as error:
         raise ConfigError(f"{setting}={named} is not a `polypeft mmt` run: its recipe.json is not a "
                           f"translation recipe ({error})") from None
+    return checked_recipe(recipe, named, setting, languages, pivot)
+
+
+def checked_recipe(recipe: MMTRecipe, named: str, setting: str, languages: Sequence[str],
+                   pivot: Optional[str]) -> MMTRecipe:
+    """`recipe`, refused by name unless it translates into `pivot` (None: any) from every one of `languages`."""
     if pivot is not None and recipe.pivot != pivot:
         raise ConfigError(f"{setting}={named} translates into its pivot {recipe.pivot!r}, not into "
                           f"{pivot!r}: choose a run whose pivot is {pivot!r}")
