@@ -88,9 +88,12 @@ def test_a_resumed_run_logs_every_step_once(data, tmp_path):
     log = stopped.run_dir / "train_log.jsonl"
     with open(log, "a", encoding="utf-8") as handle:  # steps 4 and 5 ran, then the run died before a checkpoint
         handle.write(json.dumps({"step": 4, "loss": 9.9}) + "\n" + json.dumps({"step": 5, "loss": 9.9}) + "\n")
+    first_part = json.loads((stopped.run_dir / "train_summary.json").read_text())["training_seconds"]
     train_run(with_training(stopped, steps=6), data=data, resume=True)
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    summary = json.loads((stopped.run_dir / "train_summary.json").read_text())
+    assert summary["resumed"] and summary["training_seconds"] == records[-1]["elapsed_s"] > first_part > 0
     assert all(r["loss"] != 9.9 for r in records), "the steps after the checkpoint are the resumed run's"
 
 

@@ -120,6 +120,22 @@ def test_a_torn_last_log_line_does_not_block_resume(tmp_path):
     assert records[3:] == result["history"][3:] and all(r["loss"] != 9.9 for r in records)
 
 
+def test_elapsed_time_runs_on_across_a_resume(tmp_path):
+    import time
+
+    def slow_loss(model, batch):
+        time.sleep(0.1)
+        return loss_fn(model, batch)
+
+    settings = TrainSettings(steps=3, lr=3e-3, warmup=2, checkpoint_every=3, progress=False)
+    first = train(lms_model(), batches, slow_loss, settings, tmp_path)["history"]
+    assert first[-1]["elapsed_s"] >= 0.3
+    _, result = run(tmp_path, steps=5, resume=True)  # the resumed part is fast: its clock starts where step 3 ended
+    elapsed = [r["elapsed_s"] for r in result["history"]]
+    assert elapsed[:3] == [r["elapsed_s"] for r in first] and elapsed[3] >= first[-1]["elapsed_s"]
+    assert elapsed == sorted(elapsed)
+
+
 def test_a_damaged_line_before_the_last_is_named(tmp_path):
     run(tmp_path, steps=3)
     log = tmp_path / "train_log.jsonl"

@@ -314,12 +314,14 @@ def train_run(recipe: MMTRecipe, resume: bool = False, data: Optional[MMTData] =
     settings = dataclasses.replace(recipe.training, seed=recipe.seed)
     config = model.config
     started = time.perf_counter()
-    train(model, lambda: batch_stream(recipe, data, config), make_loss_fn(recipe), settings, run_dir, resume=resume,
-          valid_fn=valid_loss_fn(recipe, data, config) if recipe.training.valid_every else None)
+    result = train(model, lambda: batch_stream(recipe, data, config), make_loss_fn(recipe), settings, run_dir,
+                   resume=resume, valid_fn=valid_loss_fn(recipe, data, config) if recipe.training.valid_every else None)
     state = process_state()
     if state.is_main_process:  # every process holds the same weights; one writes them
         write_model_weights(run_dir / WEIGHTS_NAME, model)
+        # wall_seconds: this part alone; training_seconds: the steps of every part, a resumed run's earlier ones too
         write_json(run_dir / "train_summary.json", {"wall_seconds": round(time.perf_counter() - started, 1),
+                                                    "training_seconds": result["history"][-1].get("elapsed_s"),
                                                     "steps": recipe.training.steps, "resumed": resume})
     state.wait_for_everyone()
     return run_dir
