@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import polypeft as pp
 from polypeft.backbones.causal_lm import CausalLmSettings, causal_lm_dir, lm_schedule
 from polypeft.cli.encoder import ClassifyRecipe, finetune_settings
 from polypeft.cli.recipes import load_recipe
@@ -195,3 +196,15 @@ def test_a_dotted_set_beside_the_files_old_flat_keys_reads_both(tmp_path):
     flat.write_text("steps: 600\nseeds: [0]\n", encoding="utf-8")  # the old layout, no block in the file
     recipe = load_recipe(ClassifyRecipe, str(flat), ["training.lr=1.0e-3"])
     assert (recipe.training.steps, recipe.training.lr) == (600, 1e-3)
+
+
+def test_a_moved_key_works_as_a_constructor_argument_too():
+    assert pp.TaskTrainingSettings(steps=300) == pp.TaskTrainingSettings.from_values(steps=300)
+    assert pp.TaskTrainingSettings(steps=300, batch_size=4).training.steps == 300
+    assert TrainSettings(learning_rate=1e-3, max_grad_norm=0.5) == TrainSettings(lr=1e-3, clip_norm=0.5)
+    with pytest.raises(ConfigError, match=r"training.steps='300' must be a positive int"):
+        pp.TaskTrainingSettings(steps="300")
+    with pytest.raises(ConfigError, match=r"'learning_rate' and 'lr' are both given"):
+        TrainSettings(learning_rate=1e-3, lr=2e-3)
+    with pytest.raises(TypeError, match="not_a_setting"):
+        pp.TaskTrainingSettings(not_a_setting=1)

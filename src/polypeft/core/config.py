@@ -310,7 +310,18 @@ def recipe_from_dict(cls: type, data: Mapping[str, Any], where: Union[str, Sourc
     return build(cls, data, where)
 
 
-class TypedConfig:
+class ReadsMovedKeys(type):
+    """A config called with a key it moved (`TaskTrainingSettings(steps=300)`, `TrainSettings(learning_rate=...)`)
+    is built as `from_values` builds it, so the names users know from YAML and transformers work as arguments too."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        fields = {field.name for field in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+        if not args and any(key in cls.moved_keys and key not in fields for key in kwargs):
+            return cls.from_values(**kwargs)
+        return super().__call__(*args, **kwargs)
+
+
+class TypedConfig(metaclass=ReadsMovedKeys):
     """Base of every config and recipe dataclass: each field is checked against its type on construction.
 
     A small validator over type hints rather than pydantic: the configs stay plain dataclasses (asdict, replace

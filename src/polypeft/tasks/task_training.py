@@ -31,7 +31,7 @@ def task_schedule(**changes: Any) -> TrainSettings:
 @dataclass
 class TaskTrainingSettings(TypedConfig):
     """`training`'s optimisation (its seed fixes the order batches are drawn in), `route_lr` the LMS routes' rate
-    (default `training.lr`), `kl_weight` FD's KL weight. `from_values(steps=300)` changes one setting."""
+    (default `training.lr`), `kl_weight` FD's KL weight. `TaskTrainingSettings(steps=300)` changes one setting."""
 
     moved_keys: ClassVar[Mapping[str, str]] = {"steps": "training.steps", "lr": "training.lr", "warmup":
                                                "training.warmup", "max_grad_norm": "training.clip_norm",
