@@ -31,8 +31,10 @@ def merged(paths: list[Path]) -> tuple[dict, dict, list]:
     results: dict = {}
     translations: dict = {}
     settings: list = []
+    orders: dict = {}
     for path in paths:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
+        check_recipe_order(path, data["settings"], orders)
         if settings:
             mine = data["settings"]
             differing = [key for key in SAME_IN_EVERY_FILE if mine.get(key) != settings[0].get(key)]
@@ -59,6 +61,19 @@ def merged(paths: list[Path]) -> tuple[dict, dict, list]:
             translations[target] = record
         settings.append({"file": str(path), **data["settings"], "step_ratios": step_ratios(data["results"])})
     return results, translations, settings
+
+
+def check_recipe_order(path: Path, file_settings: dict, orders: dict) -> None:
+    """Refuse a recipe run after other recipes than in an earlier file: the bench draws every recipe's adapter
+    start from one random stream per seed, so a recipe's result depends on the recipes that ran before it.
+    `orders` (recipe -> (recipes before it, file)) grows with each file."""
+    order = list(file_settings.get("recipes") or [])
+    for index, recipe in enumerate(order):
+        before = order[:index]
+        seen = orders.setdefault(recipe, (before, str(path)))
+        if seen[0] != before:
+            raise ValueError(f"{path}: {recipe} ran after {before} where {seen[1]} ran it after {seen[0]}; its "
+                             "adapter start depends on the recipes before it: merge files of one recipe order")
 
 
 def step_ratios(results: dict) -> dict:

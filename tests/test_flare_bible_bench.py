@@ -121,6 +121,16 @@ def test_report_merges_seeds_and_recipes_across_files_and_refuses_a_run_that_dif
     other_books.write_text(json.dumps({"settings": {"test_books": [1, 43]}, "results": gold}))
     with pytest.raises(ValueError, match=r"d.json: test_books=\[1, 43\] where .*a.json has \[None\]"):
         flare_report.merged([first, other_books])
+    reordered = tmp_path / "f.json"
+    first.write_text(json.dumps({"settings": {"recipes": ["translate_train", "flare_add_relu"]}, "results": gold}))
+    reordered.write_text(json.dumps({"settings": {"recipes": ["x_mixup", "flare_add_relu"]}, "results": gold}))
+    with pytest.raises(ValueError, match=r"f.json: flare_add_relu ran after \['x_mixup'\] where .*a.json ran it "
+                                         r"after \['translate_train'\]"):
+        flare_report.merged([first, reordered])
+    longer = tmp_path / "g.json"  # more recipes after the shared ones change nothing before them
+    longer.write_text(json.dumps({"settings": {"recipes": ["translate_train", "flare_add_relu", "flare_mul"]},
+                                  "results": gold}))
+    assert len(flare_report.merged([first, longer])[2]) == 2
     retranslated = tmp_path / "e.json"
     for path, bleu in ((second, 1.0), (retranslated, 2.0)):
         path.write_text(json.dumps({"settings": {}, "results": later, "translations": {"fr": {"bleu": bleu}}}))
