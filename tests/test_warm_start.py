@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,6 +25,7 @@ from polypeft.tasks.translation.run import (MMTData, MMTRecipe, batch_stream, bu
 from polypeft.training.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from toy_mmt import WORDS, mean_loss, sentences, tiny_bert_folder
 
+ROOT = Path(__file__).resolve().parents[1]
 UNUSED = ["zebra", "quartz", "vulkan"]  # pieces of the base vocabulary no toy sentence uses
 
 
@@ -180,8 +182,35 @@ def test_frozen_embeddings_refuse_several_target_languages(base_dir, tmp_path):
     with pytest.raises(pp.ConfigError, match=r"base.frozen_layers=1 .* 3 target languages"):
         warm_recipe(tmp_path, base_dir, directions="both")
     assert warm_recipe(tmp_path, base_dir, directions="both", base={"encoder": str(base_dir)}).base.frozen_layers == 0
+    started = warm_recipe(tmp_path, base_dir, directions="both",
+                          base={"encoder": str(base_dir), "frozen_layers": 1, "decoder_start": "language"})
+    assert started.base.decoder_start == "language", "each target's own decoder start tells them apart"
     with pytest.raises(pp.ConfigError, match="base.decoder_init='middle' is not allowed"):
         warm_recipe(tmp_path, base_dir, base={"encoder": str(base_dir), "decoder_init": "middle"})
+
+
+@pytest.mark.slow
+def test_a_frozen_encoder_translates_into_several_languages_from_per_language_decoder_starts(base_dir, tmp_path):
+    corpus = {lang: sentences(lang, 24) for lang in WORDS}
+    pairs = [("de", "en"), ("fr", "en"), ("en", "de"), ("en", "fr")]
+    train = [ParallelExample(s, t, corpus[s][i], corpus[t][i], str(i)) for i in range(24) for s, t in pairs]
+    tokenizer = pruned_tokenizer(tf.AutoTokenizer.from_pretrained(base_dir), [e.src for e in train],
+                                 [e.tgt for e in train], ["en", "de", "fr"], target_tags=["en", "de", "fr"])
+    assert sorted(tokenizer.decoder_starts.values()) == list(range(len(tokenizer.target), tokenizer.vocab_size))
+    recipe = warm_recipe(tmp_path, base_dir, directions="both", max_eval_verses=3,
+                         base={"encoder": str(base_dir), "decoder_layers": 2, "frozen_layers": 3,
+                               "decoder_start": "language"},
+                         training={"steps": 300, "lr": 5e-3, "warmup": 5})
+    data = MMTData(tokenizer, train, train[:8], [e for e in train if e.src_lang == "en"][:12])
+    model = build_model(recipe, tokenizer)
+    assert not any(p.requires_grad for p in model.encoder.parameters()), "the whole encoder is frozen"
+    batch = next(batch_stream(recipe, data, model.config))
+    assert batch["decoder_input_ids"][:, 0].tolist() == [tokenizer.decoder_starts[lang] for lang in batch["tgt_lang"]]
+    _, tokenizer, model = load_translation_model(train_run(recipe, data=data))
+    hypotheses = translate(model, tokenizer, data.test, beam=2, max_new_tokens=12, progress=False)
+    for example, hypothesis in zip(data.test, hypotheses):
+        assert hypothesis and set(hypothesis.split()) <= set(WORDS[example.tgt_lang]), (example, hypothesis)
+    assert {e.tgt_lang for e in data.test} == {"de", "fr"}, "both targets read the same English sources"
 
 
 @pytest.mark.slow
@@ -199,6 +228,10 @@ def test_a_cached_build_is_reused_and_a_stopped_one_continues(base_dir, tmp_path
     assert (straight / "model.safetensors").stat().st_mtime_ns == written
     # the key follows what shapes the model, not where it is written or how often it is scored
     assert recipe_key(dataclasses.replace(recipe, output_dir="elsewhere", name="other", beam=4)) == recipe_key(recipe)
+    held_out = MMTRecipe.from_yaml(ROOT / "bench" / "experiments" / "flare_translate" / "translation.yaml")
+    assert recipe_key(held_out) == "0d0fa70d3f1598a2", "a setting added later keeps the folders built before it"
+    started = dataclasses.replace(held_out, base=dataclasses.replace(held_out.base, decoder_start="language"))
+    assert recipe_key(started) != recipe_key(held_out)
     assert recipe_key(dataclasses.replace(recipe, training=dataclasses.replace(recipe.training, steps=7))) != \
         recipe_key(recipe)
 

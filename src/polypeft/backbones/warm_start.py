@@ -7,7 +7,7 @@ encoder already reads every source language, so only the decoder and cross-atten
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 import transformers as tf
@@ -27,6 +27,24 @@ class WarmStart(TypedConfig):
     decoder_init: Literal["upper", "scratch"] = "upper"
     # The embeddings and this many lower encoder blocks stay as pretrained: no gradient, no backward through them.
     frozen_layers: NonNegativeInt = 0
+    # What the decoder starts from: "bos" for every target, or "language", its own `<2xx>` row in the decoder's
+    # vocabulary (trained with the decoder), which tells target languages apart when the encoder is frozen.
+    decoder_start: Literal["bos", "language"] = "bos"
+
+    def check_targets(self, targets: int) -> None:
+        """Frozen embeddings keep each encoder tag at bos's row: several targets need the decoder's own start."""
+        if self.frozen_layers and targets > 1 and self.decoder_start == "bos":
+            raise ConfigError(f"base.frozen_layers={self.frozen_layers} freezes the embeddings, where each <2xx> tag "
+                              f"starts as bos's row, so the {targets} target languages could not be told apart: set "
+                              "base.decoder_start to language, directions to into_pivot, or frozen_layers 0")
+
+
+def decoder_start_column(model_config, target_languages) -> Optional[torch.Tensor]:
+    """Each example's first decoder input where the model starts per target language (None: from bos alone)."""
+    starts = getattr(model_config, "decoder_start_by_language", None)
+    if not starts:
+        return None
+    return torch.tensor([starts[lang] for lang in target_languages], dtype=torch.long)
 
 
 def load_pretrained(settings: WarmStart):
@@ -68,6 +86,9 @@ def build_warm_model(settings: WarmStart, tokenizer: PrunedTokenizer, dropout: f
                        ("eos_token_id", tokenizer.eos_id), ("bos_token_id", tokenizer.bos_id)):
         setattr(model.config, key, value)
         setattr(model.generation_config, key, value)
+    if tokenizer.decoder_starts:  # base.decoder_start "language": a start row per target, never generated
+        model.config.decoder_start_by_language = dict(tokenizer.decoder_starts)
+        model.generation_config.suppress_tokens = sorted(tokenizer.decoder_starts.values())
     model.config.tie_word_embeddings = False  # the encoder's and the decoder's vocabularies differ
     copy_pretrained(model, pretrained, tokenizer, settings)
     freeze_lower_layers(model, settings.frozen_layers)
@@ -79,7 +100,8 @@ def build_warm_model(settings: WarmStart, tokenizer: PrunedTokenizer, dropout: f
 def copy_pretrained(model: tf.EncoderDecoderModel, pretrained: torch.nn.Module, tokenizer: PrunedTokenizer,
                     settings: WarmStart) -> None:
     """Pretrained weights into the encoder (pruned rows; each `<2xx>` tag starts as bos's row) and the decoder
-    (pruned rows, positions, and with `decoder_init="upper"` the top layers' attention and FFN)."""
+    (pruned rows, each per-language start as bos's row, positions, and with `decoder_init="upper"` the top layers'
+    attention and FFN)."""
     state = pretrained.state_dict()
     words = state["embeddings.word_embeddings.weight"]
     source_rows = tokenizer.source.rows(words)
@@ -87,7 +109,8 @@ def copy_pretrained(model: tf.EncoderDecoderModel, pretrained: torch.nn.Module, 
     encoder_state = {**state, "embeddings.word_embeddings.weight": torch.cat([source_rows, tags])}
     model.encoder.load_state_dict({k: v for k, v in encoder_state.items() if not k.startswith("pooler.")}, strict=True)
     embeddings = model.decoder.bert.embeddings
-    embeddings.word_embeddings.weight.copy_(tokenizer.target.rows(words))
+    starts = words[tokenizer.target.kept[tokenizer.bos_id]].expand(len(tokenizer.decoder_starts), -1)
+    embeddings.word_embeddings.weight.copy_(torch.cat([tokenizer.target.rows(words), starts]))
     for name in ("position_embeddings", "token_type_embeddings", "LayerNorm"):
         getattr(embeddings, name).load_state_dict(pretrained.embeddings.get_submodule(name).state_dict())
     if settings.decoder_init == "upper":

@@ -80,20 +80,25 @@ def pieces_of(backend, texts: Iterable[str]) -> set[int]:
 
 
 def build_mapping(backend, specials: dict[str, int], source_texts: Sequence[str], target_texts: Sequence[str],
-                  tag_languages: Sequence[str]) -> dict:
-    """The mapping's JSON form: specials first (base order), then the used pieces (ascending), tags last (source)."""
+                  tag_languages: Sequence[str], target_tags: Sequence[str] = ()) -> dict:
+    """The mapping's JSON form: specials first (base order), then the used pieces (ascending), tags last (source;
+    and on the target side `target_tags`, the decoder's per-language start, where asked)."""
     head = sorted(specials.values())
     source = head + sorted(pieces_of(backend, source_texts) - set(head))
     target = head + sorted(pieces_of(backend, target_texts) - set(head))
     tags = {lang: len(source) + index for index, lang in enumerate(tag_languages)}
-    return {"format": FORMAT, "specials": specials, "source": source, "target": target, "tags": tags}
+    mapping = {"format": FORMAT, "specials": specials, "source": source, "target": target, "tags": tags}
+    if target_tags:
+        mapping["target_tags"] = {lang: len(target) + index for index, lang in enumerate(target_tags)}
+    return mapping
 
 
 class PrunedTokenizer:
     """The base tokenizer's segmentation over pruned ids, with SpmTokenizer's interface for the translation pipeline.
 
     Source ids (the encoder's): `[<2tgt> or bos] pieces eos`; a tag takes bos's place and starts as its embedding row.
-    Target ids (the decoder's): `pieces eos`, decoding starts from bos. `encode` with a tag is the source side,
+    Target ids (the decoder's): `pieces eos`, decoding starts from bos, or from the target language's own tag where
+    the mapping has `target_tags` (`decoder_starts`; never emitted, dropped by `decode`). `encode` with a tag is the source side,
     without one the target side, which is how `collate` asks; `__call__` feeds the encoder, so it is the source side.
     """
 
@@ -109,9 +114,11 @@ class PrunedTokenizer:
         self.source = PrunedSide(tuple(mapping["source"]), self.unk_id)
         self.target = PrunedSide(tuple(mapping["target"]), self.unk_id)
         self._tag_ids = {lang: int(new) for lang, new in mapping["tags"].items()}
-        self.vocab_size = len(self.target)
+        # the decoder's first input per target language (empty: every target starts from bos)
+        self.decoder_starts = {lang: int(new) for lang, new in mapping.get("target_tags", {}).items()}
+        self.vocab_size = len(self.target) + len(self.decoder_starts)
         self.source_vocab_size = len(self.source) + len(self._tag_ids)
-        self._special_ids = {self.bos_id, self.pad_id, self.eos_id}
+        self._special_ids = {self.bos_id, self.pad_id, self.eos_id, *self.decoder_starts.values()}
 
     @property
     def languages(self) -> list[str]:
@@ -190,7 +197,8 @@ def default_cache_dir() -> Path:
 
 
 def pruned_tokenizer(tokenizer, source_texts: Sequence[str], target_texts: Sequence[str],
-                     tag_languages: Sequence[str], cache_dir: Optional[str | os.PathLike] = None) -> PrunedTokenizer:
+                     tag_languages: Sequence[str], cache_dir: Optional[str | os.PathLike] = None,
+                     target_tags: Sequence[str] = ()) -> PrunedTokenizer:
     """`tokenizer` (a transformers fast tokenizer) pruned to the pieces of the texts, the mapping cached.
 
     The cache key covers the base vocabulary, the texts of each side and the tags, so any change builds anew.
@@ -199,12 +207,14 @@ def pruned_tokenizer(tokenizer, source_texts: Sequence[str], target_texts: Seque
     specials = special_ids(tokenizer)
     digest = hashlib.sha256()
     for part in (str(FORMAT), tokenizer_sha256(backend), json.dumps(specials, sort_keys=True),
-                 json.dumps(list(tag_languages)), *sorted(set(source_texts)), "\0side\0", *sorted(set(target_texts))):
+                 json.dumps(list(tag_languages)), *sorted(set(source_texts)), "\0side\0", *sorted(set(target_texts)),
+                 *(["\0target tags\0", json.dumps(list(target_tags))] if target_tags else [])):
         digest.update(part.encode("utf-8") + b"\0")
     path = Path(cache_dir if cache_dir is not None else default_cache_dir()) / f"{digest.hexdigest()[:16]}.json"
     if path.is_file():
         mapping = json.loads(path.read_text(encoding="utf-8"))
     else:
-        mapping = build_mapping(backend, specials, sorted(set(source_texts)), sorted(set(target_texts)), tag_languages)
+        mapping = build_mapping(backend, specials, sorted(set(source_texts)), sorted(set(target_texts)), tag_languages,
+                                target_tags)
         write_json(path, mapping)
     return PrunedTokenizer(backend, mapping)

@@ -20,11 +20,17 @@ from .run_dir import RESUMABLE_KEYS, flat_keys
 # How often a run checkpoints, validates and decodes does not change its weights; its step count does.
 NOT_SHAPING = (*(key for key in RESUMABLE_KEYS if key != "training.steps"), "name", "output_dir")
 FORMAT = 1  # bump when what a cached translation folder holds changes
+# Settings added after builds existed, at the value that builds what came before: left out of the key there, so
+# those builds keep their folders.
+ADDED_LATER = {("base", "decoder_start"): "bos"}
 
 
 def recipe_key(recipe: MMTRecipe) -> str:
     """A short hash of the recipe's model-shaping settings (more steps: another model, another folder)."""
     shaping = {key: value for key, value in flat_keys(dataclasses.asdict(recipe)).items() if key not in NOT_SHAPING}
+    for (block, key), earlier in ADDED_LATER.items():
+        if isinstance(shaping.get(block), dict) and shaping[block].get(key) == earlier:
+            shaping[block] = {name: value for name, value in shaping[block].items() if name != key}
     return hashlib.sha256(json.dumps({"format": FORMAT, **shaping}, sort_keys=True).encode()).hexdigest()[:16]
 
 

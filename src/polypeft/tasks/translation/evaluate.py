@@ -12,6 +12,7 @@ import sacrebleu
 import torch
 from tqdm.auto import tqdm
 
+from ...backbones.warm_start import decoder_start_column
 from ...data.parallel import ParallelExample
 
 
@@ -41,16 +42,19 @@ def translate(
         width = max(len(s) for s in sources)
         input_ids = torch.tensor([s + [tokenizer.pad_id] * (width - len(s)) for s in sources], device=device)
         attention_mask = (input_ids != tokenizer.pad_id).long()
-        routes = {}
+        extra = {}  # the routes of a routed model, and a per-language decoder start where the model has one
         if hasattr(model, "registry"):
             if route is not None:
-                routes = {"src_lang": route, "tgt_lang": route}
+                extra = {"src_lang": route, "tgt_lang": route}
             else:
-                routes = {"src_lang": [e.src_lang for e in batch], "tgt_lang": [e.tgt_lang for e in batch]}
+                extra = {"src_lang": [e.src_lang for e in batch], "tgt_lang": [e.tgt_lang for e in batch]}
+        starts = decoder_start_column(model.config, [e.tgt_lang for e in batch])
+        if starts is not None:
+            extra["decoder_input_ids"] = starts.to(device)[:, None]
         with torch.no_grad():
             output = model.generate(
-                input_ids=input_ids, attention_mask=attention_mask, num_beams=beam,
-                length_penalty=length_penalty, max_new_tokens=min(int(width * 1.5) + 10, max_new_tokens), early_stopping=True, **routes,
+                input_ids=input_ids, attention_mask=attention_mask, num_beams=beam, length_penalty=length_penalty,
+                max_new_tokens=min(int(width * 1.5) + 10, max_new_tokens), early_stopping=True, **extra,
             )
         for i, ids in zip(chunk, output.tolist()):
             hypotheses[i] = tokenizer.decode(ids)

@@ -35,7 +35,7 @@ from ...core.finite import check_finite
 from ...methods.registry import registered_methods
 from ...model.poly_model import PolyModel, wrap
 from ...backbones.seq2seq import PRESETS, build_translation_model
-from ...backbones.warm_start import WarmStart, build_warm_model, load_pretrained
+from ...backbones.warm_start import WarmStart, build_warm_model, decoder_start_column, load_pretrained
 from ...training.loop import TrainSettings, seed_everything, train
 from ...training.processes import process_state
 
@@ -95,10 +95,8 @@ class MMTRecipe(TypedConfig):
             raise ConfigError(f"preset={self.preset!r} is not allowed; choose one of {sorted(PRESETS)}")
         targets = {self.pivot} if self.directions == "into_pivot" else set(self.languages) - (
             {self.pivot} if self.directions == "out_of_pivot" else set())
-        if self.base is not None and self.base.frozen_layers and len(targets) > 1:
-            raise ConfigError(f"base.frozen_layers={self.base.frozen_layers} freezes the embeddings, where each "
-                              f"<2xx> tag starts as bos's row, so the {len(targets)} target languages could not be "
-                              "told apart: set directions to into_pivot (or one target language), or frozen_layers 0")
+        if self.base is not None:
+            self.base.check_targets(len(targets))
         self.method_config()  # the method block is checked now, before any data is prepared
 
     def method_config(self) -> Optional[MethodConfig]:
@@ -190,7 +188,8 @@ def warm_tokenizer(recipe: MMTRecipe, train: list[ParallelExample]) -> PrunedTok
     """The base encoder's tokenizer pruned to the training examples' pieces (sources and targets apart)."""
     tags = [lang for lang in recipe.languages if any(example.tgt_lang == lang for example in train)]
     return pruned_tokenizer(load_pretrained(recipe.base)[1], [example.src for example in train],
-                            [example.tgt for example in train], tags)
+                            [example.tgt for example in train], tags,
+                            target_tags=tags if recipe.base.decoder_start == "language" else ())
 
 
 def build_model(recipe: MMTRecipe, tokenizer: SpmTokenizer | PrunedTokenizer) -> torch.nn.Module:
@@ -211,6 +210,9 @@ def add_decoder_inputs(batch: dict, model_config) -> dict:
     batch["decoder_input_ids"] = shift_tokens_right(
         batch["labels"], model_config.pad_token_id, model_config.decoder_start_token_id
     )
+    starts = decoder_start_column(model_config, batch["tgt_lang"])
+    if starts is not None:  # a warm start with base.decoder_start "language"
+        batch["decoder_input_ids"][:, 0] = starts
     return batch
 
 
