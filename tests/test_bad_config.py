@@ -155,6 +155,15 @@ def test_set_overrides_are_checked_the_same_way(tmp_path, capsys, no_data_prepar
     assert files_under(out) == []
 
 
+@pytest.mark.parametrize("command", ["train", "build"])
+def test_eval_books_the_recipe_trains_on_are_refused_before_training(tmp_path, capsys, no_data_preparation, command):
+    out = tmp_path / "runs"
+    config = write_yaml(tmp_path / "r.yaml", {**SMALL_MMT, "output_dir": str(out), "test_books": [3, 43]})
+    message = refused(["mmt", command, config, "--eval-books", "43", "1"], capsys)
+    assert "books=[43, 1]: [1] not among the run's test_books [3, 43]; score only books the run never" in message
+    assert files_under(out) == []
+
+
 def test_yaml_syntax_error_in_the_recipe_names_file_and_line(tmp_path, capsys, no_data_preparation):
     config = write_yaml(tmp_path / "r.yaml", "name: r\nlanguages: [en, de\nsteps: 2\n")
     message = refused(["mmt", "prepare", config], capsys)

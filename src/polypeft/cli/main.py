@@ -43,12 +43,14 @@ def mmt_train(args) -> int:
     from ..training.processes import process_state
 
     recipe = _recipe(args)
+    if args.eval_books:
+        recipe.split().check_scored_books(args.eval_books)  # before training, not after it
     run_dir = train_run(recipe, resume=args.resume, overwrite=args.overwrite)
     if not process_state().is_main_process:  # under accelerate launch, one process writes and evaluates
         return 0
     print(f"trained: {run_dir}")
-    if args.eval:
-        print_scores(evaluate_run(run_dir))
+    if args.eval or args.eval_books:
+        print_scores(evaluate_run(run_dir, books=args.eval_books))
     return 0
 
 
@@ -57,12 +59,15 @@ def mmt_build(args) -> int:
     from ..tasks.translation.run import evaluate_run
     from ..training.processes import process_state
 
-    run_dir = build_cached(_recipe(args))
+    recipe = _recipe(args)
+    if args.eval_books:
+        recipe.split().check_scored_books(args.eval_books)  # before training, not after it
+    run_dir = build_cached(recipe)
     if not process_state().is_main_process:
         return 0
     print(f"built: {run_dir}")
-    if args.eval:
-        print_scores(evaluate_run(run_dir))
+    if args.eval or args.eval_books:
+        print_scores(evaluate_run(run_dir, books=args.eval_books))
     return 0
 
 
@@ -130,7 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
             sub.add_argument("--overwrite", action="store_true", help="delete the run's folder and train afresh")
         if name != "prepare":
-            sub.add_argument("--eval", action="store_true", help="evaluate on the test book afterwards")
+            sub.add_argument("--eval", action="store_true", help="evaluate on the test books afterwards")
+            sub.add_argument("--eval-books", nargs="+", type=int, default=None,
+                             help="evaluate afterwards on these of the recipe's test books alone (with several "
+                                  "held out, --eval scores a sample drawn from all of them)")
     evaluate = mmt_commands.add_parser("eval", help="beam search + BLEU/chrF per direction of a trained run")
     evaluate.add_argument("run", help="run directory written by `mmt train`")
     evaluate.add_argument("--split", default="test", choices=("test", "valid"))

@@ -101,6 +101,14 @@ class BibleSplit(TypedConfig):
             raise ConfigError(f"BibleSplit: books {overlap} are in both test_books and valid_books; a book belongs "
                               "to one part")
 
+    def check_scored_books(self, books: Sequence[int]) -> None:
+        """Refuse, by value, books to score alone that are not all test books: a model trained or validated on a book
+        would be scored on what it saw."""
+        foreign = sorted(set(books) - set(self.test_books))
+        if not books or foreign:
+            raise ConfigError(f"books={list(books)}: {foreign or 'none'} not among the run's test_books "
+                              f"{list(self.test_books)}; score only books the run never trained on")
+
     def part_of(self, book: int) -> str:
         """`"test"`, `"valid"` or `"train"` (every book not held out)."""
         if book in self.test_books:

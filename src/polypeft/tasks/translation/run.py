@@ -406,10 +406,7 @@ def eval_variants(recipe: MMTRecipe) -> dict[str, Optional[str]]:
 def book_examples(recipe: MMTRecipe, books: Sequence[int]) -> list[ParallelExample]:
     """The test pairs of some of the run's test books alone (at most `max_eval_verses` verses, drawn as a run whose
     test books were these would draw them); a book the run trained on, or validated on, is refused by name."""
-    foreign = sorted(set(books) - set(recipe.test_books))
-    if not books or foreign:
-        raise ConfigError(f"books={list(books)}: {foreign or 'none'} not among the run's test_books "
-                          f"{recipe.test_books}; score only books the run never trained on")
+    recipe.split().check_scored_books(books)
     return split_examples(dataclasses.replace(recipe, test_books=sorted(books)), "test", recipe.max_eval_verses)
 
 
