@@ -17,6 +17,7 @@ import random
 import statistics
 import time
 from collections import defaultdict
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -172,6 +173,17 @@ def translation_record(test_rows: list, translated_rows: list) -> dict:
                        for r, h, g in zip(test_rows, hypotheses, references)]}
 
 
+def translation_build(translation_run: Optional[str]) -> Optional[str]:
+    """The folder a translation recipe file builds into (its name holds the hash of the settings that shape the
+    model), so recorded translations are reused only from the same model; None for a run folder."""
+    if not translation_run or Path(translation_run).suffix not in (".yaml", ".yml"):
+        return None
+    from polypeft.tasks.translation.cached import cached_recipe
+    from polypeft.tasks.translation.run import MMTRecipe
+
+    return cached_recipe(MMTRecipe.from_yaml(translation_run)).run_dir.name
+
+
 class RecordedTranslations:
     """The test verses' English as an earlier result file recorded it, checked verse by verse, for seeds run where
     the translation model is not built (its translations of these verses do not depend on the classifier's seed)."""
@@ -179,10 +191,14 @@ class RecordedTranslations:
     def __init__(self, path: str, translation_run: Optional[str]):
         with open(path, encoding="utf-8") as handle:
             earlier = json.load(handle)
-        recorded_run = earlier.get("settings", {}).get("translation_run")
-        if recorded_run != translation_run:
-            raise ValueError(f"--translations-from {path!r} was translated by --translation-run={recorded_run!r}, "
-                             f"not {translation_run!r}")
+        if not isinstance(earlier, dict) or not isinstance(earlier.get("settings"), dict):
+            raise ValueError(f"--translations-from {path!r} is not a result file of this bench (--json)")
+        recorded = {key: earlier["settings"].get(key) for key in ("translation_run", "translation_build")}
+        wanted = {"translation_run": translation_run, "translation_build": translation_build(translation_run)}
+        if recorded["translation_run"] != translation_run or None not in (recorded["translation_build"],
+                                                                          wanted["translation_build"]) \
+                and recorded["translation_build"] != wanted["translation_build"]:
+            raise ValueError(f"--translations-from {path!r} was translated by {recorded}, not by {wanted}")
         self.path, self.records = path, earlier.get("translations", {})
 
     def __call__(self, sources: Sequence[str], target: str) -> list[str]:
@@ -232,6 +248,7 @@ def run(args: argparse.Namespace) -> dict:
         translator = (RecordedTranslations(args.translations_from, args.translation_run) if args.translations_from
                       else Translator(args.translation_run, setting="--translation-run"))
     args.test_books = translation_test_books(args.translation_run, args.targets, args.test_books)  # saved
+    args.translation_build = translation_build(args.translation_run)  # saved: which model translated
     if args.test_books:
         print(f"test verses from books {args.test_books} alone (a translation run's test books, which it never "
               "trained on); training verses from the other books", flush=True)
@@ -247,8 +264,10 @@ def run(args: argparse.Namespace) -> dict:
         test_batches = tests["gold"][0]  # zero-shot reads the target verses only
         if "record" in tests:
             translations[target] = tests.pop("record")
+            seconds = tests["translated"][2]
+            took = "recorded earlier" if seconds is None else f"{seconds:.0f} s"
             print(f"{target}->en test verses: BLEU {translations[target]['bleu']}, chrF {translations[target]['chrf']} "
-                  f"({tests['translated'][2] or 0:.0f} s)", flush=True)
+                  f"({took})", flush=True)
         if mt is not None:
             mt_parallel = mt_source_batches(parallel, train_rows, args.batch, mt[1], args.max_length)
         for seed in args.seeds:
@@ -328,6 +347,9 @@ def check_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
                 check_english_at_test(method_of(recipe), side, args.translation_run)
         translation_test_books(args.translation_run, args.targets, args.test_books)
         if args.translations_from:
+            if not any("translated" in english_at_test_of(recipe, args) for recipe in args.recipes):
+                raise ValueError(f"--translations-from {args.translations_from!r}: no recipe reads translated "
+                                 "English (add translate_test, or --english-at-test translated)")
             RecordedTranslations(args.translations_from, args.translation_run)
     except (ValueError, OSError) as error:
         parser.error(str(error))

@@ -208,3 +208,6 @@ def test_a_moved_key_works_as_a_constructor_argument_too():
         TrainSettings(learning_rate=1e-3, lr=2e-3)
     with pytest.raises(TypeError, match="not_a_setting"):
         pp.TaskTrainingSettings(not_a_setting=1)
+    with pytest.raises(ConfigError, match=r"steps=300 is training.steps, and training is given too: set steps in "
+                                          r"that training, or leave training out"):
+        replace(pp.TaskTrainingSettings(), steps=300)

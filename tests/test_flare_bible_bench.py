@@ -4,6 +4,7 @@ Without a translation run the split is the canon-section task's own, as before.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -190,7 +191,8 @@ def test_summary_without_translate_train_prints_no_ratios():
     assert "| fr | flare_add_relu | 0.500 (± 0.000) | - | - |" in bench.summarize(results)
 
 
-def test_recorded_translations_are_reused_only_for_the_same_run_and_the_same_verses(tmp_path):
+def test_recorded_translations_are_reused_only_for_the_same_run_and_the_same_verses(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "translation_build", lambda run: None)  # run folders, not recipe files, here
     earlier = tmp_path / "seed0.json"
     verses = [{"source": "Au commencement", "translation": "In the beginning", "gold": "In the beginning"},
               {"source": "Dieu dit", "translation": "God said", "gold": "And God said"}]
@@ -202,11 +204,18 @@ def test_recorded_translations_are_reused_only_for_the_same_run_and_the_same_ver
         recorded(["Am Anfang"], "de")
     with pytest.raises(ValueError, match=r"its 'fr' verses are not this run's test verses"):
         recorded(["Dieu dit", "Au commencement"], "fr")
-    with pytest.raises(ValueError, match=r"was translated by --translation-run='mt.yaml', not 'other.yaml'"):
+    with pytest.raises(ValueError, match=r"was translated by \{'translation_run': 'mt.yaml', 'translation_build': "
+                                         r"None\}, not by \{'translation_run': 'other.yaml'"):
         bench.RecordedTranslations(str(earlier), "other.yaml")
+    rebuilt = tmp_path / "rebuilt.json"  # the same recipe path, but another model: the recipe file was edited
+    rebuilt.write_text(json.dumps({"settings": {"translation_run": "mt.yaml", "translation_build": "mt-00aa-seed0"},
+                                   "translations": {}}))
+    monkeypatch.setattr(bench, "translation_build", lambda run: "mt-11bb-seed0")
+    with pytest.raises(ValueError, match=r"'translation_build': 'mt-00aa-seed0'\}, not by .*'mt-11bb-seed0'"):
+        bench.RecordedTranslations(str(rebuilt), "mt.yaml")
     rows = [{"en": "In the beginning", "target": "Au commencement", "label": 0},
             {"en": "And God said", "target": "Dieu dit", "label": 0}]
-    sets = bench.test_sets(rows, FakeTokenizer(), None, "fr", recorded, argparse_namespace(max_length=8))
+    sets = bench.test_sets(rows, FakeTokenizer(), None, "fr", recorded, argparse.Namespace(max_length=8))
     assert sets["record"]["verses"] == verses and sets["translated"][2] is None, "no time is claimed for a lookup"
 
 
@@ -219,19 +228,29 @@ class FakeTokenizer:
                 "attention_mask": torch.ones(len(texts), 4, dtype=torch.long)}
 
 
-def argparse_namespace(**values):
-    import argparse
-    return argparse.Namespace(**values)
-
-
 def test_a_recipe_files_test_books_are_read_before_its_build_exists(tmp_path, monkeypatch):
+    from polypeft.core.config import ConfigError
     from polypeft.core.fileio import CACHE_ENV
     from polypeft.tasks.translation.translator import Translator
 
     monkeypatch.setenv(CACHE_ENV, str(tmp_path))  # an empty cache: nothing is built
     recipe = str(Path(__file__).resolve().parents[1] / "bench" / "experiments" / "flare_translate" / "translation.yaml")
     assert bench.translation_test_books(recipe, ["fr", "ko"]) == [3, 8, 22, 32, 43, 59]
-    with pytest.raises(Exception, match="is a recipe whose build has not finished"):
+    with pytest.raises(ConfigError, match="is a recipe whose build has not finished"):
         Translator(recipe)  # translating still needs the build
-    with pytest.raises(Exception, match=r"was trained on .*not on \['xx'\]"):
+    with pytest.raises(ConfigError, match=r"was trained on .*not on \['xx'\]"):
         bench.translation_test_books(recipe, ["xx"])
+
+
+def test_a_recipe_files_translation_build_names_the_model_it_builds():
+    recipe = str(Path(__file__).resolve().parents[1] / "bench" / "experiments" / "flare_translate" / "translation.yaml")
+    assert bench.translation_build(recipe) == "warm-e5-heldout-0d0fa70d3f1598a2-seed0"
+    assert bench.translation_build("runs/some-run") is None and bench.translation_build(None) is None
+
+
+def test_recorded_translations_with_no_recipe_reading_them_are_refused(capsys):
+    args = argparse.Namespace(mixup_layer=None, mixup_ratio=0.5, recipes=["translate_train"], english_at_test=["gold"],
+                              translation_run=None, targets=["fr"], test_books=None, translations_from="seed0.json")
+    with pytest.raises(SystemExit):
+        bench.check_settings(argparse.ArgumentParser(prog="flare_bible.py"), args)
+    assert "--translations-from 'seed0.json': no recipe reads translated English" in capsys.readouterr().err

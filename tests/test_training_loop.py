@@ -134,6 +134,13 @@ def test_elapsed_time_runs_on_across_a_resume(tmp_path):
     elapsed = [r["elapsed_s"] for r in result["history"]]
     assert elapsed[:3] == [r["elapsed_s"] for r in first] and elapsed[3] >= first[-1]["elapsed_s"]
     assert elapsed == sorted(elapsed)
+    # a checkpoint written before the loop counted its time: the earlier parts' time is unknown, not zero
+    from polypeft.training.checkpoint import save_checkpoint
+    state = load_checkpoint(tmp_path / CHECKPOINT_NAME)
+    state["history"] = [{key: value for key, value in r.items() if key != "elapsed_s"} for r in state["history"]]
+    save_checkpoint(tmp_path / CHECKPOINT_NAME, state)
+    _, older = run(tmp_path, steps=6, resume=True)
+    assert older["history"][-1]["elapsed_s"] is None
 
 
 def test_a_damaged_line_before_the_last_is_named(tmp_path):

@@ -44,6 +44,10 @@ def decoder_start_column(model_config, target_languages) -> Optional[torch.Tenso
     starts = getattr(model_config, "decoder_start_by_language", None)
     if not starts:
         return None
+    unknown = sorted(set(target_languages) - set(starts))
+    if unknown:
+        raise ConfigError(f"target languages {unknown} have no decoder start in this model; it starts "
+                          f"{sorted(starts)}: translate into one of those")
     return torch.tensor([starts[lang] for lang in target_languages], dtype=torch.long)
 
 

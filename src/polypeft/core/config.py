@@ -316,9 +316,15 @@ class ReadsMovedKeys(type):
 
     def __call__(cls, *args: Any, **kwargs: Any) -> Any:
         fields = {field.name for field in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
-        if not args and any(key in cls.moved_keys and key not in fields for key in kwargs):
-            return cls.from_values(**kwargs)
-        return super().__call__(*args, **kwargs)
+        moved = [key for key in kwargs if key in cls.moved_keys and key not in fields]
+        if args or not moved:
+            return super().__call__(*args, **kwargs)
+        for key in moved:  # a block given as an object already holds the key: which one is meant is unclear
+            block, _, inner = cls.moved_keys[key].rpartition(".")
+            if block and dataclasses.is_dataclass(kwargs.get(block)):
+                raise cls.error_type(f"{cls.__name__}: {key}={kwargs[key]!r} is {block}.{inner}, and {block} is "
+                                     f"given too: set {inner} in that {block}, or leave {block} out")
+        return cls.from_values(**kwargs)
 
 
 class TypedConfig(metaclass=ReadsMovedKeys):

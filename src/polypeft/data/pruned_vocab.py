@@ -98,8 +98,8 @@ class PrunedTokenizer:
 
     Source ids (the encoder's): `[<2tgt> or bos] pieces eos`; a tag takes bos's place and starts as its embedding row.
     Target ids (the decoder's): `pieces eos`, decoding starts from bos, or from the target language's own tag where
-    the mapping has `target_tags` (`decoder_starts`; never emitted, dropped by `decode`). `encode` with a tag is the source side,
-    without one the target side, which is how `collate` asks; `__call__` feeds the encoder, so it is the source side.
+    the mapping has `target_tags` (`decoder_starts`; never emitted, dropped by `decode`). `encode` with a tag is the
+    source side, without one the target side, which is how `collate` asks; `__call__` feeds the encoder (source).
     """
 
     def __init__(self, backend, mapping: dict, folder: Optional[Path] = None):
@@ -145,7 +145,7 @@ class PrunedTokenizer:
         return self.encode_source(text, lang_tag) if lang_tag is not None else self.encode_target(text, add_eos)
 
     def decode(self, ids: Sequence[int]) -> str:
-        """Text of target ids; bos, pad and -100 label padding are dropped, stopping at eos."""
+        """Text of target ids; bos, pad, decoder starts and -100 label padding are dropped, stopping at eos."""
         kept = []
         for piece_id in (int(i) for i in ids):
             if piece_id == self.eos_id:

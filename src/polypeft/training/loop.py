@@ -186,8 +186,9 @@ def train(
     progress = tqdm(range(start_step, settings.steps), initial=start_step, total=settings.steps, desc=description,
                     disable=not (settings.progress and accelerator.is_local_main_process))
     window_items, window_start = 0, time.perf_counter()
-    # elapsed_s counts training time over every part of a resumed run (steps redone after a cut count once)
-    elapsed_before, part_start = (history[-1].get("elapsed_s", 0.0) if history else 0.0), time.perf_counter()
+    # elapsed_s: the loop's wall time over every part of a resumed run (steps redone after a cut count once); None
+    # after a checkpoint of a polypeft that did not count it, since its earlier parts' time is unknown
+    elapsed_before, part_start = (history[-1].get("elapsed_s") if history else 0.0), time.perf_counter()
     was_training = model.training
     step.model.train(train_mode)
     saved_step = start_step if resume else None
@@ -200,7 +201,8 @@ def train(
             window_items += items
             # `processes`: how many trained this step together (a launch that silently ran one shows here).
             record = {"step": index + 1, "loss": loss, "lr": step.scheduler.get_last_lr()[0], "processes": world,
-                      "elapsed_s": round(elapsed_before + time.perf_counter() - part_start, 2)}
+                      "elapsed_s": None if elapsed_before is None else
+                      round(elapsed_before + time.perf_counter() - part_start, 2)}
             last = index + 1 == settings.steps
             if (index + 1) % settings.log_every == 0 or last:
                 record["tokens_per_s"] = round(window_items / max(time.perf_counter() - window_start, 1e-9), 1)

@@ -49,8 +49,8 @@ def translate(
             else:
                 extra = {"src_lang": [e.src_lang for e in batch], "tgt_lang": [e.tgt_lang for e in batch]}
         starts = decoder_start_column(model.config, [e.tgt_lang for e in batch])
-        if starts is not None:
-            extra["decoder_input_ids"] = starts.to(device)[:, None]
+        if starts is not None:  # one start per row (generate puts bos before given decoder_input_ids)
+            extra["decoder_start_token_id"] = starts.to(device)
         with torch.no_grad():
             output = model.generate(
                 input_ids=input_ids, attention_mask=attention_mask, num_beams=beam, length_penalty=length_penalty,

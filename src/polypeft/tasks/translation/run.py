@@ -321,7 +321,7 @@ def train_run(recipe: MMTRecipe, resume: bool = False, data: Optional[MMTData] =
     state = process_state()
     if state.is_main_process:  # every process holds the same weights; one writes them
         write_model_weights(run_dir / WEIGHTS_NAME, model)
-        # wall_seconds: this part alone; training_seconds: the steps of every part, a resumed run's earlier ones too
+        # wall_seconds: this command alone; training_seconds: the loop over every part, a resumed run's earlier ones
         write_json(run_dir / "train_summary.json", {"wall_seconds": round(time.perf_counter() - started, 1),
                                                     "training_seconds": result["history"][-1].get("elapsed_s"),
                                                     "steps": recipe.training.steps, "resumed": resume})
