@@ -30,7 +30,7 @@ from polypeft.methods.flare.layer import FLAREConfig
 from polypeft.backbones.e5 import QUERY_PREFIX, load_encoder
 from polypeft.experiments.bible_eval import SECTION_NAMES, canon_section, verse_classification
 from polypeft.tasks.classification import classification_model
-from polypeft.tasks.translation.run import translation_encoder
+from polypeft.tasks.translation.mt_encoder import translation_encoder
 from polypeft.tasks.translation.translator import Translator
 
 STAGE2_RECIPES = ("translate_train", "input_fusion", "flare_add_relu", "flare_add", "flare_mul",

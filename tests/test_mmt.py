@@ -118,7 +118,8 @@ def test_resume_refuses_another_recipe_and_a_checkpoint_past_the_steps(data, tmp
 @pytest.mark.parametrize("method", [{"name": "naive"}, {"name": "lms", "rank": 4}, {"name": "lms", "rank": 4, "fd": True}],
                          ids=["naive", "lms", "lms_fd"])
 def test_translation_encoder_reads_english_tagged_for_the_target(method, data, tmp_path):
-    from polypeft.tasks.translation.run import load_translation_model, translation_encoder
+    from polypeft.tasks.translation.mt_encoder import translation_encoder
+    from polypeft.tasks.translation.run import load_translation_model
 
     run_dir = train_run(recipe(tmp_path, method), data=data)
     encoder, tokenizer = translation_encoder(run_dir, "de")

@@ -118,7 +118,7 @@ def load_models(recipe: "FlareRecipe", base_path: Optional[str] = None) -> tuple
     tokenizer = AutoTokenizer.from_pretrained(block.tokenizer or block.name_or_path)
     mt_encoder, mt_tokenizer = None, tokenizer
     if recipe.recipe == "flare_mt" and is_polypeft_run(recipe.mt_model):
-        from ..tasks.translation.run import translation_encoder
+        from ..tasks.translation.mt_encoder import translation_encoder
 
         mt_encoder, mt_tokenizer = translation_encoder(recipe.mt_model, recipe.target_lang)
     elif recipe.recipe == "flare_mt":

@@ -6,7 +6,6 @@ A recipe (YAML) names the languages, model preset, method and schedule; `prepare
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import random
 import time
@@ -364,38 +363,6 @@ def load_translation_model(run_dir: str | Path, tokenizer: Optional[SpmTokenizer
     load_model(model, str(Path(run_dir) / WEIGHTS_NAME))
     check_finite(model.state_dict(), f"{Path(run_dir) / WEIGHTS_NAME}: refused")
     return recipe, tokenizer, model.eval()
-
-
-class RoutedEncoder(torch.nn.Module):
-    """The encoder of a routed translation model, run on one fixed route, so callers need no routes."""
-
-    def __init__(self, model: PolyModel, src_lang: str, tgt_lang: str):
-        super().__init__()
-        self.model, self.src_lang, self.tgt_lang = model, src_lang, tgt_lang
-        self.config = model.config
-
-    def forward(self, **inputs):
-        with self.model.routes(src_lang=self.src_lang, tgt_lang=self.tgt_lang):
-            return self.model.get_encoder()(**inputs)
-
-
-def translation_encoder(run_dir: str | Path, target_lang: str) -> tuple[torch.nn.Module, Any]:
-    """The frozen encoder of a polypeft translation run over English input, and its tokenizer, for FLARE-MT.
-
-    Inputs get the `<2target>` tag the model was trained with; LMS runs use their shared route when they
-    have one (FD), else the English -> target route.
-    """
-    recipe, tokenizer, model = load_translation_model(run_dir)
-    for code, role in ((recipe.pivot, "source (the pivot)"), (target_lang, "target")):
-        if code not in recipe.languages:
-            raise ConfigError(f"{run_dir}: the {role} language {code!r} is not among the run's {recipe.languages}")
-    encoder = model.get_encoder()
-    if isinstance(model, PolyModel):
-        shared = model.registry.shared_route
-        encoder = RoutedEncoder(model, "shared" if shared else recipe.pivot, "shared" if shared else target_lang)
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    return encoder.eval(), functools.partial(tokenizer, lang_tag=target_lang)
 
 
 def eval_variants(recipe: MMTRecipe) -> dict[str, Optional[str]]:
