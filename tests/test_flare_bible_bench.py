@@ -242,7 +242,10 @@ def test_a_recipe_files_test_books_are_read_before_its_build_exists(tmp_path, mo
         bench.translation_test_books(recipe, ["xx"])
 
 
-def test_a_recipe_files_translation_build_names_the_model_it_builds():
+def test_a_recipe_files_translation_build_names_the_model_it_builds(tmp_path, monkeypatch):
+    from polypeft.core.fileio import CACHE_ENV
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))  # nothing built: the recipe's own folder name
     recipe = str(Path(__file__).resolve().parents[1] / "bench" / "experiments" / "flare_translate" / "translation.yaml")
     assert bench.translation_build(recipe) == "warm-e5-heldout-0d0fa70d3f1598a2-seed0"
     assert bench.translation_build("runs/some-run") is None and bench.translation_build(None) is None

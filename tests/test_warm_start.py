@@ -233,6 +233,9 @@ def test_a_cached_build_is_reused_and_a_stopped_one_continues(base_dir, tmp_path
     written = (straight / "model.safetensors").stat().st_mtime_ns
     assert build_cached(recipe, data=data, cache_dir=tmp_path / "straight") == straight  # reused, not retrained
     assert (straight / "model.safetensors").stat().st_mtime_ns == written
+    renamed = dataclasses.replace(recipe, name="same-settings-other-name")
+    assert build_cached(renamed, data=data, cache_dir=tmp_path / "straight") == straight, "not built twice"
+    assert (straight / "model.safetensors").stat().st_mtime_ns == written
     # the key follows what shapes the model, not where it is written or how often it is scored
     assert recipe_key(dataclasses.replace(recipe, output_dir="elsewhere", name="other", beam=4)) == recipe_key(recipe)
     held_out = MMTRecipe.from_yaml(ROOT / "bench" / "experiments" / "flare_translate" / "translation.yaml")

@@ -35,9 +35,15 @@ def recipe_key(recipe: MMTRecipe) -> str:
 
 
 def cached_recipe(recipe: MMTRecipe, cache_dir: Optional[str | Path] = None) -> MMTRecipe:
-    """The recipe with its run folder moved to `cache_root()/translation/<name>-<key>-seed<seed>`."""
+    """The recipe with its run folder moved to `cache_root()/translation/<name>-<key>-seed<seed>`, or to the finished
+    build of the same settings under another name (the name shapes nothing, so it is not built twice)."""
     folder = Path(cache_dir) if cache_dir is not None else cache_root() / "translation"
-    return dataclasses.replace(recipe, output_dir=str(folder), name=f"{recipe.name}-{recipe_key(recipe)}")
+    key, seed = recipe_key(recipe), f"-seed{recipe.seed}"
+    name = f"{recipe.name}-{key}"
+    if not (folder / f"{name}{seed}" / WEIGHTS_NAME).is_file():
+        finished = sorted(path.name for path in folder.glob(f"*-{key}{seed}") if (path / WEIGHTS_NAME).is_file())
+        name = finished[0][:-len(seed)] if finished else name
+    return dataclasses.replace(recipe, output_dir=str(folder), name=name)
 
 
 def build_cached(recipe: MMTRecipe, data: Optional[MMTData] = None, cache_dir: Optional[str | Path] = None) -> Path:
