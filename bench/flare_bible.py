@@ -174,14 +174,15 @@ def translation_record(test_rows: list, translated_rows: list) -> dict:
 
 
 def translation_build(translation_run: Optional[str]) -> Optional[str]:
-    """The folder a translation recipe file builds into (its name holds the hash of the settings that shape the
-    model), so recorded translations are reused only from the same model; None for a run folder."""
+    """The hash of the settings that shape a translation recipe file's model, and its seed, so recorded translations
+    are reused only from the same model; None for a run folder."""
     if not translation_run or Path(translation_run).suffix not in (".yaml", ".yml"):
         return None
-    from polypeft.tasks.translation.cached import cached_recipe
+    from polypeft.tasks.translation.cached import recipe_key
     from polypeft.tasks.translation.run import MMTRecipe
 
-    return cached_recipe(MMTRecipe.from_yaml(translation_run)).run_dir.name
+    recipe = MMTRecipe.from_yaml(translation_run)
+    return f"{recipe_key(recipe)}-seed{recipe.seed}"
 
 
 class RecordedTranslations:
@@ -199,6 +200,9 @@ class RecordedTranslations:
                                                                           wanted["translation_build"]) \
                 and recorded["translation_build"] != wanted["translation_build"]:
             raise ValueError(f"--translations-from {path!r} was translated by {recorded}, not by {wanted}")
+        if recorded["translation_build"] is None and wanted["translation_build"] is not None:
+            print(f"note: {path} records no translation_build (written before it was kept); its translations are "
+                  f"reused on the recipe path {translation_run!r} alone", flush=True)
         self.path, self.records = path, earlier.get("translations", {})
 
     def __call__(self, sources: Sequence[str], target: str) -> list[str]:

@@ -161,7 +161,23 @@ def test_eval_books_the_recipe_trains_on_are_refused_before_training(tmp_path, c
     config = write_yaml(tmp_path / "r.yaml", {**SMALL_MMT, "output_dir": str(out), "test_books": [3, 43]})
     message = refused(["mmt", command, config, "--eval-books", "43", "1"], capsys)
     assert "books=[43, 1]: [1] not among the run's test_books [3, 43]; score only books the run never" in message
+    assert "books=[43, 43] names a book twice" in refused(["mmt", command, config, "--eval-books", "43", "43"], capsys)
     assert files_under(out) == []
+
+
+def test_eval_and_eval_books_each_score(monkeypatch):
+    import argparse
+
+    from polypeft.cli import main as cli
+    from polypeft.tasks.translation import run as mmt
+
+    scored = []
+    monkeypatch.setattr(mmt, "evaluate_run", lambda run_dir, books=None: scored.append(books) or {})
+    monkeypatch.setattr(cli, "print_scores", lambda results: None)
+    cli.evaluate_after(argparse.Namespace(eval=True, eval_books=[43]), "runs/x")
+    cli.evaluate_after(argparse.Namespace(eval=False, eval_books=[3, 43]), "runs/x")
+    cli.evaluate_after(argparse.Namespace(eval=True, eval_books=None), "runs/x")
+    assert scored == [None, [43], [3, 43], None]
 
 
 def test_yaml_syntax_error_in_the_recipe_names_file_and_line(tmp_path, capsys, no_data_preparation):

@@ -209,5 +209,6 @@ def test_a_moved_key_works_as_a_constructor_argument_too():
     with pytest.raises(TypeError, match="not_a_setting"):
         pp.TaskTrainingSettings(not_a_setting=1)
     with pytest.raises(ConfigError, match=r"steps=300 is training.steps, and training is given too: set steps in "
-                                          r"that training, or leave training out"):
+                                          r"that training \(with dataclasses.replace: training=replace\(old.training, "
+                                          r"steps=...\)\), or leave training out"):
         replace(pp.TaskTrainingSettings(), steps=300)

@@ -208,10 +208,10 @@ def test_recorded_translations_are_reused_only_for_the_same_run_and_the_same_ver
                                          r"None\}, not by \{'translation_run': 'other.yaml'"):
         bench.RecordedTranslations(str(earlier), "other.yaml")
     rebuilt = tmp_path / "rebuilt.json"  # the same recipe path, but another model: the recipe file was edited
-    rebuilt.write_text(json.dumps({"settings": {"translation_run": "mt.yaml", "translation_build": "mt-00aa-seed0"},
+    rebuilt.write_text(json.dumps({"settings": {"translation_run": "mt.yaml", "translation_build": "00aa-seed0"},
                                    "translations": {}}))
-    monkeypatch.setattr(bench, "translation_build", lambda run: "mt-11bb-seed0")
-    with pytest.raises(ValueError, match=r"'translation_build': 'mt-00aa-seed0'\}, not by .*'mt-11bb-seed0'"):
+    monkeypatch.setattr(bench, "translation_build", lambda run: "11bb-seed0")
+    with pytest.raises(ValueError, match=r"'translation_build': '00aa-seed0'\}, not by .*'11bb-seed0'"):
         bench.RecordedTranslations(str(rebuilt), "mt.yaml")
     rows = [{"en": "In the beginning", "target": "Au commencement", "label": 0},
             {"en": "And God said", "target": "Dieu dit", "label": 0}]
@@ -242,12 +242,9 @@ def test_a_recipe_files_test_books_are_read_before_its_build_exists(tmp_path, mo
         bench.translation_test_books(recipe, ["xx"])
 
 
-def test_a_recipe_files_translation_build_names_the_model_it_builds(tmp_path, monkeypatch):
-    from polypeft.core.fileio import CACHE_ENV
-
-    monkeypatch.setenv(CACHE_ENV, str(tmp_path))  # nothing built: the recipe's own folder name
+def test_a_recipe_files_translation_build_names_the_model_it_builds():
     recipe = str(Path(__file__).resolve().parents[1] / "bench" / "experiments" / "flare_translate" / "translation.yaml")
-    assert bench.translation_build(recipe) == "warm-e5-heldout-0d0fa70d3f1598a2-seed0"
+    assert bench.translation_build(recipe) == "0d0fa70d3f1598a2-seed0"
     assert bench.translation_build("runs/some-run") is None and bench.translation_build(None) is None
 
 

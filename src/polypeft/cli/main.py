@@ -39,7 +39,7 @@ def mmt_prepare(args) -> int:
 
 
 def mmt_train(args) -> int:
-    from ..tasks.translation.run import evaluate_run, train_run
+    from ..tasks.translation.run import train_run
     from ..training.processes import process_state
 
     recipe = _recipe(args)
@@ -49,14 +49,22 @@ def mmt_train(args) -> int:
     if not process_state().is_main_process:  # under accelerate launch, one process writes and evaluates
         return 0
     print(f"trained: {run_dir}")
-    if args.eval or args.eval_books:
-        print_scores(evaluate_run(run_dir, books=args.eval_books))
+    evaluate_after(args, run_dir)
     return 0
+
+
+def evaluate_after(args, run_dir: Path) -> None:
+    """`--eval`: the test split as the recipe draws it; `--eval-books`: some test books alone; both: each."""
+    from ..tasks.translation.run import evaluate_run
+
+    if args.eval:
+        print_scores(evaluate_run(run_dir))
+    if args.eval_books:
+        print_scores(evaluate_run(run_dir, books=args.eval_books))
 
 
 def mmt_build(args) -> int:
     from ..tasks.translation.cached import build_cached
-    from ..tasks.translation.run import evaluate_run
     from ..training.processes import process_state
 
     recipe = _recipe(args)
@@ -66,8 +74,7 @@ def mmt_build(args) -> int:
     if not process_state().is_main_process:
         return 0
     print(f"built: {run_dir}")
-    if args.eval or args.eval_books:
-        print_scores(evaluate_run(run_dir, books=args.eval_books))
+    evaluate_after(args, run_dir)
     return 0
 
 

@@ -323,7 +323,8 @@ class ReadsMovedKeys(type):
             block, _, inner = cls.moved_keys[key].rpartition(".")
             if block and dataclasses.is_dataclass(kwargs.get(block)):
                 raise cls.error_type(f"{cls.__name__}: {key}={kwargs[key]!r} is {block}.{inner}, and {block} is "
-                                     f"given too: set {inner} in that {block}, or leave {block} out")
+                                     f"given too: set {inner} in that {block} (with dataclasses.replace: "
+                                     f"{block}=replace(old.{block}, {inner}=...)), or leave {block} out")
         return cls.from_values(**kwargs)
 
 

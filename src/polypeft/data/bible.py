@@ -105,6 +105,8 @@ class BibleSplit(TypedConfig):
         """Refuse, by value, books to score alone that are not all test books: a model trained or validated on a book
         would be scored on what it saw."""
         foreign = sorted(set(books) - set(self.test_books))
+        if len(set(books)) != len(books):
+            raise ConfigError(f"books={list(books)} names a book twice; name each once")
         if not books or foreign:
             raise ConfigError(f"books={list(books)}: {foreign or 'none'} not among the run's test_books "
                               f"{list(self.test_books)}; score only books the run never trained on")

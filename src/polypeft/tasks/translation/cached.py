@@ -1,7 +1,8 @@
 """A translation model built once per recipe under the cache root, so a later command can reuse it (the folder
 is what FLARE's --translation-run takes), and a build that was stopped continues from its last checkpoint.
 
-The folder is named by the recipe's name and a hash of every setting that shapes the model.
+The folder is named by the recipe's name and a hash of every setting that shapes the model; a finished build of
+the same hash under another name serves too (its recipe.json's decoding settings, beam and length penalty, apply).
 """
 from __future__ import annotations
 
@@ -52,6 +53,9 @@ def build_cached(recipe: MMTRecipe, data: Optional[MMTData] = None, cache_dir: O
     cached = cached_recipe(recipe, cache_dir)
     run_dir = cached.run_dir
     if (run_dir / WEIGHTS_NAME).is_file():
+        if not cached.name.startswith(f"{recipe.name}-"):
+            print(f"reusing {run_dir}: the same model settings built under another name (its recipe.json's beam and "
+                  "length penalty decode it)")
         return run_dir
     resume = (run_dir / CHECKPOINT_NAME).is_file()
     started = run_dir.is_dir() and any(run_dir.iterdir())
