@@ -196,9 +196,8 @@ class RecordedTranslations:
             raise ValueError(f"--translations-from {path!r} is not a result file of this bench (--json)")
         recorded = {key: earlier["settings"].get(key) for key in ("translation_run", "translation_build")}
         wanted = {"translation_run": translation_run, "translation_build": translation_build(translation_run)}
-        if recorded["translation_run"] != translation_run or None not in (recorded["translation_build"],
-                                                                          wanted["translation_build"]) \
-                and recorded["translation_build"] != wanted["translation_build"]:
+        both_builds_known = None not in (recorded["translation_build"], wanted["translation_build"])
+        if recorded["translation_run"] != translation_run or (both_builds_known and recorded != wanted):
             raise ValueError(f"--translations-from {path!r} was translated by {recorded}, not by {wanted}")
         if recorded["translation_build"] is None and wanted["translation_build"] is not None:
             print(f"note: {path} records no translation_build (written before it was kept); its translations are "

@@ -42,15 +42,21 @@ def mmt_train(args) -> int:
     from ..tasks.translation.run import train_run
     from ..training.processes import process_state
 
-    recipe = _recipe(args)
-    if args.eval_books:
-        recipe.split().check_scored_books(args.eval_books)  # before training, not after it
+    recipe = _recipe_to_evaluate(args)
     run_dir = train_run(recipe, resume=args.resume, overwrite=args.overwrite)
     if not process_state().is_main_process:  # under accelerate launch, one process writes and evaluates
         return 0
     print(f"trained: {run_dir}")
     evaluate_after(args, run_dir)
     return 0
+
+
+def _recipe_to_evaluate(args):
+    """The command's recipe, its `--eval-books` checked against its test books before training, not after."""
+    recipe = _recipe(args)
+    if args.eval_books:
+        recipe.split().check_scored_books(args.eval_books)
+    return recipe
 
 
 def evaluate_after(args, run_dir: Path) -> None:
@@ -67,10 +73,7 @@ def mmt_build(args) -> int:
     from ..tasks.translation.cached import build_cached
     from ..training.processes import process_state
 
-    recipe = _recipe(args)
-    if args.eval_books:
-        recipe.split().check_scored_books(args.eval_books)  # before training, not after it
-    run_dir = build_cached(recipe)
+    run_dir = build_cached(_recipe_to_evaluate(args))
     if not process_state().is_main_process:
         return 0
     print(f"built: {run_dir}")
