@@ -222,7 +222,7 @@ def test_a_frozen_encoder_translates_into_several_languages_from_per_language_de
 
 
 @pytest.mark.slow
-def test_a_cached_build_is_reused_and_a_stopped_one_continues(base_dir, tmp_path, monkeypatch):
+def test_a_cached_build_is_reused_and_a_stopped_one_continues(base_dir, tmp_path, monkeypatch, capsys):
     from polypeft.tasks.translation import run as mmt
     from polypeft.tasks.translation import cached as cached_module
     from polypeft.tasks.translation.cached import build_cached, cached_recipe, recipe_key
@@ -271,8 +271,11 @@ def test_a_cached_build_is_reused_and_a_stopped_one_continues(base_dir, tmp_path
         return mmt.train_run(recipe, **kwargs)
 
     monkeypatch.setattr(cached_module, "train_run", spied_train_run)
-    assert build_cached(recipe, data=data, cache_dir=tmp_path / "stopped") == stopped
+    # a recipe of the same settings under another name continues the stopped build rather than starting its own
+    assert build_cached(renamed, data=data, cache_dir=tmp_path / "stopped") == stopped
     assert [call["resume"] for call in calls] == [True]  # continued from the step-3 checkpoint, not retrained
+    assert "a stopped build of the same model settings under another name" in capsys.readouterr().out
+    assert sorted(path.name for path in (tmp_path / "stopped").iterdir()) == [stopped.name]
     from safetensors.torch import load_file
 
     a, b = load_file(str(straight / "model.safetensors")), load_file(str(stopped / "model.safetensors"))

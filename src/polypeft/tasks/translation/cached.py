@@ -1,8 +1,8 @@
 """A translation model built once per recipe under the cache root, so a later command can reuse it (the folder
 is what FLARE's --translation-run takes), and a build that was stopped continues from its last checkpoint.
 
-The folder is named by the recipe's name and a hash of every setting that shapes the model; a finished build of
-the same hash under another name serves too (its recipe.json's decoding settings, beam and length penalty, apply).
+The folder is named by the recipe's name and a hash of every setting that shapes the model; a build of the same
+hash under another name serves too, finished or continued (its recipe.json's beam and length penalty apply).
 """
 from __future__ import annotations
 
@@ -36,14 +36,22 @@ def recipe_key(recipe: MMTRecipe) -> str:
 
 
 def cached_recipe(recipe: MMTRecipe, cache_dir: Optional[str | Path] = None) -> MMTRecipe:
-    """The recipe with its run folder moved to `cache_root()/translation/<name>-<key>-seed<seed>`, or to the finished
-    build of the same settings under another name (the name shapes nothing, so it is not built twice)."""
+    """The recipe with its run folder moved to `cache_root()/translation/<name>-<key>-seed<seed>`, or to a build of
+    the same settings under another name, finished or stopped (the name shapes nothing, so it is not built twice);
+    the recipe's own folder comes first, and a finished build before a stopped one."""
     folder = Path(cache_dir) if cache_dir is not None else cache_root() / "translation"
     key, seed = recipe_key(recipe), f"-seed{recipe.seed}"
     name = f"{recipe.name}-{key}"
+
+    def same_settings(holding: str) -> list[str]:
+        return sorted(path.name[:-len(seed)] for path in folder.glob(f"*-{key}{seed}") if (path / holding).is_file())
+
     if not (folder / f"{name}{seed}" / WEIGHTS_NAME).is_file():
-        finished = sorted(path.name for path in folder.glob(f"*-{key}{seed}") if (path / WEIGHTS_NAME).is_file())
-        name = finished[0][:-len(seed)] if finished else name
+        finished = same_settings(WEIGHTS_NAME)
+        if finished:
+            name = finished[0]
+        elif not (folder / f"{name}{seed}" / CHECKPOINT_NAME).is_file():
+            name = next(iter(same_settings(CHECKPOINT_NAME)), name)
     return dataclasses.replace(recipe, output_dir=str(folder), name=name)
 
 
@@ -58,5 +66,7 @@ def build_cached(recipe: MMTRecipe, data: Optional[MMTData] = None, cache_dir: O
                   "length penalty decode it)")
         return run_dir
     resume = (run_dir / CHECKPOINT_NAME).is_file()
+    if resume and not cached.name.startswith(f"{recipe.name}-"):
+        print(f"continuing {run_dir}: a stopped build of the same model settings under another name")
     started = run_dir.is_dir() and any(run_dir.iterdir())
     return train_run(cached, resume=resume, data=data, overwrite=started and not resume)
