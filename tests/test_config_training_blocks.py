@@ -206,6 +206,12 @@ def test_a_moved_key_works_as_a_constructor_argument_too():
         pp.TaskTrainingSettings(steps="300")
     with pytest.raises(ConfigError, match=r"'learning_rate' and 'lr' are both given"):
         TrainSettings(learning_rate=1e-3, lr=2e-3)
+    # positional arguments beside a moved key read as the dataclass reads them: fields in order
+    assert TrainSettings(100, learning_rate=1e-3) == TrainSettings(steps=100, lr=1e-3)
+    with pytest.raises(TypeError, match=r"TrainSettings got multiple values for \['steps'\]"):
+        TrainSettings(100, steps=200, learning_rate=1e-3)
+    with pytest.raises(TypeError, match="TrainSettings takes at most"):
+        TrainSettings(*range(1, 100), learning_rate=1e-3)
     with pytest.raises(TypeError, match="not_a_setting"):
         pp.TaskTrainingSettings(not_a_setting=1)
     with pytest.raises(ConfigError, match=r"steps=300 is training.steps, and training is given too: set steps in "

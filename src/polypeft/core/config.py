@@ -317,8 +317,16 @@ class ReadsMovedKeys(type):
     def __call__(cls, *args: Any, **kwargs: Any) -> Any:
         fields = {field.name for field in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
         moved = [key for key in kwargs if key in cls.moved_keys and key not in fields]
-        if args or not moved:
+        if not moved:
             return super().__call__(*args, **kwargs)
+        if args:  # positional arguments name the fields in order, as the dataclass's own __init__ reads them
+            names = [field.name for field in dataclasses.fields(cls) if field.init]
+            if len(args) > len(names):
+                raise TypeError(f"{cls.__name__} takes at most {len(names)} positional arguments ({len(args)} given)")
+            twice = sorted(set(names[:len(args)]) & set(kwargs))
+            if twice:
+                raise TypeError(f"{cls.__name__} got multiple values for {twice}")
+            kwargs = {**dict(zip(names, args)), **kwargs}
         for key in moved:  # a block given as an object already holds the key: which one is meant is unclear
             block, _, inner = cls.moved_keys[key].rpartition(".")
             if block and dataclasses.is_dataclass(kwargs.get(block)):
