@@ -215,6 +215,13 @@ class RecordedTranslations:
         return [verse["translation"] for verse in verses]
 
 
+def progress_line(target: str, seed: int, name: str, accuracy: float, timing: dict, seconds: float) -> str:
+    """One scored recipe in the log: its step time where it trains a second stage (zero-shot and translate-test
+    reuse the English model and train nothing)."""
+    step = f"step {timing['train_step_s']:.3f}s" if "train_step_s" in timing else "no training"
+    return f"{target} seed {seed} {name} acc {accuracy:.3f} {step} inference {seconds:.2f}s"
+
+
 def english_at_test_of(recipe: str, args: argparse.Namespace) -> list[str]:
     """Each English side the recipe is scored with: none for a recipe that reads no English at test."""
     if method_of(recipe) not in READS_ENGLISH_AT_TEST:
@@ -313,8 +320,7 @@ def run(args: argparse.Namespace) -> dict:
                     results[target].setdefault(name, []).append(
                         {"seed": seed, "accuracy": accuracy, **timing, "inference_s": seconds,
                          **({"translation_s": translation_s} if translation_s is not None else {}), "correct": outcomes})
-                    print(f"{target} seed {seed} {name} acc {accuracy:.3f} "
-                          f"step {timing.get('train_step_s', 0.0):.3f}s inference {seconds:.2f}s", flush=True)
+                    print(progress_line(target, seed, name, accuracy, timing, seconds), flush=True)
         save(args, results, translations)
     return results
 

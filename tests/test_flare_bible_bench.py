@@ -254,3 +254,10 @@ def test_recorded_translations_with_no_recipe_reading_them_are_refused(capsys):
     with pytest.raises(SystemExit):
         bench.check_settings(argparse.ArgumentParser(prog="flare_bible.py"), args)
     assert "--translations-from 'seed0.json': no recipe reads translated English" in capsys.readouterr().err
+
+
+def test_the_log_says_no_training_for_a_recipe_that_trains_nothing():
+    assert bench.progress_line("fr", 1, "translate_test", 0.5, {}, 1.234) == \
+        "fr seed 1 translate_test acc 0.500 no training inference 1.23s"
+    assert bench.progress_line("fr", 1, "x_mixup", 0.5, {"train_step_s": 0.25}, 2.0) == \
+        "fr seed 1 x_mixup acc 0.500 step 0.250s inference 2.00s"
