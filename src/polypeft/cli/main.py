@@ -110,7 +110,8 @@ def mmt_compare(args) -> int:
 
     check_output_dir(args.out, "--out")
     check_outputs_apart({f"runs[{i}]": run for i, run in enumerate(args.runs)}, {"--out": (args.out, "folder")})
-    comparison = write_comparison(load_results(args.runs, args.split), args.baseline, args.out, pivot=args.pivot)
+    comparison = write_comparison(load_results(args.runs, args.split), args.baseline, args.out, pivot=args.pivot,
+                                  paired_tests=not args.no_paired_tests)
     print(Path(args.out, "comparison.md").read_text(encoding="utf-8"))
     print(f"plot: {Path(args.out, 'bleu_gain_vs_parameters.png')}")
     return 0 if comparison else 1
@@ -161,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     comparison.add_argument("--out", default="runs/compare")
     comparison.add_argument("--split", default="test", choices=("test", "valid"))
     comparison.add_argument("--pivot", default="en", help="the hub language of the en->xx / xx->en averages")
+    comparison.add_argument("--no-paired-tests", action="store_true",
+                            help="leave out sacreBLEU's paired bootstrap (it reads the references from the corpus); "
+                                 "the paired intervals stay")
     comparison.set_defaults(func=mmt_compare)
 
     demo_parser = commands.add_parser("demo", help="every method against its baseline on the Bible corpus, minutes")

@@ -36,23 +36,30 @@ def recipe_key(recipe: MMTRecipe) -> str:
 
 
 def cached_recipe(recipe: MMTRecipe, cache_dir: Optional[str | Path] = None) -> MMTRecipe:
-    """The recipe with its run folder moved to `cache_root()/translation/<name>-<key>-seed<seed>`, or to a build of
-    the same settings under another name, finished or stopped (the name shapes nothing, so it is not built twice);
-    the recipe's own folder comes first, and a finished build before a stopped one."""
+    """The recipe with its run folder under `cache_root()/translation`: its own finished build, else a finished build
+    of the same settings under another name (the name shapes nothing), else its own stopped build, else another
+    name's stopped build, continued as that build was started; else its own new `<name>-<key>-seed<seed>`.
+
+    Like a recipe's own folder, a stopped build is taken to be stopped: two commands building one folder at once
+    would both write it."""
     folder = Path(cache_dir) if cache_dir is not None else cache_root() / "translation"
     key, seed = recipe_key(recipe), f"-seed{recipe.seed}"
-    name = f"{recipe.name}-{key}"
+    own = dataclasses.replace(recipe, output_dir=str(folder), name=f"{recipe.name}-{key}")
 
-    def same_settings(holding: str) -> list[str]:
-        return sorted(path.name[:-len(seed)] for path in folder.glob(f"*-{key}{seed}") if (path / holding).is_file())
+    def same_settings(holding: str) -> list[Path]:
+        return sorted(path for path in folder.glob(f"*-{key}{seed}") if (path / holding).is_file())
 
-    if not (folder / f"{name}{seed}" / WEIGHTS_NAME).is_file():
-        finished = same_settings(WEIGHTS_NAME)
-        if finished:
-            name = finished[0]
-        elif not (folder / f"{name}{seed}" / CHECKPOINT_NAME).is_file():
-            name = next(iter(same_settings(CHECKPOINT_NAME)), name)
-    return dataclasses.replace(recipe, output_dir=str(folder), name=name)
+    finished = same_settings(WEIGHTS_NAME)
+    if (own.run_dir / WEIGHTS_NAME).is_file() or (own.run_dir / CHECKPOINT_NAME).is_file() and not finished:
+        return own
+    if finished:  # decoded with its own recipe.json's beam and length penalty (see the module's doc)
+        return dataclasses.replace(own, name=finished[0].name[:-len(seed)])
+    stopped = [path for path in same_settings(CHECKPOINT_NAME) if (path / "recipe.json").is_file()]
+    if stopped:  # as it was started: its recipe.json's checkpoint and decoding settings, not this recipe's
+        file = stopped[0] / "recipe.json"
+        started = MMTRecipe.from_dict(json.loads(file.read_text(encoding="utf-8")), where=str(file))
+        return dataclasses.replace(started, output_dir=str(folder))
+    return own
 
 
 def build_cached(recipe: MMTRecipe, data: Optional[MMTData] = None, cache_dir: Optional[str | Path] = None) -> Path:
@@ -60,13 +67,14 @@ def build_cached(recipe: MMTRecipe, data: Optional[MMTData] = None, cache_dir: O
     trained from nothing otherwise (a folder a build left before its first checkpoint is started again)."""
     cached = cached_recipe(recipe, cache_dir)
     run_dir = cached.run_dir
+    elsewhere = cached.name != f"{recipe.name}-{recipe_key(recipe)}"
     if (run_dir / WEIGHTS_NAME).is_file():
-        if not cached.name.startswith(f"{recipe.name}-"):
+        if elsewhere:
             print(f"reusing {run_dir}: the same model settings built under another name (its recipe.json's beam and "
                   "length penalty decode it)")
         return run_dir
     resume = (run_dir / CHECKPOINT_NAME).is_file()
-    if resume and not cached.name.startswith(f"{recipe.name}-"):
+    if resume and elsewhere:
         print(f"continuing {run_dir}: a stopped build of the same model settings under another name")
     started = run_dir.is_dir() and any(run_dir.iterdir())
     return train_run(cached, resume=resume, data=data, overwrite=started and not resume)

@@ -11,8 +11,7 @@ from statistics import mean, pstdev
 from typing import Optional, Sequence
 
 from .evaluate import win_ratio
-from .significance import paired_bootstrap
-from ...experiments.confidence import difference_intervals
+from .significance import paired_against, paired_markdown, paired_test_corpus
 from ...core.fileio import atomic_write, file_sha256, write_json, write_text
 
 # A run directory's weights, beside the eval_<split>.json files that score them (run.py writes both).
@@ -76,7 +75,8 @@ def _inference_extra(result: dict, variant: str) -> int:
 
 def compare(results: Sequence[dict], baseline: str, paired_tests: bool = True) -> dict:
     """Rows per (run name, variant): metric means and spreads over seeds, parameters, win ratio, and the difference
-    to the baseline paired verse by verse (`paired_against`)."""
+    to the baseline paired verse by verse (`paired_against`; `paired_tests` adds sacreBLEU's tests, which read the
+    references back from the corpus)."""
     grouped: dict[str, list[tuple[dict, str]]] = defaultdict(list)
     for result in results:
         for variant in result["variants"]:
@@ -112,42 +112,11 @@ def compare(results: Sequence[dict], baseline: str, paired_tests: bool = True) -
     base_bleu = rows[baseline]["averages"]["bleu_all"]["mean"]
     for row in rows.values():
         row["bleu_gain"] = round(row["averages"]["bleu_all"]["mean"] - base_bleu, 2)
+    tests = paired_test_corpus() if paired_tests else None
     for label, members in grouped.items():
         if label != baseline:
-            rows[label]["paired"] = paired_against(members, grouped[baseline], paired_tests)
+            rows[label]["paired"] = paired_against(members, grouped[baseline], tests)
     return {"baseline": baseline, "rows": rows}
-
-
-def paired_against(members: Sequence[tuple[dict, str]], baseline: Sequence[tuple[dict, str]],
-                   paired_tests: bool) -> Optional[dict]:
-    """One run's BLEU difference to the baseline with 95 % intervals, verses and seeds resampled, per direction and
-    over all; with `paired_tests`, also sacreBLEU's paired bootstrap (BLEU and chrF) for each seed both share.
-    None when either side kept no per-verse statistics or they scored different verses."""
-    sides = [[r["variants"][v].get("sentences") for r, v in side] for side in (members, baseline)]
-    if not all(sentences for side in sides for sentences in side):
-        return None
-    directions = sorted(sides[1][0])
-    verses = {d: sides[1][0][d]["verse_ids"] for d in directions}
-    if any(sorted(s) != directions or any(s[d]["verse_ids"] != verses[d] for d in directions)
-           for side in sides for s in side):
-        return None
-    statistics = [{d: [s[d]["bleu_statistics"] for s in side] for d in directions} for side in sides]
-    found = difference_intervals(statistics[0], statistics[1], statistic="bleu")
-    paired = {"bleu_difference": {name: {key: found[name][key] for key in ("difference", "low", "high")}
-                                  for name in [*directions, "mean"]},
-              "directions_better": sum(found[d]["low"] > 0 for d in directions),
-              "directions_worse": sum(found[d]["high"] < 0 for d in directions)}
-    if paired_tests:
-        base_by_seed = {r["seed"]: (r, v) for r, v in baseline}
-        paired["sacrebleu_paired_bootstrap"] = {
-            str(r["seed"]): paired_bootstrap(_one_variant(r, v), _one_variant(*base_by_seed[r["seed"]]))
-            for r, v in members if r["seed"] in base_by_seed}
-    return paired
-
-
-def _one_variant(result: dict, variant: str) -> dict:
-    """The result with `variant`'s scores as its default variant (what the paired test reads)."""
-    return {**result, "variants": {"default": result["variants"][variant]}}
 
 
 def markdown(comparison: dict, pivot: str = "en") -> str:
@@ -175,31 +144,7 @@ def markdown(comparison: dict, pivot: str = "en") -> str:
         for label, row in rows.items():
             scores = row[f"{metric}_per_direction"]
             lines.append(f"| {label} | " + " | ".join(f"{scores.get(d, float('nan')):.2f}" for d in directions) + " |")
-    return "\n".join(lines + paired_markdown(comparison, directions)) + "\n"
-
-
-def paired_markdown(comparison: dict, directions: Sequence[str]) -> list[str]:
-    """The BLEU difference to the baseline per direction, 95 % interval (verses and seeds resampled), and
-    sacreBLEU's paired-bootstrap p-value of each shared seed."""
-    paired = {label: row["paired"] for label, row in comparison["rows"].items() if row.get("paired")}
-    if not paired:
-        return []
-    lines = ["", f"BLEU difference to {comparison['baseline']}, paired on the same verses: 95 % interval (verses and "
-             "seeds resampled); p: sacreBLEU's paired bootstrap, per seed:", "",
-             "| run | " + " | ".join([*directions, "mean", "better / worse"]) + " |",
-             "|---|" + "---|" * (len(directions) + 2)]
-    for label, found in paired.items():
-        cells = []
-        for name in [*directions, "mean"]:
-            value = found["bleu_difference"][name]
-            cell = f"{value['difference']:+.2f} [{value['low']:+.2f}, {value['high']:+.2f}]"
-            tests = found.get("sacrebleu_paired_bootstrap", {})
-            if name != "mean" and tests:
-                cell += " p " + "/".join(f"{test[name]['bleu']['p_value']:.3f}" for test in tests.values())
-            cells.append(cell)
-        cells.append(f"{found['directions_better']} / {found['directions_worse']}")
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return lines
+    return "\n".join(lines + paired_markdown(comparison)) + "\n"
 
 
 def plot_gain_vs_parameters(comparison: dict, path: str | Path, title: Optional[str] = None) -> Path:
@@ -238,8 +183,8 @@ def plot_gain_vs_parameters(comparison: dict, path: str | Path, title: Optional[
 
 
 def write_comparison(results: Sequence[dict], baseline: str, out_dir: str | Path, pivot: str = "en",
-                     title: Optional[str] = None) -> dict:
-    comparison = compare(results, baseline)
+                     title: Optional[str] = None, paired_tests: bool = True) -> dict:
+    comparison = compare(results, baseline, paired_tests)
     out_dir = Path(out_dir)
     write_json(out_dir / "comparison.json", comparison)
     write_text(out_dir / "comparison.md", markdown(comparison, pivot))
