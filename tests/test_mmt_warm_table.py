@@ -1,0 +1,85 @@
+"""bench/mmt_warm_table.py: every method's block lands on the warm model's decoder FFNs, LoRA at LMS's trainable
+parameters, and the table runner resumes, relabels and compares (builds and decoding faked: they are tested in
+test_warm_start.py)."""
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from polypeft.tasks.translation.run import build_model
+from test_translation_significance import result, shortened
+from test_warm_start import base_dir, own_cache, toy_tokenizer, warm_recipe  # noqa: F401  (fixtures)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import mmt_warm_table as table  # noqa: E402  (a bench script: fails loudly if it breaks)
+
+
+def own_names(model) -> dict[str, bool]:
+    """Parameter name (from the encoder-decoder down, whatever wraps it) -> whether it trains."""
+    return {re.search(r"(encoder|decoder)\..*", name).group(0): p.requires_grad for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("method", [m for m in table.METHODS if m != "naive"])
+def test_every_method_adds_to_the_decoder_ffns_alone(method, base_dir, tmp_path):  # noqa: F811
+    naive = own_names(build_model(warm_recipe(tmp_path, base_dir), toy_tokenizer(base_dir)))
+    routed = own_names(build_model(warm_recipe(tmp_path, base_dir, method=table.method_block(method, ["en", "de", "fr"])),
+                                   toy_tokenizer(base_dir)))
+    added = [name for name in routed if name not in naive and ".base_layer." not in name]  # base_layer: the FFN itself
+    assert added and all(re.match(r"decoder\.bert\.encoder\.layer\.\d+\.(intermediate|output)\.dense\.", name)
+                         for name in added), added
+    assert all(routed[name] for name in added)
+    assert {name for name, trains in routed.items() if trains and name.startswith("encoder.")} == \
+        {name for name, trains in naive.items() if trains and name.startswith("encoder.")}, "the encoder trains as in naive"
+
+
+def test_lora_trains_as_many_parameters_as_pair_wise_lms(base_dir, tmp_path):  # noqa: F811
+    counts = {}
+    for method in ("lms_pair", "lora"):
+        model = build_model(warm_recipe(tmp_path, base_dir, method=table.method_block(method, ["en", "de", "fr"])),
+                            toy_tokenizer(base_dir))
+        counts[method] = sum(p.numel() for name, p in model.named_parameters()
+                             if ("lms_" in name or "lora_" in name) and p.requires_grad)
+    assert counts["lora"] == counts["lms_pair"] > 0
+
+
+def test_the_runner_builds_scores_relabels_and_resumes(tmp_path, monkeypatch):
+    from polypeft.data.bible import BibleCorpus
+    from polypeft.data.parallel import ParallelExample
+
+    rows = BibleCorpus().parallel(["en", "fr"], books=[43], max_verses=30)
+    examples = [ParallelExample("fr", "en", row["fr"], row["en"], row["ref"]) for row in rows]
+    built, evaluated = [], []
+
+    def fake_build(recipe, data=None):
+        built.append((recipe.name, recipe.seed, recipe.method))
+        run_dir = tmp_path / "cache" / f"{recipe.name}-seed{recipe.seed}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return run_dir
+
+    def fake_evaluate(run_dir, books=None):
+        evaluated.append(run_dir.name)
+        keep = 0.8 if "lms_pair" in run_dir.name else 0.5
+        scores = result(run_dir.name, int(run_dir.name[-1]), examples, shortened(examples, keep))
+        (run_dir / f"eval_test_books-{books[0]}.json").write_text(__import__("json").dumps(scores))
+
+    monkeypatch.setattr(table, "build_cached", fake_build)
+    monkeypatch.setattr(table.mmt, "evaluate_run", fake_evaluate)
+    monkeypatch.setattr(table.mmt, "prepare", lambda recipe: None)
+    recipe = Path(table.ROOT / "configs" / "mmt_warm_e5.yaml")
+    comparison = table.run_table(recipe, ["naive", "lms_pair"], [0, 1], [43], tmp_path / "out")
+    assert [(name, seed) for name, seed, _ in built] == [("warm-e5-naive", 0), ("warm-e5-lms_pair", 0),
+                                                         ("warm-e5-naive", 1), ("warm-e5-lms_pair", 1)]
+    assert built[1][2]["target_modules"] == table.DECODER_FFN
+    assert sorted(comparison["rows"]) == ["lms_pair", "naive"], "each method one row over its seeds"
+    assert comparison["rows"]["lms_pair"]["seeds"] == [0, 1]
+    assert comparison["rows"]["lms_pair"]["paired"]["directions_better"] == 1
+    assert (tmp_path / "out" / "compare" / "comparison.md").is_file()
+    table.run_table(recipe, ["naive", "lms_pair"], [0, 1], [43], tmp_path / "out")
+    assert len(evaluated) == 4, "a second run scores nothing again"
+    with pytest.raises(SystemExit, match=r"unknown \['lms_pairs'\]"):
+        table.run_table(recipe, ["naive", "lms_pairs"], [0], [43], tmp_path / "out")
+    with pytest.raises(Exception, match="49"):
+        table.run_table(recipe, ["naive"], [0], [49], tmp_path / "out")
