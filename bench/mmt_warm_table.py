@@ -1,9 +1,12 @@
 """The LMS paper's comparison in BLEU on the warm-start translation model: every method, every seed, one table.
 
 Each method is the base recipe with its method block as the only change, placed where the naive baseline trains:
-the decoder's FFN linears (the encoder is frozen, and routes in it would need a backward pass through it). Builds
-are cached and resumable (as `polypeft mmt build`), each scored once on the books named; run the script again
-after a stop and it picks up where it stopped. About 65 minutes per build on the idle 2-core CPU.
+the decoder's FFN linears (Switch: every second one; the encoder is frozen, and routes in it would need a backward
+pass through it). The decoder trains in every row, so LoRA there adds no capacity beyond naive's: it is the shared
+low-rank control at LMS's parameter count, not peft's frozen-base LoRA (bench/RESULTS.md §12 compares that one).
+Builds are cached and resumable (as `polypeft mmt build`), each scored once on the books named; run the script
+again after a stop and it picks up where it stopped. A build of configs/mmt_warm_e5.yaml (xx->en) takes about 65
+minutes on the idle 2-core CPU; FD runs every batch twice.
 
 Usage: python bench/mmt_warm_table.py --out DIR [--recipe configs/mmt_warm_e5_both.yaml] [--methods ...]
        [--seeds 0 1] [--books 43]
@@ -12,14 +15,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from pathlib import Path
 from typing import Sequence
 
 from polypeft.core.fileio import write_json
 from polypeft.tasks.translation import run as mmt
-from polypeft.tasks.translation.cached import build_cached
-from polypeft.tasks.translation.compare import StaleEvaluationError, load_results, write_comparison
+from polypeft.tasks.translation.cached import build_cached, cached_recipe
+from polypeft.tasks.translation.compare import (WEIGHTS_NAME, StaleEvaluationError, load_results,
+                                                write_comparison)
 
 ROOT = Path(__file__).resolve().parent.parent
 DECODER_FFN = r"decoder\.bert\.encoder\.layer\.\d+\.(intermediate|output)\.dense"
@@ -38,8 +41,8 @@ METHODS = {
 
 
 def method_block(method: str, languages: Sequence[str]) -> dict:
-    """The method block on the decoder's FFN linears; LoRA's rank is languages x LMS's rank, so it trains as many
-    parameters as pair-wise LMS (one V and one F per language per linear)."""
+    """The method block on the decoder's FFN linears; LoRA's rank is languages x LMS's rank, so it holds as many
+    parameters as pair-wise LMS (one V and one F per language per linear; into English alone, F[en] serves all)."""
     block = dict(METHODS[method])
     if method != "naive":
         block["target_modules"] = DECODER_FFN
@@ -49,46 +52,63 @@ def method_block(method: str, languages: Sequence[str]) -> dict:
 
 
 def recipe_for(base: mmt.MMTRecipe, method: str, seed: int) -> mmt.MMTRecipe:
+    """The base recipe with `method`'s block and `seed`, named after the method (checked as any recipe is)."""
     return dataclasses.replace(base, name=f"{base.name}-{method}", method=method_block(method, base.languages),
                                seed=seed)
 
 
-def scored(run_dir: Path, books: Sequence[int]) -> Path:
-    """The run's evaluation on `books`: the one already written when it scores these weights, else a new one."""
+def check_methods(base: mmt.MMTRecipe, methods: Sequence[str]) -> None:
+    """Refuse unknown methods, a table without its baseline, and decoder routes that would have one language."""
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise SystemExit(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
+    if "naive" not in methods:
+        raise SystemExit(f"--methods {list(methods)}: the table compares with naive; add it")
+    by_target = sorted({"lms_lang", "ls_ffn"} & set(methods))
+    if by_target and base.directions == "into_pivot":
+        raise SystemExit(f"--methods {by_target}: in the decoder they route by the target language, and "
+                         f"{base.name!r} translates into {base.pivot!r} alone, so each would be one shared module; "
+                         "use a recipe with both directions (configs/mmt_warm_e5_both.yaml) or leave them out")
+
+
+def scored(recipe: mmt.MMTRecipe, run_dir: Path, books: Sequence[int]) -> dict:
+    """The run's evaluation on `books`: the one already written when it scores these weights, else a new one; a
+    build reused from another name must decode as the recipe asks."""
+    used = mmt.read_run_recipe(run_dir)
+    if (used.beam, used.length_penalty) != (recipe.beam, recipe.length_penalty):
+        raise SystemExit(f"{run_dir} decodes with beam {used.beam}, length penalty {used.length_penalty}; the table "
+                         f"asks beam {recipe.beam}, length penalty {recipe.length_penalty}: score it apart")
     file = run_dir / f"eval_test_books-{'-'.join(str(book) for book in sorted(books))}.json"
     if file.is_file():
         try:
-            load_results([file])
-            return file
+            return load_results([file])[0]
         except StaleEvaluationError:
             pass
-    mmt.evaluate_run(run_dir, books=books)
-    return file
+    return mmt.evaluate_run(run_dir, books=books)
 
 
 def run_table(recipe_file: Path, methods: Sequence[str], seeds: Sequence[int], books: Sequence[int], out: Path) -> dict:
-    """Build and score every method for every seed (each seed of every method before the next seed), copying each
-    evaluation under its method's name and rewriting the comparison after each run."""
-    unknown = sorted(set(methods) - set(METHODS))
-    if unknown or "naive" not in methods:
-        raise SystemExit(f"--methods {list(methods)}: unknown {unknown}; choose from {list(METHODS)}, naive among them")
+    """Build and score every method for every seed (each seed of every method before the next seed), keep each
+    evaluation under its method's name in `out/runs`, and compare this call's runs once they are all scored."""
     base = mmt.MMTRecipe.from_yaml(recipe_file)
+    check_methods(base, methods)
     base.split().check_scored_books(books)  # before any training
     recipes = [recipe_for(base, method, seed) for seed in seeds for method in methods]
-    data = mmt.prepare(recipes[0])  # data, tokenizer and splits are the same for every method
-    comparison: dict = {}
+    data = None  # prepared once, when a build needs it: data, tokenizer and splits are the same for every method
+    results = []
     for recipe in recipes:
         method = recipe.name[len(base.name) + 1:]
-        result = json.loads(scored(build_cached(recipe, data=data), books).read_text(encoding="utf-8"))
-        write_json(out / "runs" / f"{method}-seed{recipe.seed}.json", {**result, "name": method})
-        files = sorted((out / "runs").glob("*-seed*.json"))
-        if any(file.name.startswith("naive-") for file in files):
-            comparison = write_comparison(load_results(files), "naive", out / "compare",
-                                          title=f"{recipe_file.name}, John")
-    return comparison
+        if data is None and not (cached_recipe(recipe).run_dir / WEIGHTS_NAME).is_file():
+            data = mmt.prepare(recipe)
+        result = {**scored(recipe, build_cached(recipe, data=data), books), "name": method}
+        write_json(out / "runs" / f"{method}-seed{recipe.seed}.json", result)
+        results.append(result)
+    books_named = ", ".join(str(book) for book in books)
+    return write_comparison(results, "naive", out / "compare", title=f"{recipe_file.name}, books {books_named}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """The command line: arguments as the module's usage line says."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", type=Path, default=ROOT / "configs" / "mmt_warm_e5_both.yaml")
     parser.add_argument("--methods", nargs="+", default=list(METHODS))

@@ -8,6 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from dataclasses import replace
+
+from polypeft.core.config import ConfigError
+from polypeft.core.fileio import write_json
 
 from polypeft.tasks.translation.run import build_model
 from test_translation_significance import result, shortened
@@ -51,35 +55,54 @@ def test_the_runner_builds_scores_relabels_and_resumes(tmp_path, monkeypatch):
 
     rows = BibleCorpus().parallel(["en", "fr"], books=[43], max_verses=30)
     examples = [ParallelExample("fr", "en", row["fr"], row["en"], row["ref"]) for row in rows]
-    built, evaluated = [], []
+    built, evaluated, recipes, prepared = [], [], {}, []
 
     def fake_build(recipe, data=None):
         built.append((recipe.name, recipe.seed, recipe.method))
         run_dir = tmp_path / "cache" / f"{recipe.name}-seed{recipe.seed}"
         run_dir.mkdir(parents=True, exist_ok=True)
+        recipes.setdefault(run_dir, recipe)  # as a finished build keeps the recipe it was built with
         return run_dir
 
     def fake_evaluate(run_dir, books=None):
         evaluated.append(run_dir.name)
-        keep = 0.8 if "lms_pair" in run_dir.name else 0.5
-        scores = result(run_dir.name, int(run_dir.name[-1]), examples, shortened(examples, keep))
-        (run_dir / f"eval_test_books-{books[0]}.json").write_text(__import__("json").dumps(scores))
+        keep = 0.8 if "lms" in run_dir.name else 0.5
+        scores = result(run_dir.name, recipes[run_dir].seed, examples, shortened(examples, keep))
+        if "lms_fd" in run_dir.name:  # FD is scored both ways
+            scores["variants"] = {"fd_share": scores["variants"]["default"], "fd_ls": scores["variants"]["default"]}
+        write_json(run_dir / f"eval_test_books-{books[0]}.json", scores)
+        return scores
 
     monkeypatch.setattr(table, "build_cached", fake_build)
     monkeypatch.setattr(table.mmt, "evaluate_run", fake_evaluate)
-    monkeypatch.setattr(table.mmt, "prepare", lambda recipe: None)
+    monkeypatch.setattr(table.mmt, "read_run_recipe", lambda run_dir: recipes[run_dir])
+    monkeypatch.setattr(table.mmt, "prepare", lambda recipe: prepared.append(recipe.name) or "data")
     recipe = Path(table.ROOT / "configs" / "mmt_warm_e5.yaml")
-    comparison = table.run_table(recipe, ["naive", "lms_pair"], [0, 1], [43], tmp_path / "out")
-    assert [(name, seed) for name, seed, _ in built] == [("warm-e5-naive", 0), ("warm-e5-lms_pair", 0),
-                                                         ("warm-e5-naive", 1), ("warm-e5-lms_pair", 1)]
-    assert built[1][2]["target_modules"] == table.DECODER_FFN
-    assert sorted(comparison["rows"]) == ["lms_pair", "naive"], "each method one row over its seeds"
-    assert comparison["rows"]["lms_pair"]["seeds"] == [0, 1]
-    assert comparison["rows"]["lms_pair"]["paired"]["directions_better"] == 1
-    assert (tmp_path / "out" / "compare" / "comparison.md").is_file()
-    table.run_table(recipe, ["naive", "lms_pair"], [0, 1], [43], tmp_path / "out")
-    assert len(evaluated) == 4, "a second run scores nothing again"
+    methods = ["naive", "lms_pair", "lms_fd"]
+    comparison = table.run_table(recipe, methods, [0, 1], [43], tmp_path / "out")
+    assert [(name, seed) for name, seed, _ in built] == [(f"warm-e5-{m}", s) for s in (0, 1) for m in methods]
+    assert built[1][2]["target_modules"] == table.DECODER_FFN and prepared == ["warm-e5-naive"]
+    assert sorted(comparison["rows"]) == ["lms_fd (fd-ls)", "lms_fd (fd-share)", "lms_pair", "naive"]
+    for label in ("lms_pair", "lms_fd (fd-share)", "lms_fd (fd-ls)"):
+        assert comparison["rows"][label]["seeds"] == [0, 1]
+        assert comparison["rows"][label]["paired"]["directions_better"] == 1
+    assert "| lms_fd (fd-share) | +" in (tmp_path / "out" / "compare" / "comparison.md").read_text()
+    assert sorted(p.name for p in (tmp_path / "out" / "runs").iterdir())[:2] == ["lms_fd-seed0.json", "lms_fd-seed1.json"]
+    table.run_table(recipe, methods, [0, 1], [43], tmp_path / "out")
+    assert len(evaluated) == 6, "a second run scores nothing again"
+    recipes[tmp_path / "cache" / "warm-e5-naive-seed0"] = replace(recipes[tmp_path / "cache" / "warm-e5-naive-seed0"],
+                                                                beam=1)
+    with pytest.raises(SystemExit, match="decodes with beam 1, length penalty 1.0; the table asks beam 5"):
+        table.run_table(recipe, methods, [0], [43], tmp_path / "out")
+
+
+def test_the_runner_refuses_a_table_it_cannot_make(tmp_path):
+    recipe = Path(table.ROOT / "configs" / "mmt_warm_e5.yaml")
     with pytest.raises(SystemExit, match=r"unknown \['lms_pairs'\]"):
-        table.run_table(recipe, ["naive", "lms_pairs"], [0], [43], tmp_path / "out")
-    with pytest.raises(Exception, match="49"):
-        table.run_table(recipe, ["naive"], [0], [49], tmp_path / "out")
+        table.run_table(recipe, ["naive", "lms_pairs"], [0], [43], tmp_path)
+    with pytest.raises(SystemExit, match="the table compares with naive; add it"):
+        table.run_table(recipe, ["lms_pair"], [0], [43], tmp_path)
+    with pytest.raises(SystemExit, match=r"\['ls_ffn'\]: in the decoder they route by the target language"):
+        table.run_table(recipe, ["naive", "ls_ffn"], [0], [43], tmp_path)
+    with pytest.raises(ConfigError, match="49"):
+        table.run_table(recipe, ["naive"], [0], [49], tmp_path)

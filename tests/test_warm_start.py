@@ -259,7 +259,7 @@ def test_a_cached_build_is_reused_and_a_stopped_one_continues(base_dir, tmp_path
             yield batch
 
     monkeypatch.setattr(mmt, "batch_stream", stopping_stream)
-    for where in ("stopped", "stopped-renamed"):
+    for where in ("stopped", "stopped-elsewhere"):
         with pytest.raises(KeyboardInterrupt):
             build_cached(recipe, data=data, cache_dir=tmp_path / where)
     stopped = cached_recipe(recipe, tmp_path / "stopped").run_dir
@@ -274,16 +274,13 @@ def test_a_cached_build_is_reused_and_a_stopped_one_continues(base_dir, tmp_path
     monkeypatch.setattr(cached_module, "train_run", spied_train_run)
     assert build_cached(recipe, data=data, cache_dir=tmp_path / "stopped") == stopped
     assert [call["resume"] for call in calls] == [True]  # continued from the step-3 checkpoint, not retrained
-    # a recipe of the same settings under another name continues the stopped build rather than starting its own,
-    # as that build was started (its beam, not this recipe's)
+    # another name's stopped build may be one another command is still writing: a recipe builds its own folder
+    elsewhere = tmp_path / "stopped-elsewhere"
+    assert cached_recipe(renamed, elsewhere).run_dir == elsewhere / f"same-settings-other-name-{recipe_key(recipe)}-seed0"
+    # a finished build under another name comes before the recipe's own stopped one
+    shutil.copytree(straight, elsewhere / f"finished-{recipe_key(recipe)}-seed0")
+    assert cached_recipe(recipe, elsewhere).run_dir == elsewhere / f"finished-{recipe_key(recipe)}-seed0"
     capsys.readouterr()
-    renamed_stopped = tmp_path / "stopped-renamed" / stopped.name
-    assert build_cached(dataclasses.replace(renamed, beam=4), data=data,
-                        cache_dir=tmp_path / "stopped-renamed") == renamed_stopped
-    assert [call["resume"] for call in calls] == [True, True]
-    assert "a stopped build of the same model settings under another name" in capsys.readouterr().out
-    assert [path.name for path in (tmp_path / "stopped-renamed").iterdir()] == [stopped.name]
-    assert json.loads((renamed_stopped / "recipe.json").read_text())["beam"] == recipe.beam != 4
     # a name this recipe's name is a prefix of is still another name: "warm" is told it reuses "warm-e5"'s build
     prefixed = tmp_path / "prefixed" / straight.name.replace("warm-", "warm-e5-", 1)
     shutil.copytree(straight, prefixed)

@@ -1,8 +1,8 @@
 """A translation model built once per recipe under the cache root, so a later command can reuse it (the folder
 is what FLARE's --translation-run takes), and a build that was stopped continues from its last checkpoint.
 
-The folder is named by the recipe's name and a hash of every setting that shapes the model; a build of the same
-hash under another name serves too, finished or continued (its recipe.json's beam and length penalty apply).
+The folder is named by the recipe's name and a hash of every setting that shapes the model; a finished build of
+the same hash under another name serves too (its recipe.json's decoding settings, beam and length penalty, apply).
 """
 from __future__ import annotations
 
@@ -37,28 +37,16 @@ def recipe_key(recipe: MMTRecipe) -> str:
 
 def cached_recipe(recipe: MMTRecipe, cache_dir: Optional[str | Path] = None) -> MMTRecipe:
     """The recipe with its run folder under `cache_root()/translation`: its own finished build, else a finished build
-    of the same settings under another name (the name shapes nothing), else its own stopped build, else another
-    name's stopped build, continued as that build was started; else its own new `<name>-<key>-seed<seed>`.
+    of the same settings under another name (the name shapes nothing), else its own `<name>-<key>-seed<seed>`.
 
-    Like a recipe's own folder, a stopped build is taken to be stopped: two commands building one folder at once
-    would both write it."""
+    Another name's stopped build is not taken: nothing tells it from one another command is still writing."""
     folder = Path(cache_dir) if cache_dir is not None else cache_root() / "translation"
     key, seed = recipe_key(recipe), f"-seed{recipe.seed}"
     own = dataclasses.replace(recipe, output_dir=str(folder), name=f"{recipe.name}-{key}")
-
-    def same_settings(holding: str) -> list[Path]:
-        return sorted(path for path in folder.glob(f"*-{key}{seed}") if (path / holding).is_file())
-
-    finished = same_settings(WEIGHTS_NAME)
-    if (own.run_dir / WEIGHTS_NAME).is_file() or (own.run_dir / CHECKPOINT_NAME).is_file() and not finished:
-        return own
-    if finished:  # decoded with its own recipe.json's beam and length penalty (see the module's doc)
-        return dataclasses.replace(own, name=finished[0].name[:-len(seed)])
-    stopped = [path for path in same_settings(CHECKPOINT_NAME) if (path / "recipe.json").is_file()]
-    if stopped:  # as it was started: its recipe.json's checkpoint and decoding settings, not this recipe's
-        file = stopped[0] / "recipe.json"
-        started = MMTRecipe.from_dict(json.loads(file.read_text(encoding="utf-8")), where=str(file))
-        return dataclasses.replace(started, output_dir=str(folder))
+    if not (own.run_dir / WEIGHTS_NAME).is_file():
+        finished = sorted(path.name for path in folder.glob(f"*-{key}{seed}") if (path / WEIGHTS_NAME).is_file())
+        if finished:  # decoded with its own recipe.json's beam and length penalty (see the module's doc)
+            return dataclasses.replace(own, name=finished[0][:-len(seed)])
     return own
 
 
@@ -74,7 +62,5 @@ def build_cached(recipe: MMTRecipe, data: Optional[MMTData] = None, cache_dir: O
                   "length penalty decode it)")
         return run_dir
     resume = (run_dir / CHECKPOINT_NAME).is_file()
-    if resume and elsewhere:
-        print(f"continuing {run_dir}: a stopped build of the same model settings under another name")
     started = run_dir.is_dir() and any(run_dir.iterdir())
     return train_run(cached, resume=resume, data=data, overwrite=started and not resume)

@@ -123,10 +123,13 @@ def paired_against(members: Sequence[tuple[dict, str]], baseline: Sequence[tuple
         paired["sacrebleu_skipped"] = tests
     elif tests is not None:
         base_by_seed = {r["seed"]: (r, v) for r, v in baseline}
-        paired["sacrebleu_paired_bootstrap"] = {
-            str(r["seed"]): paired_bootstrap(r, base_by_seed[r["seed"]][0], v, base_by_seed[r["seed"]][1],
-                                             corpus=tests)
-            for r, v in sorted(members, key=lambda member: member[0]["seed"]) if r["seed"] in base_by_seed}
+        try:  # a run whose references cannot be read back keeps its intervals; the table says why it has no p
+            paired["sacrebleu_paired_bootstrap"] = {
+                str(r["seed"]): paired_bootstrap(r, base_by_seed[r["seed"]][0], v, base_by_seed[r["seed"]][1],
+                                                 corpus=tests)
+                for r, v in sorted(members, key=lambda member: member[0]["seed"]) if r["seed"] in base_by_seed}
+        except ValueError as error:
+            paired["sacrebleu_skipped"] = f"no paired tests for {run_name(members[0][0])}: {error}"
     return paired
 
 
