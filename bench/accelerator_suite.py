@@ -30,7 +30,7 @@ import fd_speed  # noqa: E402
 from polypeft.core.fileio import write_json, write_text  # noqa: E402
 from polypeft.interventions.lrp2 import LRP2, LanguageVectors, model_identity  # noqa: E402
 from polypeft.tasks.translation import run as mmt  # noqa: E402
-from polypeft.experiments.confidence import difference_intervals, verdict  # noqa: E402
+from polypeft.tasks.confidence import difference_intervals, verdict  # noqa: E402
 from polypeft.tasks.translation.evaluate import score_directions, sentences_by_direction, translate  # noqa: E402
 from polypeft.training.loop import TrainSettings  # noqa: E402
 

@@ -20,7 +20,7 @@ import torch
 
 from polypeft.cli.encoder import ClassifyRecipe, run_classify
 from polypeft.core.fileio import write_json, write_text
-from polypeft.experiments.confidence import difference_intervals, verdict
+from polypeft.tasks.confidence import difference_intervals, verdict
 
 # The §4.3 (a)/(c) sizes; 15 % of each section's verses held out of training as the valid split.
 BASE = {"languages": ["en", "fr", "es", "de", "ru", "ar", "ko"], "verses_per_section": 300, "steps": 600,

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from polypeft.core.fileio import write_json, write_text
-from polypeft.experiments.confidence import difference_intervals, score_intervals, verdict
+from polypeft.tasks.confidence import difference_intervals, score_intervals, verdict
 
 REFERENCE = "translate_train"
 

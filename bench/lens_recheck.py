@@ -22,7 +22,7 @@ from lrp2_lens_bible import PREFIX, encode, retrieval_set, spread
 from polypeft.backbones.e5 import load_encoder
 from polypeft.core.fileio import write_json, write_text
 from polypeft.data.bible import NUM_BOOKS, BibleCorpus
-from polypeft.experiments.confidence import difference_intervals, verdict
+from polypeft.tasks.confidence import difference_intervals, verdict
 from polypeft.interventions import lens
 from polypeft.tasks.retrieval import correct_at_1
 

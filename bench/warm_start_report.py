@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from polypeft.core.fileio import write_text
-from polypeft.experiments.confidence import bleu_intervals
+from polypeft.tasks.confidence import bleu_intervals
 from polypeft.training.loop import LOG_NAME
 
 

@@ -6,7 +6,7 @@ import pytest
 import sacrebleu
 
 from polypeft.data.parallel import ParallelExample
-from polypeft.experiments.confidence import bleu_intervals, corpus_bleu, difference_intervals, score_intervals
+from polypeft.tasks.confidence import bleu_intervals, corpus_bleu, difference_intervals, score_intervals
 from polypeft.tasks.translation.evaluate import sentences_by_direction
 
 REFERENCES = ["In the beginning was the Word, and the Word was with God.", "Jesus wept.",

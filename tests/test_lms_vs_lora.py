@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from polypeft.core.config import ConfigError
-from polypeft.experiments.confidence import difference_intervals, verdict
+from polypeft.tasks.confidence import difference_intervals, verdict
 from polypeft.experiments.lms_vs_lora.protocol import RunFolderError, choose, open_run
 from polypeft.experiments.lms_vs_lora.settings import LanguageModelTestbed, RetrievalTestbed
 

@@ -19,7 +19,7 @@ from polypeft.core.routed import RoutedLinear
 from polypeft.data import pruned_vocab
 from polypeft.data.parallel import ParallelExample
 from polypeft.cli.main import print_scores
-from polypeft.experiments.confidence import bleu_intervals, corpus_bleu
+from polypeft.tasks.confidence import bleu_intervals, corpus_bleu
 from polypeft.data.pruned_vocab import PrunedTokenizer, pruned_tokenizer
 from polypeft.tasks.translation.evaluate import translate
 from polypeft.tasks.translation.run import (MMTData, MMTRecipe, batch_stream, build_model, evaluate_run,

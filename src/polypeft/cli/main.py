@@ -91,7 +91,7 @@ def mmt_eval(args) -> int:
 
 
 def print_scores(results: dict) -> None:
-    from ..experiments.confidence import bleu_intervals
+    from ..tasks.confidence import bleu_intervals
 
     for variant, scores in results["variants"].items():
         averages = scores["averages"]

@@ -19,7 +19,7 @@ from ..model.poly_model import wrap
 from .flare_recipe import TrainedRecipe, flare_stage, run_recipe, train_english_lora, with_task_head
 from ..tasks.classification import classification_model
 from .bible_eval import SECTION_NAMES, verse_classification
-from .confidence import gain_interval
+from ..tasks.confidence import gain_interval
 from .demo_store import PartResult, Row
 
 # Recipe of RESULTS §6.2-6.4 (rank 8, alpha 16, lr 2e-3, batch 16, 48 tokens, 3 blocks) at bench/flare_bible.py's

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..interventions import lens
 from . import demo_retrieval as retrieval
-from .confidence import gain_interval
+from ..tasks.confidence import gain_interval
 from .demo_store import PartResult, Row
 
 # Fixed from RESULTS §5 "LENS pulling toward English" (not tuned here): weights (1, 1, 1), lr 5e-5, top 2 layers,

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .confidence import difference_intervals
+from ..tasks.confidence import difference_intervals
 from .demo_retrieval import book_name
 from .demo_store import PartResult, Row
 from .lms_vs_lora.protocol import run_comparison, train_tower

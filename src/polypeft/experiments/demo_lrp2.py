@@ -15,7 +15,7 @@ from ..interventions.lrp2 import LRP2, language_vectors
 from ..interventions.search import lrp2_scorer, search_layers
 from ..tasks.retrieval import correct_at_1
 from . import demo_retrieval as retrieval
-from .confidence import gain_interval
+from ..tasks.confidence import gain_interval
 from .demo_store import PartResult, Row
 
 FULL_LAYERS = [4, 8, 12]  # candidate LIRP layers; RESULTS §5 searched 1-12 and chose fr 12, ar 12, ko 4

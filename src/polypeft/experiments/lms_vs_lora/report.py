@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ...core.fileio import write_json, write_text
-from ..confidence import difference_intervals, verdict
+from ...tasks.confidence import difference_intervals, verdict
 from .protocol import Bed
 from .settings import LABELS
 

@@ -12,7 +12,7 @@ from sacrebleu.metrics import BLEU, CHRF
 from sacrebleu.significance import PairedTest
 
 from ...data.bible import BibleCorpus, parse_ref
-from ...experiments.confidence import difference_intervals
+from ..confidence import difference_intervals
 
 # One unit of the two decimals an eval file stores: a recomputed score further than this from the stored one means
 # the references read back are not the ones the run was scored on.
