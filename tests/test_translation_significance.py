@@ -1,5 +1,7 @@
 """Paired comparison of two evaluated translation runs: sacreBLEU's paired bootstrap per direction, references read
 back from the Bible corpus, and the paired section of `mmt compare`."""
+from pathlib import Path
+
 import pytest
 
 from polypeft.data.bible import BibleCorpus
@@ -119,3 +121,21 @@ def test_a_run_whose_references_do_not_match_keeps_its_intervals(examples):
     paired = compare(runs, "naive")["rows"]["lms"]["paired"]
     assert paired["directions_better"] == 2
     assert paired["sacrebleu_skipped"].startswith("no paired tests for 'lms' seed 0: fr-en: 'lms' seed 0's bleu")
+
+
+def test_the_command_pairs_two_scored_runs_and_leaves_the_tests_out_on_request(tmp_path):
+    """`mmt compare` on two runs of the repository's figures (§2.5's naive build, §2.6's LMS build)."""
+    import json
+
+    from polypeft.cli.main import main
+
+    root = Path(__file__).resolve().parents[1] / "bench" / "experiments"
+    runs = [str(root / "warm_start" / "heldout" / "wsd" / "eval_test_books-43.json"),
+            str(root / "warm_lms" / "pair" / "eval_test_books-43.json")]
+    baseline = "warm-e5-heldout-0d0fa70d3f1598a2"
+    for flags, tested in (([], True), (["--no-paired-tests"], False)):
+        out = tmp_path / str(tested)
+        assert main(["mmt", "compare", *runs, "--baseline", baseline, "--out", str(out), *flags]) == 0
+        paired = json.loads((out / "comparison.json").read_text())["rows"]["warm-e5-lms-pair-8430fde870cb6198"]["paired"]
+        assert paired["bleu_difference"]["es-en"]["high"] < 0 and paired["directions_worse"] == 1
+        assert ("sacrebleu_paired_bootstrap" in paired) is tested
