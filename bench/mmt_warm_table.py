@@ -78,7 +78,7 @@ def scored(recipe: mmt.MMTRecipe, run_dir: Path, books: Sequence[int]) -> dict:
     if (used.beam, used.length_penalty) != (recipe.beam, recipe.length_penalty):
         raise SystemExit(f"{run_dir} decodes with beam {used.beam}, length penalty {used.length_penalty}; the table "
                          f"asks beam {recipe.beam}, length penalty {recipe.length_penalty}: score it apart")
-    file = run_dir / f"eval_test_books-{'-'.join(str(book) for book in sorted(books))}.json"
+    file = mmt.eval_file(run_dir, books=books)
     if file.is_file():
         try:
             return load_results([file])[0]

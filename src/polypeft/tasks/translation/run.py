@@ -409,6 +409,11 @@ def evaluate_run(run_dir: str | Path, data: Optional[MMTData] = None, split: str
         scores["decode_seconds"] = round(time.perf_counter() - started, 1)
         scores["sentences"] = sentences_by_direction(examples, hypotheses)
         results["variants"][variant] = scores
-    suffix = "" if books is None else "_books-" + "-".join(str(book) for book in sorted(books))
-    write_json(Path(run_dir) / f"eval_{split}{suffix}.json", results)
+    write_json(eval_file(run_dir, split, books), results)
     return results
+
+
+def eval_file(run_dir: str | Path, split: str = "test", books: Optional[Sequence[int]] = None) -> Path:
+    """Where `evaluate_run` writes a run's scores: eval_<split>.json, or eval_test_books-<ids>.json for some books."""
+    suffix = "" if books is None else "_books-" + "-".join(str(book) for book in sorted(books))
+    return Path(run_dir) / f"eval_{split}{suffix}.json"

@@ -23,15 +23,19 @@ SCORE_NAMES = {"bleu": "BLEU", "chrf": "chrF2"}
 
 def references_for(sentences: Mapping[str, Mapping], corpus: BibleCorpus) -> dict[str, list[str]]:
     """Per direction ("xx-yy"), the target-language verse of each verse id, in the run's order."""
+    keys = {direction: [parse_ref(ref) for ref in rows["verse_ids"]] for direction, rows in sentences.items()}
+    books: dict[str, set[int]] = {}
+    for direction, refs in keys.items():
+        books.setdefault(direction.split("-", 1)[1], set()).update(key[0] for key in refs)
+    by_target = {target: corpus.verses(target, wanted) for target, wanted in books.items()}  # each language once
     references = {}
     for direction, rows in sentences.items():
         target = direction.split("-", 1)[1]
-        keys = [parse_ref(ref) for ref in rows["verse_ids"]]
-        verses = corpus.verses(target, {key[0] for key in keys})
-        missing = [ref for ref, key in zip(rows["verse_ids"], keys) if key not in verses]
+        verses = by_target[target]
+        missing = [ref for ref, key in zip(rows["verse_ids"], keys[direction]) if key not in verses]
         if missing:
             raise ValueError(f"{direction}: verses {missing[:3]} are not in the corpus's {target!r} version")
-        references[direction] = [verses[key] for key in keys]
+        references[direction] = [verses[key] for key in keys[direction]]
     return references
 
 
