@@ -222,6 +222,28 @@ def test_a_frozen_encoder_translates_into_several_languages_from_per_language_de
 
 
 @pytest.mark.slow
+def test_a_second_command_is_refused_while_one_builds_the_folder(base_dir, tmp_path, monkeypatch):
+    from filelock import FileLock
+
+    from polypeft.tasks.translation import cached as cached_module
+    from polypeft.tasks.translation.cached import BuildInProgressError, build_cached, cached_recipe
+
+    data = MMTData(toy_tokenizer(base_dir), toy_examples(), toy_examples()[:8], toy_examples()[:8])
+    recipe = warm_recipe(tmp_path / "ignored", base_dir)
+    run_dir = cached_recipe(recipe, tmp_path / "cache").run_dir
+    trained = []
+    monkeypatch.setattr(cached_module, "train_run", lambda *args, **kwargs: trained.append(kwargs))
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(run_dir.with_name(run_dir.name + ".lock")):  # the first command, still building
+        with pytest.raises(BuildInProgressError, match=f"another command is building {run_dir}"):
+            build_cached(recipe, data=data, cache_dir=tmp_path / "cache")
+    assert trained == [], "refused before it touched the folder"
+    build_cached(recipe, data=data, cache_dir=tmp_path / "cache")  # the first one finished or died: the lock is free
+    assert len(trained) == 1
+    with FileLock(run_dir.with_name(run_dir.name + ".lock"), timeout=0):  # and let go after the build
+        pass
+
+
 def test_a_cached_build_is_reused_and_a_stopped_one_continues(base_dir, tmp_path, monkeypatch, capsys):
     from polypeft.tasks.translation import run as mmt
     from polypeft.tasks.translation import cached as cached_module

@@ -1,19 +1,24 @@
 """A translation model built once per recipe under the cache root, so a later command can reuse it (the folder
-is what FLARE's --translation-run takes), and a build that was stopped continues from its last checkpoint.
+is what FLARE's --translation-run takes), and a build that was stopped continues from its last checkpoint. One
+command at a time builds a folder: a second one is refused while the first holds the folder's lock.
 
 The folder is named by the recipe's name and a hash of every setting that shapes the model; a finished build of
 the same hash under another name serves too (its recipe.json's decoding settings, beam and length penalty, apply).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
+
+from filelock import FileLock, Timeout
 
 from ...core.fileio import cache_root
 from ...training.checkpoint import CHECKPOINT_NAME
+from ...training.processes import process_state
 from .compare import WEIGHTS_NAME
 from .run import MMTData, MMTRecipe, train_run
 from .run_dir import RESUMABLE_KEYS, flat_keys
@@ -24,6 +29,10 @@ FORMAT = 1  # bump when what a cached translation folder holds changes
 # Settings added after builds existed, at the value that builds what came before: left out of the key there, so
 # those builds keep their folders.
 ADDED_LATER = {("base", "decoder_start"): "bos"}
+
+
+class BuildInProgressError(ValueError):
+    """Another command is building the same folder now: two writers would wipe or overwrite each other's steps."""
 
 
 def recipe_key(recipe: MMTRecipe) -> str:
@@ -61,6 +70,27 @@ def build_cached(recipe: MMTRecipe, data: Optional[MMTData] = None, cache_dir: O
             print(f"reusing {run_dir}: the same model settings built under another name (its recipe.json's beam and "
                   "length penalty decode it)")
         return run_dir
-    resume = (run_dir / CHECKPOINT_NAME).is_file()
-    started = run_dir.is_dir() and any(run_dir.iterdir())
-    return train_run(cached, resume=resume, data=data, overwrite=started and not resume)
+    with build_lock(run_dir):
+        if (run_dir / WEIGHTS_NAME).is_file():  # finished by the command that held the lock a moment ago
+            return run_dir
+        resume = (run_dir / CHECKPOINT_NAME).is_file()
+        started = run_dir.is_dir() and any(run_dir.iterdir())
+        return train_run(cached, resume=resume, data=data, overwrite=started and not resume)
+
+
+@contextlib.contextmanager
+def build_lock(run_dir: Path) -> Iterator[None]:
+    """Hold `<run folder>.lock` beside the folder while building it (each machine's first process, under a
+    launcher); refuse at once when another command holds it. The OS lets go when the holder exits, even killed."""
+    if not process_state().is_local_main_process:
+        yield
+        return
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    lock_file = run_dir.with_name(f"{run_dir.name}.lock")
+    try:
+        with FileLock(lock_file, timeout=0):
+            yield
+    except Timeout:
+        raise BuildInProgressError(
+            f"another command is building {run_dir} now (it holds {lock_file}); wait until it finishes and run "
+            "this again to reuse its build, or give this one another cache root (POLYPEFT_CACHE)") from None
