@@ -106,3 +106,17 @@ def test_the_runner_refuses_a_table_it_cannot_make(tmp_path):
         table.run_table(recipe, ["naive", "ls_ffn"], [0], [43], tmp_path)
     with pytest.raises(ConfigError, match="49"):
         table.run_table(recipe, ["naive"], [0], [49], tmp_path)
+
+
+@pytest.mark.parametrize("method", ["lms_pair", "lora"])
+def test_a_methods_own_recipe_file_builds_the_tables_model(method):
+    """configs/mmt_warm_e5_<method>.yaml builds what the runner's row builds: the same cache key, so either reuses the
+    other's build, and a row scored alone compares with the table's."""
+    from polypeft.tasks.translation.cached import recipe_key
+    from polypeft.tasks.translation.run import MMTRecipe
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    base = MMTRecipe.from_yaml(configs / "mmt_warm_e5.yaml")
+    alone = MMTRecipe.from_yaml(configs / f"mmt_warm_e5_{method}.yaml")
+    assert recipe_key(alone) == recipe_key(table.recipe_for(base, method, seed=0))
+    assert recipe_key(alone) != recipe_key(base)
