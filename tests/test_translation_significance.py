@@ -139,3 +139,22 @@ def test_the_command_pairs_two_scored_runs_and_leaves_the_tests_out_on_request(t
         paired = json.loads((out / "comparison.json").read_text())["rows"]["warm-e5-lms-pair-8430fde870cb6198"]["paired"]
         assert paired["bleu_difference"]["es-en"]["high"] < 0 and paired["directions_worse"] == 1
         assert ("sacrebleu_paired_bootstrap" in paired) is tested
+
+
+def test_named_runs_put_seeds_built_under_different_names_in_one_row(tmp_path, capsys):
+    """`mmt compare naive=RUN ...`: §2.5's two naive seeds (cached under names that differ by their seed's key) are
+    one row; a malformed NAME=RUN is one line naming it."""
+    import json
+
+    from polypeft.cli.main import main
+
+    root = Path(__file__).resolve().parents[1] / "bench" / "experiments"
+    naive = [root / "warm_start" / "heldout" / folder / "eval_test_books-43.json" for folder in ("wsd", "wsd-seed1")]
+    lms = root / "warm_lms" / "pair" / "eval_test_books-43.json"
+    out = tmp_path / "named"
+    assert main(["mmt", "compare", *(f"naive={run}" for run in naive), f"lms pair={lms}", "--out", str(out),
+                 "--no-paired-tests"]) == 0
+    rows = json.loads((out / "comparison.json").read_text())["rows"]
+    assert set(rows) == {"naive", "lms pair"} and rows["naive"]["seeds"] == [0, 1] and rows["lms pair"]["seeds"] == [0]
+    assert main(["mmt", "compare", f"={lms}", "--out", str(tmp_path / "bad")]) == 2
+    assert f"run '={lms}': write NAME=RUN" in capsys.readouterr().err

@@ -106,11 +106,12 @@ def print_scores(results: dict) -> None:
 
 
 def mmt_compare(args) -> int:
-    from ..tasks.translation.compare import load_results, write_comparison
+    from ..tasks.translation.compare import labelled_run, load_labelled, write_comparison
 
     check_output_dir(args.out, "--out")
-    check_outputs_apart({f"runs[{i}]": run for i, run in enumerate(args.runs)}, {"--out": (args.out, "folder")})
-    comparison = write_comparison(load_results(args.runs, args.split), args.baseline, args.out, pivot=args.pivot,
+    check_outputs_apart({f"runs[{i}]": labelled_run(run)[1] for i, run in enumerate(args.runs)},
+                        {"--out": (args.out, "folder")})
+    comparison = write_comparison(load_labelled(args.runs, args.split), args.baseline, args.out, pivot=args.pivot,
                                   paired_tests=not args.no_paired_tests)
     print(Path(args.out, "comparison.md").read_text(encoding="utf-8"))
     print(f"plot: {Path(args.out, 'bleu_gain_vs_parameters.png')}")
@@ -157,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="score these of the run's test books alone (eval_test_books-<ids>.json)")
     evaluate.set_defaults(func=mmt_eval)
     comparison = mmt_commands.add_parser("compare", help="table, win ratios and plot over evaluated runs")
-    comparison.add_argument("runs", nargs="+", help="run directories (or eval JSON files)")
+    comparison.add_argument("runs", nargs="+", help="run directories (or eval JSON files); NAME=RUN names a run's row "
+                            "(seeds of one method built under different names share a row)")
     comparison.add_argument("--baseline", default="naive")
     comparison.add_argument("--out", default="runs/compare")
     comparison.add_argument("--split", default="test", choices=("test", "valid"))

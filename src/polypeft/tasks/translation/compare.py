@@ -45,6 +45,25 @@ def load_results(paths: Sequence[str | Path], split: str = "test") -> list[dict]
     return results
 
 
+def labelled_run(argument: str) -> tuple[Optional[str], str]:
+    """`NAME=RUN` -> (NAME, RUN): the run's row name in a comparison, so seeds of one method built under different
+    names (a cached build's name carries its seed's key) share a row; a plain RUN (or an existing path) keeps its own."""
+    label, sep, path = argument.partition("=")
+    if not sep or Path(argument).exists():
+        return None, argument
+    if not label.strip() or not path:
+        raise ValueError(f"run {argument!r}: write NAME=RUN (a row name, '=', a run directory or eval JSON file), "
+                         "e.g. naive=runs/warm-e5-seed1, or the run alone")
+    return label, path
+
+
+def load_labelled(arguments: Sequence[str], split: str = "test") -> list[dict]:
+    """load_results over RUN or NAME=RUN arguments, each NAME replacing its run's own name."""
+    labelled = [labelled_run(argument) for argument in arguments]
+    results = load_results([path for _, path in labelled], split)
+    return [{**result, "name": label} if label else result for (label, _), result in zip(labelled, results)]
+
+
 def check_current(file: Path, result: dict) -> None:
     """Refuse an evaluation whose run directory now holds other weights than the ones it scored.
 
