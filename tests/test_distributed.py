@@ -8,6 +8,7 @@ import re
 import socket
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -197,18 +198,52 @@ def documented_launches() -> list[str]:
     return [line for line in lines if re.match(r"(accelerate launch|torchrun) .*-m polypeft\.cli mmt train ", line)]
 
 
-@pytest.mark.slow
-def test_the_readme_launch_commands_train_on_two_processes(tmp_path):
-    """The documented commands themselves, on the Bible corpus at tiny size: every logged step says 2 processes."""
+def tiny_recipe_and_env(tmp_path: Path) -> tuple[Path, dict]:
+    """TINY_RECIPE as a file, and an environment whose cache and runs lie under `tmp_path`."""
     import yaml
 
-    commands = documented_launches()
-    assert [c.split()[0] for c in commands] == ["accelerate", "torchrun"], commands
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(yaml.safe_dump({**TINY_RECIPE, "output_dir": str(tmp_path / "runs")}))
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
            "POLYPEFT_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(Path(pp.__file__).parents[1])}
+    return recipe, env
+
+
+@pytest.mark.slow
+def test_a_two_process_build_follows_one_decision(tmp_path):
+    """`mmt build` under torchrun: the first process decides under the folder's lock and both follow, so a finished
+    build is reused by both and a build another command holds is refused by both (none waits at a barrier)."""
+    from filelock import FileLock
+
+    from polypeft.tasks.translation.cached import cached_recipe, lock_file
+    from polypeft.tasks.translation.run import MMTRecipe
+
+    recipe, env = tiny_recipe_and_env(tmp_path)
+    build = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "polypeft.cli", "mmt",
+             "build", str(recipe)]
+    weights = cached_recipe(MMTRecipe.from_yaml(recipe), tmp_path / "cache" / "translation").run_dir / "model.safetensors"
+    written = []
+    for attempt in ("trains", "reuses"):
+        done = subprocess.run(build, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, f"{attempt}\n{done.stderr[-3000:]}"
+        assert f"built: {weights.parent}" in done.stdout
+        written.append(weights.stat().st_mtime_ns)
+    assert written[0] == written[1], "the finished build is reused, not trained again"
+    other_seed = cached_recipe(replace(MMTRecipe.from_yaml(recipe), seed=1), tmp_path / "cache" / "translation")
+    with FileLock(lock_file(other_seed.run_dir)):
+        done = subprocess.run(build + ["--seed", "1"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0  # each process says so (torchrun shows every process's stderr) and exits at once
+    assert f"error: another command is building {other_seed.run_dir}" in done.stderr, done.stderr[-3000:]
+    assert not other_seed.run_dir.exists()
+
+
+@pytest.mark.slow
+def test_the_readme_launch_commands_train_on_two_processes(tmp_path):
+    """The documented commands themselves, on the Bible corpus at tiny size: every logged step says 2 processes."""
+    commands = documented_launches()
+    assert [c.split()[0] for c in commands] == ["accelerate", "torchrun"], commands
+    recipe, env = tiny_recipe_and_env(tmp_path)
     prepare = subprocess.run([sys.executable, "-m", "polypeft.cli", "mmt", "prepare", str(recipe)], env=env,
                              capture_output=True, text=True, timeout=600)
     assert prepare.returncode == 0, prepare.stderr[-2000:]

@@ -7,13 +7,13 @@ the same hash under another name serves too (its recipe.json's decoding settings
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
+from accelerate.utils import broadcast_object_list
 from filelock import FileLock, Timeout
 
 from ...core.fileio import cache_root
@@ -61,36 +61,54 @@ def cached_recipe(recipe: MMTRecipe, cache_dir: Optional[str | Path] = None) -> 
 
 def build_cached(recipe: MMTRecipe, data: Optional[MMTData] = None, cache_dir: Optional[str | Path] = None) -> Path:
     """The recipe's trained run folder: reused when finished, continued from its checkpoint when a build stopped,
-    trained from nothing otherwise (a folder a build left before its first checkpoint is started again)."""
-    cached = cached_recipe(recipe, cache_dir)
+    trained from nothing otherwise (a folder a build left before its first checkpoint is started again).
+
+    The first process decides, holding the folder's lock, and under a launcher every process follows its decision."""
+    state = process_state()
+    lock, plan = None, [None]
+    if state.is_main_process:
+        cached = cached_recipe(recipe, cache_dir)
+        lock = FileLock(lock_file(cached.run_dir))
+        plan = [(cached, build_action(recipe, cached, lock))]
+    if state.num_processes > 1:
+        broadcast_object_list(plan)
+    cached, action = plan[0]
+    try:
+        if action == "refused":
+            raise BuildInProgressError(
+                f"another command is building {cached.run_dir} now (it holds {lock_file(cached.run_dir)}); wait until "
+                "it finishes and run this again to reuse its build, or give this one another cache root "
+                "(POLYPEFT_CACHE)")
+        if action == "reuse":
+            return cached.run_dir
+        return train_run(cached, resume=action == "resume", data=data, overwrite=action == "overwrite")
+    finally:
+        if lock is not None and lock.is_locked:
+            lock.release()
+
+
+def lock_file(run_dir: Path) -> Path:
+    """Beside the folder, so clearing the folder leaves it; the OS lets go of it when its holder exits, even killed."""
+    return run_dir.with_name(f"{run_dir.name}.lock")
+
+
+def build_action(recipe: MMTRecipe, cached: MMTRecipe, lock: FileLock) -> str:
+    """What to do with the cached folder: reuse, refused (another command holds its lock), resume, overwrite (a
+    build stopped before its first checkpoint) or fresh; the lock is taken, and kept, unless it is reused or refused."""
     run_dir = cached.run_dir
-    elsewhere = cached.name != f"{recipe.name}-{recipe_key(recipe)}"
     if (run_dir / WEIGHTS_NAME).is_file():
-        if elsewhere:
+        if cached.name != f"{recipe.name}-{recipe_key(recipe)}":
             print(f"reusing {run_dir}: the same model settings built under another name (its recipe.json's beam and "
                   "length penalty decode it)")
-        return run_dir
-    with build_lock(run_dir):
-        if (run_dir / WEIGHTS_NAME).is_file():  # finished by the command that held the lock a moment ago
-            return run_dir
-        resume = (run_dir / CHECKPOINT_NAME).is_file()
-        started = run_dir.is_dir() and any(run_dir.iterdir())
-        return train_run(cached, resume=resume, data=data, overwrite=started and not resume)
-
-
-@contextlib.contextmanager
-def build_lock(run_dir: Path) -> Iterator[None]:
-    """Hold `<run folder>.lock` beside the folder while building it (each machine's first process, under a
-    launcher); refuse at once when another command holds it. The OS lets go when the holder exits, even killed."""
-    if not process_state().is_local_main_process:
-        yield
-        return
+        return "reuse"
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    lock_file = run_dir.with_name(f"{run_dir.name}.lock")
     try:
-        with FileLock(lock_file, timeout=0):
-            yield
+        lock.acquire(timeout=0)
     except Timeout:
-        raise BuildInProgressError(
-            f"another command is building {run_dir} now (it holds {lock_file}); wait until it finishes and run "
-            "this again to reuse its build, or give this one another cache root (POLYPEFT_CACHE)") from None
+        return "refused"
+    if (run_dir / WEIGHTS_NAME).is_file():  # finished by the command that held the lock a moment ago
+        lock.release()
+        return "reuse"
+    if (run_dir / CHECKPOINT_NAME).is_file():
+        return "resume"
+    return "overwrite" if run_dir.is_dir() and any(run_dir.iterdir()) else "fresh"
