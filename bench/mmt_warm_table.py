@@ -8,8 +8,12 @@ Builds are cached and resumable (as `polypeft mmt build`), each scored once on t
 again after a stop and it picks up where it stopped. A build of configs/mmt_warm_e5.yaml (xx->en) takes about 65
 minutes on the idle 2-core CPU; FD runs every batch twice.
 
+Rows scored before (by `polypeft mmt eval RUN --books ...`, e.g. the evaluations under bench/experiments/) join the
+table with `--scored NAME=EVAL_JSON ...`: they are compared, not built again, so a machine without the builds in its
+cache need not rebuild the baseline.
+
 Usage: python bench/mmt_warm_table.py --out DIR [--recipe configs/mmt_warm_e5_both.yaml] [--methods ...]
-       [--seeds 0 1] [--books 43]
+       [--seeds 0 1] [--books 43] [--scored NAME=EVAL_JSON ...]
 """
 from __future__ import annotations
 
@@ -21,8 +25,8 @@ from typing import Sequence
 from polypeft.core.fileio import write_json
 from polypeft.tasks.translation import run as mmt
 from polypeft.tasks.translation.cached import build_cached, cached_recipe
-from polypeft.tasks.translation.compare import (WEIGHTS_NAME, StaleEvaluationError, load_results,
-                                                write_comparison)
+from polypeft.tasks.translation.compare import (WEIGHTS_NAME, StaleEvaluationError, labelled_run, load_labelled,
+                                                load_results, write_comparison)
 
 ROOT = Path(__file__).resolve().parent.parent
 DECODER_FFN = r"decoder\.bert\.encoder\.layer\.\d+\.(intermediate|output)\.dense"
@@ -57,13 +61,17 @@ def recipe_for(base: mmt.MMTRecipe, method: str, seed: int) -> mmt.MMTRecipe:
                                seed=seed)
 
 
-def check_methods(base: mmt.MMTRecipe, methods: Sequence[str]) -> None:
-    """Refuse unknown methods, a table without its baseline, and decoder routes that would have one language."""
+def check_methods(base: mmt.MMTRecipe, methods: Sequence[str], scored_names: Sequence[str] = ()) -> None:
+    """Refuse unknown methods, a table without its baseline (built or scored before), a row both built and given as
+    scored, and decoder routes that would have one language."""
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise SystemExit(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
-    if "naive" not in methods:
-        raise SystemExit(f"--methods {list(methods)}: the table compares with naive; add it")
+    if "naive" not in [*methods, *scored_names]:
+        raise SystemExit(f"--methods {list(methods)}: the table compares with naive; add it (or --scored naive=EVAL)")
+    twice = sorted(set(methods) & set(scored_names))
+    if twice:
+        raise SystemExit(f"{twice}: both in --methods and in --scored; build a row or give its scores, not both")
     by_target = sorted({"lms_lang", "ls_ffn"} & set(methods))
     if by_target and base.directions == "into_pivot":
         raise SystemExit(f"--methods {by_target}: in the decoder they route by the target language, and "
@@ -87,15 +95,36 @@ def scored(recipe: mmt.MMTRecipe, run_dir: Path, books: Sequence[int]) -> dict:
     return mmt.evaluate_run(run_dir, books=books)
 
 
-def run_table(recipe_file: Path, methods: Sequence[str], seeds: Sequence[int], books: Sequence[int], out: Path) -> dict:
+def scored_names(arguments: Sequence[str]) -> list[str]:
+    """The row name of each NAME=EVAL_JSON argument; one without a name is refused."""
+    names = [labelled_run(argument)[0] for argument in arguments]
+    unnamed = [argument for argument, name in zip(arguments, names) if name is None]
+    if unnamed:
+        raise SystemExit(f"--scored {unnamed[0]}: write NAME=EVAL_JSON, the row's name first (e.g. naive=...)")
+    return names
+
+
+def load_scored(arguments: Sequence[str], books: Sequence[int]) -> list[dict]:
+    """The NAME=EVAL_JSON rows scored before, each checked to score `books`."""
+    results = load_labelled(arguments)
+    for argument, result in zip(arguments, results):
+        if result.get("books") != list(books):
+            raise SystemExit(f"--scored {argument}: it scores books {result.get('books')}; the table scores "
+                             f"{list(books)}")
+    return results
+
+
+def run_table(recipe_file: Path, methods: Sequence[str], seeds: Sequence[int], books: Sequence[int], out: Path,
+              scored_before: Sequence[str] = ()) -> dict:
     """Build and score every method for every seed (each seed of every method before the next seed), keep each
-    evaluation under its method's name in `out/runs`, and compare this call's runs once they are all scored."""
+    evaluation under its method's name in `out/runs`, and compare this call's runs and the ones `scored_before`
+    (NAME=EVAL_JSON) once they are all scored."""
     base = mmt.MMTRecipe.from_yaml(recipe_file)
-    check_methods(base, methods)
+    check_methods(base, methods, scored_names(scored_before))
     base.split().check_scored_books(books)  # before any training
+    results = load_scored(scored_before, books)
     recipes = [recipe_for(base, method, seed) for seed in seeds for method in methods]
     data = None  # prepared once, when a build needs it: data, tokenizer and splits are the same for every method
-    results = []
     for recipe in recipes:
         method = recipe.name[len(base.name) + 1:]
         if data is None and not (cached_recipe(recipe).run_dir / WEIGHTS_NAME).is_file():
@@ -115,8 +144,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--books", nargs="+", type=int, default=[43])
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--scored", nargs="+", default=[], metavar="NAME=EVAL_JSON",
+                        help="rows scored before, compared and not built again (e.g. naive=bench/experiments/...)")
     args = parser.parse_args(argv)
-    run_table(args.recipe, args.methods, args.seeds, args.books, args.out)
+    run_table(args.recipe, args.methods, args.seeds, args.books, args.out, args.scored)
     print((args.out / "compare" / "comparison.md").read_text(encoding="utf-8"))
 
 

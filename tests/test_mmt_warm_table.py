@@ -3,6 +3,7 @@ parameters, and the table runner resumes, relabels and compares (builds and deco
 test_warm_start.py)."""
 from __future__ import annotations
 
+import json
 import re
 import sys
 from pathlib import Path
@@ -120,3 +121,33 @@ def test_a_methods_own_recipe_file_builds_the_tables_model(method):
     alone = MMTRecipe.from_yaml(configs / f"mmt_warm_e5_{method}.yaml")
     assert recipe_key(alone) == recipe_key(table.recipe_for(base, method, seed=0))
     assert recipe_key(alone) != recipe_key(base)
+
+
+def test_rows_scored_before_join_the_table_without_a_build(tmp_path, monkeypatch):
+    """--scored naive=EVAL: the repository's two naive evaluations are the baseline of a LMS row built (faked) here."""
+    experiments = table.ROOT / "bench" / "experiments"
+    naive = [f"naive={experiments / 'warm_start' / 'heldout' / folder / 'eval_test_books-43.json'}"
+             for folder in ("wsd", "wsd-seed1")]
+    lms = {0: experiments / "warm_lms" / "pair", 1: experiments / "warm_lms" / "pair-seed1"}
+    built = []
+
+    def fake_build(recipe, data=None):
+        built.append(recipe.name)
+        return lms[recipe.seed]  # the folders hold the build's recipe and evaluation, as a finished build does
+
+    monkeypatch.setattr(table, "build_cached", fake_build)
+    monkeypatch.setattr(table.mmt, "evaluate_run", lambda *args, **kwargs: pytest.fail("scored again"))
+    monkeypatch.setattr(table.mmt, "prepare", lambda recipe: "data")
+    monkeypatch.setattr(table.mmt, "read_run_recipe", lambda run_dir: table.mmt.MMTRecipe.from_dict(
+        json.loads((run_dir / "recipe.json").read_text())))  # the folders hold no weights
+    recipe = table.ROOT / "configs" / "mmt_warm_e5.yaml"
+    comparison = table.run_table(recipe, ["lms_pair"], [0, 1], [43], tmp_path / "out", scored_before=naive)
+    assert built == ["warm-e5-lms_pair", "warm-e5-lms_pair"], "naive is not built"
+    assert comparison["rows"]["naive"]["seeds"] == comparison["rows"]["lms_pair"]["seeds"] == [0, 1]
+    assert comparison["rows"]["lms_pair"]["paired"]["bleu_difference"]["mean"]["difference"] == pytest.approx(0.03, abs=0.01)
+    with pytest.raises(SystemExit, match="both in --methods and in --scored"):
+        table.run_table(recipe, ["naive", "lms_pair"], [0], [43], tmp_path / "out", scored_before=naive)
+    with pytest.raises(SystemExit, match="write NAME=EVAL_JSON"):
+        table.run_table(recipe, ["naive"], [0], [43], tmp_path / "out", scored_before=[naive[0].split("=", 1)[1]])
+    with pytest.raises(SystemExit, match=r"scores books \[43\]; the table scores \[8\]"):
+        table.run_table(recipe, ["lms_pair"], [0], [8], tmp_path / "out", scored_before=naive)
