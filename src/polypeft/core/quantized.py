@@ -4,6 +4,8 @@ The packed original is kept, so unmerge puts back the exact weight instead of ro
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -21,9 +23,24 @@ def dequantized(base_layer: nn.Module) -> torch.Tensor:
 
     weight = base_layer.weight
     if quantization_of(weight) == "4-bit":
-        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
+        return bnb.functional.dequantize_4bit(*standard_4bit_layout(weight)).float()
     scales = weight.SCB if getattr(base_layer.state, "SCB", None) is None else base_layer.state.SCB
     return bnb.functional.int8_vectorwise_dequant(weight.data, scales.to(weight.device)).float()
+
+
+def standard_4bit_layout(weight: torch.Tensor) -> tuple[torch.Tensor, object]:
+    """The 4-bit weight's codes and state as `dequantize_4bit` reads them. On a CPU with AVX-512 BF16, bitsandbytes
+    repacks a 4-bit weight in place at its first inference forward, into a layout `dequantize_4bit` misreads."""
+    state = weight.quant_state
+    if not getattr(state, "packing_format_for_cpu", False):
+        return weight.data, state
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    nested = state.original_nested
+    codes, state = _convert_weight_packed_for_cpu_inverse(weight.data, copy.deepcopy(state))  # it edits the state
+    if not nested:  # the repacking stored the scales transposed (in bfloat16); the inverse leaves them so
+        state.absmax = state.absmax.T.reshape(-1).float()
+    return codes, state
 
 
 def quantized_like(base_layer: nn.Module, values: torch.Tensor) -> nn.Parameter:
