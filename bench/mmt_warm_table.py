@@ -97,20 +97,29 @@ def scored(recipe: mmt.MMTRecipe, run_dir: Path, books: Sequence[int]) -> dict:
 
 def scored_names(arguments: Sequence[str]) -> list[str]:
     """The row name of each NAME=EVAL_JSON argument; one without a name is refused."""
-    names = [labelled_run(argument)[0] for argument in arguments]
+    try:
+        names = [labelled_run(argument)[0] for argument in arguments]
+    except ValueError as error:
+        raise SystemExit(f"--scored: {error}") from None
     unnamed = [argument for argument, name in zip(arguments, names) if name is None]
     if unnamed:
         raise SystemExit(f"--scored {unnamed[0]}: write NAME=EVAL_JSON, the row's name first (e.g. naive=...)")
     return names
 
 
-def load_scored(arguments: Sequence[str], books: Sequence[int]) -> list[dict]:
-    """The NAME=EVAL_JSON rows scored before, each checked to score `books`."""
+def load_scored(arguments: Sequence[str], books: Sequence[int], pivot: str) -> list[dict]:
+    """The NAME=EVAL_JSON rows scored before, each checked to score `books` with `pivot`, no seed of a row twice."""
     results = load_labelled(arguments)
+    seen = set()
     for argument, result in zip(arguments, results):
         if result.get("books") != list(books):
             raise SystemExit(f"--scored {argument}: it scores books {result.get('books')}; the table scores "
                              f"{list(books)}")
+        if result.get("pivot", "en") != pivot:
+            raise SystemExit(f"--scored {argument}: its pivot is {result.get('pivot')!r}; the recipe's is {pivot!r}")
+        if (result["name"], result["seed"]) in seen:
+            raise SystemExit(f"--scored {argument}: {result['name']!r} seed {result['seed']} is given twice")
+        seen.add((result["name"], result["seed"]))
     return results
 
 
@@ -122,7 +131,7 @@ def run_table(recipe_file: Path, methods: Sequence[str], seeds: Sequence[int], b
     base = mmt.MMTRecipe.from_yaml(recipe_file)
     check_methods(base, methods, scored_names(scored_before))
     base.split().check_scored_books(books)  # before any training
-    results = load_scored(scored_before, books)
+    results = load_scored(scored_before, books, base.pivot)
     recipes = [recipe_for(base, method, seed) for seed in seeds for method in methods]
     data = None  # prepared once, when a build needs it: data, tokenizer and splits are the same for every method
     for recipe in recipes:

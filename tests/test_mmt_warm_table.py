@@ -149,5 +149,9 @@ def test_rows_scored_before_join_the_table_without_a_build(tmp_path, monkeypatch
         table.run_table(recipe, ["naive", "lms_pair"], [0], [43], tmp_path / "out", scored_before=naive)
     with pytest.raises(SystemExit, match="write NAME=EVAL_JSON"):
         table.run_table(recipe, ["naive"], [0], [43], tmp_path / "out", scored_before=[naive[0].split("=", 1)[1]])
+    with pytest.raises(SystemExit, match="'naive' seed 0 is given twice"):
+        table.run_table(recipe, ["lms_pair"], [0], [43], tmp_path / "out", scored_before=[naive[0], naive[0]])
+    with pytest.raises(SystemExit, match="--scored: run '=x': write NAME=RUN"):
+        table.run_table(recipe, ["lms_pair"], [0], [43], tmp_path / "out", scored_before=["=x"])
     with pytest.raises(SystemExit, match=r"scores books \[43\]; the table scores \[8\]"):
         table.run_table(recipe, ["lms_pair"], [0], [8], tmp_path / "out", scored_before=naive)

@@ -132,3 +132,26 @@ def test_a_save_from_a_4bit_base_loads_onto_the_full_precision_base(saved_llama,
     poly.save_pretrained(tmp_path)
     restored = pp.PolyModel.from_pretrained(quantizable_llama(), tmp_path)
     assert set(restored.added_state_dict()) == set(poly.added_state_dict())
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_a_4bit_weight_repacked_for_cpu_inference_is_read_back(saved_llama, double_quant):
+    """bitsandbytes' AVX-512 BF16 repacking, applied by hand (pure torch, so on any CPU): the weight polypeft reads
+    from it is the one it was, within the bfloat16 scales the repacking keeps, and the layer is left as it was."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from polypeft.core.quantized import dequantized
+
+    if not hasattr(bnb.functional, "_convert_weight_packed_for_cpu"):
+        pytest.skip("this bitsandbytes does not repack 4-bit weights for CPU inference")
+    quantization = tf.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32,
+                                         bnb_4bit_use_double_quant=double_quant)
+    model = tf.AutoModelForCausalLM.from_pretrained(saved_llama, quantization_config=quantization, device_map="cpu")
+    layer = model.model.layers[0].mlp.up_proj
+    before = dequantized(layer)
+    weight = layer.weight
+    if not getattr(weight.quant_state, "packing_format_for_cpu", False):
+        weight.data, weight.quant_state = bnb.functional._convert_weight_packed_for_cpu(weight.data, weight.quant_state)
+    packed = weight.data.clone()
+    after = dequantized(layer)
+    torch.testing.assert_close(after, before, rtol=0, atol=0.01 * float(before.abs().max()))
+    assert weight.quant_state.packing_format_for_cpu and torch.equal(weight.data, packed), "the layer is untouched"

@@ -36,10 +36,11 @@ def standard_4bit_layout(weight: torch.Tensor) -> tuple[torch.Tensor, object]:
         return weight.data, state
     from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
-    nested = state.original_nested
+    # The repacking keeps the scales transposed, in bfloat16, as the packed layer computes with them; bitsandbytes'
+    # inverse leaves them so, or quantizes them a second time (double quantization). Take them as the layer uses them.
+    scales = state.absmax.T.reshape(-1).float() if state.absmax.dim() == 2 else state.absmax.float()
     codes, state = _convert_weight_packed_for_cpu_inverse(weight.data, copy.deepcopy(state))  # it edits the state
-    if not nested:  # the repacking stored the scales transposed (in bfloat16); the inverse leaves them so
-        state.absmax = state.absmax.T.reshape(-1).float()
+    state.absmax, state.nested, state.offset, state.state2 = scales, False, None, None
     return codes, state
 
 

@@ -51,7 +51,8 @@ def labelled_run(argument: str) -> tuple[Optional[str], str]:
     label, sep, path = argument.partition("=")
     if not sep or Path(argument).exists():
         return None, argument
-    if not label.strip() or not path:
+    label = label.strip()
+    if not label or not path:
         raise ValueError(f"run {argument!r}: write NAME=RUN (a row name, '=', a run directory or eval JSON file), "
                          "e.g. naive=runs/warm-e5-seed1, or the run alone")
     return label, path
