@@ -155,3 +155,23 @@ def test_a_4bit_weight_repacked_for_cpu_inference_is_read_back(saved_llama, doub
     after = dequantized(layer)
     torch.testing.assert_close(after, before, rtol=0, atol=0.01 * float(before.abs().max()))
     assert weight.quant_state.packing_format_for_cpu and torch.equal(weight.data, packed), "the layer is untouched"
+
+
+def test_saving_a_repacked_4bit_base_leaves_it_computing_as_before(saved_llama, tmp_path):
+    """bitsandbytes' own save undoes its CPU repacking in part, in place; polypeft's writers put the standard layout
+    back first, so the model computes after a save as before it (training forwards, which do not repack)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from polypeft.core.fileio import write_model_weights
+
+    if not hasattr(bnb.functional, "_convert_weight_packed_for_cpu"):
+        pytest.skip("this bitsandbytes does not repack 4-bit weights for CPU inference")
+    model = quantized(saved_llama, 4)
+    before = model(**BATCH).logits.detach()  # a training-style forward: grad on, standard layout
+    for module in model.modules():  # repacked by hand, as an inference forward on an AVX-512 BF16 CPU does
+        weight = getattr(module, "weight", None)
+        if type(weight).__name__ == "Params4bit" and not getattr(weight.quant_state, "packing_format_for_cpu", False):
+            weight.data, weight.quant_state = bnb.functional._convert_weight_packed_for_cpu(weight.data,
+                                                                                              weight.quant_state)
+    write_model_weights(tmp_path / "model.safetensors", model)
+    after = model(**BATCH).logits.detach()
+    torch.testing.assert_close(after, before, rtol=0, atol=0.01 * float(before.abs().max()))

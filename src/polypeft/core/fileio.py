@@ -120,7 +120,9 @@ def write_model_weights(path: str | os.PathLike, model: torch.nn.Module) -> Path
     """A whole model's weights; tied tensors (shared embeddings) are stored once; non-finite ones are refused."""
     from safetensors.torch import save_model
 
-    check_finite(model.state_dict(), f"{path} not written")
+    from .quantized import standard_4bit_layouts
+
+    check_finite(standard_4bit_layouts(model).state_dict(), f"{path} not written")
     return atomic_write(path, lambda temporary: save_model(model, temporary))
 
 

@@ -44,6 +44,16 @@ def standard_4bit_layout(weight: torch.Tensor) -> tuple[torch.Tensor, object]:
     return codes, state
 
 
+def standard_4bit_layouts(model: nn.Module) -> nn.Module:
+    """Every 4-bit weight bitsandbytes repacked for CPU inference put back in its standard layout, before a
+    `state_dict()`: bitsandbytes' own save undoes the repacking in part, in place, and later forwards misread it."""
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if quantization_of(weight) == "4-bit" and getattr(weight.quant_state, "packing_format_for_cpu", False):
+            weight.data, weight.quant_state = standard_4bit_layout(weight)
+    return model
+
+
 def quantized_like(base_layer: nn.Module, values: torch.Tensor) -> nn.Parameter:
     """`values` (float, (out, in)) quantized the way the layer's weight is: same class, block size and type."""
     import bitsandbytes as bnb

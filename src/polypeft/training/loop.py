@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from ..core.fileio import append_line, write_text
 from ..core.finite import NonFiniteError, check_finite
 from ..core.languages import LanguageError
+from ..core.quantized import standard_4bit_layouts
 from .processes import check_joined, needs_cpu_group
 from .checkpoint import (CHECKPOINT_NAME, PICKLED_CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint,
                          set_rng_state)
@@ -117,7 +118,7 @@ class TrainingStep:
         return self.accelerator.unwrap_model(self.model)
 
     def state(self, step: int, history: list[dict]) -> dict[str, Any]:
-        return {"step": step, "history": history, "model": self.unwrapped.state_dict(),
+        return {"step": step, "history": history, "model": standard_4bit_layouts(self.unwrapped).state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "rng": rng_state()}
 
     def resume(self, run_dir: Path) -> tuple[int, list[dict]]:
