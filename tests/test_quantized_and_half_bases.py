@@ -134,6 +134,16 @@ def test_a_save_from_a_4bit_base_loads_onto_the_full_precision_base(saved_llama,
     assert set(restored.added_state_dict()) == set(poly.added_state_dict())
 
 
+def repack_for_cpu_inference(module: torch.nn.Module) -> None:
+    """Repack the module's 4-bit weight by hand (pure torch, so on any CPU), as bitsandbytes' first inference
+    forward does on a CPU with AVX-512 BF16; other modules and weights repacked already are left alone."""
+    import bitsandbytes as bnb
+
+    weight = getattr(module, "weight", None)
+    if type(weight).__name__ == "Params4bit" and not getattr(weight.quant_state, "packing_format_for_cpu", False):
+        weight.data, weight.quant_state = bnb.functional._convert_weight_packed_for_cpu(weight.data, weight.quant_state)
+
+
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_a_4bit_weight_repacked_for_cpu_inference_is_read_back(saved_llama, double_quant):
     """bitsandbytes' AVX-512 BF16 repacking, applied by hand (pure torch, so on any CPU): the weight polypeft reads
@@ -149,8 +159,7 @@ def test_a_4bit_weight_repacked_for_cpu_inference_is_read_back(saved_llama, doub
     layer = model.model.layers[0].mlp.up_proj
     before = dequantized(layer)
     weight = layer.weight
-    if not getattr(weight.quant_state, "packing_format_for_cpu", False):
-        weight.data, weight.quant_state = bnb.functional._convert_weight_packed_for_cpu(weight.data, weight.quant_state)
+    repack_for_cpu_inference(layer)
     packed = weight.data.clone()
     after = dequantized(layer)
     torch.testing.assert_close(after, before, rtol=0, atol=0.01 * float(before.abs().max()))
@@ -167,11 +176,8 @@ def test_saving_a_repacked_4bit_base_leaves_it_computing_as_before(saved_llama, 
         pytest.skip("this bitsandbytes does not repack 4-bit weights for CPU inference")
     model = quantized(saved_llama, 4)
     before = model(**BATCH).logits.detach()  # a training-style forward: grad on, standard layout
-    for module in model.modules():  # repacked by hand, as an inference forward on an AVX-512 BF16 CPU does
-        weight = getattr(module, "weight", None)
-        if type(weight).__name__ == "Params4bit" and not getattr(weight.quant_state, "packing_format_for_cpu", False):
-            weight.data, weight.quant_state = bnb.functional._convert_weight_packed_for_cpu(weight.data,
-                                                                                              weight.quant_state)
+    for module in model.modules():
+        repack_for_cpu_inference(module)
     write_model_weights(tmp_path / "model.safetensors", model)
     after = model(**BATCH).logits.detach()
     torch.testing.assert_close(after, before, rtol=0, atol=0.01 * float(before.abs().max()))
